@@ -1,0 +1,249 @@
+"""pytest configuration for the nsnet end-to-end suite.
+
+NETWORK SAFETY (structural): the whole pytest process runs in a network
+namespace of its own that has only a loopback interface.  When started in a
+netns that has any other interface, conftest re-executes the identical pytest
+command under `unshare --net --` (as root) before any test runs; it refuses to
+run unprivileged outside such a namespace.  At session start it asserts that
+the namespace has only `lo` and no default route, so nothing a test does can
+reach any address but loopback and the namespaces the tests make themselves.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import pytest
+
+import harness
+from harness import Impl, Namespace, User
+
+ISOLATED_ENV = "NSNET_TEST_ISOLATED"
+
+
+# --------------------------------------------------------------------------
+# Isolation
+# --------------------------------------------------------------------------
+
+def _interfaces() -> list[str]:
+    # Not /sys/class/net: sysfs shows the netns it was mounted in, not ours.
+    return sorted(name for _, name in socket.if_nameindex())
+
+
+def _reexec_isolated(config) -> None:
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:
+        capman.stop_global_capturing()  # give the new process the real stdout/stderr
+    sys.stdout.flush()
+    sys.stderr.flush()
+    env = dict(os.environ, **{ISOLATED_ENV: "1"})
+    argv = ["unshare", "--net", "--", sys.executable, *sys.orig_argv[1:]]
+    os.execvpe("unshare", argv, env)
+
+
+def _assert_isolated() -> None:
+    ifaces = _interfaces()
+    assert ifaces == ["lo"], f"test netns must contain only lo, found {ifaces}"
+    for family in ("-4", "-6"):
+        out = subprocess.run(["ip", "-j", family, "route", "show", "default"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        routes = json.loads(out or "[]")
+        assert routes == [], f"test netns must have no default route, found {routes}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    if _interfaces() != ["lo"]:
+        if os.environ.get(ISOLATED_ENV) == "1":
+            pytest.exit(f"{ISOLATED_ENV}=1 but the netns has interfaces {_interfaces()}; "
+                        "refusing to run", returncode=3)
+        if os.geteuid() != 0:
+            pytest.exit("the nsnet test suite must run as root (it re-executes itself in "
+                        "a private network namespace with `unshare --net`), or inside a "
+                        "network namespace that has only `lo`", returncode=3)
+        _reexec_isolated(config)  # does not return
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=10)
+    _assert_isolated()
+    harness.become_subreaper()
+
+
+def pytest_sessionstart(session):
+    _assert_isolated()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    harness.reap_orphans()
+
+
+def pytest_report_header(config):
+    return [f"nsnet e2e: netns {harness.own_ns('net')} (isolated, lo only); "
+            f"nsnet binary {harness.nsnet_bin()}; slirp4netns {harness.SLIRP4NETNS_BIN}"]
+
+
+# --------------------------------------------------------------------------
+# Failure reports: attach forwarder logs
+# --------------------------------------------------------------------------
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for fwd in getattr(item, "_forwarders", []):
+            report.sections.append(
+                (f"{fwd.impl.name} log (pid {fwd.pid}, {report.when})", fwd.log()[-8000:]))
+
+
+# --------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def base_dir():
+    """World-traversable scratch dir with the in-namespace helper script."""
+    path = tempfile.mkdtemp(prefix="nsnet-tests.", dir="/tmp")
+    harness.install_helpers(path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+_nsnet_checked: dict[str, str] = {}
+
+
+def _impl(name: str) -> Impl:
+    binary = harness.impl_bin(name)
+    if name == "nsnet" and not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
+        msg = f"nsnet binary {binary} is not installed (run scripts/setup.sh)"
+        if os.environ.get("NSNET_ALLOW_MISSING") == "1":
+            pytest.skip(msg + " [NSNET_ALLOW_MISSING=1]")
+        pytest.fail(msg, pytrace=False)
+    if name == "slirp4netns" and not os.access(binary, os.X_OK):
+        pytest.fail(f"slirp4netns not installed at {binary}", pytrace=False)
+    return Impl(name, binary)
+
+
+@pytest.fixture(params=["nsnet", "slirp4netns"])
+def impl(request) -> Impl:
+    return _impl(request.param)
+
+
+@pytest.fixture
+def nsnet_impl() -> Impl:
+    return _impl("nsnet")
+
+
+@pytest.fixture
+def slirp4netns_impl() -> Impl:
+    return _impl("slirp4netns")
+
+
+@pytest.fixture(params=["root", "unpriv"])
+def user(request) -> User:
+    if request.param == "root":
+        return User.root()
+    try:
+        return User.unpriv()
+    except KeyError:
+        pytest.fail(f"user {harness.TEST_USER} missing: run scripts/setup.sh", pytrace=False)
+
+
+@pytest.fixture
+def workdir(base_dir, user) -> str:
+    """Per-test directory owned by the test's user (API sockets, logs)."""
+    path = user.make_dir(base_dir, "t.")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def make_ns(user, base_dir):
+    """Factory: a new user+net namespace owned by `user`."""
+    made: list[Namespace] = []
+
+    def make(owner: User | None = None) -> Namespace:
+        ns = Namespace(owner or user, base_dir)
+        made.append(ns)
+        return ns
+
+    yield make
+    for ns in made:
+        ns.close()
+
+
+@pytest.fixture
+def ns(make_ns) -> Namespace:
+    return make_ns()
+
+
+@pytest.fixture
+def start_fwd(request, user, workdir):
+    """Factory: start a forwarder (impl given per call) as `user`; killed at teardown."""
+    started: list[harness.Forwarder] = []
+    request.node._forwarders = started
+
+    def start(impl: Impl, args, **kw) -> harness.Forwarder:
+        try:
+            fwd = harness.start_forwarder(impl, user, args, workdir, **kw)
+        except harness.HarnessError:
+            raise
+        started.append(fwd)
+        return fwd
+
+    yield start
+    for fwd in started:
+        fwd.stop()
+
+
+@dataclass
+class Net:
+    """A namespace connected by a running forwarder."""
+
+    impl: Impl
+    ns: Namespace
+    fwd: harness.Forwarder
+    api: str | None
+
+
+@pytest.fixture
+def connect(impl, ns, start_fwd, workdir):
+    """connect(*flags, api=True, configure=True, tap="tap0") -> Net (impl's forwarder on ns)."""
+
+    def connect_(*flags, api: bool = True, configure: bool = True, tap: str = "tap0",
+                 target: Namespace | None = None, which: Impl | None = None, **kw) -> Net:
+        target = target or ns
+        which = which or impl
+        args = list(flags)
+        api_path = None
+        if configure:
+            args.insert(0, "--configure")
+        if api:
+            api_path = os.path.join(workdir, f"{which.name}.{target.pid}.sock")
+            args += ["--api-socket", api_path]
+        fwd = start_fwd(which, [*args, target.pid, tap], **kw)
+        return Net(which, target, fwd, api_path)
+
+    return connect_
+
+
+@pytest.fixture
+def host_server():
+    """Factory: HostServer(mode, proto, addr) closed at teardown."""
+    servers: list[harness.HostServer] = []
+
+    def make(mode: str = "echo", proto: str = "tcp", addr: str = "127.0.0.1", port: int = 0):
+        srv = harness.HostServer(mode, proto, addr, port)
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        srv.close()
+    for srv in servers:
+        assert not srv.errors, f"host server errors: {srv.errors}"
