@@ -13,7 +13,7 @@ bash "$REPO/scripts/setup.sh"
 
 cd "$REPO"
 set +e
-"$VENV/bin/pytest" -p no:cacheprovider --rootdir "$REPO" "$REPO/tests" "$@"
+"$VENV/bin/pytest" -p no:cacheprovider --rootdir "$REPO" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
