@@ -1,0 +1,166 @@
+"""The JSON API socket, wire-compatible with slirp4netns 1.2.0.
+
+One request per connection: the client writes one JSON object, shuts down
+its write side (or not: a complete object is enough), and reads one
+compact JSON reply to EOF.  This module turns request bytes into reply
+bytes; the supervisor owns the socket and the state behind it.
+
+slirp4netns commands: add_hostfwd, list_hostfwd, remove_hostfwd.
+nsnet adds get_info and get_stats.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Protocol
+
+from .forwards import Forward, ForwardError, make_forward
+
+MAX_REQUEST = 4096  # a request of this many bytes or more is refused
+
+
+class ApiError(Exception):
+    """An error reply; str() is the text after "bad request: "."""
+
+
+class ApiBackend(Protocol):
+    def api_add_forward(self, fwd: Forward) -> int: ...
+
+    def api_remove_forward(self, fid: int) -> None: ...
+
+    def api_list_forwards(self) -> list[tuple[int, Forward]]: ...
+
+    def api_info(self) -> dict[str, Any]: ...
+
+    def api_stats(self) -> dict[str, Any]: ...
+
+    @property
+    def default_guest_addr(self) -> str: ...
+
+
+def encode(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def error_reply(desc: str) -> bytes:
+    return encode({"error": {"desc": f"bad request: {desc}"}})
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_request(data: bytes) -> dict[str, Any]:
+    if len(data) >= MAX_REQUEST:
+        raise ApiError("too large message")
+    try:
+        req = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ApiError("cannot parse JSON") from None
+    if not isinstance(req, dict):
+        raise ApiError("json_object() failed")
+    if not isinstance(req.get("execute"), str):
+        raise ApiError("no execute found")
+    return req
+
+
+def is_complete(data: bytes) -> bool:
+    """True once data holds a whole JSON value (so a client that never
+    shuts down its write side still gets an answer)."""
+    try:
+        json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    return True
+
+
+def _number(value: Any) -> int | None:
+    """A JSON number that is a whole number, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _add_hostfwd(args: dict[str, Any], backend: ApiBackend) -> Any:
+    proto = args.get("proto")
+    if not isinstance(proto, str):
+        raise ApiError("add_hostfwd: bad arguments.proto")
+    fields: dict[str, Any] = {}
+    for name in ("host_addr", "guest_addr"):
+        value = args.get(name, "")
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            raise ApiError(f"add_hostfwd: bad arguments.{name}")
+        fields[name] = value
+    for name in ("host_port", "guest_port"):
+        num = _number(args.get(name))
+        if num is None:
+            raise ApiError(f"add_hostfwd: bad arguments.{name}")
+        fields[name] = num
+    try:
+        fwd = make_forward(proto, default_guest=backend.default_guest_addr, **fields)
+    except ForwardError as e:
+        raise ApiError(f"add_hostfwd: bad arguments.{e}") from None
+    try:
+        fid = backend.api_add_forward(fwd)
+    except ForwardError:
+        raise ApiError("add_hostfwd: slirp_add_hostfwd failed") from None
+    return {"return": {"id": fid}}
+
+
+def _entry(fid: int, fwd: Forward) -> dict[str, Any]:
+    return {
+        "id": fid,
+        "proto": fwd.proto,
+        "host_addr": fwd.host_addr,
+        "host_port": fwd.host_port,
+        "guest_addr": fwd.guest_addr,
+        "guest_port": fwd.guest_port,
+    }
+
+
+def _list_hostfwd(backend: ApiBackend) -> Any:
+    entries = [_entry(fid, fwd) for fid, fwd in backend.api_list_forwards()]
+    # slirp4netns 1.2.0 answers {"entries":...}; its man page documents
+    # {"return":{"entries":...}}.  Both keys, so clients of either work.
+    return {"entries": entries, "return": {"entries": entries}}
+
+
+def _remove_hostfwd(args: dict[str, Any], backend: ApiBackend) -> Any:
+    fid = _number(args.get("id"))
+    if fid is None:
+        raise ApiError("remove_hostfwd: bad arguments.id")
+    try:
+        backend.api_remove_forward(fid)
+    except (KeyError, ForwardError):
+        raise ApiError("remove_hostfwd: slirp_remove_hostfwd failed") from None
+    return {"return": {}}
+
+
+def handle(data: bytes, backend: ApiBackend) -> bytes:
+    """Answer one request; never raises for bad input."""
+    try:
+        req = parse_request(data)
+        execute = req["execute"]
+        args = req.get("arguments")
+        if not isinstance(args, dict):
+            args = {}
+        if execute == "add_hostfwd":
+            return encode(_add_hostfwd(args, backend))
+        if execute == "list_hostfwd":
+            return encode(_list_hostfwd(backend))
+        if execute == "remove_hostfwd":
+            return encode(_remove_hostfwd(args, backend))
+        if execute == "get_info":
+            return encode({"return": backend.api_info()})
+        if execute == "get_stats":
+            return encode({"return": backend.api_stats()})
+        raise ApiError("unknown execute")
+    except ApiError as e:
+        return error_reply(str(e))

@@ -1,0 +1,464 @@
+/* nsnet data path: see datapath.h for the picture. */
+#define _GNU_SOURCE
+#include "datapath.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/uio.h>
+
+/* A frame is at most 64 KiB of IP plus its Ethernet header; with TAP
+ * offloads the kernel hands over TSO super-frames of that size even at
+ * MTU 1500, so the read buffer is always this large. */
+#define NSNET_FRAME_MAX (65536 + 14 + 4)
+/* Frames read from the TAP per wakeup before libslirp's sockets get a
+ * turn: keeps one busy direction from starving the other. */
+#define NSNET_TAP_BATCH 64
+
+struct nsnet_timer {
+    struct nsnet_dp *dp;
+    int64_t expire_ms; /* -1 while not armed */
+    int opaque_id;     /* 1: fire through slirp_handle_timer(id) */
+    SlirpTimerId id;
+    SlirpTimerCb cb;   /* else: call cb(cb_opaque) */
+    void *cb_opaque;
+    struct nsnet_timer *next;
+};
+
+struct nsnet_dp {
+    Slirp *slirp;
+    SlirpCb cb;
+    SlirpConfig cfg;
+    int tap_fd;
+    int ctl_fd;
+    int vnet_hdr;
+    int tap_mtu;
+    int tap_errno;
+    struct pollfd *pfd;
+    int npfd;
+    int cappfd;
+    struct nsnet_timer *timers;
+    uint8_t *rbuf;
+    struct nsnet_stats st;
+    char last_guest_error[160];
+};
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ---- libslirp callbacks (all in C: none of them may call Python) ---- */
+
+static ssize_t cb_send_packet(const void *buf, size_t len, void *opaque)
+{
+    struct nsnet_dp *dp = opaque;
+    ssize_t n;
+    if (dp->vnet_hdr) {
+        uint8_t hdr[NSNET_VNET_HDR_LEN];
+        int is_gso = 0;
+        struct iovec iov[2];
+        nsnet_vnet_fill_tx(hdr, buf, len, dp->tap_mtu, &is_gso);
+        iov[0].iov_base = hdr;
+        iov[0].iov_len = sizeof(hdr);
+        iov[1].iov_base = (void *)buf;
+        iov[1].iov_len = len;
+        do {
+            n = writev(dp->tap_fd, iov, 2);
+        } while (n < 0 && errno == EINTR);
+        if (n >= 0 && is_gso)
+            dp->st.tx_gso_frames++;
+    } else {
+        do {
+            n = write(dp->tap_fd, buf, len);
+        } while (n < 0 && errno == EINTR);
+    }
+    if (n < 0) {
+        /* The namespace is not taking frames right now: drop, TCP
+         * retransmits.  A dead TAP is noticed by the read side. */
+        dp->st.tx_dropped++;
+        return (ssize_t)len;
+    }
+    dp->st.tx_frames++;
+    dp->st.tx_bytes += len;
+    return (ssize_t)len;
+}
+
+static void cb_guest_error(const char *msg, void *opaque)
+{
+    struct nsnet_dp *dp = opaque;
+    dp->st.guest_errors++;
+    snprintf(dp->last_guest_error, sizeof(dp->last_guest_error), "%s", msg);
+}
+
+static int64_t cb_clock_get_ns(void *opaque)
+{
+    struct timespec ts;
+    (void)opaque;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static struct nsnet_timer *timer_alloc(struct nsnet_dp *dp)
+{
+    struct nsnet_timer *t = calloc(1, sizeof(*t));
+    if (!t)
+        abort(); /* libslirp has no way to report this */
+    t->dp = dp;
+    t->expire_ms = -1;
+    t->next = dp->timers;
+    dp->timers = t;
+    return t;
+}
+
+static void *cb_timer_new(SlirpTimerCb cb, void *cb_opaque, void *opaque)
+{
+    struct nsnet_timer *t = timer_alloc(opaque);
+    t->cb = cb;
+    t->cb_opaque = cb_opaque;
+    return t;
+}
+
+static void *cb_timer_new_opaque(SlirpTimerId id, void *cb_opaque, void *opaque)
+{
+    struct nsnet_timer *t = timer_alloc(opaque);
+    t->opaque_id = 1;
+    t->id = id;
+    t->cb_opaque = cb_opaque;
+    return t;
+}
+
+static void cb_timer_free(void *timer, void *opaque)
+{
+    struct nsnet_dp *dp = opaque;
+    struct nsnet_timer **pp;
+    for (pp = &dp->timers; *pp; pp = &(*pp)->next) {
+        if (*pp == timer) {
+            *pp = ((struct nsnet_timer *)timer)->next;
+            free(timer);
+            return;
+        }
+    }
+}
+
+static void cb_timer_mod(void *timer, int64_t expire_time, void *opaque)
+{
+    (void)opaque;
+    ((struct nsnet_timer *)timer)->expire_ms = expire_time;
+}
+
+static void cb_register_poll_fd(int fd, void *opaque)
+{
+    (void)fd;
+    (void)opaque; /* the fd set is rebuilt on every turn */
+}
+
+static void cb_unregister_poll_fd(int fd, void *opaque)
+{
+    (void)fd;
+    (void)opaque;
+}
+
+static void cb_notify(void *opaque)
+{
+    (void)opaque; /* single-threaded: the next turn picks it up */
+}
+
+static void cb_init_completed(Slirp *slirp, void *opaque)
+{
+    struct nsnet_dp *dp = opaque;
+    dp->slirp = slirp;
+}
+
+/* ---- poll set ---- */
+
+/* SLIRP_POLL_* are not poll(2)'s bits: OUT and PRI are swapped. */
+static short slirp_to_poll(int ev)
+{
+    short r = 0;
+    if (ev & SLIRP_POLL_IN)
+        r |= POLLIN;
+    if (ev & SLIRP_POLL_OUT)
+        r |= POLLOUT;
+    if (ev & SLIRP_POLL_PRI)
+        r |= POLLPRI;
+    if (ev & SLIRP_POLL_ERR)
+        r |= POLLERR;
+    if (ev & SLIRP_POLL_HUP)
+        r |= POLLHUP;
+    return r;
+}
+
+static int poll_to_slirp(short ev)
+{
+    int r = 0;
+    if (ev & POLLIN)
+        r |= SLIRP_POLL_IN;
+    if (ev & POLLOUT)
+        r |= SLIRP_POLL_OUT;
+    if (ev & POLLPRI)
+        r |= SLIRP_POLL_PRI;
+    if (ev & (POLLERR | POLLNVAL))
+        r |= SLIRP_POLL_ERR;
+    if (ev & POLLHUP)
+        r |= SLIRP_POLL_HUP;
+    return r;
+}
+
+static int pfd_add(struct nsnet_dp *dp, int fd, short events)
+{
+    if (dp->npfd == dp->cappfd) {
+        int cap = dp->cappfd ? dp->cappfd * 2 : 64;
+        struct pollfd *p = realloc(dp->pfd, cap * sizeof(*p));
+        if (!p)
+            abort();
+        dp->pfd = p;
+        dp->cappfd = cap;
+    }
+    dp->pfd[dp->npfd].fd = fd;
+    dp->pfd[dp->npfd].events = events;
+    dp->pfd[dp->npfd].revents = 0;
+    return dp->npfd++;
+}
+
+static int cb_add_poll(int fd, int events, void *opaque)
+{
+    struct nsnet_dp *dp = opaque;
+    return pfd_add(dp, fd, slirp_to_poll(events));
+}
+
+static int cb_get_revents(int idx, void *opaque)
+{
+    struct nsnet_dp *dp = opaque;
+    if (idx < 0 || idx >= dp->npfd)
+        return 0;
+    return poll_to_slirp(dp->pfd[idx].revents);
+}
+
+/* ---- the loop ---- */
+
+/* Read frames from the TAP until EAGAIN or the batch is full.
+ * Returns 0, or -1 with dp->tap_errno set when the TAP failed. */
+static int drain_tap(struct nsnet_dp *dp)
+{
+    int i;
+    size_t hl = dp->vnet_hdr ? NSNET_VNET_HDR_LEN : 0;
+    for (i = 0; i < NSNET_TAP_BATCH; i++) {
+        ssize_t n = read(dp->tap_fd, dp->rbuf, NSNET_FRAME_MAX + hl);
+        uint8_t *frame;
+        size_t flen;
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return 0;
+            dp->tap_errno = errno;
+            return -1;
+        }
+        if (n == 0) {
+            dp->tap_errno = EPIPE;
+            return -1;
+        }
+        if ((size_t)n <= hl) {
+            dp->st.rx_dropped_invalid++;
+            continue;
+        }
+        frame = dp->rbuf + hl;
+        flen = (size_t)n - hl;
+        dp->st.rx_frames++;
+        dp->st.rx_bytes += flen;
+        if (hl) {
+            const uint8_t *vh = dp->rbuf;
+            if (vh[1] != 0) /* gso_type */
+                dp->st.rx_gso_frames++;
+            if (vh[0] & 1) { /* VIRTIO_NET_HDR_F_NEEDS_CSUM */
+                if (nsnet_vnet_complete_csum(vh, frame, flen) < 0) {
+                    dp->st.rx_dropped_invalid++;
+                    continue;
+                }
+                dp->st.rx_csum_completed++;
+            }
+        }
+        switch (nsnet_frame_check(frame, flen)) {
+        case 1:
+            slirp_input(dp->slirp, frame, (int)flen);
+            break;
+        case 0:
+            dp->st.rx_dropped_invalid++;
+            break;
+        default:
+            dp->st.rx_dropped_ignored++;
+            break;
+        }
+    }
+    return 0;
+}
+
+static int64_t next_timer_ms(struct nsnet_dp *dp)
+{
+    int64_t best = -1;
+    struct nsnet_timer *t;
+    for (t = dp->timers; t; t = t->next)
+        if (t->expire_ms >= 0 && (best < 0 || t->expire_ms < best))
+            best = t->expire_ms;
+    return best;
+}
+
+static void fire_timers(struct nsnet_dp *dp, int64_t now)
+{
+    struct nsnet_timer *t;
+again:
+    for (t = dp->timers; t; t = t->next) {
+        if (t->expire_ms >= 0 && t->expire_ms <= now) {
+            t->expire_ms = -1;
+            /* The handler may re-arm or free timers: restart the walk. */
+            if (t->opaque_id)
+                slirp_handle_timer(dp->slirp, t->id, t->cb_opaque);
+            else if (t->cb)
+                t->cb(t->cb_opaque);
+            goto again;
+        }
+    }
+}
+
+int nsnet_dp_run(struct nsnet_dp *dp, int budget_ms)
+{
+    int64_t deadline = now_ms() + (budget_ms < 0 ? 0 : budget_ms);
+    for (;;) {
+        uint32_t slirp_timeout = UINT32_MAX;
+        int64_t now, wait, t;
+        int n;
+        short tap_rev;
+
+        dp->npfd = 0;
+        pfd_add(dp, dp->tap_fd, POLLIN);
+        pfd_add(dp, dp->ctl_fd, POLLIN);
+        slirp_pollfds_fill(dp->slirp, &slirp_timeout, cb_add_poll, dp);
+
+        now = now_ms();
+        wait = deadline - now;
+        if (slirp_timeout != UINT32_MAX && (int64_t)slirp_timeout < wait)
+            wait = slirp_timeout;
+        t = next_timer_ms(dp);
+        if (t >= 0 && t - now < wait)
+            wait = t - now;
+        if (wait < 0)
+            wait = 0;
+
+        n = poll(dp->pfd, dp->npfd, (int)wait);
+        if (n < 0) {
+            int i;
+            if (errno != EINTR)
+                return NSNET_DP_POLL_ERROR;
+            for (i = 0; i < dp->npfd; i++)
+                dp->pfd[i].revents = 0;
+        }
+        dp->st.loop_turns++;
+
+        /* Every turn, timeouts included: TCP's timers run in here. */
+        slirp_pollfds_poll(dp->slirp, 0, cb_get_revents, dp);
+
+        tap_rev = dp->pfd[0].revents;
+        if (tap_rev & (POLLIN | POLLERR | POLLHUP | POLLNVAL)) {
+            if (drain_tap(dp) < 0)
+                return NSNET_DP_TAP_ERROR;
+            if (tap_rev & POLLNVAL) {
+                dp->tap_errno = EBADF;
+                return NSNET_DP_TAP_ERROR;
+            }
+            if ((tap_rev & (POLLERR | POLLHUP)) && !(tap_rev & POLLIN)) {
+                /* An error with nothing to read: the interface is gone
+                 * (tun reports POLLERR once it is detached). */
+                dp->tap_errno = EBADFD;
+                return NSNET_DP_TAP_ERROR;
+            }
+        }
+
+        now = now_ms();
+        fire_timers(dp, now);
+
+        if (dp->pfd[1].revents)
+            return NSNET_DP_CONTROL;
+        if (now >= deadline)
+            return NSNET_DP_BUDGET;
+    }
+}
+
+struct nsnet_dp *nsnet_dp_new(const SlirpConfig *cfg, int tap_fd, int ctl_fd,
+                              int vnet_hdr, int tap_mtu)
+{
+    struct nsnet_dp *dp = calloc(1, sizeof(*dp));
+    if (!dp)
+        return NULL;
+    dp->rbuf = malloc(NSNET_FRAME_MAX + NSNET_VNET_HDR_LEN);
+    if (!dp->rbuf) {
+        free(dp);
+        return NULL;
+    }
+    dp->cfg = *cfg;
+    dp->tap_fd = tap_fd;
+    dp->ctl_fd = ctl_fd;
+    dp->vnet_hdr = vnet_hdr;
+    dp->tap_mtu = tap_mtu;
+    dp->cb.send_packet = cb_send_packet;
+    dp->cb.guest_error = cb_guest_error;
+    dp->cb.clock_get_ns = cb_clock_get_ns;
+    dp->cb.timer_new = cb_timer_new;
+    dp->cb.timer_free = cb_timer_free;
+    dp->cb.timer_mod = cb_timer_mod;
+    dp->cb.register_poll_fd = cb_register_poll_fd;
+    dp->cb.unregister_poll_fd = cb_unregister_poll_fd;
+    dp->cb.notify = cb_notify;
+    dp->cb.init_completed = cb_init_completed;
+    dp->cb.timer_new_opaque = cb_timer_new_opaque;
+    /* libslirp keeps pointers to dp->cb and reads dp->cfg during
+     * slirp_new: both live in dp for the Slirp's whole life. */
+    dp->slirp = slirp_new(&dp->cfg, &dp->cb, dp);
+    if (!dp->slirp) {
+        free(dp->rbuf);
+        free(dp);
+        return NULL;
+    }
+    return dp;
+}
+
+Slirp *nsnet_dp_slirp(struct nsnet_dp *dp)
+{
+    return dp->slirp;
+}
+
+int nsnet_dp_tap_errno(struct nsnet_dp *dp)
+{
+    return dp->tap_errno;
+}
+
+void nsnet_dp_get_stats(struct nsnet_dp *dp, struct nsnet_stats *out)
+{
+    *out = dp->st;
+}
+
+const char *nsnet_dp_last_guest_error(struct nsnet_dp *dp)
+{
+    return dp->last_guest_error;
+}
+
+void nsnet_dp_free(struct nsnet_dp *dp)
+{
+    struct nsnet_timer *t, *next;
+    if (!dp)
+        return;
+    if (dp->slirp)
+        slirp_cleanup(dp->slirp);
+    for (t = dp->timers; t; t = next) {
+        next = t->next;
+        free(t);
+    }
+    free(dp->pfd);
+    free(dp->rbuf);
+    free(dp);
+}

@@ -1,0 +1,74 @@
+/* nsnet data path: the per-packet loop between the TAP fd and libslirp.
+ *
+ * Python owns the control plane (configuration, port forwards, API,
+ * signals).  Everything that happens once per packet lives here, in C,
+ * so that no Python code runs per frame:
+ *
+ *   TAP fd --read--> frame_check --> slirp_input --> host sockets
+ *   host sockets --> libslirp --send_packet--> TAP fd --write-->
+ *
+ * nsnet_dp_run() is called by Python with the GIL released and returns
+ * when its time budget is spent, when the control fd becomes readable,
+ * or when the TAP fails.
+ */
+#ifndef NSNET_DATAPATH_H
+#define NSNET_DATAPATH_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <poll.h>
+#include <slirp/libslirp.h>
+
+/* Return values of nsnet_dp_run(). */
+#define NSNET_DP_BUDGET 0      /* the time budget is spent */
+#define NSNET_DP_CONTROL 1     /* the control fd is readable */
+#define NSNET_DP_TAP_ERROR -1  /* the TAP failed: see tap_errno */
+#define NSNET_DP_POLL_ERROR -2 /* poll(2) failed: see errno */
+
+struct nsnet_stats {
+    uint64_t rx_frames;          /* frames read from the TAP (namespace -> host) */
+    uint64_t rx_bytes;
+    uint64_t tx_frames;          /* frames written to the TAP (host -> namespace) */
+    uint64_t tx_bytes;
+    uint64_t rx_dropped_invalid; /* refused by the frame checker */
+    uint64_t rx_dropped_ignored; /* ethertypes libslirp does not handle */
+    uint64_t tx_dropped;         /* the TAP would not take a frame */
+    uint64_t rx_csum_completed;  /* partial checksums completed (offloads) */
+    uint64_t rx_gso_frames;      /* TSO super-frames received (offloads) */
+    uint64_t tx_gso_frames;      /* GSO frames written (offloads) */
+    uint64_t guest_errors;       /* libslirp guest_error() calls */
+    uint64_t loop_turns;
+};
+
+struct nsnet_dp;
+
+/* Create the Slirp instance with nsnet's C callbacks.  cfg is copied
+ * into the context, which keeps it for the Slirp's whole life.
+ * vnet_hdr: 1 when the TAP was opened with IFF_VNET_HDR (offloads).
+ * Returns NULL on failure (libslirp refused the configuration). */
+struct nsnet_dp *nsnet_dp_new(const SlirpConfig *cfg, int tap_fd, int ctl_fd,
+                              int vnet_hdr, int tap_mtu);
+Slirp *nsnet_dp_slirp(struct nsnet_dp *dp);
+int nsnet_dp_run(struct nsnet_dp *dp, int budget_ms);
+int nsnet_dp_tap_errno(struct nsnet_dp *dp);
+void nsnet_dp_get_stats(struct nsnet_dp *dp, struct nsnet_stats *out);
+/* Last message libslirp passed to guest_error(), "" if none. */
+const char *nsnet_dp_last_guest_error(struct nsnet_dp *dp);
+void nsnet_dp_free(struct nsnet_dp *dp);
+
+/* frame_check.c: 1 if libslirp can safely take this Ethernet frame,
+ * 0 to drop it as malformed, -1 to drop it as an ethertype libslirp
+ * ignores anyway. */
+int nsnet_frame_check(const uint8_t *frame, size_t len);
+
+/* offload.c: virtio-net header handling for IFF_VNET_HDR TAPs. */
+#define NSNET_VNET_HDR_LEN 10
+/* Complete a partial checksum described by the header; returns 0 on
+ * success, -1 when the header's offsets do not fit the frame. */
+int nsnet_vnet_complete_csum(const uint8_t *hdr, uint8_t *frame, size_t len);
+/* Fill a virtio-net header for a frame written to the namespace: a GSO
+ * header when a TCP segment is larger than the TAP's MTU allows. */
+void nsnet_vnet_fill_tx(uint8_t *hdr, const uint8_t *frame, size_t len,
+                        int tap_mtu, int *is_gso);
+
+#endif

@@ -1,0 +1,99 @@
+"""Port forwards: the spec of one forward, and the table that owns them.
+
+The supervisor keeps the canonical table, so the forwards outlive any one
+forwarder process: a restarted forwarder gets every entry back, each with
+its id.  Ids start at 1 and are never reused.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import asdict, dataclass
+
+
+class ForwardError(ValueError):
+    """A forward that cannot be added or removed; str() names the field."""
+
+
+@dataclass(frozen=True)
+class Forward:
+    proto: str  # "tcp" or "udp"
+    host_addr: str
+    host_port: int
+    guest_addr: str
+    guest_port: int
+
+    @property
+    def is_udp(self) -> bool:
+        return self.proto == "udp"
+
+    def key(self) -> tuple[str, str, int]:
+        return (self.proto, self.host_addr, self.host_port)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_forward(
+    proto: str,
+    host_port: int,
+    guest_port: int,
+    host_addr: str = "",
+    guest_addr: str = "",
+    *,
+    default_guest: str,
+) -> Forward:
+    """Validate and normalise a forward; empty addresses take the defaults
+    (host 0.0.0.0, guest the namespace's address). Raises ForwardError
+    with the name of the offending field."""
+    if proto not in ("tcp", "udp"):
+        raise ForwardError("proto")
+    host_addr = host_addr or "0.0.0.0"
+    try:
+        h = ipaddress.ip_address(host_addr)
+    except ValueError:
+        raise ForwardError("host_addr") from None
+    if not _is_port(host_port):
+        raise ForwardError("host_port")
+    guest_addr = guest_addr or default_guest
+    try:
+        g = ipaddress.ip_address(guest_addr)
+    except ValueError:
+        raise ForwardError("guest_addr") from None
+    if not _is_port(guest_port):
+        raise ForwardError("guest_port")
+    return Forward(proto, str(h), int(host_port), str(g), int(guest_port))
+
+
+def _is_port(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
+
+
+class ForwardTable:
+    def __init__(self) -> None:
+        self._entries: dict[int, Forward] = {}
+        self._next_id = 1
+
+    def find(self, fwd: Forward) -> int | None:
+        for fid, f in self._entries.items():
+            if f.key() == fwd.key():
+                return fid
+        return None
+
+    def add(self, fwd: Forward) -> int:
+        fid = self._next_id
+        self._next_id += 1
+        self._entries[fid] = fwd
+        return fid
+
+    def get(self, fid: int) -> Forward | None:
+        return self._entries.get(fid)
+
+    def remove(self, fid: int) -> Forward:
+        return self._entries.pop(fid)
+
+    def items(self) -> list[tuple[int, Forward]]:
+        return sorted(self._entries.items())
+
+    def __len__(self) -> int:
+        return len(self._entries)

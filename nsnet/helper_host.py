@@ -1,0 +1,132 @@
+"""The forwarder: libslirp in the host namespace, with no privilege.
+
+A child of the supervisor.  It receives the TAP fd and a control socket,
+creates the Slirp instance, re-adds the port forwards it is given, says
+"ready", and then runs the C data path (slirp.Slirp.run) in turns.  Between
+turns it answers the supervisor's control requests (add/remove forward,
+statistics).  It never touches the API socket: a slow API client cannot
+stall the data path.
+
+Exit codes: 0 when the supervisor closes the control socket, 1 when
+libslirp refuses the configuration, 3 when the TAP fails (interface
+deleted inside the namespace), 4 when poll(2) fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from . import linux
+from .forwards import Forward
+from .netconfig import NetConfig
+from .slirp import RUN_CONTROL, RUN_POLL_ERROR, RUN_TAP_ERROR, Slirp, SlirpError
+
+EXIT_OK = 0
+EXIT_SLIRP_FAILED = 1
+EXIT_TAP_ERROR = 3
+EXIT_POLL_ERROR = 4
+
+# How long one C-loop turn may run before Python gets control back even
+# when nothing happens on the control socket.
+TURN_BUDGET_MS = 1000
+
+
+def _send(ctl: socket.socket, msg: dict[str, Any]) -> None:
+    try:
+        ctl.send(json.dumps(msg, separators=(",", ":")).encode())
+    except OSError:
+        pass  # the supervisor is gone; the next recv says so
+
+
+class Forwarder:
+    def __init__(self, net: NetConfig, tap_fd: int, ctl: socket.socket) -> None:
+        self.net = net
+        self.ctl = ctl
+        self.slirp = Slirp(net, tap_fd, ctl.fileno())
+
+    def add(self, fwd: Forward) -> None:
+        self.slirp.add_hostfwd(fwd.is_udp, fwd.host_addr, fwd.host_port,
+                               fwd.guest_addr, fwd.guest_port)
+
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        try:
+            if op == "add":
+                self.add(Forward(**req["forward"]))
+                return {"ok": True}
+            if op == "remove":
+                f = Forward(**req["forward"])
+                self.slirp.remove_hostfwd(f.is_udp, f.host_addr, f.host_port)
+                return {"ok": True}
+            if op == "stats":
+                return {"ok": True, "stats": self.slirp.stats(),
+                        "connections": self.slirp.connection_info()}
+            if op == "ping":
+                return {"ok": True}
+        except (SlirpError, KeyError, TypeError, ValueError) as e:
+            return {"ok": False, "error": str(e)}
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def serve(self) -> int:
+        """Run until the supervisor hangs up or the TAP fails."""
+        self.ctl.setblocking(False)
+        while True:
+            rc = self.slirp.run(TURN_BUDGET_MS)
+            if rc == RUN_CONTROL:
+                while True:
+                    try:
+                        data = self.ctl.recv(65536)
+                    except BlockingIOError:
+                        break
+                    except OSError:
+                        return EXIT_OK
+                    if not data:
+                        return EXIT_OK
+                    try:
+                        req = json.loads(data)
+                    except ValueError:
+                        req = {}
+                    reply = self.handle(req)
+                    reply["reply_to"] = req.get("seq")
+                    _send(self.ctl, reply)
+            elif rc == RUN_TAP_ERROR:
+                err = self.slirp.tap_error()
+                _send(self.ctl, {"event": "tap_error", "error": err})
+                print(f"nsnet: forwarder: TAP failed ({err}): the interface is gone",
+                      file=sys.stderr)
+                return EXIT_TAP_ERROR
+            elif rc == RUN_POLL_ERROR:
+                _send(self.ctl, {"event": "poll_error"})
+                return EXIT_POLL_ERROR
+
+
+def main(net: NetConfig, tap_fd: int, ctl: socket.socket,
+         forwards: list[tuple[int, Forward]]) -> int:
+    """Entry point in the forked forwarder process."""
+    linux.set_pdeathsig(signal.SIGKILL)
+    linux.set_process_name("nsnet-forwarder")
+    # Terminal signals go to the whole process group: the supervisor
+    # decides what happens; the forwarder only dies on SIGTERM/SIGKILL.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    os.set_blocking(tap_fd, False)
+    try:
+        fw = Forwarder(net, tap_fd, ctl)
+    except SlirpError as e:
+        _send(ctl, {"event": "failed", "error": str(e)})
+        return EXIT_SLIRP_FAILED
+    failed = []
+    for fid, fwd in forwards:
+        try:
+            fw.add(fwd)
+        except SlirpError:
+            failed.append(fid)
+    _send(ctl, {"event": "ready", "pid": os.getpid(), "failed_forwards": failed})
+    return fw.serve()

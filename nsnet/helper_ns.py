@@ -1,0 +1,165 @@
+"""The namespace helper: a short-lived child that joins the target's user
+and network namespaces, opens (or attaches to) the TAP device, configures
+it with pyroute2 when asked, hands the TAP fd to the host side over
+SCM_RIGHTS, and exits.
+
+It is forked from the single-threaded supervisor, so setns(CLONE_NEWUSER)
+is allowed, and it always leaves with os._exit: nothing of the parent's
+Python state (atexit handlers, buffered files) runs twice.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+
+from . import fdpass, linux
+from .netconfig import NetConfig
+
+
+class HelperError(RuntimeError):
+    """The helper failed; the reason has been printed on stderr."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the TAP goes: a PID's namespaces, or namespace paths."""
+
+    netns: str  # path of the network namespace file
+    userns: str | None  # path of the user namespace file, if any
+    pid: int | None = None
+
+    @classmethod
+    def from_pid(cls, pid: int) -> "Target":
+        return cls(f"/proc/{pid}/ns/net", f"/proc/{pid}/ns/user", pid)
+
+    @classmethod
+    def from_path(cls, netns: str, userns: str | None) -> "Target":
+        return cls(netns, userns, None)
+
+
+def _configure(tapname: str, net: NetConfig) -> None:
+    """lo up; TAP MTU, MAC, up; guest address; default route (and IPv6
+    router advertisements accepted, for SLAAC)."""
+    from pyroute2 import IPRoute  # heavy import: only in the child, only with -c
+
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")
+        if lo:
+            ipr.link("set", index=lo[0], state="up")
+        idx = ipr.link_lookup(ifname=tapname)[0]
+        ipr.link("set", index=idx, mtu=net.mtu)
+        if net.mac:
+            ipr.link("set", index=idx, address=":".join(f"{b:02x}" for b in net.mac))
+        ipr.link("set", index=idx, state="up")
+        ipr.addr("add", index=idx, address=str(net.guest), prefixlen=net.cidr.prefixlen)
+        ipr.route("add", dst="0.0.0.0/0", gateway=str(net.gateway), oif=idx)
+
+
+def _ifindex(tapname: str) -> int:
+    try:
+        return socket.if_nametoindex(tapname)
+    except OSError:
+        return 0
+
+
+def _child(target: Target, tapname: str, net: NetConfig, configure: bool,
+           sock: socket.socket) -> int:
+    try:
+        netfd = os.open(target.netns, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        print(f"{target.netns}: {e.strerror}", file=sys.stderr)
+        return 1
+    if target.userns:
+        try:
+            userfd = os.open(target.userns, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            print(f"{target.userns}: {e.strerror}", file=sys.stderr)
+            return 1
+        try:
+            linux.setns(userfd, linux.CLONE_NEWUSER)
+        except OSError as e:
+            # Already in that user namespace (EINVAL), or the caller has
+            # privilege in the network namespace anyway: go on, as
+            # slirp4netns does; setns(net) below says if it matters.
+            if e.errno not in (errno.EINVAL, errno.EPERM):
+                print(f"setns(user): {e.strerror}", file=sys.stderr)
+        os.close(userfd)
+    try:
+        linux.setns(netfd, linux.CLONE_NEWNET)
+    except OSError as e:
+        print(f"setns(net) {target.netns}: {e.strerror}", file=sys.stderr)
+        return 1
+    os.close(netfd)
+    try:
+        tapfd = linux.open_tap(tapname, vnet_hdr=net.offload)
+    except OSError as e:
+        print(f"cannot open TAP {tapname!r} (/dev/net/tun): {e.strerror}", file=sys.stderr)
+        return 1
+    if configure:
+        try:
+            _configure(tapname, net)
+        except Exception as e:  # pyroute2 raises NetlinkError and friends
+            print(f"cannot configure {tapname}: {e}", file=sys.stderr)
+            return 1
+    fdpass.send_fds(sock, {"ifindex": _ifindex(tapname)}, [tapfd])
+    return 0
+
+
+def open_tap(target: Target, tapname: str, net: NetConfig, configure: bool,
+             timeout: float = 30.0) -> tuple[int, int]:
+    """Run the helper; return (TAP fd, ifindex) in the calling process.
+    Raises HelperError if the helper failed or timed out."""
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the helper
+        code = 1
+        try:
+            parent_sock.close()
+            linux.set_pdeathsig()
+            code = _child(target, tapname, net, configure, child_sock)
+        except BaseException as e:  # never return into the parent's code
+            try:
+                print(f"namespace helper: {e}", file=sys.stderr)
+            except BaseException:
+                pass
+        finally:
+            try:
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    child_sock.close()
+    try:
+        parent_sock.settimeout(timeout)
+        try:
+            msg, fds = fdpass.recv_fds(parent_sock)
+        except (OSError, ValueError):
+            msg, fds = None, []
+    finally:
+        parent_sock.close()
+    status = _reap(pid, timeout)
+    if msg is None or not fds or status != 0:
+        for fd in fds:
+            os.close(fd)
+        raise HelperError(f"child failed({status})")
+    return fds[0], int(msg.get("ifindex", 0))
+
+
+def _reap(pid: int, timeout: float) -> int:
+    """Wait for the helper (through a pidfd, bounded); kill it if it hangs."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)

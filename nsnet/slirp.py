@@ -1,0 +1,204 @@
+"""A small Pythonic wrapper over nsnet's libslirp binding (``_slirp_cffi``).
+
+The per-packet work (TAP reads, slirp_input, send_packet, poll, timers)
+runs in C (csrc/datapath.c); this class owns the Slirp instance, keeps
+every buffer libslirp points into alive for its whole life, and exposes
+the control-plane calls: port forwards, connection info, statistics.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+from typing import Any
+
+from ._slirp_cffi import ffi, lib
+from .netconfig import NetConfig
+
+RUN_BUDGET = lib.NSNET_DP_BUDGET
+RUN_CONTROL = lib.NSNET_DP_CONTROL
+RUN_TAP_ERROR = lib.NSNET_DP_TAP_ERROR
+RUN_POLL_ERROR = lib.NSNET_DP_POLL_ERROR
+
+STATS_FIELDS = (
+    "rx_frames",
+    "rx_bytes",
+    "tx_frames",
+    "tx_bytes",
+    "rx_dropped_invalid",
+    "rx_dropped_ignored",
+    "tx_dropped",
+    "rx_csum_completed",
+    "rx_gso_frames",
+    "tx_gso_frames",
+    "guest_errors",
+    "loop_turns",
+)
+
+
+class SlirpError(RuntimeError):
+    pass
+
+
+def version() -> str:
+    return ffi.string(lib.slirp_version_string()).decode()
+
+
+def config_version_max() -> int:
+    return int(lib.SLIRP_CONFIG_VERSION_MAX)
+
+
+def _in_addr(addr: ipaddress.IPv4Address | str) -> Any:
+    a = ffi.new("struct in_addr *")
+    a.s_addr = struct.unpack("=I", ipaddress.IPv4Address(addr).packed)[0]
+    return a[0]
+
+
+def _set_in6(cfg: Any, fieldname: str, addr: ipaddress.IPv6Address) -> None:
+    ffi.memmove(ffi.addressof(cfg, fieldname), addr.packed, 16)
+
+
+def sockaddr(addr: str, port: int) -> Any:
+    """A struct sockaddr_in or sockaddr_in6 for slirp_add_hostxfwd."""
+    ip = ipaddress.ip_address(addr)
+    if ip.version == 4:
+        raw = struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + ip.packed
+        raw += b"\0" * (ffi.sizeof("struct sockaddr_in") - len(raw))
+    else:
+        raw = (
+            struct.pack("=H", socket.AF_INET6)
+            + struct.pack("!HI", port, 0)
+            + ip.packed
+            + struct.pack("=I", 0)
+        )
+        raw += b"\0" * (ffi.sizeof("struct sockaddr_in6") - len(raw))
+    buf = ffi.new("char[]", raw)
+    return ffi.cast("struct sockaddr *", buf), len(raw), buf
+
+
+class Slirp:
+    """One libslirp instance bound to a TAP fd, driven by the C loop."""
+
+    def __init__(self, net: NetConfig, tap_fd: int, ctl_fd: int) -> None:
+        self.net = net
+        self._keep: list[Any] = []  # everything libslirp may point into
+        cfg = ffi.new("SlirpConfig *")
+        cfg.version = 4
+        cfg.restricted = 1 if net.restricted else 0
+        cfg.in_enabled = True
+        cfg.vnetwork = _in_addr(net.cidr.network_address)
+        cfg.vnetmask = _in_addr(net.netmask)
+        cfg.vhost = _in_addr(net.gateway)
+        cfg.in6_enabled = net.ipv6
+        if net.ipv6:
+            _set_in6(cfg, "vprefix_addr6", net.prefix6)
+            cfg.vprefix_len = 64
+            _set_in6(cfg, "vhost6", net.gateway6)
+            _set_in6(cfg, "vnameserver6", net.dns6)
+        cfg.vdhcp_start = _in_addr(net.dhcp_start)
+        cfg.vnameserver = _in_addr(net.dns)
+        cfg.if_mtu = net.mtu
+        cfg.if_mru = net.mtu
+        cfg.disable_host_loopback = net.disable_host_loopback
+        cfg.enable_emu = False
+        cfg.disable_dns = net.disable_dns
+        cfg.disable_dhcp = False
+        if net.outbound_addr:
+            sa = ffi.new("char[]", ffi.sizeof("struct sockaddr_in"))
+            raw = struct.pack("=H", socket.AF_INET) + b"\0\0"
+            raw += ipaddress.IPv4Address(net.outbound_addr).packed
+            ffi.memmove(sa, raw, len(raw))
+            cfg.outbound_addr = ffi.cast("struct sockaddr_in *", sa)
+            self._keep.append(sa)
+        if net.outbound_addr6:
+            sa6 = ffi.new("char[]", ffi.sizeof("struct sockaddr_in6"))
+            raw = struct.pack("=H", socket.AF_INET6) + b"\0" * 6
+            raw += ipaddress.IPv6Address(net.outbound_addr6).packed
+            ffi.memmove(sa6, raw, len(raw))
+            cfg.outbound_addr6 = ffi.cast("struct sockaddr_in6 *", sa6)
+            self._keep.append(sa6)
+        self._keep.append(cfg)
+        dp = lib.nsnet_dp_new(cfg, tap_fd, ctl_fd, 1 if net.offload else 0, net.mtu)
+        if dp == ffi.NULL:
+            raise SlirpError("slirp_new failed (libslirp refused the configuration)")
+        self._dp = dp
+        self._slirp = lib.nsnet_dp_slirp(dp)
+        self._stats = ffi.new("struct nsnet_stats *")
+
+    # -- data path ---------------------------------------------------------
+
+    def run(self, budget_ms: int) -> int:
+        """Run the C loop for at most budget_ms (GIL released). Returns one
+        of RUN_BUDGET, RUN_CONTROL, RUN_TAP_ERROR, RUN_POLL_ERROR."""
+        return lib.nsnet_dp_run(self._dp, budget_ms)
+
+    def tap_error(self) -> str:
+        err = lib.nsnet_dp_tap_errno(self._dp)
+        return f"{errno.errorcode.get(err, err)}: {os.strerror(err)}"
+
+    def stats(self) -> dict[str, int]:
+        lib.nsnet_dp_get_stats(self._dp, self._stats)
+        return {name: int(getattr(self._stats, name)) for name in STATS_FIELDS}
+
+    def last_guest_error(self) -> str:
+        return ffi.string(lib.nsnet_dp_last_guest_error(self._dp)).decode(errors="replace")
+
+    # -- port forwards -----------------------------------------------------
+
+    def add_hostfwd(
+        self, is_udp: bool, host_addr: str, host_port: int, guest_addr: str, guest_port: int
+    ) -> None:
+        """Forward host_addr:host_port to guest_addr:guest_port. IPv4 pairs
+        use slirp_add_hostfwd; anything with IPv6 uses slirp_add_hostxfwd."""
+        h = ipaddress.ip_address(host_addr)
+        g = ipaddress.ip_address(guest_addr)
+        if h.version == 4 and g.version == 4:
+            rc = lib.slirp_add_hostfwd(
+                self._slirp, int(is_udp), _in_addr(h), host_port, _in_addr(g), guest_port
+            )
+        else:
+            hsa, hlen, _hb = sockaddr(host_addr, host_port)
+            gsa, glen, _gb = sockaddr(guest_addr, guest_port)
+            flags = lib.SLIRP_HOSTFWD_UDP if is_udp else 0
+            if h.version == 6:
+                flags |= lib.SLIRP_HOSTFWD_V6ONLY
+            rc = lib.slirp_add_hostxfwd(self._slirp, hsa, hlen, gsa, glen, flags)
+        if rc < 0:
+            raise SlirpError("slirp_add_hostfwd failed")
+
+    def remove_hostfwd(self, is_udp: bool, host_addr: str, host_port: int) -> None:
+        h = ipaddress.ip_address(host_addr)
+        if h.version == 4:
+            rc = lib.slirp_remove_hostfwd(self._slirp, int(is_udp), _in_addr(h), host_port)
+        else:
+            hsa, hlen, _hb = sockaddr(host_addr, host_port)
+            flags = (lib.SLIRP_HOSTFWD_UDP if is_udp else 0) | lib.SLIRP_HOSTFWD_V6ONLY
+            rc = lib.slirp_remove_hostxfwd(self._slirp, hsa, hlen, flags)
+        if rc < 0:
+            raise SlirpError("slirp_remove_hostfwd failed")
+
+    # -- introspection -----------------------------------------------------
+
+    def connection_info(self) -> str:
+        p = lib.slirp_connection_info(self._slirp)
+        if p == ffi.NULL:
+            return ""
+        try:
+            return ffi.string(p).decode(errors="replace")
+        finally:
+            lib.free(p)  # g_malloc'd; glib allocates with the system malloc
+
+    def close(self) -> None:
+        dp, self._dp = getattr(self, "_dp", None), None
+        if dp is not None:
+            lib.nsnet_dp_free(dp)
+        self._keep.clear()
+
+    def __enter__(self) -> "Slirp":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
