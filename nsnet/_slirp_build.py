@@ -187,7 +187,8 @@ ffibuilder.set_source(
     "nsnet._slirp_cffi",
     '#include <slirp/libslirp.h>\n#include "datapath.h"\n',
     sources=[
-        os.path.join(CSRC, name)
+        # setuptools wants paths relative to setup.py's directory
+        os.path.relpath(os.path.join(CSRC, name), os.path.dirname(HERE))
         for name in ("datapath.c", "frame_check.c", "offload.c")
     ],
     include_dirs=_inc,

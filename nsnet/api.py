@@ -38,6 +38,9 @@ class ApiBackend(Protocol):
     @property
     def default_guest_addr(self) -> str: ...
 
+    @property
+    def default_guest_addr6(self) -> str | None: ...
+
 
 def encode(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
@@ -51,11 +54,23 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key")  # slirp4netns's parser refuses them too
+    return obj
+
+
+def _loads(data: bytes) -> Any:
+    return json.loads(data.decode("utf-8"), parse_constant=_reject_constant,
+                      object_pairs_hook=_no_duplicates)
+
+
 def parse_request(data: bytes) -> dict[str, Any]:
     if len(data) >= MAX_REQUEST:
         raise ApiError("too large message")
     try:
-        req = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        req = _loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ApiError("cannot parse JSON") from None
     if not isinstance(req, dict):
@@ -69,7 +84,7 @@ def is_complete(data: bytes) -> bool:
     """True once data holds a whole JSON value (so a client that never
     shuts down its write side still gets an answer)."""
     try:
-        json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        _loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return False
     return True
@@ -104,7 +119,8 @@ def _add_hostfwd(args: dict[str, Any], backend: ApiBackend) -> Any:
             raise ApiError(f"add_hostfwd: bad arguments.{name}")
         fields[name] = num
     try:
-        fwd = make_forward(proto, default_guest=backend.default_guest_addr, **fields)
+        fwd = make_forward(proto, default_guest=backend.default_guest_addr,
+                           default_guest6=backend.default_guest_addr6, **fields)
     except ForwardError as e:
         raise ApiError(f"add_hostfwd: bad arguments.{e}") from None
     try:
@@ -138,7 +154,9 @@ def _remove_hostfwd(args: dict[str, Any], backend: ApiBackend) -> Any:
         raise ApiError("remove_hostfwd: bad arguments.id")
     try:
         backend.api_remove_forward(fid)
-    except (KeyError, ForwardError):
+    except KeyError:  # no such id (slirp4netns answers the same)
+        raise ApiError("remove_hostfwd: bad arguments.id") from None
+    except ForwardError:
         raise ApiError("remove_hostfwd: slirp_remove_hostfwd failed") from None
     return {"return": {}}
 

@@ -42,10 +42,13 @@ def make_forward(
     guest_addr: str = "",
     *,
     default_guest: str,
+    default_guest6: str | None = None,
 ) -> Forward:
     """Validate and normalise a forward; empty addresses take the defaults
-    (host 0.0.0.0, guest the namespace's address). Raises ForwardError
-    with the name of the offending field."""
+    (host 0.0.0.0; guest the namespace's IPv4 address, or for an IPv6 host
+    address its IPv6 one). Raises ForwardError with the name of the
+    offending field. libslirp cannot forward between address families, so
+    host and guest addresses must be of the same one."""
     if proto not in ("tcp", "udp"):
         raise ForwardError("proto")
     host_addr = host_addr or "0.0.0.0"
@@ -55,11 +58,14 @@ def make_forward(
         raise ForwardError("host_addr") from None
     if not _is_port(host_port):
         raise ForwardError("host_port")
-    guest_addr = guest_addr or default_guest
+    if not guest_addr:
+        guest_addr = default_guest if h.version == 4 else (default_guest6 or "")
     try:
         g = ipaddress.ip_address(guest_addr)
     except ValueError:
         raise ForwardError("guest_addr") from None
+    if g.version != h.version:
+        raise ForwardError("guest_addr")
     if not _is_port(guest_port):
         raise ForwardError("guest_port")
     return Forward(proto, str(h), int(host_port), str(g), int(guest_port))

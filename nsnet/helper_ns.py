@@ -11,15 +11,20 @@ Python state (atexit handlers, buffered files) runs twice.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import signal
 import socket
+import struct
 import sys
 from dataclasses import dataclass
 
 from . import fdpass, linux
 from .netconfig import NetConfig
+
+
+SIOCGIFHWADDR = 0x8927
 
 
 class HelperError(RuntimeError):
@@ -57,8 +62,10 @@ def _configure(tapname: str, net: NetConfig) -> None:
         if net.mac:
             ipr.link("set", index=idx, address=":".join(f"{b:02x}" for b in net.mac))
         ipr.link("set", index=idx, state="up")
-        ipr.addr("add", index=idx, address=str(net.guest), prefixlen=net.cidr.prefixlen)
-        ipr.route("add", dst="0.0.0.0/0", gateway=str(net.gateway), oif=idx)
+        ipr.addr("add", index=idx, address=str(net.guest), prefixlen=net.cidr.prefixlen,
+                 broadcast=str(net.cidr.broadcast_address))
+        # proto boot (3), as `ip route add` and the SIOCADDRT ioctl set it
+        ipr.route("add", dst="0.0.0.0/0", gateway=str(net.gateway), oif=idx, proto=3)
 
 
 def _ifindex(tapname: str) -> int:
@@ -66,6 +73,18 @@ def _ifindex(tapname: str) -> int:
         return socket.if_nametoindex(tapname)
     except OSError:
         return 0
+
+
+def _mac(tapname: str) -> str | None:
+    """The TAP's MAC address (SIOCGIFHWADDR), as hex."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        ifr = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, struct.pack("256s", tapname.encode()))
+    except OSError:
+        return None
+    finally:
+        s.close()
+    return ifr[18:24].hex()
 
 
 def _child(target: Target, tapname: str, net: NetConfig, configure: bool,
@@ -107,13 +126,13 @@ def _child(target: Target, tapname: str, net: NetConfig, configure: bool,
         except Exception as e:  # pyroute2 raises NetlinkError and friends
             print(f"cannot configure {tapname}: {e}", file=sys.stderr)
             return 1
-    fdpass.send_fds(sock, {"ifindex": _ifindex(tapname)}, [tapfd])
+    fdpass.send_fds(sock, {"ifindex": _ifindex(tapname), "mac": _mac(tapname)}, [tapfd])
     return 0
 
 
 def open_tap(target: Target, tapname: str, net: NetConfig, configure: bool,
-             timeout: float = 30.0) -> tuple[int, int]:
-    """Run the helper; return (TAP fd, ifindex) in the calling process.
+             timeout: float = 30.0) -> tuple[int, int, bytes | None]:
+    """Run the helper; return (TAP fd, ifindex, MAC) in the calling process.
     Raises HelperError if the helper failed or timed out."""
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sys.stdout.flush()
@@ -149,7 +168,8 @@ def open_tap(target: Target, tapname: str, net: NetConfig, configure: bool,
         for fd in fds:
             os.close(fd)
         raise HelperError(f"child failed({status})")
-    return fds[0], int(msg.get("ifindex", 0))
+    mac = bytes.fromhex(msg["mac"]) if msg.get("mac") else None
+    return fds[0], int(msg.get("ifindex", 0)), mac
 
 
 def _reap(pid: int, timeout: float) -> int:

@@ -25,6 +25,13 @@ DHCP_START_OFFSET = 15
 GUEST_OFFSET = 100
 
 
+def slaac_address(prefix: ipaddress.IPv6Address, mac: bytes) -> ipaddress.IPv6Address:
+    """The address a Linux guest forms by SLAAC with EUI-64 (the default
+    addr_gen_mode) from a /64 prefix and its MAC."""
+    iid = bytes([mac[0] ^ 0x02, mac[1], mac[2], 0xFF, 0xFE, mac[3], mac[4], mac[5]])
+    return ipaddress.IPv6Address(prefix.packed[:8] + iid)
+
+
 class ConfigError(ValueError):
     """A setting that cannot work; the message says which and why."""
 

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from . import api, helper_ns, linux, log, sdnotify
 from .forwards import Forward, ForwardError, ForwardTable
-from .netconfig import NetConfig
+from .netconfig import NetConfig, slaac_address
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -127,6 +127,7 @@ class Supervisor:
         self.forwards = ForwardTable()
         self.tap_fd = -1
         self.ifindex = 0
+        self.tap_mac: bytes | None = None
         self.fwd: _Forwarder | None = None
         self.restarts = 0
         self.restart_times: list[float] = []
@@ -155,7 +156,7 @@ class Supervisor:
             except OSError:
                 self.target_pidfd = None  # e.g. not permitted: namespaces decide
         try:
-            self.tap_fd, self.ifindex = helper_ns.open_tap(
+            self.tap_fd, self.ifindex, self.tap_mac = helper_ns.open_tap(
                 o.target, o.tapname, o.net, o.configure
             )
         except helper_ns.HelperError as e:
@@ -399,6 +400,13 @@ class Supervisor:
     def default_guest_addr(self) -> str:
         return str(self.opts.net.guest)
 
+    @property
+    def default_guest_addr6(self) -> str | None:
+        """The namespace's SLAAC address (EUI-64 from the TAP's MAC)."""
+        if not self.opts.net.ipv6 or not self.tap_mac:
+            return None
+        return str(slaac_address(self.opts.net.prefix6, self.tap_mac))
+
     def _forwarder_request(self, msg: dict[str, Any]) -> dict[str, Any]:
         if self.fwd is None:
             raise ForwardError("forwarder not running")
@@ -441,7 +449,8 @@ class Supervisor:
                 "netns": self.opts.target.netns,
                 "userns": self.opts.target.userns,
             },
-            "tap": {"name": self.opts.tapname, "ifindex": self.ifindex},
+            "tap": {"name": self.opts.tapname, "ifindex": self.ifindex,
+                    "mac": ":".join(f"{b:02x}" for b in self.tap_mac) if self.tap_mac else None},
             "mtu": net.mtu,
             "cidr": str(net.cidr),
             "guest": str(net.guest),
@@ -454,7 +463,7 @@ class Supervisor:
         }
         if net.ipv6:
             info.update(gateway6=str(net.gateway6), dns6=str(net.dns6),
-                        prefix6=f"{net.prefix6}/64")
+                        prefix6=f"{net.prefix6}/64", guest6=self.default_guest_addr6)
         return info
 
     def api_stats(self) -> dict[str, Any]:
