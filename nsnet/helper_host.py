@@ -30,6 +30,7 @@ EXIT_OK = 0
 EXIT_SLIRP_FAILED = 1
 EXIT_TAP_ERROR = 3
 EXIT_POLL_ERROR = 4
+EXIT_SANDBOX_FAILED = 5
 
 # How long one C-loop turn may run before Python gets control back even
 # when nothing happens on the control socket.
@@ -106,7 +107,8 @@ class Forwarder:
 
 
 def main(net: NetConfig, tap_fd: int, ctl: socket.socket,
-         forwards: list[tuple[int, Forward]]) -> int:
+         forwards: list[tuple[int, Forward]], sandbox: bool = False,
+         seccomp: bool = False) -> int:
     """Entry point in the forked forwarder process."""
     linux.set_pdeathsig(signal.SIGKILL)
     linux.set_process_name("nsnet-forwarder")
@@ -122,6 +124,14 @@ def main(net: NetConfig, tap_fd: int, ctl: socket.socket,
     except SlirpError as e:
         _send(ctl, {"event": "failed", "error": str(e)})
         return EXIT_SLIRP_FAILED
+    if sandbox or seccomp:
+        from . import sandbox as sandbox_mod
+
+        try:
+            sandbox_mod.enter(sandbox=sandbox, seccomp=seccomp, forwards=forwards)
+        except sandbox_mod.SandboxError as e:
+            _send(ctl, {"event": "failed", "error": str(e)})
+            return EXIT_SANDBOX_FAILED
     failed = []
     for fid, fwd in forwards:
         try:

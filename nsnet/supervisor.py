@@ -239,7 +239,8 @@ class Supervisor:
             try:
                 parent.close()
                 self._close_in_child()
-                code = helper_host.main(self.opts.net, self.tap_fd, child, self.forwards.items())
+                code = helper_host.main(self.opts.net, self.tap_fd, child, self.forwards.items(),
+                                        sandbox=self.opts.sandbox, seccomp=self.opts.seccomp)
             except BaseException as e:
                 try:
                     print(f"nsnet: forwarder: {e!r}", file=sys.stderr)
