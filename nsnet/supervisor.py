@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import api, helper_ns, linux, log, sdnotify
+from . import api, fastpath, helper_ns, linux, log, sdnotify
 from .forwards import Forward, ForwardError, ForwardTable
 from .netconfig import NetConfig, slaac_address
 
@@ -143,6 +143,7 @@ class Supervisor:
         self.exit_reason = ""
         self.notify = sdnotify.Notifier.from_env()
         self.ready = False
+        self.fastpath = fastpath.FastPath(opts.target)  # splice forwards: nsnet/fastpath.py
 
     # -- set-up ------------------------------------------------------------
 
@@ -167,6 +168,10 @@ class Supervisor:
             self.forwards.add(f)
         self._install_signals()
         self._start_forwarder(initial=True)
+        try:  # fast-path (splice) forwards: nsnet/fastpath.py
+            self.fastpath.add_initial(self.forwards.items())
+        except ForwardError as e:
+            raise SetupError(f"cannot publish a port: {e}") from None
         if o.pidfile:
             self._write_pidfile(o.pidfile)
 
@@ -239,7 +244,7 @@ class Supervisor:
             try:
                 parent.close()
                 self._close_in_child()
-                code = helper_host.main(self.opts.net, self.tap_fd, child, self.forwards.items(),
+                code = helper_host.main(self.opts.net, self.tap_fd, child, self.forwards.libslirp_items(),
                                         sandbox=self.opts.sandbox, seccomp=self.opts.seccomp)
             except BaseException as e:
                 try:
@@ -263,7 +268,7 @@ class Supervisor:
         fds = [self.sigpipe_r, self.target_pidfd, self.opts.exit_fd, self.opts.ready_fd]
         if self.api_sock is not None:
             fds.append(self.api_sock.fileno())
-        fds += list(self.api_clients)
+        fds += list(self.api_clients) + self.fastpath.fds()
         for fd in fds:
             if fd is not None and fd >= 0:
                 try:
@@ -417,6 +422,9 @@ class Supervisor:
             raise ForwardError(f"forwarder: {e}") from None
 
     def api_add_forward(self, fwd: Forward) -> int:
+        if fwd.is_splice:  # the fast path: nsnet/fastpath.py
+            self.fastpath.add(fwd)
+            return self.forwards.add(fwd)
         reply = self._forwarder_request({"op": "add", "forward": fwd.to_dict()})
         if not reply.get("ok"):
             raise ForwardError(reply.get("error", "failed"))
@@ -428,6 +436,10 @@ class Supervisor:
         fwd = self.forwards.get(fid)
         if fwd is None:
             raise KeyError(fid)
+        if fwd.is_splice:  # the fast path: nsnet/fastpath.py
+            self.fastpath.remove(fwd)
+            self.forwards.remove(fid)
+            return
         reply = self._forwarder_request({"op": "remove", "forward": fwd.to_dict()})
         if not reply.get("ok"):
             raise ForwardError(reply.get("error", "failed"))
@@ -597,6 +609,8 @@ class Supervisor:
                 watch(self.api_sock.fileno(), POLL_IN, lambda ev: self._api_accept())
             for fd in self.api_clients:
                 watch(fd, POLL_IN, self._make_api_reader(fd))
+            for fd, events, fn in self.fastpath.watch():  # relay/connector deaths
+                watch(fd, events, fn)
             now = time.monotonic()
             timeout_s: float | None = None
             if self.api_clients:
@@ -644,6 +658,7 @@ class Supervisor:
             self._kill_and_reap(self.fwd)
             self.fwd.close()
             self.fwd = None
+        self.fastpath.close()
         for fd in list(self.api_clients):
             self._api_close(fd)
         if self.api_sock is not None:
