@@ -186,7 +186,7 @@ def connector_main(target: helper_ns.Target, sock: socket.socket) -> int:
                 if err == 0:
                     answer(tag, conn)
                 elif err == errno.EINPROGRESS:
-                    pending[conn.fileno()] = (tag, conn, now + CONNECT_TIMEOUT)
+                    pending[conn.fileno()] = (tag, conn, time.monotonic() + CONNECT_TIMEOUT)
                     poller.register(conn.fileno(), select.POLLOUT)
                 else:
                     conn.close()
