@@ -10,8 +10,6 @@ and so on).  This module imports nothing, so ``import nsnet`` stays cheap.
         └── PortInUse        the host address and port are already taken
 """
 
-from __future__ import annotations
-
 
 class NsnetError(Exception):
     """Base class of every error raised by nsnet's Python API."""

@@ -388,9 +388,9 @@ def _bind_resolv_conf(libc: _Libc, net: "NetConfig") -> None:
                        f"{e.strerror}") from None
     finally:
         # The mount keeps the file; nothing is left in TMPDIR.
-        for rm in (lambda: os.unlink(path), lambda: os.rmdir(d)):
+        for rm, p in ((os.unlink, path), (os.rmdir, d)):
             try:
-                rm()
+                rm(p)
             except OSError:
                 pass
 
@@ -521,7 +521,7 @@ class Runner:
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.parent_pid = os.getpid()
-        self.saved_mask: set[signal.Signals] = set()
+        self.saved_mask: set[int | signal.Signals] = set()
         self.sigfd = -1
         self.child = -1
         self.child_pidfd = -1
