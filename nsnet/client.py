@@ -227,6 +227,19 @@ def _remove_dir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _give_dir(path: str, user: "int | str") -> None:
+    """chown a private directory to the user nsnet will run as (Popen's
+    user= argument; only root can ask for another user anyway)."""
+    if isinstance(user, str):
+        import pwd
+
+        uid = pwd.getpwnam(user).pw_uid
+    else:
+        uid = user
+    if uid != os.geteuid():
+        os.chown(path, uid, -1)
+
+
 def _close_fd(fd: int | None) -> None:
     if fd is not None and fd >= 0:
         try:
@@ -528,6 +541,8 @@ class Popen(subprocess.Popen[Any], _Controls):
         ready_w = None
         if api:
             self._workdir = _private_dir()
+            if kwargs.get("user") is not None:  # nsnet runs as that user: its directory
+                _give_dir(self._workdir, kwargs["user"])
             self.api_socket = os.path.join(self._workdir, "api.sock")
             self._ready_r, ready_w = os.pipe()
             flags += [f"--api-socket={self.api_socket}", f"--ready-fd={ready_w}"]
