@@ -487,7 +487,7 @@ def run_flags(*, publish: Iterable["str | PortSpec"] = (), mtu: int | None = Non
               cidr: str | None = None, ipv6: bool = False,
               disable_host_loopback: bool = False, no_egress: bool = False,
               dns: bool = False, map_user: str = "root", offload: bool = False,
-              log_level: str | None = None) -> list[str]:
+              log_level: str | None = None, publish_mode: str | None = None) -> list[str]:
     """The `nsnet run` options for these settings (ForwardError for a bad
     publish spec, ValueError for a bad map_user)."""
     flags: list[str] = []
@@ -506,6 +506,8 @@ def run_flags(*, publish: Iterable["str | PortSpec"] = (), mtu: int | None = Non
     flags.append(MAP_USER_FLAGS[map_user])
     if log_level is not None:
         flags.append(f"--log-level={log_level}")
+    if publish_mode is not None:
+        flags.append(f"--publish-mode={publish_mode}")
     return flags
 
 
@@ -514,7 +516,8 @@ class Popen(subprocess.Popen[Any], _Controls):
     user, network and mount namespaces.
 
     Takes the network options of run_flags() (publish, mtu, cidr, ipv6,
-    disable_host_loopback, no_egress, dns, map_user, offload, log_level),
+    disable_host_loopback, no_egress, dns, map_user, offload, log_level,
+    publish_mode),
     then any subprocess.Popen argument.  With api=True (the default) nsnet
     gets a private API socket, so add_forward(), forwards(), info() and
     stats() work while the command runs; wait_ready() waits until the
@@ -526,14 +529,16 @@ class Popen(subprocess.Popen[Any], _Controls):
                  mtu: int | None = None, cidr: str | None = None, ipv6: bool = False,
                  disable_host_loopback: bool = False, no_egress: bool = False,
                  dns: bool = False, map_user: str = "root", offload: bool = False,
-                 log_level: str | None = None, api: bool = True,
+                 log_level: str | None = None, publish_mode: str | None = None,
+                 api: bool = True,
                  command: Sequence[str] | None = None, **kwargs: Any) -> None:
         if isinstance(args, (str, bytes)):
             raise TypeError("args must be a sequence of strings (no shell parsing)")
         self.command = [os.fspath(a) for a in args]
         flags = run_flags(publish=publish, mtu=mtu, cidr=cidr, ipv6=ipv6,
                           disable_host_loopback=disable_host_loopback, no_egress=no_egress,
-                          dns=dns, map_user=map_user, offload=offload, log_level=log_level)
+                          dns=dns, map_user=map_user, offload=offload, log_level=log_level,
+                          publish_mode=publish_mode)
         self._workdir: str | None = None
         self.api_socket: str | None = None
         self._ready_r: int | None = None

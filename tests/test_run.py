@@ -505,3 +505,57 @@ def test_command_options_are_its_own(user):
     cp = nsnet_run(user, ["sh", "-c", "echo $0 $1", "-p", "x"], text=True)
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout.split() == ["-p", "x"]
+
+
+# --------------------------------------------------------------------------
+# The supervisor underneath: forwarder crashes
+# --------------------------------------------------------------------------
+
+def _forwarder_pid(api, old=None, proc=None):
+    """The forwarder's PID (one other than old); None if proc exits first."""
+    def new_pid():
+        if proc is not None and proc.poll() is not None:
+            return -1
+        try:
+            info = json.loads(api_call(api, {"execute": "get_info"}, timeout=10))["return"]
+        except (OSError, ValueError):
+            return None
+        pid = info.get("forwarder_pid")
+        return pid if pid and pid != old else None
+    pid = harness.wait_until(new_pid, 30, interval=0.05, what="a (new) forwarder")
+    return None if pid == -1 else pid
+
+
+def test_forwarder_crash_is_survived(user, workdir, base_dir, procs):
+    api = os.path.join(workdir, "run.sock")
+    port = free_port()
+    p = nsnet_popen(user, ["-a", api, "-p", f"127.0.0.1:{port}:8080", "--",
+                           *client(base_dir, "tcp-serve", "0.0.0.0", 8080, "echo", 2)])
+    procs.append(p)
+    assert read_line(p.stdout, 30).startswith(b"READY")
+    assert tcp_send("127.0.0.1", port, b"before") == b"before"
+    first = _forwarder_pid(api)
+    os.kill(first, signal.SIGKILL)
+    _forwarder_pid(api, old=first)
+    # COMMAND never noticed; the published port is back.
+    assert tcp_send("127.0.0.1", port, b"after") == b"after"
+    assert p.wait(timeout=30) == 0, p.stderr.read()
+    assert_nothing_left()
+
+
+def test_network_lost_stops_command(user, workdir, procs):
+    """When the supervisor gives up (more than 5 forwarder deaths in 60 s),
+    COMMAND is stopped and nsnet exits 125 saying why."""
+    api = os.path.join(workdir, "run.sock")
+    p = nsnet_popen(user, ["-a", api, "--", "sleep", "60"])
+    procs.append(p)
+    pid = _forwarder_pid(api, proc=p)
+    for _ in range(6):
+        os.kill(pid, signal.SIGKILL)
+        pid = _forwarder_pid(api, old=pid, proc=p)
+        if pid is None:
+            break  # nsnet gave up
+    assert p.wait(timeout=60) == EXIT_SETUP
+    err = p.stderr.read().decode()
+    assert "network lost" in err and "stopping sleep" in err, err
+    assert_nothing_left()
