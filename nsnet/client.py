@@ -357,6 +357,21 @@ class Network(_Controls):
         return f"<nsnet.Network target={self.target!r} pid={self._proc.pid} {state}>"
 
 
+def _net_flags(mtu: int | None, cidr: str | None, ipv6: bool, disable_host_loopback: bool,
+               no_egress: bool, offload: bool) -> list[str]:
+    """The options `nsnet` and `nsnet run` share."""
+    flags = []
+    if mtu is not None:
+        flags.append(f"--mtu={mtu}")
+    if cidr is not None:
+        flags.append(f"--cidr={cidr}")
+    for on, flag in ((ipv6, "--enable-ipv6"), (disable_host_loopback, "--disable-host-loopback"),
+                     (no_egress, "--no-egress"), (offload, "--offload")):
+        if on:
+            flags.append(flag)
+    return flags
+
+
 def _target_args(target: "int | str | os.PathLike[str]",
                  userns: "str | os.PathLike[str] | None") -> tuple["int | str", list[str]]:
     if isinstance(target, bool):
@@ -411,16 +426,9 @@ def attach(target: "int | str | os.PathLike[str]", *,
     publish), or TypeError for an unknown option."""
     specs = [to_portspec(p) for p in publish]
     tgt, target_args = _target_args(target, userns)
-    flags: list[str] = []
-    if configure:
-        flags.append("--configure")
-    if mtu is not None:
-        flags.append(f"--mtu={mtu}")
-    if cidr is not None:
-        flags.append(f"--cidr={cidr}")
-    for on, flag in ((ipv6, "--enable-ipv6"), (disable_host_loopback, "--disable-host-loopback"),
-                     (no_egress, "--no-egress"), (disable_dns, "--disable-dns"),
-                     (offload, "--offload"), (enable_sandbox, "--enable-sandbox"),
+    flags = ["--configure"] if configure else []
+    flags += _net_flags(mtu, cidr, ipv6, disable_host_loopback, no_egress, offload)
+    for on, flag in ((disable_dns, "--disable-dns"), (enable_sandbox, "--enable-sandbox"),
                      (enable_seccomp, "--enable-seccomp"),
                      (not exit_with_target, "--ignore-target-exit")):
         if on:
@@ -490,17 +498,10 @@ def run_flags(*, publish: Iterable["str | PortSpec"] = (), mtu: int | None = Non
               log_level: str | None = None, publish_mode: str | None = None) -> list[str]:
     """The `nsnet run` options for these settings (ForwardError for a bad
     publish spec, ValueError for a bad map_user)."""
-    flags: list[str] = []
-    for p in publish:
-        flags.append(f"--publish={to_portspec(p)}")
-    if mtu is not None:
-        flags.append(f"--mtu={mtu}")
-    if cidr is not None:
-        flags.append(f"--cidr={cidr}")
-    for on, flag in ((ipv6, "--enable-ipv6"), (disable_host_loopback, "--disable-host-loopback"),
-                     (no_egress, "--no-egress"), (dns, "--dns"), (offload, "--offload")):
-        if on:
-            flags.append(flag)
+    flags = [f"--publish={to_portspec(p)}" for p in publish]
+    flags += _net_flags(mtu, cidr, ipv6, disable_host_loopback, no_egress, offload)
+    if dns:
+        flags.append("--dns")
     if map_user not in MAP_USER_FLAGS:
         raise ValueError(f"map_user must be one of {', '.join(MAP_USER_FLAGS)}, not {map_user!r}")
     flags.append(MAP_USER_FLAGS[map_user])
