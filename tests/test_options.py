@@ -1,11 +1,10 @@
 """Command-line options that change what the namespace sees or how the process behaves."""
 import os
-import socket
 import time
 
 import pytest
 
-from harness import api_call, free_port, start_forwarder
+from harness import api_call, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
