@@ -30,7 +30,7 @@ def ns_view(ns, ipv6: bool) -> dict:
         info = link.get("linkinfo", {})
         links[link["ifname"]] = {
             **pick(link, LINK_KEYS),
-            "flags": sorted(link["flags"]),
+            "flags": ",".join(sorted(link["flags"])),
             "kind": info.get("info_kind"),
             "tun": pick(info.get("info_data", {}), ("type", "pi", "multi_queue", "persist")),
             "addrs": sorted((pick(a, ADDR_KEYS) for a in link.get("addr_info", [])),
@@ -40,7 +40,7 @@ def ns_view(ns, ipv6: bool) -> dict:
     for family in ("-4", "-6"):
         got = ns.ip_json(family, "route", "show", "table", "all")
         routes[family] = sorted(
-            (dict(pick(r, ROUTE_KEYS), flags=sorted(r.get("flags", []))) for r in got),
+            (dict(pick(r, ROUTE_KEYS), flags=",".join(sorted(r.get("flags", [])))) for r in got),
             key=json.dumps)
     sysctls = ns.sh("cat /proc/sys/net/ipv4/ip_forward /proc/sys/net/ipv6/conf/tap0/disable_ipv6",
                     ).stdout
