@@ -75,9 +75,9 @@ def become_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-def child_pids() -> list[int]:
-    """PIDs whose parent is this process."""
-    me = os.getpid()
+def child_pids(parent: int | None = None) -> list[int]:
+    """PIDs whose parent is `parent` (default: this process)."""
+    me = os.getpid() if parent is None else parent
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -90,6 +90,16 @@ def child_pids() -> list[int]:
         fields = stat[stat.rfind(")") + 2:].split()
         if int(fields[1]) == me:
             out.append(int(entry))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of pid (children first)."""
+    out, todo = [], [pid]
+    while todo:
+        kids = child_pids(todo.pop())
+        out += kids
+        todo += kids
     return out
 
 
