@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -103,6 +104,21 @@ def pytest_runtest_makereport(item, call):
 # --------------------------------------------------------------------------
 # Fixtures
 # --------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    """After each test (and all its fixtures), nothing it started may still run.
+
+    The pytest process is a child subreaper, so a forwarder's helper that
+    outlives its SIGKILLed parent is re-parented here: it is killed by PID and
+    reported as a warning naming it."""
+    yield
+    left = {pid: harness.cmdline(pid) for pid in harness.child_pids()
+            if not harness.is_zombie(pid)}
+    harness.reap_orphans()  # zombies of re-parented orphans included
+    if left:
+        warnings.warn(f"processes left running after the test (now killed): {left}")
+
 
 @pytest.fixture(scope="session")
 def base_dir():

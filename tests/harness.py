@@ -93,6 +93,22 @@ def child_pids(parent: int | None = None) -> list[int]:
     return out
 
 
+def is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2] in "ZX"
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
 def descendants(pid: int) -> list[int]:
     """All live descendants of pid (children first)."""
     out, todo = [], [pid]

@@ -204,7 +204,8 @@ def test_nsnet_bad_arguments_do_not_crash(connect, request_bytes):
     ("host_port", -1, BAD_HOST_PORT),
     ("guest_port", 70000, BAD_GUEST_PORT),
     ("guest_port", -1, BAD_GUEST_PORT),
-])
+], ids=["host_port 70000", "host_port 65536", "host_port -1", "guest_port 70000",
+        "guest_port -1"])
 def test_nsnet_port_range(connect, field, value, expected):
     """slirp4netns accepts these and lists the bogus numbers."""
     net = connect()

@@ -12,19 +12,11 @@ import time
 
 import pytest
 
-from harness import (HarnessError, NS_PYTHON, descendants, free_port, payload, sha256,
+from harness import (HarnessError, NS_PYTHON, cmdline, descendants, free_port, payload, sha256,
                      tcp_send, wait_until)
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.parametrize("user", ["unpriv"], indirect=True)]
-
-
-def descendant_cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
 
 
 def test_rootlesskit(impl, user, workdir, base_dir, host_server):
@@ -54,7 +46,7 @@ def test_rootlesskit(impl, user, workdir, base_dir, host_server):
             return os.path.exists(out1) and os.path.getsize(out1) > 0
         wait_until(outbound_done, 30, interval=0.1, what="namespace -> 10.0.2.2 transfer")
         # The forwarder RootlessKit started is the binary under test.
-        cmdlines = [descendant_cmdline(p) for p in descendants(proc.pid)]
+        cmdlines = [cmdline(p) for p in descendants(proc.pid)]
         assert any(c and c[0:1] == [impl.bin] or impl.bin in c[1:2] for c in cmdlines), cmdlines
         r = json.loads(open(out1).read())
         assert r["sha_received"] == r["sha_sent"] and r["received"] == 100000
