@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -113,9 +114,13 @@ def no_leftover_processes():
     outlives its SIGKILLed parent is re-parented here: it is killed by PID and
     reported as a warning naming it."""
     yield
-    left = {pid: harness.cmdline(pid) for pid in harness.child_pids()
-            if not harness.is_zombie(pid)}
-    harness.reap_orphans()  # zombies of re-parented orphans included
+    # Orphans still dying (e.g. from a parent-death signal) get a moment.
+    deadline = time.monotonic() + 1.0
+    while harness.child_pids() and time.monotonic() < deadline:
+        harness.reap_zombies()
+        time.sleep(0.02)
+    left = {pid: harness.cmdline(pid) for pid in harness.child_pids()}
+    harness.reap_orphans()
     if left:
         warnings.warn(f"processes left running after the test (now killed): {left}")
 

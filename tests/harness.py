@@ -93,12 +93,15 @@ def child_pids(parent: int | None = None) -> list[int]:
     return out
 
 
-def is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2] in "ZX"
+def reap_zombies() -> None:
+    """Reap any exited children (re-parented orphans included), without blocking."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def cmdline(pid: int) -> list[str]:

@@ -230,6 +230,7 @@ def test_nsnet_list_has_return_key(connect):
 def test_nsnet_ipv6_hostfwd(connect):
     """slirp4netns rejects an IPv6 host_addr; nsnet forwards [::1]:P into the namespace."""
     net = connect("--enable-ipv6")
+    net.ns.wait_slaac()
     server = net.ns.start_server("tcp-serve", "::", 8080, "echo", 1)
     try:
         port = free_port(family=socket.AF_INET6, addr="::1")
