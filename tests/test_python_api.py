@@ -32,7 +32,7 @@ def as_user(user):
 
 def assert_nothing_left():
     left = harness.child_pids()
-    assert left == [], f"processes left behind: {left}"
+    assert left == [], f"processes left behind: {[(p, harness.cmdline(p)) for p in left]}"
 
 
 def assert_no_nsnet_children(ns_procs):
@@ -267,11 +267,7 @@ def test_run_timeout_kills_everything(user):
     orphans = harness.child_pids()
     harness.wait_until(lambda: all(_state(p) in ("Z", "gone") for p in orphans), 10,
                        what=f"orphans {orphans} to die")
-    for pid in orphans:
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
+    harness.reap_zombies()
     assert_nothing_left()
 
 

@@ -64,15 +64,7 @@ def assert_nothing_left():
     """No process of ours is left: the harness made pytest a subreaper, so an
     orphaned helper, forwarder or COMMAND would be re-parented to it."""
     left = harness.child_pids()
-    assert left == [], f"processes left behind: {[(p, _comm(p)) for p in left]}"
-
-
-def _comm(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return "?"
+    assert left == [], f"processes left behind: {[(p, harness.cmdline(p)) for p in left]}"
 
 
 @pytest.fixture
