@@ -638,6 +638,9 @@ class Runner:
         parent_sock.settimeout(SETUP_TIMEOUT)
         self.unblock_in_children = True
         os.register_at_fork(after_in_child=self._after_fork_in_child)
+        # While the child unshares, load what the next steps need (the
+        # forwarder, forked later, inherits the libslirp binding loaded).
+        from . import helper_host, supervisor  # noqa: F401
         sup = None
         try:
             try:
