@@ -638,6 +638,9 @@ class Runner:
         parent_sock.settimeout(SETUP_TIMEOUT)
         self.unblock_in_children = True
         os.register_at_fork(after_in_child=self._after_fork_in_child)
+        # When COMMAND is a shell that takes the terminal's foreground, nsnet
+        # is in a background group: its warnings must not stop it (TOSTOP).
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
         # While the child unshares, load what the next steps need (the
         # forwarder, forked later, inherits the libslirp binding loaded).
         from . import helper_host, supervisor  # noqa: F401

@@ -299,6 +299,35 @@ def test_interactive_shell_on_a_terminal(user, terminal):
     assert t.proc.wait(timeout=20) == 5
 
 
+def _forwarders(nsnet_pid):
+    out = []
+    for pid in harness.child_pids(nsnet_pid):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == "nsnet-forwarder":
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def test_nsnet_in_background_group_keeps_working(user, terminal):
+    """The shell takes the terminal's foreground; with `stty tostop`, a
+    warning nsnet writes from the background must not stop it."""
+    t = terminal(["--", "bash", "--norc", "--noprofile", "-i"])
+    t.expect(b"PROMPT$ ")
+    t.send(b"stty tostop; echo tostop-set\n")
+    t.expect(b"tostop-set\r\n")
+    t.expect(b"PROMPT$ ")
+    old = harness.wait_until(lambda: _forwarders(t.proc.pid), 10, what="the forwarder")
+    os.kill(old[0], signal.SIGKILL)  # nsnet logs a warning and restarts it
+    harness.wait_until(lambda: [p for p in _forwarders(t.proc.pid) if p != old[0]], 30,
+                       what="a new forwarder")
+    t.expect(b"restarting")
+    t.send(b"exit 7\n")
+    assert t.proc.wait(timeout=20) == 7
+
+
 def test_ctrl_c_reaches_command_once(user, terminal):
     t = terminal(["--", NS_PYTHON, "-c", SIGNAL_PROBE])
     t.expect(b"READY")
