@@ -445,7 +445,8 @@ class _Child:
             try:
                 libc.mount(None, "/", MS_REC | MS_SLAVE)
             except OSError as e:
-                self.fail(f"cannot make mounts private to the namespace: {e.strerror}")
+                self.fail("cannot make the mount namespace a slave of the host's: "
+                          f"{e.strerror}")
             if r.opts.dns:
                 try:
                     _bind_resolv_conf(libc, r.opts.net)
