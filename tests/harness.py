@@ -453,8 +453,12 @@ class Forwarder:
 
 def start_forwarder(impl: Impl, user: User, args, workdir: str, *, ready: bool = True,
                     exit_fd: bool = False, wait: bool = True, timeout: float = 15) -> Forwarder:
-    """Start `BIN [-r FD] [-e FD] ARGS...` as `user`; wait for the ready byte."""
+    """Start `BIN [-r FD] [-e FD] ARGS...` as `user`; wait for the ready byte.
+    NSNET_TEST_OFFLOAD=1/0 runs nsnet with --offload/--no-offload."""
     args = [str(a) for a in args]
+    offload = os.environ.get("NSNET_TEST_OFFLOAD", "")
+    if impl.name == "nsnet" and offload in ("0", "1"):
+        args.insert(0, "--offload" if offload == "1" else "--no-offload")
     pass_fds = []
     opts = []
     ready_r = ready_w = exit_r = exit_w = None
