@@ -486,8 +486,12 @@ def start_forwarder(impl: Impl, user: User, args, workdir: str, *, ready: bool =
     """Start `[PREFIX...] BIN [-r FD] [-e FD] ARGS...` as `user`; wait for the ready byte.
 
     PREFIX must exec the binary in place (nsenter without --fork, setpriv), so
-    the PID is the forwarder's and the fds reach it."""
+    the PID is the forwarder's and the fds reach it.
+    NSNET_TEST_OFFLOAD=1/0 runs nsnet with --offload/--no-offload."""
     args = [str(a) for a in args]
+    offload = os.environ.get("NSNET_TEST_OFFLOAD", "")
+    if impl.name == "nsnet" and offload in ("0", "1"):
+        args.insert(0, "--offload" if offload == "1" else "--no-offload")
     pass_fds = []
     opts = []
     ready_r = ready_w = exit_r = exit_w = None
