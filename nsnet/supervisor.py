@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -897,28 +898,27 @@ class Supervisor:
 
 def parse_connection_info(text: str) -> list[dict[str, Any]]:
     """slirp_connection_info()'s table, one dict per socket:
-    {"proto", "state", "fd", "src", "sport", "dst", "dport", "recvq", "sendq"}."""
+    {"proto", "state", "fd", "src", "sport", "dst", "dport", "recvq", "sendq"}
+    (the state of a UDP socket is its remaining lifetime, e.g. "236 sec")."""
+
+    def num(v: str) -> int | None:
+        return int(v) if v.lstrip("-").isdigit() else None
+
     out: list[dict[str, Any]] = []
     for line in text.splitlines()[1:]:
-        parts = line.split()
-        if len(parts) < 8:
+        m = _CONN_LINE.match(line)
+        if m is None:
             continue
-        kind = parts[0]
-        proto, _, state = kind.partition("[")
-        state = state.rstrip("]")
-        rest = parts[1:]
-        if len(rest) == 7:  # no FD column for some sockets
-            rest = ["-", *rest]
-        if len(rest) < 8:
+        rest = m.group(3).split()
+        if len(rest) != 7:
             continue
-
-        def num(v: str) -> int | None:
-            return int(v) if v.lstrip("-").isdigit() else None
-
-        out.append({"proto": proto.lower(), "state": state, "fd": num(rest[0]),
+        out.append({"proto": m.group(1).lower(), "state": m.group(2), "fd": num(rest[0]),
                     "src": rest[1], "sport": num(rest[2]), "dst": rest[3],
                     "dport": num(rest[4]), "recvq": num(rest[5]), "sendq": num(rest[6])})
     return out
+
+
+_CONN_LINE = re.compile(r"^\s*(\w+)\[([^\]]*)\]\s+(.*)$")
 
 
 def run(opts: Options) -> int:
