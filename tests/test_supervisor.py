@@ -479,26 +479,37 @@ def test_tap_deleted_in_namespace(connect, client_loop, user):
     assert loop.ok_count() > 0
 
 
-def test_supervisor_kill9_takes_children(connect, client_loop, user, start_fwd):
+@pytest.mark.parametrize("stopped", [False, True], ids=["running", "stopped"])
+def test_supervisor_kill9_takes_children(connect, client_loop, user, start_fwd, stopped):
+    """kill -9 of the supervisor: the forwarder goes too.  A running one
+    sees its control socket close and exits at once, or gets PDEATHSIG's
+    SIGKILL; a stopped one (SIGSTOP: it cannot notice anything) shows that
+    PR_SET_PDEATHSIG alone does it."""
     net = connect()
     loop = client_loop(net.ns)
     fpid = info(net.api)["forwarder_pid"]
     fpidfd = os.pidfd_open(fpid)
     try:
+        if stopped:
+            os.kill(fpid, signal.SIGSTOP)
+            wait_until(lambda: psutil.Process(fpid).status() == psutil.STATUS_STOPPED, 10,
+                       what="forwarder stopped")
         os.kill(net.fwd.pid, signal.SIGKILL)
         net.fwd.wait_exit(10)
-        # PR_SET_PDEATHSIG: the forwarder dies with it (re-parented to us,
-        # the test's subreaper, so we reap it and see how it died).
+        # Re-parented to us (the test's subreaper): we reap it and see how it died.
         r, _, _ = select.select([fpidfd], [], [], 10)
         assert r, "forwarder outlived the supervisor"
     finally:
         os.close(fpidfd)
     _, status = os.waitpid(fpid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    if stopped:
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    else:
+        assert os.waitstatus_to_exitcode(status) in (0, -signal.SIGKILL), status
     # The socket file stays behind (nothing runs after SIGKILL); the next
-    # nsnet on the same path takes it over.
+    # nsnet on the same path takes it over (the TAP went with the last fd).
     assert os.path.exists(net.api)
-    again = start_fwd(net.impl, ["--configure", "--api-socket", net.api, net.ns.pid, "tap1"])
+    again = start_fwd(net.impl, ["--configure", "--api-socket", net.api, net.ns.pid, "tap0"])
     assert info(net.api)["supervisor_pid"] == again.pid
     assert loop.ok_count() > 0
 
