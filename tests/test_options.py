@@ -1,11 +1,10 @@
 """Command-line options that change what the namespace sees or how the process behaves."""
 import os
-import socket
 import time
 
 import pytest
 
-from harness import api_call, free_port, start_forwarder
+from harness import api_call, free_port, tcp_send
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -173,3 +172,30 @@ def test_two_namespaces_independent(impl, make_ns, connect, host_server):
         r = net.ns.client("tcp-send", GW, srv.port, 5000)
         assert r["reply"].split() == ["5000", r["sha256"]]
     assert srv.connections == 2
+
+
+@pytest.mark.parametrize("flags", [["--enable-sandbox"], ["--enable-seccomp"],
+                                   ["--enable-sandbox", "--enable-seccomp"]],
+                         ids=["sandbox", "seccomp", "sandbox+seccomp"])
+def test_sandbox_and_seccomp(connect, host_server, flags):
+    """RootlessKit and Podman pass these; traffic and the API must keep working."""
+    srv = host_server("echo")
+    net = connect(*flags)
+    r = net.ns.client("tcp-echo", GW, srv.port, 100_000)
+    assert r["sha_received"] == r["sha_sent"]
+    server = net.ns.start_server("tcp-serve", "0.0.0.0", 8080, "echo", 1)
+    try:
+        port = free_port()
+        assert api_call(net.api, {"execute": "add_hostfwd", "arguments": {
+            "proto": "tcp", "host_addr": "127.0.0.1", "host_port": port,
+            "guest_port": 8080}}) == b'{"return":{"id":1}}'
+        assert tcp_send("127.0.0.1", port, b"z" * 5000) == b"z" * 5000
+    finally:
+        server.close()
+
+
+def test_create_sandbox_alias(connect, host_server):
+    srv = host_server("echo")
+    net = connect("--create-sandbox")
+    r = net.ns.client("tcp-echo", GW, srv.port, 1000)
+    assert r["sha_received"] == r["sha_sent"]
