@@ -29,7 +29,8 @@ import psutil
 import pytest
 
 import harness
-from harness import HarnessError, Impl, add_hostfwd, api_call, free_port, wait_until
+from harness import (HarnessError, Impl, add_hostfwd, api_call, free_port, free_ports,
+                     wait_until)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -321,7 +322,7 @@ def test_forwarder_kill9_20_times(connect, client_loop, ns_echo, user):
     net = connect("--max-restarts", KILLS + 5, "--log-format=json")
     loop = client_loop(net.ns)
     guest_port = ns_echo(net.ns)
-    ports = [free_port() for _ in range(3)]
+    ports = free_ports(3)
     for p in ports:
         assert json.loads(add_hostfwd(net.api, "tcp", p, guest_port)).get("return"), p
     assert api(net.api, "remove_hostfwd", id=2) == {"return": {}}
@@ -375,10 +376,11 @@ def test_forwarder_kill9_20_times(connect, client_loop, ns_echo, user):
 
 
 @pytest.mark.parametrize("user", ["unpriv"], indirect=True)
-def test_forwarder_that_fails_at_every_start_gives_up(connect, client_loop, wrapped, workdir):
+def test_forwarder_that_fails_at_every_start_gives_up(attach, ns, client_loop, wrapped,
+                                                      workdir):
     fault = os.path.join(workdir, "fault")
-    net = connect("--max-restarts", 3, "--restart-window", 60,
-                  which=wrapped(NSNET_FAULT_FORWARDER_START=fault))
+    net = attach(wrapped(NSNET_FAULT_FORWARDER_START=fault), ns,
+                 "--max-restarts", 3, "--restart-window", 60)
     loop = client_loop(net.ns)
     first = info(net.api)["forwarder_pid"]
     open(fault, "w").close()  # from now on every forwarder start fails
@@ -548,10 +550,10 @@ class FakeSystemd:
         self.sock.close()
 
 
-def test_sd_notify(connect, client_loop, wrapped, workdir, user):
+def test_sd_notify(attach, ns, client_loop, wrapped, workdir, user):
     systemd = FakeSystemd(os.path.join(workdir, "notify.sock"), user)
     try:
-        net = connect(which=wrapped(NOTIFY_SOCKET=systemd.path, WATCHDOG_USEC=200000))
+        net = attach(wrapped(NOTIFY_SOCKET=systemd.path, WATCHDOG_USEC=200000), ns)
         ready = systemd.recv_until(lambda m: "READY=1" in m)
         assert f"MAINPID={net.fwd.pid}" in ready.split("\n")
         loop = client_loop(net.ns)
