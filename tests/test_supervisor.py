@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import statistics
@@ -29,73 +30,13 @@ import psutil
 import pytest
 
 import harness
+from svloop import echo_once
 from harness import (HarnessError, Impl, add_hostfwd, api_call, free_port, free_ports,
                      wait_until)
 
 pytestmark = pytest.mark.timeout(180)
 
 GW = "10.0.2.2"
-
-# Runs inside the namespace (stdlib only): a client loop printing one JSON
-# line per attempt with CLOCK_MONOTONIC stamps (the same clock as the test
-# process: no time namespace), or a threaded echo server that survives
-# connections lost with a forwarder.
-NS_SCRIPT = r'''
-import json, os, signal, socket, sys, threading, time
-signal.alarm(600)
-mode = sys.argv[1]
-if mode == "client":
-    # One attempt every 5 ms, each in its own thread: an attempt lost with a
-    # forwarder (waiting for its 1 s timeout) does not delay the next one.
-    host, port = sys.argv[2], int(sys.argv[3])
-    msg = b"x" * 32
-    out = threading.Lock()
-    slots = threading.BoundedSemaphore(64)
-    def attempt():
-        t0 = time.monotonic()
-        ok, err = False, ""
-        try:
-            with socket.create_connection((host, port), timeout=1.0) as s:
-                s.sendall(msg)
-                got = b""
-                while len(got) < len(msg):
-                    chunk = s.recv(64)
-                    if not chunk:
-                        break
-                    got += chunk
-                ok = got == msg
-        except OSError as e:
-            err = type(e).__name__
-        with out:
-            print(json.dumps({"t0": t0, "t1": time.monotonic(), "ok": ok, "err": err}),
-                  flush=True)
-        slots.release()
-    while True:
-        slots.acquire()
-        threading.Thread(target=attempt, daemon=True).start()
-        time.sleep(0.005)
-elif mode == "echo-server":
-    ls = socket.socket()
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("0.0.0.0", 0))
-    ls.listen(64)
-    print("READY", ls.getsockname()[1], flush=True)
-    def serve(c):
-        try:
-            with c:
-                c.settimeout(5)
-                while True:
-                    d = c.recv(65536)
-                    if not d:
-                        return
-                    c.sendall(d)
-        except OSError:
-            pass
-    while True:
-        c, _ = ls.accept()
-        threading.Thread(target=serve, args=(c,), daemon=True).start()
-'''
-
 
 @pytest.fixture
 def impl(nsnet_impl):
@@ -105,9 +46,9 @@ def impl(nsnet_impl):
 
 @pytest.fixture
 def ns_script(base_dir):
+    """svloop.py where the namespaces' users can read it."""
     path = os.path.join(base_dir, "svloop.py")
-    with open(path, "w") as f:
-        f.write(NS_SCRIPT)
+    shutil.copy(os.path.join(harness.HERE, "svloop.py"), path)
     os.chmod(path, 0o644)
     return path
 
@@ -224,19 +165,7 @@ def ns_echo(ns_script):
 
 def host_echo(port: int, timeout: float = 2.0) -> bool:
     """host -> ns through a hostfwd port: one echo round trip."""
-    msg = os.urandom(32)
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.sendall(msg)
-            got = b""
-            while len(got) < len(msg):
-                chunk = s.recv(64)
-                if not chunk:
-                    break
-                got += chunk
-            return got == msg
-    except OSError:
-        return False
+    return echo_once("127.0.0.1", port, timeout, os.urandom(32))
 
 
 def api(path: str, execute: str, **arguments) -> dict:
