@@ -324,6 +324,25 @@ def test_forwarder_that_fails_at_every_start_gives_up(attach, ns, client_loop, w
     assert loop.ok_count() > 0
 
 
+@pytest.mark.parametrize("user", ["unpriv"], indirect=True)
+def test_forwarder_cannot_be_forked_gives_up(connect, client_loop, user):
+    """A real failure caused from outside: RLIMIT_NPROC of 1 set on the
+    supervisor by its own user (who already runs more processes), so fork()
+    fails with EAGAIN at every restart."""
+    net = connect("--max-restarts", 2)
+    loop = client_loop(net.ns)
+    first = info(net.api)["forwarder_pid"]
+    user.run(["prlimit", f"--pid={net.fwd.pid}", "--nproc=1:1"], check=True)
+    os.kill(first, signal.SIGKILL)
+    assert net.fwd.wait_exit(30) == 1
+    log = net.fwd.log()
+    assert "forwarder failed 3 times within 60 s (--max-restarts=2); giving up; last failure: " \
+        "cannot start a forwarder: Resource temporarily unavailable" in log, log
+    assert not os.path.exists(net.api)
+    assert_gone([first])
+    assert loop.ok_count() > 0
+
+
 # --------------------------------------------------------------------------
 # Teardown paths
 # --------------------------------------------------------------------------
