@@ -495,6 +495,8 @@ class Supervisor:
         if fwd.ready:
             lived = now - fwd.ready_at  # type: ignore[operator]
             why = f"forwarder (pid {fwd.pid}) died ({how}) after {lived:.1f} s"
+            if fwd.error_text():
+                why += f": {fwd.error_text()}"
             quick = lived < STABLE_S
         else:
             detail = fwd.error_text() or how
@@ -584,7 +586,18 @@ class Supervisor:
         fwd = self._ready_forwarder()
         try:
             return fwd.request(msg)
-        except (OSError, TimeoutError, ValueError) as e:
+        except TimeoutError:
+            # Its loop answers between turns of at most a second: it hangs.
+            # Kill it; its pidfd brings the restart.
+            self.log.warning(f"forwarder (pid {fwd.pid}) did not answer within "
+                             f"{CONTROL_TIMEOUT:g} s; killing it")
+            fwd.events.append({"event": "failed", "error": "hung (no answer)"})
+            try:
+                os.kill(fwd.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            raise ForwardError("forwarder: did not answer") from None
+        except (OSError, ValueError) as e:
             raise ForwardError(f"forwarder: {e}") from None
 
     def api_add_forward(self, fwd: Forward) -> int:

@@ -168,11 +168,11 @@ def host_echo(port: int, timeout: float = 2.0) -> bool:
     return echo_once("127.0.0.1", port, timeout, os.urandom(32))
 
 
-def api(path: str, execute: str, **arguments) -> dict:
+def api(path: str, execute: str, timeout: float = 5, **arguments) -> dict:
     req = {"execute": execute}
     if arguments:
         req["arguments"] = arguments
-    return json.loads(api_call(path, req))
+    return json.loads(api_call(path, req, timeout=timeout))
 
 
 def info(path: str) -> dict:
@@ -302,6 +302,27 @@ def test_forwarder_kill9_20_times(connect, client_loop, ns_echo, user):
     report(f"{user.name} kill->first ns->host connection (in-ns loop)", ns_ms)
     report(f"{user.name} supervisor's own restart latency (death seen -> new forwarder ready)",
            own_ms)
+
+
+@pytest.mark.parametrize("user", ["unpriv"], indirect=True)
+def test_hung_forwarder_is_replaced(connect, client_loop, ns_echo):
+    """A forwarder that stops answering its control socket (SIGSTOP) is
+    killed when a request times out, and replaced."""
+    net = connect()
+    loop = client_loop(net.ns)
+    port = free_port()
+    add_hostfwd(net.api, "tcp", port, ns_echo(net.ns))
+    hung = info(net.api)["forwarder_pid"]
+    os.kill(hung, signal.SIGSTOP)
+    reply = api(net.api, "get_stats", timeout=30)
+    assert reply == {"error": {"desc": "bad request: get_stats: forwarder: did not answer"}}
+    wait_until(lambda: info(net.api)["restarts"] == 1, 10, what="restart")
+    assert api(net.api, "get_stats")["return"]["forwarder_pid"] not in (None, hung)
+    assert_gone([hung])
+    wait_until(lambda: host_echo(port), 10, what="forward after the restart")
+    loop.first_ok_after(time.monotonic())
+    assert "did not answer within 5 s; killing it" in net.fwd.log()
+    assert "hung (no answer)" in net.fwd.log()
 
 
 @pytest.mark.parametrize("user", ["unpriv"], indirect=True)
