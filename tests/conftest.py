@@ -108,7 +108,7 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(autouse=True)
 def no_leftover_processes():
-    """After each test (and all its fixtures), nothing it started may still run.
+    """After each test (and all its fixtures), report anything it left running.
 
     The pytest process is a child subreaper, so a forwarder's helper that
     outlives its SIGKILLed parent is re-parented here: it is killed by PID and
@@ -133,8 +133,6 @@ def base_dir():
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
-
-_nsnet_checked: dict[str, str] = {}
 
 
 def _impl(name: str) -> Impl:

@@ -481,8 +481,12 @@ class Forwarder:
 
 
 def start_forwarder(impl: Impl, user: User, args, workdir: str, *, ready: bool = True,
-                    exit_fd: bool = False, wait: bool = True, timeout: float = 15) -> Forwarder:
-    """Start `BIN [-r FD] [-e FD] ARGS...` as `user`; wait for the ready byte."""
+                    exit_fd: bool = False, wait: bool = True, timeout: float = 15,
+                    prefix=()) -> Forwarder:
+    """Start `[PREFIX...] BIN [-r FD] [-e FD] ARGS...` as `user`; wait for the ready byte.
+
+    PREFIX must exec the binary in place (nsenter without --fork, setpriv), so
+    the PID is the forwarder's and the fds reach it."""
     args = [str(a) for a in args]
     pass_fds = []
     opts = []
@@ -498,7 +502,7 @@ def start_forwarder(impl: Impl, user: User, args, workdir: str, *, ready: bool =
     log_path = tempfile.mktemp(prefix=f"{impl.name}.", suffix=".log", dir=workdir)
     with open(log_path, "wb") as log:
         try:
-            proc = user.popen([impl.bin, *opts, *args], stdout=log, stderr=log,
+            proc = user.popen([*prefix, impl.bin, *opts, *args], stdout=log, stderr=log,
                               pass_fds=pass_fds)
         except BaseException:
             for fd in (ready_r, ready_w, exit_r, exit_w):
