@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -119,6 +120,13 @@ def main(net: NetConfig, tap_fd: int, ctl: socket.socket,
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     os.set_blocking(tap_fd, False)
+    # Every guest connection is a host socket: allow as many as permitted.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            pass
     try:
         fw = Forwarder(net, tap_fd, ctl)
     except SlirpError as e:
