@@ -332,6 +332,14 @@ static int drain_tap(struct nsnet_dp *dp)
             slirp_input(dp->slirp, frame, (int)flen);
             resolved |= resolves_neighbour(frame, flen);
             break;
+        case NSNET_FRAME_QUEUED:
+            break;
+        case NSNET_FRAME_REASSEMBLED: {
+            size_t wlen;
+            const uint8_t *whole = nsnet_frame_reassembled(&wlen);
+            slirp_input(dp->slirp, whole, (int)wlen);
+            break;
+        }
         case 0:
             dp->st.rx_dropped_invalid++;
             break;
