@@ -88,19 +88,21 @@ def _mac(tapname: str) -> str | None:
     return ifr[18:24].hex()
 
 
-def _child(target: Target, tapname: str, net: NetConfig, configure: bool,
-           sock: socket.socket) -> int:
+def enter_namespaces(target: Target) -> bool:
+    """Join the target's user (if any) and network namespaces; False, with
+    the reason printed on stderr, if that failed.  Only in a freshly forked,
+    single-threaded child (also used by the fast path's connector)."""
     try:
         netfd = os.open(target.netns, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         print(f"{target.netns}: {e.strerror}", file=sys.stderr)
-        return 1
+        return False
     if target.userns:
         try:
             userfd = os.open(target.userns, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             print(f"{target.userns}: {e.strerror}", file=sys.stderr)
-            return 1
+            return False
         try:
             linux.setns(userfd, linux.CLONE_NEWUSER)
         except OSError as e:
@@ -114,8 +116,15 @@ def _child(target: Target, tapname: str, net: NetConfig, configure: bool,
         linux.setns(netfd, linux.CLONE_NEWNET)
     except OSError as e:
         print(f"setns(net) {target.netns}: {e.strerror}", file=sys.stderr)
-        return 1
+        return False
     os.close(netfd)
+    return True
+
+
+def _child(target: Target, tapname: str, net: NetConfig, configure: bool,
+           sock: socket.socket) -> int:
+    if not enter_namespaces(target):
+        return 1
     try:
         tapfd = linux.open_tap(tapname, vnet_hdr=net.offload)
     except OSError as e:

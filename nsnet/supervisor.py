@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import api, helper_ns, linux, log, sdnotify
+from . import api, fastpath, helper_ns, linux, log, sdnotify
 from .forwards import Forward, ForwardError, ForwardTable
 from .netconfig import NetConfig, slaac_address
 
@@ -239,6 +239,7 @@ class Supervisor:
         self.notify = sdnotify.Notifier.from_env()
         self.ready = False
         self.pidfile_written = False
+        self.fastpath = fastpath.FastPath(opts.target)  # splice forwards: nsnet/fastpath.py
 
     # -- set-up ------------------------------------------------------------
 
@@ -263,6 +264,10 @@ class Supervisor:
         for f in o.initial_forwards:
             self.forwards.add(f)
         self._start_first_forwarder()
+        try:  # fast-path (splice) forwards: nsnet/fastpath.py
+            self.fastpath.add_initial(self.forwards.items())
+        except ForwardError as e:
+            raise SetupError(f"cannot publish a port: {e}") from None
         if o.pidfile:
             self._write_pidfile(o.pidfile)
 
@@ -369,7 +374,7 @@ class Supervisor:
                     os._exit(1)
                 parent.close()
                 self._close_in_child(keep=(self.tap_fd, child.fileno()))
-                code = helper_host.main(self.opts.net, self.tap_fd, child, self.forwards.items(),
+                code = helper_host.main(self.opts.net, self.tap_fd, child, self.forwards.libslirp_items(),
                                         sandbox=self.opts.sandbox, seccomp=self.opts.seccomp)
             except BaseException as e:
                 try:
@@ -601,6 +606,9 @@ class Supervisor:
             raise ForwardError(f"forwarder: {e}") from None
 
     def api_add_forward(self, fwd: Forward) -> int:
+        if fwd.is_splice:  # the fast path: nsnet/fastpath.py
+            self.fastpath.add(fwd)
+            return self.forwards.add(fwd)
         reply = self._forwarder_request({"op": "add", "forward": fwd.to_dict()})
         if not reply.get("ok"):
             raise ForwardError(reply.get("error", "failed"))
@@ -612,6 +620,10 @@ class Supervisor:
         fwd = self.forwards.get(fid)
         if fwd is None:
             raise KeyError(fid)
+        if fwd.is_splice:  # the fast path: nsnet/fastpath.py
+            self.fastpath.remove(fwd)
+            self.forwards.remove(fid)
+            return
         reply = self._forwarder_request({"op": "remove", "forward": fwd.to_dict()})
         if not reply.get("ok"):
             raise ForwardError(reply.get("error", "failed"))
@@ -816,6 +828,8 @@ class Supervisor:
                 watch(self.api_sock.fileno(), POLL_IN, lambda ev: self._api_accept())
             for fd in self.api_clients:
                 watch(fd, POLL_IN, self._make_api_reader(fd))
+            for fd, events, fn in self.fastpath.watch():  # relay/connector deaths
+                watch(fd, events, fn)
 
             deadlines = [c.deadline for c in self.api_clients.values()]
             if next_ping is not None:
@@ -876,6 +890,7 @@ class Supervisor:
             self._stop_forwarder(self.fwd)
             self.fwd = None
         self.restart_at = None
+        self.fastpath.close()
         for fd in list(self.api_clients):
             self._api_close(fd)
         if self.api_sock is not None:
