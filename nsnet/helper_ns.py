@@ -49,24 +49,11 @@ class Target:
 
 
 def _configure(tapname: str, net: NetConfig) -> None:
-    """lo up; TAP MTU, MAC, up; guest address; default route (and IPv6
-    router advertisements accepted, for SLAAC).  Plain rtnetlink (rtnl.py):
-    pyroute2's import alone would triple the time to ready."""
-    from .rtnl import Rtnl
+    """Plain rtnetlink (rtnl.py) on the path to ready: pyroute2's import
+    alone would triple nsnet's time to ready."""
+    from .rtnl import configure
 
-    with Rtnl() as nl:
-        try:
-            nl.set_link(socket.if_nametoindex("lo"), up=True)
-        except OSError:
-            pass  # no lo: nothing to bring up
-        idx = socket.if_nametoindex(tapname)
-        nl.set_link(idx, mtu=net.mtu)
-        if net.mac:
-            nl.set_link(idx, mac=net.mac)
-        nl.set_link(idx, up=True)
-        nl.add_addr4(idx, net.guest, net.cidr.prefixlen, net.cidr.broadcast_address)
-        # proto boot (3), as `ip route add` and the SIOCADDRT ioctl set it
-        nl.add_default_route4(idx, net.gateway, proto=3)
+    configure(tapname, net)
 
 
 def _ifindex(tapname: str) -> int:

@@ -13,6 +13,10 @@ import ipaddress
 import os
 import socket
 import struct
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .netconfig import NetConfig
 
 RTM_NEWLINK = 16
 RTM_NEWADDR = 20
@@ -100,3 +104,22 @@ class Rtnl:
                            RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
         body += _attr(RTA_GATEWAY, gateway.packed) + _attr(RTA_OIF, struct.pack("=I", index))
         self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body)
+
+
+def configure(tapname: str, net: "NetConfig") -> None:
+    """Configure the namespace side as `nsnet -c` does: lo up; TAP MTU,
+    MAC, up; the guest address; the default route via the gateway.
+    Raises OSError (with the kernel's errno) on failure."""
+    with Rtnl() as nl:
+        try:
+            nl.set_link(socket.if_nametoindex("lo"), up=True)
+        except OSError:
+            pass  # no lo: nothing to bring up
+        idx = socket.if_nametoindex(tapname)
+        nl.set_link(idx, mtu=net.mtu)
+        if net.mac:
+            nl.set_link(idx, mac=net.mac)
+        nl.set_link(idx, up=True)
+        nl.add_addr4(idx, net.guest, net.cidr.prefixlen, net.cidr.broadcast_address)
+        # proto boot (3), as `ip route add` and the SIOCADDRT ioctl set it
+        nl.add_default_route4(idx, net.gateway, proto=3)

@@ -91,6 +91,8 @@ class Options:
     initial_forwards: list[Forward] = field(default_factory=list)
     # Called in the supervisor once the network is ready (nsnet run uses it).
     on_ready: Callable[["Supervisor"], None] | None = None
+    # Extra fds for the poll loop: fd -> handler(revents) (nsnet run's signalfd).
+    watch_fds: dict[int, Callable[[int], None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -813,6 +815,8 @@ class Supervisor:
                 handlers[fd] = fn
 
             watch(self.sigpipe_r, POLL_IN, lambda ev: self._drain_signals())
+            for fd, fn in o.watch_fds.items():
+                watch(fd, POLL_IN, fn)
             if o.exit_fd is not None:
                 # events=0: only POLLHUP/POLLERR/POLLNVAL, as slirp4netns
                 watch(o.exit_fd, 0, lambda ev: self._finish(EXIT_OK, "exit-fd closed"))
