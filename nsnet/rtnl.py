@@ -28,6 +28,7 @@ NLM_F_CREATE = 0x400
 NLMSG_ERROR = 2
 
 IFF_UP = 0x1
+IFF_MULTICAST = 0x1000
 IFLA_ADDRESS = 1
 IFLA_MTU = 4
 IFA_ADDRESS = 1
@@ -79,7 +80,7 @@ class Rtnl:
                 off += max(16, (length + 3) & ~3)
 
     def set_link(self, index: int, up: bool | None = None, mtu: int | None = None,
-                 mac: bytes | None = None) -> None:
+                 mac: bytes | None = None, multicast: bool | None = None) -> None:
         attrs = b""
         if mtu is not None:
             attrs += _attr(IFLA_MTU, struct.pack("=I", mtu))
@@ -88,6 +89,9 @@ class Rtnl:
         flags = change = 0
         if up is not None:
             flags, change = (IFF_UP if up else 0), IFF_UP
+        if multicast is not None:
+            flags |= IFF_MULTICAST if multicast else 0
+            change |= IFF_MULTICAST
         body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, flags, change)
         self.request(RTM_NEWLINK, 0, body + attrs)
 
@@ -119,7 +123,9 @@ def configure(tapname: str, net: "NetConfig") -> None:
         nl.set_link(idx, mtu=net.mtu)
         if net.mac:
             nl.set_link(idx, mac=net.mac)
-        nl.set_link(idx, up=True)
+        # slirp4netns sets the flags wholesale (SIOCSIFFLAGS), which clears
+        # MULTICAST; the namespace sees the same link flags with nsnet.
+        nl.set_link(idx, up=True, multicast=False)
         nl.add_addr4(idx, net.guest, net.cidr.prefixlen, net.cidr.broadcast_address)
         # proto boot (3), as `ip route add` and the SIOCADDRT ioctl set it
         nl.add_default_route4(idx, net.gateway, proto=3)
