@@ -227,6 +227,7 @@ class Supervisor:
         self.restart_at: float | None = None  # a restart waiting for its back-off
         self.outage_since: float | None = None  # when the last forwarder died
         self.restart_latencies_ms: list[float] = []
+        self.inactive_forwards: set[int] = set()  # ids the forwarder could not re-add
         self.started = time.monotonic()
         self.api_sock: socket.socket | None = None
         self.api_ino: tuple[int, int] | None = None
@@ -438,7 +439,9 @@ class Supervisor:
         if msg.get("event") != "ready" or fwd.ready:
             return
         fwd.ready_at = time.monotonic()
-        for fid in msg.get("failed_forwards", []):
+        failed = msg.get("failed_forwards", [])
+        self.inactive_forwards = set(failed)
+        for fid in failed:
             f = self.forwards.get(fid)
             self.log.warning(f"port forward {fid} ({f}) could not be re-added")
         if fwd is not self.fwd or self.outage_since is None:
@@ -449,10 +452,12 @@ class Supervisor:
         self.restarts += 1
         self.log.info(
             f"forwarder restarted (pid {fwd.pid}, {ms:.1f} ms after the last one died, "
-            f"{len(self.forwards)} forwards re-added, restart {self.restarts})",
+            f"{len(self.forwards) - len(failed)} of {len(self.forwards)} forwards re-added, "
+            f"restart {self.restarts})",
             extra={"fields": {"event": "forwarder_restarted", "forwarder_pid": fwd.pid,
                               "restart_ms": round(ms, 3), "restarts": self.restarts,
-                              "forwards": len(self.forwards)}})
+                              "forwards": len(self.forwards),
+                              "forwards_failed": len(failed)}})
         self.notify.send(f"STATUS=network ready on {self.opts.tapname}; forwarder restarted "
                          f"({self.restarts} restarts, last took {ms:.0f} ms)")
 
@@ -626,9 +631,11 @@ class Supervisor:
             self.fastpath.remove(fwd)
             self.forwards.remove(fid)
             return
-        reply = self._forwarder_request({"op": "remove", "forward": fwd.to_dict()})
-        if not reply.get("ok"):
-            raise ForwardError(reply.get("error", "failed"))
+        if fid not in self.inactive_forwards:  # else libslirp does not have it
+            reply = self._forwarder_request({"op": "remove", "forward": fwd.to_dict()})
+            if not reply.get("ok"):
+                raise ForwardError(reply.get("error", "failed"))
+        self.inactive_forwards.discard(fid)
         self.forwards.remove(fid)
 
     def api_list_forwards(self) -> list[tuple[int, Forward]]:
@@ -670,6 +677,7 @@ class Supervisor:
             "ipv6": net.ipv6,
             "offload": net.offload,
             "api_socket": self.opts.api_socket,
+            "inactive_forwards": sorted(self.inactive_forwards),
             "restarts": self.restarts,
             "restart_latency_ms": {
                 "last": round(lat[-1], 3) if lat else None,

@@ -296,12 +296,54 @@ def test_forwarder_kill9_20_times(connect, client_loop, ns_echo, user):
     # The supervisor logged each restart with its own measurement.
     logged = [e for e in json_log(net.fwd) if e.get("event") == "forwarder_restarted"]
     assert [e["restarts"] for e in logged] == list(range(1, KILLS + 1))
+    assert {(e["forwards"], e["forwards_failed"]) for e in logged} == {(2, 0)}
     assert [round(e["restart_ms"], 3) for e in logged] == own_ms
     assert info(net.api)["restart_latency_ms"]["max"] == max(own_ms)
     report(f"{user.name} kill->first host->ns connection via hostfwd", host_ms)
     report(f"{user.name} kill->first ns->host connection (in-ns loop)", ns_ms)
     report(f"{user.name} supervisor's own restart latency (death seen -> new forwarder ready)",
            own_ms)
+
+
+@pytest.mark.parametrize("user", ["unpriv"], indirect=True)
+def test_forward_taken_during_restart(connect, ns_echo):
+    """A forward whose host port another process took while no forwarder
+    ran cannot be re-added: a warning, the others work, the table keeps it
+    (so remove_hostfwd still works), and the network stays up."""
+    net = connect("--log-format=json")
+    guest_port = ns_echo(net.ns)
+    ports = free_ports(2)
+    for p in ports:
+        add_hostfwd(net.api, "tcp", p, guest_port)
+    old = info(net.api)["forwarder_pid"]
+    os.kill(net.fwd.pid, signal.SIGSTOP)  # hold the restart back
+    try:
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda: not psutil.pid_exists(old)
+                   or psutil.Process(old).status() == psutil.STATUS_ZOMBIE, 10,
+                   what="forwarder dead")
+        squatter = socket.socket()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", ports[0]))
+        squatter.listen(1)
+    finally:
+        os.kill(net.fwd.pid, signal.SIGCONT)
+    with squatter:
+        wait_until(lambda: info(net.api)["restarts"] == 1, 10, what="restart")
+        logged = [e for e in json_log(net.fwd) if e.get("event") == "forwarder_restarted"]
+        assert [(e["forwards"], e["forwards_failed"]) for e in logged] == [(2, 1)]
+        assert any("port forward 1 " in e["msg"] and "could not be re-added" in e["msg"]
+                   for e in json_log(net.fwd))
+        assert [e["id"] for e in api(net.api, "list_hostfwd")["entries"]] == [1, 2]
+        assert info(net.api)["inactive_forwards"] == [1]
+        wait_until(lambda: host_echo(ports[1]), 10, what="the other forward")
+    # The port is free again: remove the dead entry, add it anew (id 3).
+    assert api(net.api, "remove_hostfwd", id=1) == {"return": {}}
+    assert info(net.api)["inactive_forwards"] == []
+    assert json.loads(add_hostfwd(net.api, "tcp", ports[0], guest_port)) == {"return": {"id": 3}}
+    wait_until(lambda: host_echo(ports[0]), 10, what="the re-added forward")
+    assert [e["id"] for e in api(net.api, "list_hostfwd")["entries"]] == [2, 3]
+    assert net.fwd.alive()
 
 
 @pytest.mark.parametrize("user", ["unpriv"], indirect=True)
