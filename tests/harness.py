@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
 VENV = os.environ.get("NSNET_VENV", "/opt/nsnet/venv")
 SLIRP4NETNS_BIN = os.environ.get("SLIRP4NETNS_BIN", "/usr/bin/slirp4netns")
@@ -46,6 +48,11 @@ def impl_bin(name: str) -> str:
 
 class HarnessError(AssertionError):
     pass
+
+
+# Narrow a test to one value of the parametrized `user` / `impl` fixtures.
+unpriv_only = pytest.mark.parametrize("user", ["unpriv"], indirect=True)
+nsnet_only = pytest.mark.parametrize("impl", ["nsnet"], indirect=True)
 
 
 def wait_until(pred, timeout: float, interval: float = 0.02, what: str = "condition"):

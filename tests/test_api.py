@@ -9,7 +9,8 @@ import pytest
 
 from api_cases import (ADD_FAILED, BAD_HOST_PORT, BAD_GUEST_PORT, BAD_ID, BAD_PROTO, LIST,
                        LIST_VARIANTS, STATELESS_ERRORS, add, entry, list_reply, remove)
-from harness import api_call, free_port, free_ports, payload, sha256, tcp_send, udp_roundtrip
+from harness import (api_call, free_port, free_ports, nsnet_only, payload, sha256, tcp_send,
+                     udp_roundtrip, unpriv_only)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -17,8 +18,6 @@ OK1 = b'{"return":{"id":1}}'
 REMOVED = b'{"return":{}}'
 
 
-unpriv_only = pytest.mark.parametrize("user", ["unpriv"], indirect=True)
-nsnet_only = pytest.mark.parametrize("impl", ["nsnet"], indirect=True)
 
 
 def assert_alive(net):
