@@ -52,8 +52,8 @@ User-mode networking for unprivileged network namespaces.
 nsnet options:
 --no-egress              nothing leaves the namespace (libslirp's restricted mode);
                          forwarded ports still work
---offload                TAP offloads (TSO, checksum) between the namespace and nsnet
---no-offload             no TAP offloads (default)
+--offload                TAP offloads (TSO, checksum) between the namespace and nsnet (default)
+--no-offload             no TAP offloads: plain frames of at most the MTU on the TAP
 --ignore-target-exit     keep running when the target PID exits (slirp4netns's behaviour)
 --max-restarts=N         forwarder restarts allowed within the window (default=5)
 --restart-window=SECONDS the window for --max-restarts (default=60)
@@ -188,7 +188,7 @@ def parse(argv: list[str]):
     disable_dns = False
     mac = None
     target_type = "netns"
-    offload = False
+    offload = True
     no_egress = False
     exit_with_target = True
     max_restarts = 5

@@ -82,7 +82,7 @@ mapfile -t PY_DEPS < <(/usr/bin/python3 - "$REPO/pyproject.toml" <<'EOF'
 import sys, tomllib
 with open(sys.argv[1], "rb") as f:
     project = tomllib.load(f)["project"]
-for dep in project.get("dependencies", []) + project.get("optional-dependencies", {}).get("test", []):
+for dep in project.get("dependencies", []) + project.get("optional-dependencies", {}).get("test", []) + project.get("optional-dependencies", {}).get("bench", []):
     print(dep)
 EOF
 )

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
 VENV = os.environ.get("NSNET_VENV", "/opt/nsnet/venv")
 SLIRP4NETNS_BIN = os.environ.get("SLIRP4NETNS_BIN", "/usr/bin/slirp4netns")
@@ -46,6 +48,11 @@ def impl_bin(name: str) -> str:
 
 class HarnessError(AssertionError):
     pass
+
+
+# Narrow a test to one value of the parametrized `user` / `impl` fixtures.
+unpriv_only = pytest.mark.parametrize("user", ["unpriv"], indirect=True)
+nsnet_only = pytest.mark.parametrize("impl", ["nsnet"], indirect=True)
 
 
 def wait_until(pred, timeout: float, interval: float = 0.02, what: str = "condition"):
@@ -486,8 +493,12 @@ def start_forwarder(impl: Impl, user: User, args, workdir: str, *, ready: bool =
     """Start `[PREFIX...] BIN [-r FD] [-e FD] ARGS...` as `user`; wait for the ready byte.
 
     PREFIX must exec the binary in place (nsenter without --fork, setpriv), so
-    the PID is the forwarder's and the fds reach it."""
+    the PID is the forwarder's and the fds reach it.
+    NSNET_TEST_OFFLOAD=1/0 runs nsnet with --offload/--no-offload."""
     args = [str(a) for a in args]
+    offload = os.environ.get("NSNET_TEST_OFFLOAD", "")
+    if impl.name == "nsnet" and offload in ("0", "1"):
+        args.insert(0, "--offload" if offload == "1" else "--no-offload")
     pass_fds = []
     opts = []
     ready_r = ready_w = exit_r = exit_w = None

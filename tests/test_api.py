@@ -9,7 +9,8 @@ import pytest
 
 from api_cases import (ADD_FAILED, BAD_HOST_PORT, BAD_GUEST_PORT, BAD_ID, BAD_PROTO, LIST,
                        LIST_VARIANTS, STATELESS_ERRORS, add, entry, list_reply, remove)
-from harness import api_call, free_port, free_ports, payload, sha256, tcp_send, udp_roundtrip
+from harness import (api_call, free_port, free_ports, nsnet_only, payload, sha256, tcp_send,
+                     udp_roundtrip, unpriv_only)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -17,8 +18,6 @@ OK1 = b'{"return":{"id":1}}'
 REMOVED = b'{"return":{}}'
 
 
-unpriv_only = pytest.mark.parametrize("user", ["unpriv"], indirect=True)
-nsnet_only = pytest.mark.parametrize("impl", ["nsnet"], indirect=True)
 
 
 def assert_alive(net):
@@ -265,3 +264,24 @@ def test_nsnet_concurrent_clients(connect):
     for t in threads:
         t.join(timeout=30)
     assert results == [list_reply("nsnet", [])] * n
+
+
+@nsnet_only
+def test_nsnet_get_info_interface(connect, ns):
+    """get_info with "interface": true reports the TAP as the namespace sees
+    it (read with pyroute2 from inside the namespace), matching `ip`."""
+    net = connect("--macaddress=02:00:00:00:00:42", "--mtu=9000")
+    info = json.loads(api_call(net.api, {"execute": "get_info",
+                                         "arguments": {"interface": True}}))["return"]
+    iface = info["interface"]
+    link = ns.link("tap0")
+    assert iface["ifname"] == "tap0" and iface["ifindex"] == link["ifindex"]
+    assert iface["mtu"] == 9000 == link["mtu"]
+    assert iface["mac"] == "02:00:00:00:00:42" == link["address"]
+    assert iface["up"] is True
+    assert "10.0.2.100/24" in iface["addresses"]
+    assert {"dst": "default", "gateway": "10.0.2.2", "family": "inet"} in iface["routes"]
+    # Without the argument, no namespace helper runs and no "interface" key.
+    plain = json.loads(api_call(net.api, {"execute": "get_info"}))["return"]
+    assert "interface" not in plain and plain["tap"]["name"] == "tap0"
+    assert_alive(net)

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness import api_call
+from harness import api_call, nsnet_only, unpriv_only
 
 pytestmark = [pytest.mark.timeout(300),
-              pytest.mark.parametrize("impl", ["nsnet"], indirect=True),
-              pytest.mark.parametrize("user", ["unpriv"], indirect=True)]
+              nsnet_only,
+              unpriv_only]
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**33, 2**33),
                     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20))

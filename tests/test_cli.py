@@ -5,12 +5,10 @@ import subprocess
 
 import pytest
 
-from harness import SLIRP4NETNS_BIN
+from harness import SLIRP4NETNS_BIN, nsnet_only, unpriv_only
 
 pytestmark = pytest.mark.timeout(60)
 
-unpriv_only = pytest.mark.parametrize("user", ["unpriv"], indirect=True)
-nsnet_only = pytest.mark.parametrize("impl", ["nsnet"], indirect=True)
 
 # slirp4netns's own chatter on stderr during a normal start-up.
 NOISE = re.compile(r"^(sent|received) tapfd=\d+.*$", re.M)
