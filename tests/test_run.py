@@ -364,6 +364,37 @@ def test_publish_tcp_server_inside(user, base_dir, procs):
     assert_nothing_left()
 
 
+@pytest.mark.parametrize("mode,peer", [(None, "127.0.0.1"), ("splice", "127.0.0.1"),
+                                       ("slirp", "10.0.2.2")])
+def test_publish_modes(user, base_dir, procs, mode, peer):
+    """splice (the default): the fast path, the server sees a loopback peer;
+    slirp: libslirp's forward, the server sees the gateway."""
+    port = free_port()
+    flags = [f"--publish-mode={mode}"] if mode else []
+    p = nsnet_popen(user, [*flags, "-p", f"127.0.0.1:{port}:8080", "--",
+                           *client(base_dir, "tcp-serve", "0.0.0.0", 8080, "sink", 1)])
+    procs.append(p)
+    assert read_line(p.stdout, 30).startswith(b"READY")
+    data = os.urandom(500_000)
+    reply = tcp_send("127.0.0.1", port, data).decode().split()
+    assert reply == [str(len(data)), hashlib.sha256(data).hexdigest()]
+    assert p.wait(timeout=30) == 0, p.stderr.read()
+    assert last_json(p.stdout.read())["connections"][0]["peer"] == peer
+    assert_nothing_left()
+
+
+def test_publish_reaches_a_loopback_only_server(user, base_dir, procs):
+    """With the fast path, a server that listens on the namespace's
+    127.0.0.1 only is reachable too."""
+    port = free_port()
+    p = nsnet_popen(user, ["-p", f"127.0.0.1:{port}:8080", "--",
+                           *client(base_dir, "tcp-serve", "127.0.0.1", 8080, "echo", 1)])
+    procs.append(p)
+    assert read_line(p.stdout, 30).startswith(b"READY")
+    assert tcp_send("127.0.0.1", port, b"loopback") == b"loopback"
+    assert p.wait(timeout=30) == 0
+
+
 def test_publish_udp(user, base_dir, procs):
     port = free_port(kind=socket.SOCK_DGRAM)
     p = nsnet_popen(user, ["--publish", f"127.0.0.1:{port}:5353/udp", "--",
@@ -488,7 +519,7 @@ def test_api_socket_and_ready_fd(user, workdir, procs):
     (["-p", "[::1]:8080:80"], "needs -6"),
     (["--cidr", "10.0.2.1/24"], "network address"),
     (["--mtu", "20"], "MTU"),
-    (["--publish-mode", "nope"], "publish-mode"),
+    (["--publish-mode", "nope"], "--publish-mode must be one of splice, slirp"),
     (["--bogus"], "option --bogus not recognized"),
     (["--ready-fd", "999"], "not open"),
 ])
@@ -542,6 +573,8 @@ def _forwarder_pid(api, old=None, proc=None):
         except (OSError, ValueError):
             return None
         pid = info.get("forwarder_pid")
+        if info.get("forwarder_state", "running") != "running":
+            return None  # (re)starting: forwards not re-added yet
         return pid if pid and pid != old else None
     pid = harness.wait_until(new_pid, 30, interval=0.05, what="a (new) forwarder")
     return None if pid == -1 else pid
@@ -550,8 +583,8 @@ def _forwarder_pid(api, old=None, proc=None):
 def test_forwarder_crash_is_survived(user, workdir, base_dir, procs):
     api = os.path.join(workdir, "run.sock")
     port = free_port()
-    p = nsnet_popen(user, ["-a", api, "-p", f"127.0.0.1:{port}:8080", "--",
-                           *client(base_dir, "tcp-serve", "0.0.0.0", 8080, "echo", 2)])
+    p = nsnet_popen(user, ["-a", api, "--publish-mode=slirp", "-p", f"127.0.0.1:{port}:8080",
+                           "--", *client(base_dir, "tcp-serve", "0.0.0.0", 8080, "echo", 2)])
     procs.append(p)
     assert read_line(p.stdout, 30).startswith(b"READY")
     assert tcp_send("127.0.0.1", port, b"before") == b"before"
