@@ -149,6 +149,14 @@ def test_map_subids(user):
                     ["0", str(user.gid), "1"], ["1", str(gstart), str(gcount)]]
 
 
+@pytest.mark.parametrize("user", ["root"], indirect=True)
+def test_map_subids_without_a_range(user):
+    cp = nsnet_run(user, ["--map-subids", "--", "true"], text=True)
+    assert cp.returncode == EXIT_SETUP
+    assert "--map-subids: no range for root in /etc/subuid" in cp.stderr
+    assert_nothing_left()
+
+
 def _subids(path):
     with open(path) as f:
         for line in f:
