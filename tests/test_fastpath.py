@@ -146,18 +146,14 @@ def added(api: str, host_port: int, guest_port: int, **kw) -> int:
 
 
 def children(pid: int) -> dict[str, int]:
-    """comm -> pid of the direct children of pid."""
+    """comm -> pid of the live direct children of pid."""
     out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for kid in harness.child_pids(pid):
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
+            if alive(kid):
+                out[Path(f"/proc/{kid}/comm").read_text().strip()] = kid
         except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out[stat[stat.index("(") + 1:stat.rfind(")")]] = int(entry)
+            pass
     return out
 
 
