@@ -323,7 +323,7 @@ class Relay:
                 return False
             try:
                 reply = self.handle(req, fds)
-            except (KeyError, TypeError, ValueError, OSError) as e:
+            except (KeyError, IndexError, TypeError, ValueError, OSError) as e:
                 reply = {"ok": False, "error": str(e)}
             for fd in fds:  # any fd the request did not take
                 os.close(fd)
