@@ -83,7 +83,9 @@ class Rtnl:
             attrs += _attr(IFLA_ADDRESS, mac)
         flags = change = 0
         if up is not None:
-            flags, change = (IFF_UP if up else 0), IFF_UP
+            # All changeable flags at once, as slirp4netns's SIOCSIFFLAGS
+            # (IFF_UP|IFF_RUNNING) does: this also clears IFF_MULTICAST.
+            flags, change = (IFF_UP if up else 0), 0xFFFFFFFF
         body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, flags, change)
         self.request(RTM_NEWLINK, 0, body + attrs)
 
