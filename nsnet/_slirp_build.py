@@ -154,6 +154,9 @@ void nsnet_dp_get_stats(struct nsnet_dp *dp, struct nsnet_stats *out);
 const char *nsnet_dp_last_guest_error(struct nsnet_dp *dp);
 void nsnet_dp_free(struct nsnet_dp *dp);
 int nsnet_frame_check(const uint8_t *frame, size_t len);
+#define NSNET_FRAME_QUEUED ...
+#define NSNET_FRAME_REASSEMBLED ...
+const uint8_t *nsnet_frame_reassembled(size_t *len);
 int nsnet_vnet_complete_csum(const uint8_t *hdr, uint8_t *frame, size_t len);
 void nsnet_vnet_fill_tx(uint8_t *hdr, const uint8_t *frame, size_t len,
                         int tap_mtu, int *is_gso);

@@ -49,24 +49,11 @@ class Target:
 
 
 def _configure(tapname: str, net: NetConfig) -> None:
-    """lo up; TAP MTU, MAC, up; guest address; default route (and IPv6
-    router advertisements accepted, for SLAAC).  Plain rtnetlink (rtnl.py):
-    pyroute2's import alone would triple the time to ready."""
-    from .rtnl import Rtnl
+    """Plain rtnetlink (rtnl.py) on the path to ready: pyroute2's import
+    alone would triple nsnet's time to ready."""
+    from .rtnl import configure
 
-    with Rtnl() as nl:
-        try:
-            nl.set_link(socket.if_nametoindex("lo"), up=True)
-        except OSError:
-            pass  # no lo: nothing to bring up
-        idx = socket.if_nametoindex(tapname)
-        nl.set_link(idx, mtu=net.mtu)
-        if net.mac:
-            nl.set_link(idx, mac=net.mac)
-        nl.set_link(idx, up=True)
-        nl.add_addr4(idx, net.guest, net.cidr.prefixlen, net.cidr.broadcast_address)
-        # proto boot (3), as `ip route add` and the SIOCADDRT ioctl set it
-        nl.add_default_route4(idx, net.gateway, proto=3)
+    configure(tapname, net)
 
 
 def _ifindex(tapname: str) -> int:
@@ -88,19 +75,21 @@ def _mac(tapname: str) -> str | None:
     return ifr[18:24].hex()
 
 
-def _child(target: Target, tapname: str, net: NetConfig, configure: bool,
-           sock: socket.socket) -> int:
+def enter_namespaces(target: Target) -> bool:
+    """Join the target's user (if any) and network namespaces; False, with
+    the reason printed on stderr, if that failed.  Only in a freshly forked,
+    single-threaded child (also used by the fast path's connector)."""
     try:
         netfd = os.open(target.netns, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         print(f"{target.netns}: {e.strerror}", file=sys.stderr)
-        return 1
+        return False
     if target.userns:
         try:
             userfd = os.open(target.userns, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             print(f"{target.userns}: {e.strerror}", file=sys.stderr)
-            return 1
+            return False
         try:
             linux.setns(userfd, linux.CLONE_NEWUSER)
         except OSError as e:
@@ -114,8 +103,15 @@ def _child(target: Target, tapname: str, net: NetConfig, configure: bool,
         linux.setns(netfd, linux.CLONE_NEWNET)
     except OSError as e:
         print(f"setns(net) {target.netns}: {e.strerror}", file=sys.stderr)
-        return 1
+        return False
     os.close(netfd)
+    return True
+
+
+def _child(target: Target, tapname: str, net: NetConfig, configure: bool,
+           sock: socket.socket) -> int:
+    if not enter_namespaces(target):
+        return 1
     try:
         tapfd = linux.open_tap(tapname, vnet_hdr=net.offload)
     except OSError as e:

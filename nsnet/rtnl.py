@@ -13,6 +13,10 @@ import ipaddress
 import os
 import socket
 import struct
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .netconfig import NetConfig
 
 RTM_NEWLINK = 16
 RTM_NEWADDR = 20
@@ -24,6 +28,7 @@ NLM_F_CREATE = 0x400
 NLMSG_ERROR = 2
 
 IFF_UP = 0x1
+IFF_MULTICAST = 0x1000
 IFLA_ADDRESS = 1
 IFLA_MTU = 4
 IFA_ADDRESS = 1
@@ -75,7 +80,7 @@ class Rtnl:
                 off += max(16, (length + 3) & ~3)
 
     def set_link(self, index: int, up: bool | None = None, mtu: int | None = None,
-                 mac: bytes | None = None) -> None:
+                 mac: bytes | None = None, multicast: bool | None = None) -> None:
         attrs = b""
         if mtu is not None:
             attrs += _attr(IFLA_MTU, struct.pack("=I", mtu))
@@ -83,9 +88,10 @@ class Rtnl:
             attrs += _attr(IFLA_ADDRESS, mac)
         flags = change = 0
         if up is not None:
-            # All changeable flags at once, as slirp4netns's SIOCSIFFLAGS
-            # (IFF_UP|IFF_RUNNING) does: this also clears IFF_MULTICAST.
-            flags, change = (IFF_UP if up else 0), 0xFFFFFFFF
+            flags, change = (IFF_UP if up else 0), IFF_UP
+        if multicast is not None:
+            flags |= IFF_MULTICAST if multicast else 0
+            change |= IFF_MULTICAST
         body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, flags, change)
         self.request(RTM_NEWLINK, 0, body + attrs)
 
@@ -102,3 +108,24 @@ class Rtnl:
                            RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
         body += _attr(RTA_GATEWAY, gateway.packed) + _attr(RTA_OIF, struct.pack("=I", index))
         self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body)
+
+
+def configure(tapname: str, net: "NetConfig") -> None:
+    """Configure the namespace side as `nsnet -c` does: lo up; TAP MTU,
+    MAC, up; the guest address; the default route via the gateway.
+    Raises OSError (with the kernel's errno) on failure."""
+    with Rtnl() as nl:
+        try:
+            nl.set_link(socket.if_nametoindex("lo"), up=True)
+        except OSError:
+            pass  # no lo: nothing to bring up
+        idx = socket.if_nametoindex(tapname)
+        nl.set_link(idx, mtu=net.mtu)
+        if net.mac:
+            nl.set_link(idx, mac=net.mac)
+        # slirp4netns sets the flags wholesale (SIOCSIFFLAGS), which clears
+        # MULTICAST; the namespace sees the same link flags with nsnet.
+        nl.set_link(idx, up=True, multicast=False)
+        nl.add_addr4(idx, net.guest, net.cidr.prefixlen, net.cidr.broadcast_address)
+        # proto boot (3), as `ip route add` and the SIOCADDRT ioctl set it
+        nl.add_default_route4(idx, net.gateway, proto=3)

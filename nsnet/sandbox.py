@@ -1,15 +1,345 @@
 """The forwarder's sandbox (--enable-sandbox) and seccomp filter
 (--enable-seccomp), entered after libslirp is set up and before the
-forwarder serves any packet."""
+forwarder serves any packet.
+
+The sandbox, in this order:
+
+1. Namespaces.  Building a private mount namespace needs CAP_SYS_ADMIN.
+   An unprivileged forwarder gets it by creating a user namespace of its
+   own (its uid and gid mapped to themselves, setgroups denied), together
+   with new mount, IPC and UTS namespaces.  slirp4netns instead joins the
+   *target's* user namespace, where the namespace's root (untrusted) holds
+   every capability over it; nsnet's private user namespace is a sibling
+   of the target's, so nothing in the target has any capability over the
+   forwarder.  A forwarder that already has CAP_SYS_ADMIN (root) keeps its
+   user namespace (so that CAP_NET_BIND_SERVICE still means something on
+   the host) and unshares mount, IPC and UTS namespaces (IPC and UTS only
+   where allowed).  The network namespace is never changed: libslirp's
+   sockets live on the host.
+2. Mounts.  Propagation is made private first (nothing reaches the
+   caller's mounts), a small tmpfs becomes the new root (pivot_root), and
+   the old root is detached.  The new root holds only /etc/resolv.conf
+   (read by libslirp for DNS forwarding), recreated as the same chain of
+   symlinks as on the host with the final file bind-mounted read-only,
+   and it is remounted read-only, nosuid, nodev, noexec.
+3. Privileges.  PR_SET_NO_NEW_PRIVS; PR_SET_DUMPABLE 0 (no ptrace or
+   /proc access by other processes of the same uid that lack
+   CAP_SYS_PTRACE over the forwarder's user namespace); ambient
+   capabilities cleared; the bounding set emptied; effective, permitted
+   and inheritable sets emptied - except CAP_NET_BIND_SERVICE, kept only
+   where it can matter: when the forwarder really holds it on the host
+   (root, no new user namespace) and the host restricts ports below
+   net.ipv4.ip_unprivileged_port_start, since a forward to such a port
+   may be added at any time through the API.
+
+Then, with --enable-seccomp, the allowlist filter (nsnet.seccomp).
+
+Limitation, documented in SECURITY.md: the resolv.conf bind mount pins
+the file that existed when the forwarder started; if the host replaces
+it by rename, the forwarder sees the new one after its next restart.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
 from typing import Any
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MNT_DETACH = 2
+
+PR_SET_DUMPABLE = 4
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+CAP_NET_BIND_SERVICE = 10
+CAP_SYS_ADMIN = 21
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+RESOLV_CONF = "/etc/resolv.conf"
+# Candidate mount points for the new root's tmpfs (only hidden in the
+# forwarder's own mount namespace).
+ROOT_CANDIDATES = ("/tmp", "/run", "/mnt", "/var/tmp", "/dev")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                        ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong]
+_libc.syscall.restype = ctypes.c_long
+_libc.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+
+# glibc has no pivot_root() wrapper: its number per architecture.
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203,
+                   "s390x": 217, "i686": 217, "armv7l": 218}.get(os.uname().machine, -1)
 
 
 class SandboxError(RuntimeError):
     pass
 
 
-def enter(sandbox: bool, seccomp: bool, forwards: Any = None) -> None:
-    raise SandboxError("--enable-sandbox and --enable-seccomp are not supported yet")
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _fail(what: str) -> None:
+    err = ctypes.get_errno()
+    raise SandboxError(f"sandbox: {what}: {os.strerror(err)}")
+
+
+def _mount(src: str | None, target: str, fstype: str | None, flags: int,
+           data: str | None = None) -> None:
+    enc = lambda s: s.encode() if s is not None else None  # noqa: E731
+    if _libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)) != 0:
+        _fail(f"mount {src or ''} on {target}")
+
+
+def _prctl(what: str, *args: int) -> None:
+    a = list(args) + [0] * (5 - len(args))
+    if _libc.prctl(*a) != 0:
+        _fail(what)
+
+
+# -- facts about this process -------------------------------------------------
+
+def _status_caps(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def _has_cap(cap: int) -> bool:
+    return bool(_status_caps("CapEff") >> cap & 1)
+
+
+def _last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 40
+
+
+def _unprivileged_port_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1024
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def resolv_chain(path: str = RESOLV_CONF, max_hops: int = 16) -> list[tuple[str, str, str]]:
+    """What DNS forwarding needs from the host's filesystem: the chain of
+    symlinks from /etc/resolv.conf to the real file.  A list of
+    ("link", path, target) and finally ("file", path, "") if it exists."""
+    chain: list[tuple[str, str, str]] = []
+    for _ in range(max_hops):
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return chain
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(path)
+            chain.append(("link", path, target))
+            path = os.path.normpath(os.path.join(os.path.dirname(path), target))
+            continue
+        if stat.S_ISREG(st.st_mode):
+            chain.append(("file", path, ""))
+        return chain
+    return chain
+
+
+# -- the steps ----------------------------------------------------------------
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _new_namespaces() -> bool:
+    """Unshare mount (and IPC, UTS) namespaces; create a private user
+    namespace first when this process lacks CAP_SYS_ADMIN.  Returns
+    True when a user namespace was created."""
+    if _has_cap(CAP_SYS_ADMIN):
+        if _libc.unshare(CLONE_NEWNS) != 0:
+            _fail("unshare(CLONE_NEWNS)")
+        for flag in (CLONE_NEWIPC, CLONE_NEWUTS):
+            _libc.unshare(flag)  # best effort: "where the user may create them"
+        return False
+    if _threads() != 1:
+        raise SandboxError("sandbox: the forwarder must be single-threaded to "
+                           "create its user namespace")
+    uid, gid = os.geteuid(), os.getegid()
+    if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS) != 0:
+        err = ctypes.get_errno()
+        hint = ""
+        if err in (errno.EPERM, errno.ENOSPC, errno.EINVAL):
+            hint = (" (unprivileged user namespaces disabled? see "
+                    "kernel.unprivileged_userns_clone / user.max_user_namespaces)")
+        raise SandboxError(f"sandbox: cannot create a user namespace: "
+                           f"{os.strerror(err)}{hint}")
+    try:
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
+        _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
+    except OSError as e:
+        raise SandboxError(f"sandbox: cannot map ids in the new user namespace: "
+                           f"{e.strerror}") from None
+    return True
+
+
+def _atime_flags(path: str) -> int:
+    """The source mount's atime flags (they may be locked: keep them)."""
+    f = os.statvfs(path).f_flag
+    out = 0
+    if f & os.ST_NOATIME:
+        out |= MS_NOATIME
+    if f & os.ST_NODIRATIME:
+        out |= MS_NODIRATIME
+    if f & os.ST_RELATIME:
+        out |= MS_RELATIME
+    return out
+
+
+def _mkdirs(path: str) -> None:
+    os.makedirs(path, mode=0o755, exist_ok=True)
+
+
+def _new_root(chain: list[tuple[str, str, str]]) -> None:
+    """Private propagation, tmpfs root with only the resolv.conf chain,
+    pivot_root, old root detached, new root read-only."""
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    base = None
+    for cand in ROOT_CANDIDATES:
+        if os.path.isdir(cand) and not os.path.islink(cand):
+            base = cand
+            break
+    if base is None:
+        raise SandboxError("sandbox: no directory to mount the new root on")
+    _mount("tmpfs", base, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=0755")
+    for kind, path, target in chain:
+        inside = base + path
+        _mkdirs(os.path.dirname(inside))
+        if kind == "link":
+            os.symlink(target, inside)
+        else:
+            fd = os.open(inside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            os.close(fd)
+            _mount(path, inside, None, MS_BIND)
+            _mount(None, inside, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
+                   | MS_NODEV | MS_NOEXEC | _atime_flags(path))
+    os.chdir(base)
+    if _SYS_PIVOT_ROOT < 0:
+        raise SandboxError(f"sandbox: pivot_root unknown on {os.uname().machine}")
+    # pivot_root(".", "."): the old root ends up stacked on the new one.
+    if _libc.syscall(ctypes.c_long(_SYS_PIVOT_ROOT), b".", b".") != 0:
+        _fail("pivot_root")
+    if _libc.umount2(b".", MNT_DETACH) != 0:
+        _fail("umount2(old root)")
+    os.chdir("/")
+    _mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+           | MS_NOEXEC)
+
+
+def _drop_privileges(keep_bind: bool) -> None:
+    _prctl("prctl(PR_SET_NO_NEW_PRIVS)", PR_SET_NO_NEW_PRIVS, 1)
+    _prctl("prctl(PR_SET_DUMPABLE)", PR_SET_DUMPABLE, 0)
+    _prctl("prctl(PR_CAP_AMBIENT_CLEAR_ALL)", PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    for cap in range(_last_cap() + 1):
+        if keep_bind and cap == CAP_NET_BIND_SERVICE:
+            continue
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            if err == errno.EINVAL:
+                break
+            if err == errno.EPERM and not (_status_caps("CapBnd") >> cap & 1):
+                continue  # nothing to drop
+            _fail(f"prctl(PR_CAPBSET_DROP, {cap})")
+    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if keep_bind:
+        bit = 1 << CAP_NET_BIND_SERVICE
+        data[0].effective = data[0].permitted = bit
+    if _libc.capset(ctypes.byref(hdr), ctypes.byref(data)) != 0:
+        _fail("capset")
+
+
+def _preload() -> None:
+    """Import now what the forwarder may import later: after pivot_root
+    there is no Python library to import from."""
+    import encodings.idna  # noqa: F401  (str.encode("idna") in socket calls)
+    import json  # noqa: F401
+    import traceback  # noqa: F401
+
+    from . import forwards, slirp  # noqa: F401
+
+
+def enter(sandbox: bool, seccomp: bool, forwards: Any = None) -> dict[str, Any]:
+    """Enter the sandbox and/or install the seccomp filter in this
+    (forwarder) process.  Raises SandboxError with the reason.  Returns
+    what was done (for logs and tests)."""
+    done: dict[str, Any] = {}
+    if seccomp:
+        # Load the binding now: after pivot_root nothing can be imported.
+        from . import seccomp as seccomp_mod
+
+        try:
+            seccomp_mod.resolve()
+        except seccomp_mod.SeccompError as e:
+            raise SandboxError(f"seccomp: {e}") from None
+    if sandbox:
+        _preload()
+        had_bind = _has_cap(CAP_NET_BIND_SERVICE)
+        try:
+            chain = resolv_chain()
+            userns = _new_namespaces()
+            _new_root(chain)
+        except OSError as e:
+            raise SandboxError(f"sandbox: {e}") from None
+        keep_bind = had_bind and not userns and _unprivileged_port_start() > 0
+        _drop_privileges(keep_bind)
+        done.update(userns=userns, keep_net_bind_service=keep_bind,
+                    resolv_conf=[p for _, p, _ in chain])
+    if seccomp:
+        try:
+            done["seccomp_allowed"] = seccomp_mod.install()
+        except seccomp_mod.SeccompError as e:
+            raise SandboxError(f"seccomp: {e}") from None
+    return done

@@ -97,7 +97,8 @@ elif [ "${NSNET_ALLOW_MISSING:-}" = 1 ]; then
 else
     fail_with_log "pip install of nsnet" "$PIP_LOG"
 fi
-chmod -R a+rX "$(dirname "$VENV")"
+chmod a+rx "$(dirname "$VENV")"   # e.g. /opt/nsnet: traversable by the test user
+chmod -R a+rX "$VENV"
 
 # --- unprivileged test user ------------------------------------------------
 if ! id -u "$TEST_USER" >/dev/null 2>&1; then

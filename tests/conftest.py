@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -107,15 +108,19 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(autouse=True)
 def no_leftover_processes():
-    """After each test (and all its fixtures), nothing it started may still run.
+    """After each test (and all its fixtures), report anything it left running.
 
     The pytest process is a child subreaper, so a forwarder's helper that
     outlives its SIGKILLed parent is re-parented here: it is killed by PID and
     reported as a warning naming it."""
     yield
-    left = {pid: harness.cmdline(pid) for pid in harness.child_pids()
-            if not harness.is_zombie(pid)}
-    harness.reap_orphans()  # zombies of re-parented orphans included
+    # Orphans still dying (e.g. from a parent-death signal) get a moment.
+    deadline = time.monotonic() + 1.0
+    while harness.child_pids() and time.monotonic() < deadline:
+        harness.reap_zombies()
+        time.sleep(0.02)
+    left = {pid: harness.cmdline(pid) for pid in harness.child_pids()}
+    harness.reap_orphans()
     if left:
         warnings.warn(f"processes left running after the test (now killed): {left}")
 
@@ -128,8 +133,6 @@ def base_dir():
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
-
-_nsnet_checked: dict[str, str] = {}
 
 
 def _impl(name: str) -> Impl:

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
 VENV = os.environ.get("NSNET_VENV", "/opt/nsnet/venv")
 SLIRP4NETNS_BIN = os.environ.get("SLIRP4NETNS_BIN", "/usr/bin/slirp4netns")
@@ -46,6 +48,11 @@ def impl_bin(name: str) -> str:
 
 class HarnessError(AssertionError):
     pass
+
+
+# Narrow a test to one value of the parametrized `user` / `impl` fixtures.
+unpriv_only = pytest.mark.parametrize("user", ["unpriv"], indirect=True)
+nsnet_only = pytest.mark.parametrize("impl", ["nsnet"], indirect=True)
 
 
 def wait_until(pred, timeout: float, interval: float = 0.02, what: str = "condition"):
@@ -93,12 +100,15 @@ def child_pids(parent: int | None = None) -> list[int]:
     return out
 
 
-def is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2] in "ZX"
+def reap_zombies() -> None:
+    """Reap any exited children (re-parented orphans included), without blocking."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def cmdline(pid: int) -> list[str]:
@@ -478,8 +488,12 @@ class Forwarder:
 
 
 def start_forwarder(impl: Impl, user: User, args, workdir: str, *, ready: bool = True,
-                    exit_fd: bool = False, wait: bool = True, timeout: float = 15) -> Forwarder:
-    """Start `BIN [-r FD] [-e FD] ARGS...` as `user`; wait for the ready byte.
+                    exit_fd: bool = False, wait: bool = True, timeout: float = 15,
+                    prefix=()) -> Forwarder:
+    """Start `[PREFIX...] BIN [-r FD] [-e FD] ARGS...` as `user`; wait for the ready byte.
+
+    PREFIX must exec the binary in place (nsenter without --fork, setpriv), so
+    the PID is the forwarder's and the fds reach it.
     NSNET_TEST_OFFLOAD=1/0 runs nsnet with --offload/--no-offload."""
     args = [str(a) for a in args]
     offload = os.environ.get("NSNET_TEST_OFFLOAD", "")
@@ -499,7 +513,7 @@ def start_forwarder(impl: Impl, user: User, args, workdir: str, *, ready: bool =
     log_path = tempfile.mktemp(prefix=f"{impl.name}.", suffix=".log", dir=workdir)
     with open(log_path, "wb") as log:
         try:
-            proc = user.popen([impl.bin, *opts, *args], stdout=log, stderr=log,
+            proc = user.popen([*prefix, impl.bin, *opts, *args], stdout=log, stderr=log,
                               pass_fds=pass_fds)
         except BaseException:
             for fd in (ready_r, ready_w, exit_r, exit_w):

@@ -9,7 +9,8 @@ import pytest
 
 from api_cases import (ADD_FAILED, BAD_HOST_PORT, BAD_GUEST_PORT, BAD_ID, BAD_PROTO, LIST,
                        LIST_VARIANTS, STATELESS_ERRORS, add, entry, list_reply, remove)
-from harness import api_call, free_port, free_ports, payload, sha256, tcp_send, udp_roundtrip
+from harness import (api_call, free_port, free_ports, nsnet_only, payload, sha256, tcp_send,
+                     udp_roundtrip, unpriv_only)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -17,8 +18,6 @@ OK1 = b'{"return":{"id":1}}'
 REMOVED = b'{"return":{}}'
 
 
-unpriv_only = pytest.mark.parametrize("user", ["unpriv"], indirect=True)
-nsnet_only = pytest.mark.parametrize("impl", ["nsnet"], indirect=True)
 
 
 def assert_alive(net):
@@ -230,6 +229,7 @@ def test_nsnet_list_has_return_key(connect):
 def test_nsnet_ipv6_hostfwd(connect):
     """slirp4netns rejects an IPv6 host_addr; nsnet forwards [::1]:P into the namespace."""
     net = connect("--enable-ipv6")
+    net.ns.wait_slaac()
     server = net.ns.start_server("tcp-serve", "::", 8080, "echo", 1)
     try:
         port = free_port(family=socket.AF_INET6, addr="::1")

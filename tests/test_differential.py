@@ -5,7 +5,7 @@ import pytest
 
 from api_cases import (LIST, LIST_VARIANTS, STATELESS_ERRORS, add, entries_json, entries_of,
                        remove)
-from harness import api_call, free_ports
+from harness import api_call, free_ports, unpriv_only
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -131,7 +131,7 @@ def api_sequence(path: str, p1: int, p2: int, p3: int) -> list[tuple[str, bytes]
     return out
 
 
-@pytest.mark.parametrize("user", ["unpriv"], indirect=True)
+@unpriv_only
 def test_api_replies_identical(nsnet_impl, slirp4netns_impl, make_ns, attach):
     replies = {}
     ports = free_ports(3)

@@ -13,10 +13,10 @@ import time
 import pytest
 
 from harness import (HarnessError, NS_PYTHON, cmdline, descendants, free_port, payload, sha256,
-                     tcp_send, wait_until)
+                     tcp_send, unpriv_only, wait_until)
 
 pytestmark = [pytest.mark.timeout(120),
-              pytest.mark.parametrize("user", ["unpriv"], indirect=True)]
+              unpriv_only]
 
 
 def test_rootlesskit(impl, user, workdir, base_dir, host_server):

@@ -273,11 +273,21 @@ static int cb_get_revents(int idx, void *opaque)
 
 /* ---- the loop ---- */
 
+/* An ARP frame or an IPv6 neighbour advertisement: input that can resolve
+ * an address libslirp queued packets for. */
+static int resolves_neighbour(const uint8_t *f, size_t len)
+{
+    if (len >= 14 && f[12] == 0x08 && f[13] == 0x06)
+        return 1;
+    return len >= 55 && f[12] == 0x86 && f[13] == 0xdd && f[20] == 58 && f[54] == 136;
+}
+
 /* Read frames from the TAP until EAGAIN or the batch is full.
- * Returns 0, or -1 with dp->tap_errno set when the TAP failed. */
+ * Returns 1 if a frame resolved a neighbour (see above), else 0, or -1
+ * with dp->tap_errno set when the TAP failed. */
 static int drain_tap(struct nsnet_dp *dp)
 {
-    int i;
+    int i, resolved = 0;
     size_t hl = dp->vnet_hdr ? NSNET_VNET_HDR_LEN : 0;
     for (i = 0; i < NSNET_TAP_BATCH; i++) {
         ssize_t n = read(dp->tap_fd, dp->rbuf, NSNET_FRAME_MAX + hl);
@@ -287,7 +297,7 @@ static int drain_tap(struct nsnet_dp *dp)
             if (errno == EINTR)
                 continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return 0;
+                return resolved;
             dp->tap_errno = errno;
             return -1;
         }
@@ -321,7 +331,16 @@ static int drain_tap(struct nsnet_dp *dp)
                 nsnet_raise_syn_mss(frame, flen, dp->tap_mtu, dp->slirp_mtu))
                 dp->st.rx_mss_raised++;
             slirp_input(dp->slirp, frame, (int)flen);
+            resolved |= resolves_neighbour(frame, flen);
             break;
+        case NSNET_FRAME_QUEUED:
+            break;
+        case NSNET_FRAME_REASSEMBLED: {
+            size_t wlen;
+            const uint8_t *whole = nsnet_frame_reassembled(&wlen);
+            slirp_input(dp->slirp, whole, (int)wlen);
+            break;
+        }
         case 0:
             dp->st.rx_dropped_invalid++;
             break;
@@ -330,7 +349,7 @@ static int drain_tap(struct nsnet_dp *dp)
             break;
         }
     }
-    return 0;
+    return resolved;
 }
 
 static int64_t next_timer_ms(struct nsnet_dp *dp)
@@ -403,8 +422,15 @@ int nsnet_dp_run(struct nsnet_dp *dp, int budget_ms)
          * connection churn and every turn walks them. */
         tap_rev = dp->pfd[0].revents;
         if (tap_rev & (POLLIN | POLLERR | POLLHUP | POLLNVAL)) {
-            if (drain_tap(dp) < 0)
+            int rc = drain_tap(dp);
+            if (rc < 0)
                 return NSNET_DP_TAP_ERROR;
+            /* A neighbour just resolved (after a forwarder restart libslirp's
+             * ARP/NDP tables are empty): send what libslirp queued for it
+             * now, not on the next turn, which can be TCP's 500 ms slow
+             * timer away.  select_error=1: only timers and the output queue. */
+            if (rc > 0)
+                slirp_pollfds_poll(dp->slirp, 1, cb_get_revents, dp);
             if (tap_rev & POLLNVAL) {
                 dp->tap_errno = EBADF;
                 return NSNET_DP_TAP_ERROR;

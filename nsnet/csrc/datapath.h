@@ -62,8 +62,14 @@ void nsnet_dp_free(struct nsnet_dp *dp);
 
 /* frame_check.c: 1 if libslirp can safely take this Ethernet frame,
  * 0 to drop it as malformed, -1 to drop it as an ethertype libslirp
- * ignores anyway. */
+ * ignores anyway; for IPv4 fragments (never given to libslirp: nsnet
+ * reassembles them) NSNET_FRAME_QUEUED, or NSNET_FRAME_REASSEMBLED when
+ * this fragment completed a datagram: pass nsnet_frame_reassembled()
+ * to libslirp instead of the frame. */
+#define NSNET_FRAME_QUEUED 2
+#define NSNET_FRAME_REASSEMBLED 3
 int nsnet_frame_check(const uint8_t *frame, size_t len);
+const uint8_t *nsnet_frame_reassembled(size_t *len);
 
 /* offload.c: virtio-net header handling for IFF_VNET_HDR TAPs. */
 #define NSNET_VNET_HDR_LEN 10
