@@ -31,7 +31,7 @@ class ApiBackend(Protocol):
 
     def api_list_forwards(self) -> list[tuple[int, Forward]]: ...
 
-    def api_info(self) -> dict[str, Any]: ...
+    def api_info(self, interface: bool = False) -> dict[str, Any]: ...
 
     def api_stats(self) -> dict[str, Any]: ...
 
@@ -187,7 +187,8 @@ def handle(data: bytes, backend: ApiBackend) -> bytes:
         if execute == "remove_hostfwd":
             return encode(_remove_hostfwd(args, backend))
         if execute == "get_info":
-            return encode({"return": backend.api_info()})
+            # "interface": true adds the TAP's state as the namespace sees it
+            return encode({"return": backend.api_info(interface=args.get("interface") is True)})
         if execute == "get_stats":
             return encode({"return": backend.api_stats()})
         raise ApiError("unknown execute")

@@ -646,7 +646,7 @@ class Supervisor:
             return "running" if self.fwd.ready else "starting"
         return "restarting" if self.restart_at is not None else "stopped"
 
-    def api_info(self) -> dict[str, Any]:
+    def api_info(self, interface: bool = False) -> dict[str, Any]:
         from . import __version__, slirp
 
         net = self.opts.net
@@ -694,6 +694,12 @@ class Supervisor:
         if net.ipv6:
             info.update(gateway6=str(net.gateway6), dns6=str(net.dns6),
                         prefix6=f"{net.prefix6}/64", guest6=self.default_guest_addr6)
+        if interface:
+            try:
+                info["interface"] = helper_ns.describe_interface(self.opts.target,
+                                                                 self.opts.tapname)
+            except helper_ns.HelperError as e:
+                info["interface"] = {"error": str(e)}
         return info
 
     def api_stats(self) -> dict[str, Any]:

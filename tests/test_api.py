@@ -264,3 +264,24 @@ def test_nsnet_concurrent_clients(connect):
     for t in threads:
         t.join(timeout=30)
     assert results == [list_reply("nsnet", [])] * n
+
+
+@nsnet_only
+def test_nsnet_get_info_interface(connect, ns):
+    """get_info with "interface": true reports the TAP as the namespace sees
+    it (read with pyroute2 from inside the namespace), matching `ip`."""
+    net = connect("--macaddress=02:00:00:00:00:42", "--mtu=9000")
+    info = json.loads(api_call(net.api, {"execute": "get_info",
+                                         "arguments": {"interface": True}}))["return"]
+    iface = info["interface"]
+    link = ns.link("tap0")
+    assert iface["ifname"] == "tap0" and iface["ifindex"] == link["ifindex"]
+    assert iface["mtu"] == 9000 == link["mtu"]
+    assert iface["mac"] == "02:00:00:00:00:42" == link["address"]
+    assert iface["up"] is True
+    assert "10.0.2.100/24" in iface["addresses"]
+    assert {"dst": "default", "gateway": "10.0.2.2", "family": "inet"} in iface["routes"]
+    # Without the argument, no namespace helper runs and no "interface" key.
+    plain = json.loads(api_call(net.api, {"execute": "get_info"}))["return"]
+    assert "interface" not in plain and plain["tap"]["name"] == "tap0"
+    assert_alive(net)
