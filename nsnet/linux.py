@@ -70,9 +70,17 @@ def set_process_name(name: str) -> None:
     _libc.prctl(PR_SET_NAME, ctypes.cast(buf, ctypes.c_void_p).value or 0, 0, 0, 0)
 
 
-def open_tap(name: str, vnet_hdr: bool = False) -> int:
+# TSO pays while a 64 KiB super-frame replaces many MTU-sized frames; at
+# larger MTUs the namespace's frames are as big already, and completing
+# their partial checksums would only move work from the sending process in
+# the namespace into the forwarder (measured: ~6% of its CPU at MTU 65520).
+TSO_MTU_LIMIT = 32768
+
+
+def open_tap(name: str, vnet_hdr: bool = False, mtu: int | None = None) -> int:
     """Open /dev/net/tun and attach to (or create) the TAP device `name`.
-    With vnet_hdr, enable IFF_VNET_HDR and TSO/checksum offloads."""
+    With vnet_hdr, enable IFF_VNET_HDR, and TSO with checksum offload
+    unless mtu is TSO_MTU_LIMIT or more."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
         flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
@@ -80,7 +88,8 @@ def open_tap(name: str, vnet_hdr: bool = False) -> int:
         fcntl.ioctl(fd, TUNSETIFF, ifr)
         if vnet_hdr:
             fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", 10))
-            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+            if mtu is None or mtu < TSO_MTU_LIMIT:
+                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
     except BaseException:
         os.close(fd)
         raise
