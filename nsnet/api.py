@@ -178,7 +178,10 @@ def handle(data: bytes, backend: ApiBackend) -> bytes:
         if execute == "get_info":
             return encode({"return": backend.api_info()})
         if execute == "get_stats":
-            return encode({"return": backend.api_stats()})
+            try:
+                return encode({"return": backend.api_stats()})
+            except ForwardError:
+                raise ApiError("get_stats: forwarder not answering") from None
         raise ApiError("unknown execute")
     except ApiError as e:
         return error_reply(str(e))

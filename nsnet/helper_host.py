@@ -36,6 +36,8 @@ EXIT_SANDBOX_FAILED = 5
 # How long one C-loop turn may run before Python gets control back even
 # when nothing happens on the control socket.
 TURN_BUDGET_MS = 1000
+# Sockets listed in a stats reply (a hostile namespace can open thousands).
+STATS_MAX_CONNECTIONS = 512
 
 
 def _send(ctl: socket.socket, msg: dict[str, Any]) -> None:
@@ -66,8 +68,12 @@ class Forwarder:
                 self.slirp.remove_hostfwd(f.is_udp, f.host_addr, f.host_port)
                 return {"ok": True}
             if op == "stats":
+                # One SEQPACKET message must hold the reply: list at most
+                # STATS_MAX_CONNECTIONS sockets, count them all.
+                lines = self.slirp.connection_info().splitlines()
                 return {"ok": True, "stats": self.slirp.stats(),
-                        "connections": self.slirp.connection_info()}
+                        "connections": "\n".join(lines[:1 + STATS_MAX_CONNECTIONS]),
+                        "connections_total": max(0, len(lines) - 1)}
             if op == "ping":
                 return {"ok": True}
         except (SlirpError, KeyError, TypeError, ValueError) as e:

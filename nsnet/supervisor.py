@@ -472,7 +472,7 @@ class Supervisor:
         if not reply.get("ok"):
             raise ForwardError(reply.get("error", "failed"))
         conns = [line for line in reply.get("connections", "").splitlines()[1:] if line.strip()]
-        return dict(reply["stats"], active_connections=len(conns),
+        return dict(reply["stats"], active_connections=reply.get("connections_total", len(conns)),
                     connections=conns, restarts=self.restarts)
 
     # -- API socket handling (non-blocking, in the poll loop) --------------
