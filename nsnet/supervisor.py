@@ -200,9 +200,9 @@ class Supervisor:
             raise SetupError(f"cannot bind API socket {path}: {e.strerror}") from None
         finally:
             os.umask(old)
-        sock.listen(64)
+        sock.listen(1024)  # bursts of clients wait in the queue, not EAGAIN
         sock.setblocking(False)
-        st = os.stat(path)
+        st = os.lstat(path)  # never follow a symlink swapped in after bind
         self.api_sock = sock
         self.api_ino = (st.st_dev, st.st_ino)
 
