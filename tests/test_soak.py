@@ -1,0 +1,281 @@
+"""Load and soak, loopback only, bounded in time.
+
+- N concurrent TCP connections from the namespace to a host server on
+  127.0.0.1 (through 10.0.2.2), all open at once, every byte checked;
+- N concurrent TCP connections from the host through a port forward into
+  the namespace, likewise;
+- minutes of mixed traffic (TCP, UDP, forwards, API calls) while the RSS
+  and open fds of the supervisor and the forwarder are sampled: no growth
+  trend, nothing lost.
+
+CI runs short versions (200 connections, NSNET_SOAK_SHORT_SECONDS=20 s of
+mixed traffic); `-m soak` runs 1,000 connections each way and
+NSNET_SOAK_SECONDS (default 300 s) of mixed traffic.  The forwarder runs
+sandboxed with the seccomp filter, as RootlessKit starts it.
+"""
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import (NS_PYTHON, add_hostfwd, api_call, free_port, payload, read_line,
+                     tcp_send)
+
+HERE = Path(__file__).resolve().parent
+GW = "10.0.2.2"
+SHORT_SECONDS = float(os.environ.get("NSNET_SOAK_SHORT_SECONDS", "20"))
+SOAK_SECONDS = float(os.environ.get("NSNET_SOAK_SECONDS", "300"))
+FLAGS = ("--enable-sandbox", "--enable-seccomp")
+CONN_BYTES = 16 * 1024
+
+pytestmark = [pytest.mark.timeout(1800),
+              pytest.mark.parametrize("impl", ["nsnet"], indirect=True),
+              pytest.mark.parametrize("user", ["unpriv"], indirect=True)]
+
+
+@pytest.fixture(autouse=True)
+def nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture
+def nsload(base_dir):
+    dest = os.path.join(base_dir, "nsload.py")
+    shutil.copy(HERE / "nsload.py", dest)
+    os.chmod(dest, 0o644)
+    return dest
+
+
+def info(api):
+    return json.loads(api_call(api, {"execute": "get_info"}))["return"]
+
+
+def proc_sample(pid: int) -> tuple[int, int]:
+    """(RSS in kB, open fds) of pid."""
+    rss = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1])
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class Sampler:
+    """Samples (t, sup rss, sup fds, fwd rss, fwd fds) every `interval` s."""
+
+    def __init__(self, sup: int, fwd: int, interval: float = 1.0):
+        self.sup, self.fwd, self.interval = sup, fwd, interval
+        self.samples: list[tuple[float, int, int, int, int]] = []
+        self._stop = threading.Event()
+        self.t0 = time.monotonic()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                s = proc_sample(self.sup)
+                f = proc_sample(self.fwd)
+            except OSError:
+                break
+            self.samples.append((round(time.monotonic() - self.t0, 1), *s, *f))
+            self._stop.wait(self.interval)
+
+    def stop(self):
+        self._stop.set()
+        self._t.join(10)
+
+    def peak_fwd_fds(self) -> int:
+        return max((s[4] for s in self.samples), default=0)
+
+
+class HostLoad:
+    """nsload.py on the host side (in the isolated test netns)."""
+
+    def __init__(self, script: str, *args):
+        self.proc = subprocess.Popen(["/usr/bin/python3", script, *map(str, args)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.port = None
+        if args[0] == "serve":
+            line = read_line(self.proc.stdout, 15)
+            assert line.startswith(b"READY"), line
+            self.port = int(line.split()[1])
+
+    def result(self, timeout: float = 600) -> dict:
+        out, err = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, err
+        return json.loads(out.decode().strip().splitlines()[-1])
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+def conn_counts():
+    return [pytest.param(200, id="200"), pytest.param(1000, id="1000", marks=pytest.mark.soak)]
+
+
+@pytest.mark.parametrize("n", conn_counts())
+def test_concurrent_connections_ns_to_host(connect, nsload, n, record_property):
+    net = connect(*FLAGS)
+    fwd = info(net.api)["forwarder_pid"]
+    server = HostLoad(nsload, "serve", "127.0.0.1", 0, n)
+    sampler = Sampler(net.fwd.pid, fwd, 0.2)
+    try:
+        cp = net.ns.run([NS_PYTHON, nsload, "client", GW, server.port, n, CONN_BYTES, 64, 2],
+                        timeout=900, text=True)
+        client = json.loads(cp.stdout.strip().splitlines()[-1])
+        served = server.result()
+    finally:
+        sampler.stop()
+        server.close()
+    print(f"\nns->host: {client} server={served} peak forwarder fds={sampler.peak_fwd_fds()}")
+    record_property("ns_to_host", dict(client, peak_forwarder_fds=sampler.peak_fwd_fds()))
+    assert client["peak_open"] == n and client["verified"] == n
+    assert served["served"] == n and served["peak_open"] == n
+    assert sampler.peak_fwd_fds() >= n  # the forwarder held them all at once
+    assert info(net.api)["forwarder_pid"] == fwd and info(net.api)["restarts"] == 0
+
+
+@pytest.mark.parametrize("n", conn_counts())
+def test_concurrent_connections_via_port_forward(connect, nsload, n, record_property):
+    net = connect(*FLAGS)
+    fwd = info(net.api)["forwarder_pid"]
+    proc = net.ns.popen([NS_PYTHON, nsload, "serve", "0.0.0.0", 0, n],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sampler = Sampler(net.fwd.pid, fwd, 0.2)
+    try:
+        line = read_line(proc.stdout, 15)
+        assert line.startswith(b"READY"), line
+        guest_port = int(line.split()[1])
+        host_port = free_port()
+        assert add_hostfwd(net.api, "tcp", host_port, guest_port) == b'{"return":{"id":1}}'
+        # libslirp listens with a backlog of 1: connect in waves of 16.
+        client = HostLoad(nsload, "client", "127.0.0.1", host_port, n, CONN_BYTES, 16, 2)
+        try:
+            res = client.result()
+        finally:
+            client.close()
+        out, err = proc.communicate(timeout=120)
+        served = json.loads(out.decode().strip().splitlines()[-1])
+    finally:
+        sampler.stop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+    print(f"\nhost->ns via forward: {res} server={served} "
+          f"peak forwarder fds={sampler.peak_fwd_fds()}")
+    record_property("via_forward", dict(res, peak_forwarder_fds=sampler.peak_fwd_fds()))
+    assert res["peak_open"] == n and res["verified"] == n
+    assert served["served"] == n and served["peak_open"] == n
+    assert sampler.peak_fwd_fds() >= n
+    assert info(net.api)["forwarder_pid"] == fwd and info(net.api)["restarts"] == 0
+
+
+def trend(samples, col: int) -> dict:
+    """Medians of the first and last quarter after a warm-up fifth, and a
+    least-squares slope per minute over the same span."""
+    body = samples[len(samples) // 5:]
+    q = max(1, len(body) // 4)
+    first = statistics.median(s[col] for s in body[:q])
+    last = statistics.median(s[col] for s in body[-q:])
+    xs = [s[0] for s in body]
+    ys = [s[col] for s in body]
+    slope = 0.0
+    if len(body) > 2 and max(xs) > min(xs):
+        slope = statistics.linear_regression(xs, ys).slope * 60
+    return {"first": first, "last": last, "min": min(ys), "max": max(ys),
+            "slope_per_min": round(slope, 2)}
+
+
+@pytest.mark.parametrize("seconds", [pytest.param(SHORT_SECONDS, id="short"),
+                                     pytest.param(SOAK_SECONDS, id="long",
+                                                  marks=pytest.mark.soak)])
+def test_mixed_traffic_soak(connect, host_server, nsload, seconds, record_property):
+    net = connect(*FLAGS)
+    fwd = info(net.api)["forwarder_pid"]
+    echo = host_server("echo")
+    uecho = host_server("echo", "udp")
+    rounds = int(seconds) * 4 + 100
+    guest = net.ns.popen([NS_PYTHON, nsload, "serve", "0.0.0.0", 0, rounds * 3],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    counts = {"rounds": 0, "tcp_ns_to_host": 0, "udp_datagrams": 0, "tcp_via_forward": 0,
+              "burst_connections": 0, "api_calls": 0, "forwards_added_removed": 0,
+              "bytes_verified": 0}
+    burst = HostLoad(nsload, "serve", "127.0.0.1", 0, rounds * 50)
+    try:
+        line = read_line(guest.stdout, 15)
+        guest_port = int(line.split()[1])
+        host_port = free_port()
+        assert add_hostfwd(net.api, "tcp", host_port, guest_port) == b'{"return":{"id":1}}'
+        sampler = Sampler(net.fwd.pid, fwd, 1.0)
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                i = counts["rounds"]
+                r = net.ns.client("tcp-echo", GW, echo.port, 64 * 1024)
+                assert r["received"] == 64 * 1024 and r["sha_received"] == r["sha_sent"]
+                counts["tcp_ns_to_host"] += 1
+                counts["bytes_verified"] += 2 * 64 * 1024
+                r = net.ns.client("udp-echo", GW, uecho.port, 10, 1000)
+                assert r == {"sent": 10, "echoed": 10}
+                counts["udp_datagrams"] += 10
+                for _ in range(2):
+                    data = payload(128 * 1024)
+                    assert tcp_send("127.0.0.1", host_port, data) == data
+                    counts["tcp_via_forward"] += 1
+                    counts["bytes_verified"] += 2 * len(data)
+                if i % 5 == 0:
+                    cp = net.ns.run([NS_PYTHON, nsload, "client", GW, burst.port, 50, 4096],
+                                    timeout=300, text=True)
+                    res = json.loads(cp.stdout.strip().splitlines()[-1])
+                    assert res["verified"] == 50, res
+                    counts["burst_connections"] += 50
+                p = free_port()
+                reply = json.loads(add_hostfwd(net.api, "udp", p, 9))
+                fid = reply["return"]["id"]
+                assert api_call(net.api, {"execute": "remove_hostfwd",
+                                          "arguments": {"id": fid}}) == b'{"return":{}}'
+                stats = json.loads(api_call(net.api, {"execute": "get_stats"}))["return"]
+                assert stats["rx_frames"] > 0
+                counts["api_calls"] += 3
+                counts["forwards_added_removed"] += 1
+                counts["rounds"] += 1
+        finally:
+            sampler.stop()
+    finally:
+        burst.close()
+        if guest.poll() is None:
+            guest.kill()
+        guest.wait(10)
+        guest.stdout.close()
+        guest.stderr.close()
+    s = sampler.samples
+    report = {"seconds": seconds, "samples": len(s), **counts,
+              "supervisor_rss_kb": trend(s, 1), "supervisor_fds": trend(s, 2),
+              "forwarder_rss_kb": trend(s, 3), "forwarder_fds": trend(s, 4)}
+    print("\nsoak: " + json.dumps(report))
+    record_property("soak", report)
+    with open(f"/tmp/nsnet-soak-{int(seconds)}s.json", "w") as f:
+        json.dump(dict(report, raw=s), f)
+    assert len(s) >= 5
+    assert info(net.api)["forwarder_pid"] == fwd and info(net.api)["restarts"] == 0
+    # No growth trend: the last quarter is not above the first by more than
+    # a small slack (allocator noise), for memory and for fds.
+    for who in ("supervisor", "forwarder"):
+        rss = report[f"{who}_rss_kb"]
+        fds = report[f"{who}_fds"]
+        assert rss["last"] - rss["first"] < 4096, (who, rss)
+        assert fds["last"] - fds["first"] <= 8, (who, fds)
