@@ -13,7 +13,6 @@ import socket
 import stat
 import subprocess
 import threading
-import time
 
 import pytest
 

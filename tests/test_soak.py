@@ -215,13 +215,13 @@ def test_mixed_traffic_soak(connect, host_server, nsload, seconds, record_proper
     fwd = info(net.api)["forwarder_pid"]
     echo = host_server("echo")
     uecho = host_server("echo", "udp")
-    rounds = int(seconds) * 4 + 100
-    guest = net.ns.popen([NS_PYTHON, nsload, "serve", "0.0.0.0", 0, rounds * 3],
+    unlimited = 10 ** 9  # the servers run until the test stops them
+    guest = net.ns.popen([NS_PYTHON, nsload, "serve", "0.0.0.0", 0, unlimited],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     counts = {"rounds": 0, "tcp_ns_to_host": 0, "udp_datagrams": 0, "tcp_via_forward": 0,
               "burst_connections": 0, "api_calls": 0, "forwards_added_removed": 0,
               "bytes_verified": 0}
-    burst = HostLoad(nsload, "serve", "127.0.0.1", 0, rounds * 50)
+    burst = HostLoad(nsload, "serve", "127.0.0.1", 0, unlimited)
     try:
         line = read_line(guest.stdout, 15)
         guest_port = int(line.split()[1])
