@@ -18,7 +18,6 @@ sandboxed with the seccomp filter, as RootlessKit starts it.
 import json
 import os
 import resource
-import shutil
 import socket
 import statistics
 import subprocess
@@ -31,7 +30,6 @@ import pytest
 from harness import (NS_PYTHON, add_hostfwd, api_call, free_port, payload, read_line,
                      tcp_send)
 
-HERE = Path(__file__).resolve().parent
 GW = "10.0.2.2"
 SHORT_SECONDS = float(os.environ.get("NSNET_SOAK_SHORT_SECONDS", "20"))
 SOAK_SECONDS = float(os.environ.get("NSNET_SOAK_SECONDS", "600"))
@@ -57,10 +55,8 @@ def nofile():
 
 @pytest.fixture
 def nsload(base_dir):
-    dest = os.path.join(base_dir, "nsload.py")
-    shutil.copy(HERE / "nsload.py", dest)
-    os.chmod(dest, 0o644)
-    return dest
+    """Path of tests/nsload.py as installed for the namespace (harness.install_helpers)."""
+    return os.path.join(base_dir, "nsload.py")
 
 
 def info(api):
