@@ -217,6 +217,7 @@ def test_mixed_traffic_soak(connect, host_server, nsload, seconds, record_proper
     counts = {"rounds": 0, "tcp_ns_to_host": 0, "udp_datagrams": 0, "tcp_via_forward": 0,
               "burst_connections": 0, "api_calls": 0, "forwards_added_removed": 0,
               "bytes_verified": 0}
+    failures: list[dict] = []
     burst = HostLoad(nsload, "serve", "127.0.0.1", 0, unlimited)
     try:
         line = read_line(guest.stdout, 15)
@@ -225,37 +226,65 @@ def test_mixed_traffic_soak(connect, host_server, nsload, seconds, record_proper
         assert add_hostfwd(net.api, "tcp", host_port, guest_port) == b'{"return":{"id":1}}'
         sampler = Sampler(net.fwd.pid, fwd, 1.0)
         deadline = time.monotonic() + seconds
+        t0 = time.monotonic()
+
+        def leg(name, fn):
+            """Run one check; a failure is recorded (and fails the test at the
+            end, after the report is written), the soak goes on."""
+            try:
+                fn()
+                return True
+            except (AssertionError, OSError, ValueError, subprocess.SubprocessError) as e:
+                failures.append({"leg": name, "round": counts["rounds"],
+                                 "t": round(time.monotonic() - t0, 1), "error": repr(e)[:300]})
+                return False
+
+        def tcp_ns_to_host():
+            r = net.ns.client("tcp-echo", GW, echo.port, 64 * 1024)
+            assert r["received"] == 64 * 1024 and r["sha_received"] == r["sha_sent"], r
+            counts["tcp_ns_to_host"] += 1
+            counts["bytes_verified"] += 2 * 64 * 1024
+
+        def udp():
+            r = net.ns.client("udp-echo", GW, uecho.port, 10, 1000)
+            assert r == {"sent": 10, "echoed": 10}, r
+            counts["udp_datagrams"] += 10
+
+        def via_forward():
+            data = payload(128 * 1024)
+            assert tcp_send("127.0.0.1", host_port, data) == data
+            counts["tcp_via_forward"] += 1
+            counts["bytes_verified"] += 2 * len(data)
+
+        def burst_of_50():
+            cp = net.ns.run([NS_PYTHON, nsload, "client", GW, burst.port, 50, 4096],
+                            timeout=300, text=True)
+            res = json.loads(cp.stdout.strip().splitlines()[-1])
+            assert res["verified"] == 50, res
+            counts["burst_connections"] += 50
+
+        def api_churn():
+            p = free_port(socket.SOCK_DGRAM)
+            reply = json.loads(add_hostfwd(net.api, "udp", p, 9))
+            assert "return" in reply, (p, reply)
+            fid = reply["return"]["id"]
+            assert api_call(net.api, {"execute": "remove_hostfwd",
+                                      "arguments": {"id": fid}}) == b'{"return":{}}'
+            stats = json.loads(api_call(net.api, {"execute": "get_stats"}))["return"]
+            assert stats["rx_frames"] > 0
+            counts["api_calls"] += 3
+            counts["forwards_added_removed"] += 1
+
         try:
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and len(failures) < 20:
                 i = counts["rounds"]
-                r = net.ns.client("tcp-echo", GW, echo.port, 64 * 1024)
-                assert r["received"] == 64 * 1024 and r["sha_received"] == r["sha_sent"]
-                counts["tcp_ns_to_host"] += 1
-                counts["bytes_verified"] += 2 * 64 * 1024
-                r = net.ns.client("udp-echo", GW, uecho.port, 10, 1000)
-                assert r == {"sent": 10, "echoed": 10}
-                counts["udp_datagrams"] += 10
-                for _ in range(2):
-                    data = payload(128 * 1024)
-                    assert tcp_send("127.0.0.1", host_port, data) == data
-                    counts["tcp_via_forward"] += 1
-                    counts["bytes_verified"] += 2 * len(data)
+                leg("tcp_ns_to_host", tcp_ns_to_host)
+                leg("udp", udp)
+                leg("via_forward", via_forward)
+                leg("via_forward", via_forward)
                 if i % 5 == 0:
-                    cp = net.ns.run([NS_PYTHON, nsload, "client", GW, burst.port, 50, 4096],
-                                    timeout=300, text=True)
-                    res = json.loads(cp.stdout.strip().splitlines()[-1])
-                    assert res["verified"] == 50, res
-                    counts["burst_connections"] += 50
-                p = free_port(socket.SOCK_DGRAM)
-                reply = json.loads(add_hostfwd(net.api, "udp", p, 9))
-                assert "return" in reply, (p, reply)
-                fid = reply["return"]["id"]
-                assert api_call(net.api, {"execute": "remove_hostfwd",
-                                          "arguments": {"id": fid}}) == b'{"return":{}}'
-                stats = json.loads(api_call(net.api, {"execute": "get_stats"}))["return"]
-                assert stats["rx_frames"] > 0
-                counts["api_calls"] += 3
-                counts["forwards_added_removed"] += 1
+                    leg("burst_of_50", burst_of_50)
+                leg("api_churn", api_churn)
                 counts["rounds"] += 1
         finally:
             sampler.stop()
@@ -269,7 +298,7 @@ def test_mixed_traffic_soak(connect, host_server, nsload, seconds, record_proper
     s = sampler.samples
     long_run = seconds >= 2 * WARMUP_SECONDS
     warmup = WARMUP_SECONDS if long_run else 0
-    report = {"seconds": seconds, "samples": len(s), **counts,
+    report = {"seconds": seconds, "samples": len(s), **counts, "failures": failures,
               "supervisor_rss_kb": trend(s, 1, warmup), "supervisor_fds": trend(s, 2, warmup),
               "forwarder_rss_kb": trend(s, 3, warmup), "forwarder_fds": trend(s, 4, warmup)}
     print("\nsoak: " + json.dumps(report))
@@ -277,6 +306,7 @@ def test_mixed_traffic_soak(connect, host_server, nsload, seconds, record_proper
     with open(f"/tmp/nsnet-soak-{int(seconds)}s.json", "w") as f:
         json.dump(dict(report, raw=s), f)
     assert len(s) >= 5
+    assert not failures, failures  # nothing lost
     assert info(net.api)["forwarder_pid"] == fwd and info(net.api)["restarts"] == 0
     # Bounded at all times (a UDP socket per recent flow, a few MB of buffers).
     for who in ("supervisor", "forwarder"):
