@@ -28,6 +28,10 @@ class build_py_with_commit(build_py):
 
 
 setup(
-    cffi_modules=["nsnet/_slirp_build.py:ffibuilder", "nsnet/_seccomp_build.py:ffibuilder"],
+    cffi_modules=[
+        "nsnet/_slirp_build.py:ffibuilder",
+        "nsnet/_seccomp_build.py:ffibuilder",
+        "nsnet/_relay_build.py:ffibuilder",
+    ],
     cmdclass={"build_py": build_py_with_commit},
 )

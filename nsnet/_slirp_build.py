@@ -141,6 +141,8 @@ struct nsnet_stats {
     uint64_t tx_gso_frames;
     uint64_t guest_errors;
     uint64_t loop_turns;
+    uint64_t rx_mss_raised;
+    uint64_t tx_fragmented;
 };
 struct nsnet_dp;
 struct nsnet_dp *nsnet_dp_new(const SlirpConfig *cfg, int tap_fd, int ctl_fd,
@@ -156,6 +158,12 @@ int nsnet_frame_check(const uint8_t *frame, size_t len);
 #define NSNET_FRAME_REASSEMBLED ...
 const uint8_t *nsnet_frame_reassembled(size_t *len);
 int nsnet_vnet_complete_csum(const uint8_t *hdr, uint8_t *frame, size_t len);
+void nsnet_vnet_fill_tx(uint8_t *hdr, const uint8_t *frame, size_t len,
+                        int tap_mtu, int *is_gso);
+int nsnet_raise_syn_mss(uint8_t *frame, size_t len, int tap_mtu, int slirp_mtu);
+typedef int (*nsnet_emit_fn)(const uint8_t *frame, size_t len, void *opaque);
+int nsnet_tx_fragment(const uint8_t *frame, size_t len, int tap_mtu, uint32_t ident,
+                      nsnet_emit_fn emit, void *opaque);
 """
 
 

@@ -31,7 +31,7 @@ class ApiBackend(Protocol):
 
     def api_list_forwards(self) -> list[tuple[int, Forward]]: ...
 
-    def api_info(self) -> dict[str, Any]: ...
+    def api_info(self, interface: bool = False) -> dict[str, Any]: ...
 
     def api_stats(self) -> dict[str, Any]: ...
 
@@ -105,6 +105,17 @@ def _add_hostfwd(args: dict[str, Any], backend: ApiBackend) -> Any:
     proto = args.get("proto")
     if not isinstance(proto, str):
         raise ApiError("add_hostfwd: bad arguments.proto")
+    # nsnet extra "mode": "splice" is the fast path (docs/fastpath.md): it
+    # connects to the guest port on the namespace's loopback by default.
+    mode = args.get("mode")
+    mode = "slirp" if mode in (None, "") else mode
+    if mode not in ("slirp", "splice"):
+        raise ApiError("add_hostfwd: bad arguments.mode")
+    if mode == "splice" and proto == "udp":
+        raise ApiError("add_hostfwd: bad arguments.mode: splice is for tcp only")
+    defaults = ({"default_guest": "127.0.0.1", "default_guest6": "::1"} if mode == "splice" else
+                {"default_guest": backend.default_guest_addr,
+                 "default_guest6": backend.default_guest_addr6})
     fields: dict[str, Any] = {}
     for name in ("host_addr", "guest_addr"):
         value = args.get(name, "")
@@ -119,8 +130,7 @@ def _add_hostfwd(args: dict[str, Any], backend: ApiBackend) -> Any:
             raise ApiError(f"add_hostfwd: bad arguments.{name}")
         fields[name] = num
     try:
-        fwd = make_forward(proto, default_guest=backend.default_guest_addr,
-                           default_guest6=backend.default_guest_addr6, **fields)
+        fwd = make_forward(proto, mode=mode, **defaults, **fields)
     except ForwardError as e:
         raise ApiError(f"add_hostfwd: bad arguments.{e}") from None
     try:
@@ -138,6 +148,7 @@ def _entry(fid: int, fwd: Forward) -> dict[str, Any]:
         "host_port": fwd.host_port,
         "guest_addr": fwd.guest_addr,
         "guest_port": fwd.guest_port,
+        **({"mode": fwd.mode} if fwd.is_splice else {}),
     }
 
 
@@ -176,12 +187,10 @@ def handle(data: bytes, backend: ApiBackend) -> bytes:
         if execute == "remove_hostfwd":
             return encode(_remove_hostfwd(args, backend))
         if execute == "get_info":
-            return encode({"return": backend.api_info()})
+            # "interface": true adds the TAP's state as the namespace sees it
+            return encode({"return": backend.api_info(interface=args.get("interface") is True)})
         if execute == "get_stats":
-            try:
-                return encode({"return": backend.api_stats()})
-            except ForwardError:
-                raise ApiError("get_stats: forwarder not answering") from None
+            return encode({"return": backend.api_stats()})
         raise ApiError("unknown execute")
     except ApiError as e:
         return error_reply(str(e))

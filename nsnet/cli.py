@@ -50,8 +50,10 @@ User-mode networking for unprivileged network namespaces.
 -v, --version            show version and exit
 
 nsnet options:
---offload                TAP offloads (TSO, checksum) between the namespace and nsnet
---no-offload             no TAP offloads (default)
+--no-egress              nothing leaves the namespace (libslirp's restricted mode);
+                         forwarded ports still work
+--offload                TAP offloads (TSO, checksum) between the namespace and nsnet (default)
+--no-offload             no TAP offloads: plain frames of at most the MTU on the TAP
 --ignore-target-exit     keep running when the target PID exits (slirp4netns's behaviour)
 --max-restarts=N         forwarder restarts allowed within the window (default=5)
 --restart-window=SECONDS the window for --max-restarts (default=60)
@@ -84,6 +86,7 @@ LONG_OPTS = [
     "help",
     "version",
     # nsnet's own
+    "no-egress",
     "offload",
     "no-offload",
     "ignore-target-exit",
@@ -185,7 +188,8 @@ def parse(argv: list[str]):
     disable_dns = False
     mac = None
     target_type = "netns"
-    offload = False
+    offload = True
+    no_egress = False
     exit_with_target = True
     max_restarts = 5
     restart_window = 60.0
@@ -241,6 +245,8 @@ def parse(argv: list[str]):
             mac = val
         elif opt == "--target-type":
             target_type = val
+        elif opt == "--no-egress":
+            no_egress = True
         elif opt == "--offload":
             offload = True
         elif opt == "--no-offload":
@@ -324,6 +330,7 @@ def parse(argv: list[str]):
         outbound_addr=out4,
         outbound_addr6=out6,
         offload=offload,
+        restricted=no_egress,
     )
     from . import log
 

@@ -22,10 +22,17 @@ class Forward:
     host_port: int
     guest_addr: str
     guest_port: int
+    # nsnet extra: "slirp" (libslirp's forward, the default) or "splice"
+    # (the fast path, nsnet/fastpath.py; tcp only)
+    mode: str = "slirp"
 
     @property
     def is_udp(self) -> bool:
         return self.proto == "udp"
+
+    @property
+    def is_splice(self) -> bool:
+        return self.mode == "splice"
 
     def key(self) -> tuple[str, str, int]:
         return (self.proto, self.host_addr, self.host_port)
@@ -43,6 +50,7 @@ def make_forward(
     *,
     default_guest: str,
     default_guest6: str | None = None,
+    mode: str = "slirp",
 ) -> Forward:
     """Validate and normalise a forward; empty addresses take the defaults
     (host 0.0.0.0; guest the namespace's IPv4 address, or for an IPv6 host
@@ -68,7 +76,7 @@ def make_forward(
         raise ForwardError("guest_addr")
     if not _is_port(guest_port):
         raise ForwardError("guest_port")
-    return Forward(proto, str(h), int(host_port), str(g), int(guest_port))
+    return Forward(proto, str(h), int(host_port), str(g), int(guest_port), mode)
 
 
 def _is_port(value: object) -> bool:
@@ -100,6 +108,10 @@ class ForwardTable:
 
     def items(self) -> list[tuple[int, Forward]]:
         return sorted(self._entries.items())
+
+    def libslirp_items(self) -> list[tuple[int, Forward]]:
+        """The forwards the libslirp forwarder serves (not the fast path's)."""
+        return [(fid, f) for fid, f in self.items() if not f.is_splice]
 
     def __len__(self) -> int:
         return len(self._entries)

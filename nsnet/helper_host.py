@@ -10,6 +10,11 @@ stall the data path.
 Exit codes: 0 when the supervisor closes the control socket, 1 when
 libslirp refuses the configuration, 3 when the TAP fails (interface
 deleted inside the namespace), 4 when poll(2) fails.
+
+Fault injection (tests, docs/lifecycle.md): when the environment variable
+NSNET_FAULT_FORWARDER_START names a file that exists when a forwarder
+starts, that forwarder reports a start failure and exits 1 (so a test can
+make every restart fail from outside, by creating the file).
 """
 
 from __future__ import annotations
@@ -20,10 +25,9 @@ import os
 import resource
 import signal
 import socket
-import sys
 from typing import Any
 
-from . import linux
+from . import linux, log
 from .forwards import Forward
 from .netconfig import NetConfig
 from .slirp import RUN_CONTROL, RUN_POLL_ERROR, RUN_TAP_ERROR, Slirp, SlirpError
@@ -33,6 +37,8 @@ EXIT_SLIRP_FAILED = 1
 EXIT_TAP_ERROR = 3
 EXIT_POLL_ERROR = 4
 EXIT_SANDBOX_FAILED = 5
+
+FAULT_START_ENV = "NSNET_FAULT_FORWARDER_START"
 
 # How long one C-loop turn may run before Python gets control back even
 # when nothing happens on the control socket.
@@ -145,8 +151,8 @@ class Forwarder:
             elif rc == RUN_TAP_ERROR:
                 err = self.slirp.tap_error()
                 _send(self.ctl, {"event": "tap_error", "error": err})
-                print(f"nsnet: forwarder: TAP failed ({err}): the interface is gone",
-                      file=sys.stderr)
+                log.get("nsnet.forwarder").error(
+                    f"forwarder: TAP failed ({err}): the interface is gone")
                 return EXIT_TAP_ERROR
             elif rc == RUN_POLL_ERROR:
                 _send(self.ctl, {"event": "poll_error"})
@@ -166,6 +172,10 @@ def main(net: NetConfig, tap_fd: int, ctl: socket.socket,
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     os.set_blocking(tap_fd, False)
+    fault = os.environ.get(FAULT_START_ENV)
+    if fault and os.path.exists(fault):
+        _send(ctl, {"event": "failed", "error": f"injected start failure ({FAULT_START_ENV})"})
+        return EXIT_SLIRP_FAILED
     # Every guest connection is a host socket: allow as many as permitted.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:

@@ -19,6 +19,7 @@ import socket
 import struct
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 from . import fdpass, linux
 from .netconfig import NetConfig
@@ -49,23 +50,11 @@ class Target:
 
 
 def _configure(tapname: str, net: NetConfig) -> None:
-    """lo up; TAP MTU, MAC, up; guest address; default route (and IPv6
-    router advertisements accepted, for SLAAC)."""
-    from pyroute2 import IPRoute  # heavy import: only in the child, only with -c
+    """Plain rtnetlink (rtnl.py) on the path to ready: pyroute2's import
+    alone would triple nsnet's time to ready."""
+    from .rtnl import configure
 
-    with IPRoute() as ipr:
-        lo = ipr.link_lookup(ifname="lo")
-        if lo:
-            ipr.link("set", index=lo[0], state="up")
-        idx = ipr.link_lookup(ifname=tapname)[0]
-        ipr.link("set", index=idx, mtu=net.mtu)
-        if net.mac:
-            ipr.link("set", index=idx, address=":".join(f"{b:02x}" for b in net.mac))
-        ipr.link("set", index=idx, state="up")
-        ipr.addr("add", index=idx, address=str(net.guest), prefixlen=net.cidr.prefixlen,
-                 broadcast=str(net.cidr.broadcast_address))
-        # proto boot (3), as `ip route add` and the SIOCADDRT ioctl set it
-        ipr.route("add", dst="0.0.0.0/0", gateway=str(net.gateway), oif=idx, proto=3)
+    configure(tapname, net)
 
 
 def _ifindex(tapname: str) -> int:
@@ -87,19 +76,21 @@ def _mac(tapname: str) -> str | None:
     return ifr[18:24].hex()
 
 
-def _child(target: Target, tapname: str, net: NetConfig, configure: bool,
-           sock: socket.socket) -> int:
+def enter_namespaces(target: Target) -> bool:
+    """Join the target's user (if any) and network namespaces; False, with
+    the reason printed on stderr, if that failed.  Only in a freshly forked,
+    single-threaded child (also used by the fast path's connector)."""
     try:
         netfd = os.open(target.netns, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         print(f"{target.netns}: {e.strerror}", file=sys.stderr)
-        return 1
+        return False
     if target.userns:
         try:
             userfd = os.open(target.userns, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             print(f"{target.userns}: {e.strerror}", file=sys.stderr)
-            return 1
+            return False
         try:
             linux.setns(userfd, linux.CLONE_NEWUSER)
         except OSError as e:
@@ -113,8 +104,12 @@ def _child(target: Target, tapname: str, net: NetConfig, configure: bool,
         linux.setns(netfd, linux.CLONE_NEWNET)
     except OSError as e:
         print(f"setns(net) {target.netns}: {e.strerror}", file=sys.stderr)
-        return 1
+        return False
     os.close(netfd)
+    return True
+
+
+def _child(tapname: str, net: NetConfig, configure: bool, sock: socket.socket) -> int:
     try:
         tapfd = linux.open_tap(tapname, vnet_hdr=net.offload)
     except OSError as e:
@@ -123,17 +118,17 @@ def _child(target: Target, tapname: str, net: NetConfig, configure: bool,
     if configure:
         try:
             _configure(tapname, net)
-        except Exception as e:  # pyroute2 raises NetlinkError and friends
+        except OSError as e:
             print(f"cannot configure {tapname}: {e}", file=sys.stderr)
             return 1
     fdpass.send_fds(sock, {"ifindex": _ifindex(tapname), "mac": _mac(tapname)}, [tapfd])
     return 0
 
 
-def open_tap(target: Target, tapname: str, net: NetConfig, configure: bool,
-             timeout: float = 30.0) -> tuple[int, int, bytes | None]:
-    """Run the helper; return (TAP fd, ifindex, MAC) in the calling process.
-    Raises HelperError if the helper failed or timed out."""
+def _in_namespaces(target: Target, body: Callable[[socket.socket], int],
+                   timeout: float) -> tuple[dict | None, list[int], int]:
+    """Fork a child that enters the target's namespaces and runs body(sock);
+    return (its message, the fds it sent, its exit status)."""
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -143,7 +138,8 @@ def open_tap(target: Target, tapname: str, net: NetConfig, configure: bool,
         try:
             parent_sock.close()
             linux.set_pdeathsig()
-            code = _child(target, tapname, net, configure, child_sock)
+            if enter_namespaces(target):
+                code = body(child_sock)
         except BaseException as e:  # never return into the parent's code
             try:
                 print(f"namespace helper: {e}", file=sys.stderr)
@@ -163,13 +159,68 @@ def open_tap(target: Target, tapname: str, net: NetConfig, configure: bool,
             msg, fds = None, []
     finally:
         parent_sock.close()
-    status = _reap(pid, timeout)
+    return msg, fds, _reap(pid, timeout)
+
+
+def open_tap(target: Target, tapname: str, net: NetConfig, configure: bool,
+             timeout: float = 30.0) -> tuple[int, int, bytes | None]:
+    """Run the helper; return (TAP fd, ifindex, MAC) in the calling process.
+    Raises HelperError if the helper failed or timed out."""
+    msg, fds, status = _in_namespaces(
+        target, lambda sock: _child(tapname, net, configure, sock), timeout)
     if msg is None or not fds or status != 0:
         for fd in fds:
             os.close(fd)
         raise HelperError(f"child failed({status})")
     mac = bytes.fromhex(msg["mac"]) if msg.get("mac") else None
     return fds[0], int(msg.get("ifindex", 0)), mac
+
+
+def _describe(tapname: str, sock: socket.socket) -> int:
+    """The interface as the namespace sees it, read with pyroute2 (off the
+    path to ready: its import costs ~90 ms)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        links = ipr.link_lookup(ifname=tapname)
+        if not links:
+            fdpass.send_fds(sock, {"error": f"no interface {tapname} in the namespace"}, [])
+            return 0
+        idx = links[0]
+        link = ipr.get_links(idx)[0]
+        addrs = [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(index=idx)]
+        routes = []
+        for r in ipr.get_routes(oif=idx, table=254):
+            dst = r.get("RTA_DST")
+            routes.append({
+                "dst": f"{dst}/{r['dst_len']}" if dst else "default",
+                "gateway": r.get("RTA_GATEWAY"),
+                "family": "inet6" if r["family"] == socket.AF_INET6 else "inet",
+            })
+        fdpass.send_fds(sock, {
+            "ifname": tapname,
+            "ifindex": idx,
+            "mtu": link.get("IFLA_MTU"),
+            "mac": link.get("IFLA_ADDRESS"),
+            "operstate": link.get("IFLA_OPERSTATE"),
+            "up": bool(link["flags"] & 1),
+            "addresses": addrs,
+            "routes": routes,
+        }, [])
+    return 0
+
+
+def describe_interface(target: Target, tapname: str, timeout: float = 10.0) -> dict:
+    """Report the TAP's state inside the namespace (for the API's get_info
+    with "interface": true). Raises HelperError when it cannot be read."""
+    msg, fds, status = _in_namespaces(target, lambda sock: _describe(tapname, sock), timeout)
+    for fd in fds:
+        os.close(fd)
+    if msg is None or status != 0:
+        raise HelperError(f"namespace helper failed({status})")
+    if "error" in msg:
+        raise HelperError(msg["error"])
+    return msg
 
 
 def _reap(pid: int, timeout: float) -> int:

@@ -36,7 +36,20 @@ STATS_FIELDS = (
     "tx_gso_frames",
     "guest_errors",
     "loop_turns",
+    "rx_mss_raised",
+    "tx_fragmented",
 )
+
+# libslirp's if_mtu with TAP offloads: libslirp then sends TCP segments of
+# up to this size (the namespace's SYNs get a matching MSS, see
+# csrc/offload.c), written as GSO frames the namespace's kernel cuts to
+# the TAP's MTU.
+OFFLOAD_SLIRP_MTU = 65520
+
+
+def slirp_mtu(net: NetConfig) -> int:
+    """The if_mtu/if_mru libslirp runs with for this configuration."""
+    return max(net.mtu, OFFLOAD_SLIRP_MTU) if net.offload else net.mtu
 
 
 class SlirpError(RuntimeError):
@@ -100,8 +113,8 @@ class Slirp:
             _set_in6(cfg, "vnameserver6", net.dns6)
         cfg.vdhcp_start = _in_addr(net.dhcp_start)
         cfg.vnameserver = _in_addr(net.dns)
-        cfg.if_mtu = net.mtu
-        cfg.if_mru = net.mtu
+        cfg.if_mtu = slirp_mtu(net)
+        cfg.if_mru = slirp_mtu(net)
         cfg.disable_host_loopback = net.disable_host_loopback
         cfg.enable_emu = False
         cfg.disable_dns = net.disable_dns

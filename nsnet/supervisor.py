@@ -3,16 +3,24 @@
 The `nsnet` process is the supervisor.  It runs the namespace helper once
 and keeps the TAP fd; it runs the forwarder (helper_host) as a child that
 gets the TAP fd; it owns the API socket and the canonical port-forward
-table, so both outlive any one forwarder.  One poll loop, no sleeps:
+table, so both outlive any one forwarder.  One poll loop, no sleeps: every
+wait is a poll(2) on an fd (signal wakeup pipe, exit-fd, target pidfd,
+forwarder pidfd and control socket, API sockets) with a timeout that is
+the nearest deadline (a restart back-off, a start timeout, an API client's
+deadline, the next watchdog ping).
 
-  event                     action                                  exit
-  exit-fd POLLHUP/ERR/NVAL  tear down                               0
-  SIGTERM, SIGINT, SIGHUP   tear down                               0
-  target PID exits          tear down (unless --keep-after-target)  0
-  forwarder dies            new forwarder on the same TAP fd,
-                            every forward re-added with its id      -
-  too many forwarder deaths tear down                               1
-  TAP gone                  tear down                               1
+  event                       action                                 exit
+  exit-fd POLLHUP/ERR/NVAL    tear down                              0
+  SIGTERM, SIGINT, SIGHUP     tear down                              0
+  target PID exits            tear down (not with --ignore-target-exit) 0
+  forwarder dies              new forwarder on the same TAP fd,
+                              every forward re-added with its id     -
+  more than --max-restarts
+  forwarder failures within
+  --restart-window seconds    tear down                              1
+  TAP gone                    tear down                              1
+
+docs/lifecycle.md has the full table and the restart policy.
 """
 
 from __future__ import annotations
@@ -20,29 +28,45 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import select
 import signal
 import socket
 import stat
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import api, helper_ns, linux, log, sdnotify
+from . import api, fastpath, helper_ns, linux, log, sdnotify
 from .forwards import Forward, ForwardError, ForwardTable
 from .netconfig import NetConfig, slaac_address
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 
+# The forwarder's exit status when its TAP fails (helper_host.EXIT_TAP_ERROR;
+# not imported: helper_host pulls in the cffi module).
+FORWARDER_EXIT_TAP_ERROR = 3
+
 FORWARDER_START_TIMEOUT = 10.0
 CONTROL_TIMEOUT = 5.0
 API_CLIENT_TIMEOUT = 5.0
 API_DRAIN_LIMIT = 1 << 20
 
+# Restart policy (docs/lifecycle.md).  A forwarder that was up and serving
+# for STABLE_S before it died is restarted at once; one that failed to
+# start, or died sooner, is restarted after a back-off that doubles from
+# BACKOFF_FIRST_S up to BACKOFF_MAX_S.  Every death counts towards
+# --max-restarts within --restart-window, however long the forwarder ran.
+STABLE_S = 1.0
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 2.0
+
 POLL_IN = select.POLLIN
 POLL_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
+TERM_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class SetupError(RuntimeError):
@@ -67,6 +91,8 @@ class Options:
     initial_forwards: list[Forward] = field(default_factory=list)
     # Called in the supervisor once the network is ready (nsnet run uses it).
     on_ready: Callable[["Supervisor"], None] | None = None
+    # Extra fds for the poll loop: fd -> handler(revents) (nsnet run's signalfd).
+    watch_fds: dict[int, Callable[[int], None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -78,16 +104,72 @@ class _ApiClient:
     drained: int = 0
 
 
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"killed by {name}"
+    return f"exit status {os.WEXITSTATUS(status)}"
+
+
 class _Forwarder:
-    """The running forwarder child, seen from the supervisor."""
+    """A forwarder child (starting or running), seen from the supervisor."""
 
     def __init__(self, pid: int, ctl: socket.socket, started: float) -> None:
         self.pid = pid
         self.ctl = ctl
-        self.pidfd = os.pidfd_open(pid)
-        self.started = started
+        self.started = started  # when it was spawned
+        self.ready_at: float | None = None  # when it said "ready"
+        self.deadline = started + FORWARDER_START_TIMEOUT
+        self.ctl_eof = False
         self.seq = 0
         self.events: list[dict[str, Any]] = []
+        self.status: int | None = None  # wait status once reaped
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except OSError:
+            ctl.close()
+            raise
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_at is not None
+
+    def receive(self, block_until: float | None = None) -> dict[str, Any] | None:
+        """One message from the forwarder, or None (nothing yet, or EOF:
+        then ctl_eof is set).  Waits until block_until at most."""
+        if self.ctl_eof:
+            return None
+        if block_until is not None:
+            left = max(0.0, block_until - time.monotonic())
+            r, _, _ = select.select([self.ctl], [], [], left)
+            if not r:
+                return None
+        try:
+            data = self.ctl.recv(65536, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            self.ctl_eof = True
+            return None
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            msg = {"event": "garbage"}
+        return msg if isinstance(msg, dict) else {"event": "garbage"}
+
+    def drain(self) -> None:
+        """Keep every event still queued (what it said before dying)."""
+        while True:
+            msg = self.receive()
+            if msg is None:
+                return
+            self.events.append(msg)
 
     def request(self, msg: dict[str, Any], timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
         """One request/reply round trip over the control socket."""
@@ -96,21 +178,30 @@ class _Forwarder:
         self.ctl.send(json.dumps(msg).encode())
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if time.monotonic() >= deadline:
                 raise TimeoutError("forwarder did not answer")
-            r, _, _ = select.select([self.ctl], [], [], left)
-            if not r:
+            reply = self.receive(block_until=deadline)
+            if reply is None:
+                if self.ctl_eof:
+                    raise ConnectionError("forwarder hung up")
                 continue
-            data = self.ctl.recv(65536)
-            if not data:
-                raise ConnectionError("forwarder hung up")
-            reply = json.loads(data)
             if "event" in reply:
                 self.events.append(reply)
                 continue
             if reply.get("reply_to") == self.seq:
                 return reply
+
+    def error_text(self) -> str:
+        return "; ".join(str(e["error"]) for e in self.events if e.get("error"))
+
+    def tap_error(self) -> str | None:
+        for e in self.events:
+            if e.get("event") == "tap_error":
+                return str(e.get("error"))
+        if (self.status is not None and os.WIFEXITED(self.status)
+                and os.WEXITSTATUS(self.status) == FORWARDER_EXIT_TAP_ERROR):
+            return "forwarder exit status 3"
+        return None
 
     def close(self) -> None:
         for closer in (self.ctl.close, lambda: os.close(self.pidfd)):
@@ -129,25 +220,35 @@ class Supervisor:
         self.ifindex = 0
         self.tap_mac: bytes | None = None
         self.fwd: _Forwarder | None = None
-        self.restarts = 0
-        self.restart_times: list[float] = []
+        self.restarts = 0  # forwarders started after the first one
+        self.failures: list[float] = []  # forwarder deaths and failed starts
+        self.quick_failures = 0  # consecutive, for the back-off
+        self.last_failure = ""
+        self.restart_at: float | None = None  # a restart waiting for its back-off
+        self.outage_since: float | None = None  # when the last forwarder died
         self.restart_latencies_ms: list[float] = []
+        self.inactive_forwards: set[int] = set()  # ids the forwarder could not re-add
         self.started = time.monotonic()
         self.api_sock: socket.socket | None = None
         self.api_ino: tuple[int, int] | None = None
         self.api_clients: dict[int, _ApiClient] = {}
         self.target_pidfd: int | None = None
         self.sigpipe_r = -1
+        self.sigpipe_w = -1
         self.pending_signal: int | None = None
         self.exit_code: int | None = None
         self.exit_reason = ""
+        self.exit_since: float | None = None  # when the exit event was seen
         self.notify = sdnotify.Notifier.from_env()
         self.ready = False
+        self.pidfile_written = False
+        self.fastpath = fastpath.FastPath(opts.target)  # splice forwards: nsnet/fastpath.py
 
     # -- set-up ------------------------------------------------------------
 
     def setup(self) -> None:
         o = self.opts
+        self._install_signals()
         if o.target.pid is not None:
             try:
                 self.target_pidfd = os.pidfd_open(o.target.pid)
@@ -165,8 +266,11 @@ class Supervisor:
             self._bind_api(o.api_socket)
         for f in o.initial_forwards:
             self.forwards.add(f)
-        self._install_signals()
-        self._start_forwarder(initial=True)
+        self._start_first_forwarder()
+        try:  # fast-path (splice) forwards: nsnet/fastpath.py
+            self.fastpath.add_initial(self.forwards.items())
+        except ForwardError as e:
+            raise SetupError(f"cannot publish a port: {e}") from None
         if o.pidfile:
             self._write_pidfile(o.pidfile)
 
@@ -207,43 +311,77 @@ class Supervisor:
         self.api_ino = (st.st_dev, st.st_ino)
 
     def _install_signals(self) -> None:
+        """Termination signals only set a flag and wake the poll loop (the
+        wakeup fd); they are installed first, so a SIGTERM during set-up
+        still ends in a clean teardown."""
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.sigpipe_r = r
+        self.sigpipe_r, self.sigpipe_w = r, w
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
 
         def on_signal(signum: int, _frame: object) -> None:
             if self.pending_signal is None:
                 self.pending_signal = signum
 
-        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for s in TERM_SIGNALS:
             signal.signal(s, on_signal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     def _write_pidfile(self, path: str) -> None:
         tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise SetupError(f"cannot write pidfile {path}: {e.strerror}") from None
+        self.pidfile_written = True
 
-    # -- the forwarder -----------------------------------------------------
+    def _remove_pidfile(self) -> None:
+        path = self.opts.pidfile
+        if not path or not self.pidfile_written:
+            return
+        try:
+            with open(path) as f:
+                mine = f.read().strip() == str(os.getpid())
+            if mine:
+                os.unlink(path)
+        except OSError:
+            pass
+
+    # -- the forwarder: spawning -------------------------------------------
 
     def _spawn_forwarder(self) -> _Forwarder:
+        """Fork a forwarder; raises OSError if the fork or its sockets fail."""
         from . import helper_host
 
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        me = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError:
+            parent.close()
+            child.close()
+            raise
         if pid == 0:
             code = 1
             try:
+                # Dies with the supervisor, even if it died before prctl.
+                linux.set_pdeathsig(signal.SIGKILL)
+                if os.getppid() != me:
+                    os._exit(1)
                 parent.close()
-                self._close_in_child()
-                code = helper_host.main(self.opts.net, self.tap_fd, child, self.forwards.items(),
+                self._close_in_child(keep=(self.tap_fd, child.fileno()))
+                code = helper_host.main(self.opts.net, self.tap_fd, child, self.forwards.libslirp_items(),
                                         sandbox=self.opts.sandbox, seccomp=self.opts.seccomp)
             except BaseException as e:
                 try:
-                    print(f"nsnet: forwarder: {e!r}", file=sys.stderr)
+                    log.get("nsnet.forwarder").error(f"forwarder: {e!r}")
                 except BaseException:
                     pass
             finally:
@@ -252,148 +390,196 @@ class Supervisor:
                 finally:
                     os._exit(code)
         child.close()
-        return _Forwarder(pid, parent, time.monotonic())
+        try:
+            return _Forwarder(pid, parent, time.monotonic())
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
 
-    def _close_in_child(self) -> None:
-        """What the forwarder must not hold: the API socket, the signal
-        pipe, the caller's fds."""
+    def _close_in_child(self, keep: tuple[int, ...]) -> None:
+        """In the forked forwarder: default signal dispositions, and no fd
+        but stdio, the TAP and its control socket (not the API socket, the
+        signal pipe, the exit-fd, the target pidfd, API clients, the
+        notify socket, a previous forwarder's pidfd...)."""
         signal.set_wakeup_fd(-1)
-        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for s in TERM_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
-        fds = [self.sigpipe_r, self.target_pidfd, self.opts.exit_fd, self.opts.ready_fd]
-        if self.api_sock is not None:
-            fds.append(self.api_sock.fileno())
-        fds += list(self.api_clients)
-        for fd in fds:
-            if fd is not None and fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        lo = 3
+        for fd in sorted(set(keep)):
+            if fd >= lo:
+                os.closerange(lo, fd)
+                lo = fd + 1
+        os.closerange(lo, 1 << 20)  # close_range(2) where available
 
-    def _start_forwarder(self, initial: bool) -> None:
-        t0 = time.monotonic()
-        fwd = self._spawn_forwarder()
-        ready = self._await_ready(fwd)
-        if ready is None:
-            status = self._kill_and_reap(fwd)
-            reason = "; ".join(e.get("error", "") for e in fwd.events if e.get("error"))
-            fwd.close()
-            raise SetupError(f"forwarder failed to start ({reason or status})")
+    def _start_first_forwarder(self) -> None:
+        """The first start is synchronous and must succeed (exit 1 if not,
+        as slirp4netns exits 1 when slirp_new fails)."""
+        try:
+            fwd = self._spawn_forwarder()
+        except OSError as e:
+            raise SetupError(f"cannot start the forwarder: {e.strerror or e}") from None
+        while not fwd.ready and not fwd.ctl_eof and time.monotonic() < fwd.deadline:
+            msg = fwd.receive(block_until=fwd.deadline)
+            if msg is None:
+                continue
+            self._on_forwarder_message(fwd, msg)
+            if msg.get("event") == "failed":
+                break
+        if not fwd.ready:
+            self._stop_forwarder(fwd)
+            why = fwd.error_text() or (
+                _describe_status(fwd.status) if fwd.status is not None else "no answer")
+            raise SetupError(f"forwarder failed to start ({why})")
         self.fwd = fwd
-        for fid in ready.get("failed_forwards", []):
+
+    def _on_forwarder_message(self, fwd: _Forwarder, msg: dict[str, Any]) -> None:
+        fwd.events.append(msg)
+        if msg.get("event") != "ready" or fwd.ready:
+            return
+        fwd.ready_at = time.monotonic()
+        failed = msg.get("failed_forwards", [])
+        self.inactive_forwards = set(failed)
+        for fid in failed:
             f = self.forwards.get(fid)
             self.log.warning(f"port forward {fid} ({f}) could not be re-added")
-        if not initial:
-            self.restart_latencies_ms.append((time.monotonic() - t0) * 1000)
+        if fwd is not self.fwd or self.outage_since is None:
+            return  # the first forwarder
+        ms = (fwd.ready_at - self.outage_since) * 1000
+        self.outage_since = None
+        self.restart_latencies_ms.append(ms)
+        self.restarts += 1
+        self.log.info(
+            f"forwarder restarted (pid {fwd.pid}, {ms:.1f} ms after the last one died, "
+            f"{len(self.forwards) - len(failed)} of {len(self.forwards)} forwards re-added, "
+            f"restart {self.restarts})",
+            extra={"fields": {"event": "forwarder_restarted", "forwarder_pid": fwd.pid,
+                              "restart_ms": round(ms, 3), "restarts": self.restarts,
+                              "forwards": len(self.forwards),
+                              "forwards_failed": len(failed)}})
+        self.notify.send(f"STATUS=network ready on {self.opts.tapname}; forwarder restarted "
+                         f"({self.restarts} restarts, last took {ms:.0f} ms)")
 
-    def _await_ready(self, fwd: _Forwarder) -> dict[str, Any] | None:
-        deadline = time.monotonic() + FORWARDER_START_TIMEOUT
-        while time.monotonic() < deadline:
-            r, _, _ = select.select([fwd.ctl], [], [], deadline - time.monotonic())
-            if not r:
-                break
+    def _stop_forwarder(self, fwd: _Forwarder, grace: float = 1.0) -> None:
+        """Stop a forwarder (SIGTERM, then SIGKILL), reap it, close its fds."""
+        if fwd.status is None:
             try:
-                data = fwd.ctl.recv(65536)
-            except OSError:
-                return None
-            if not data:
-                return None
-            msg = json.loads(data)
-            fwd.events.append(msg)
-            if msg.get("event") == "ready":
-                return msg
-            if msg.get("event") == "failed":
-                return None
-        return None
-
-    def _kill_and_reap(self, fwd: _Forwarder, grace: float = 1.0) -> str:
-        """Stop a forwarder (SIGTERM, then SIGKILL) and reap it."""
-        try:
-            os.kill(fwd.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        r, _, _ = select.select([fwd.pidfd], [], [], grace)
-        if not r:
-            try:
-                os.kill(fwd.pid, signal.SIGKILL)
+                os.kill(fwd.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-            select.select([fwd.pidfd], [], [], 5.0)
-        return self._reap(fwd)
+            r, _, _ = select.select([fwd.pidfd], [], [], grace)
+            if not r:
+                try:
+                    os.kill(fwd.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                select.select([fwd.pidfd], [], [], 5.0)
+            self._reap(fwd)
+        fwd.drain()
+        fwd.close()
 
-    def _reap(self, fwd: _Forwarder) -> str:
+    def _reap(self, fwd: _Forwarder) -> None:
         try:
-            _, status = os.waitpid(fwd.pid, 0)
+            _, fwd.status = os.waitpid(fwd.pid, 0)
         except ChildProcessError:
-            return "already reaped"
-        if os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
-            try:
-                name = signal.Signals(sig).name
-            except ValueError:
-                name = str(sig)
-            return f"killed by {name}"
-        return f"exit status {os.WEXITSTATUS(status)}"
+            fwd.status = 0
+
+    # -- the forwarder: deaths and restarts ---------------------------------
 
     def _on_forwarder_exit(self) -> None:
         fwd = self.fwd
         assert fwd is not None
         self.fwd = None
-        how = self._reap(fwd)
-        # Collect what it said before dying.
-        try:
-            while True:
-                data = fwd.ctl.recv(65536, socket.MSG_DONTWAIT)
-                if not data:
-                    break
-                fwd.events.append(json.loads(data))
-        except (OSError, ValueError):
-            pass
+        now = time.monotonic()
+        self._reap(fwd)
+        fwd.drain()
         fwd.close()
-        tap_errors = [e for e in fwd.events if e.get("event") == "tap_error"]
-        if tap_errors:
+        how = _describe_status(fwd.status or 0)
+        tap = fwd.tap_error()
+        if tap is not None:
             self._finish(EXIT_FAILURE,
-                         f"TAP {self.opts.tapname} failed ({tap_errors[0].get('error')}): "
-                         "the interface is gone from the namespace")
+                         f"TAP {self.opts.tapname} failed ({tap}): the interface is gone "
+                         "from the namespace")
             return
-        now = time.monotonic()
-        lived = now - fwd.started
-        self.restart_times = [t for t in self.restart_times if now - t < self.opts.restart_window]
-        self.restart_times.append(now)
-        if len(self.restart_times) > self.opts.max_restarts:
-            self._finish(EXIT_FAILURE,
-                         f"forwarder died {len(self.restart_times)} times in "
-                         f"{self.opts.restart_window:g} s (last: {how}); giving up")
-            return
-        self.log.warning(f"forwarder (pid {fwd.pid}) died ({how}) after {lived:.1f} s; restarting")
-        if lived < 1.0 and len(self.restart_times) > 1:
-            # A crash loop: back off a little before the next attempt.
-            time.sleep(min(0.05 * 2 ** (len(self.restart_times) - 2), 2.0))
-        try:
-            self._start_forwarder(initial=False)
-        except SetupError as e:
-            self._on_restart_failed(str(e))
-            return
-        self.restarts += 1
-        self.log.info(f"forwarder restarted (pid {self.fwd.pid if self.fwd else '?'}, "
-                      f"{self.restart_latencies_ms[-1]:.1f} ms, {len(self.forwards)} forwards)")
-        self.notify.send(f"STATUS=forwarder restarted ({self.restarts} restarts)")
+        if self.outage_since is None:
+            self.outage_since = now
+        if fwd.ready:
+            lived = now - fwd.ready_at  # type: ignore[operator]
+            why = f"forwarder (pid {fwd.pid}) died ({how}) after {lived:.1f} s"
+            if fwd.error_text():
+                why += f": {fwd.error_text()}"
+            quick = lived < STABLE_S
+        else:
+            detail = fwd.error_text() or how
+            why = f"forwarder (pid {fwd.pid}) failed to start ({detail})"
+            quick = True
+        self._on_failure(why, quick, now)
 
-    def _on_restart_failed(self, why: str) -> None:
-        now = time.monotonic()
-        self.restart_times.append(now)
-        recent = [t for t in self.restart_times if now - t < self.opts.restart_window]
-        if len(recent) > self.opts.max_restarts:
-            self._finish(EXIT_FAILURE, f"forwarder cannot start: {why}; giving up")
+    def _on_failure(self, why: str, quick: bool, now: float) -> None:
+        """Count a failure; give up, or schedule the next start."""
+        window = self.opts.restart_window
+        self.failures = [t for t in self.failures if now - t < window] + [now]
+        self.last_failure = why
+        if len(self.failures) > self.opts.max_restarts:
+            self._finish(EXIT_FAILURE,
+                         f"forwarder failed {len(self.failures)} times within {window:g} s "
+                         f"(--max-restarts={self.opts.max_restarts}); giving up; "
+                         f"last failure: {why}")
             return
-        self.log.warning(f"forwarder restart failed: {why}; retrying")
-        time.sleep(min(0.05 * 2 ** (len(recent) - 1), 2.0))
+        if quick:
+            delay = 0.0 if self.quick_failures == 0 else min(
+                BACKOFF_FIRST_S * 2 ** (self.quick_failures - 1), BACKOFF_MAX_S)
+            self.quick_failures += 1
+        else:
+            delay = 0.0
+            self.quick_failures = 0
+        self.log.warning(f"{why}; restarting" + (f" in {delay * 1000:.0f} ms" if delay else ""),
+                         extra={"fields": {"event": "forwarder_failed", "reason": why,
+                                           "restart_delay_ms": round(delay * 1000, 1)}})
+        self.restart_at = now + delay
+
+    def _restart_forwarder(self) -> None:
+        self.restart_at = None
         try:
-            self._start_forwarder(initial=False)
-            self.restarts += 1
-        except SetupError as e:
-            self._on_restart_failed(str(e))
+            self.fwd = self._spawn_forwarder()
+        except OSError as e:
+            self._on_failure(f"cannot start a forwarder: {e.strerror or e}", True,
+                             time.monotonic())
+
+    def _on_forwarder_readable(self) -> None:
+        fwd = self.fwd
+        if fwd is None:
+            return
+        msg = fwd.receive()
+        if msg is not None:
+            self._on_forwarder_message(fwd, msg)
+
+    def _check_start_timeout(self, now: float) -> None:
+        fwd = self.fwd
+        if fwd is not None and not fwd.ready and now >= fwd.deadline:
+            fwd.events.append({"event": "failed", "error": "not ready within "
+                               f"{FORWARDER_START_TIMEOUT:g} s"})
+            try:
+                os.kill(fwd.pid, signal.SIGKILL)  # its pidfd reports the death
+            except ProcessLookupError:
+                pass
+            fwd.deadline = float("inf")
+
+    def _ready_forwarder(self) -> _Forwarder:
+        """The running forwarder for an API request.  If one is starting,
+        wait for it (bounded): a request during a restart is answered once
+        the new forwarder is up."""
+        fwd = self.fwd
+        if fwd is None:
+            raise ForwardError("forwarder not running (restart pending)")
+        while not fwd.ready and not fwd.ctl_eof and time.monotonic() < fwd.deadline:
+            msg = fwd.receive(block_until=min(fwd.deadline, time.monotonic() + CONTROL_TIMEOUT))
+            if msg is not None:
+                self._on_forwarder_message(fwd, msg)
+        if not fwd.ready:
+            raise ForwardError("forwarder not running (starting)")
+        return fwd
 
     # -- the API (called by api.handle) -------------------------------------
 
@@ -409,14 +595,27 @@ class Supervisor:
         return str(slaac_address(self.opts.net.prefix6, self.tap_mac))
 
     def _forwarder_request(self, msg: dict[str, Any]) -> dict[str, Any]:
-        if self.fwd is None:
-            raise ForwardError("forwarder not running")
+        fwd = self._ready_forwarder()
         try:
-            return self.fwd.request(msg)
-        except (OSError, TimeoutError, ValueError) as e:
+            return fwd.request(msg)
+        except TimeoutError:
+            # Its loop answers between turns of at most a second: it hangs.
+            # Kill it; its pidfd brings the restart.
+            self.log.warning(f"forwarder (pid {fwd.pid}) did not answer within "
+                             f"{CONTROL_TIMEOUT:g} s; killing it")
+            fwd.events.append({"event": "failed", "error": "hung (no answer)"})
+            try:
+                os.kill(fwd.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            raise ForwardError("forwarder: did not answer") from None
+        except (OSError, ValueError) as e:
             raise ForwardError(f"forwarder: {e}") from None
 
     def api_add_forward(self, fwd: Forward) -> int:
+        if fwd.is_splice:  # the fast path: nsnet/fastpath.py
+            self.fastpath.add(fwd)
+            return self.forwards.add(fwd)
         reply = self._forwarder_request({"op": "add", "forward": fwd.to_dict()})
         if not reply.get("ok"):
             raise ForwardError(reply.get("error", "failed"))
@@ -428,27 +627,45 @@ class Supervisor:
         fwd = self.forwards.get(fid)
         if fwd is None:
             raise KeyError(fid)
-        reply = self._forwarder_request({"op": "remove", "forward": fwd.to_dict()})
-        if not reply.get("ok"):
-            raise ForwardError(reply.get("error", "failed"))
+        if fwd.is_splice:  # the fast path: nsnet/fastpath.py
+            self.fastpath.remove(fwd)
+            self.forwards.remove(fid)
+            return
+        if fid not in self.inactive_forwards:  # else libslirp does not have it
+            reply = self._forwarder_request({"op": "remove", "forward": fwd.to_dict()})
+            if not reply.get("ok"):
+                raise ForwardError(reply.get("error", "failed"))
+        self.inactive_forwards.discard(fid)
         self.forwards.remove(fid)
 
     def api_list_forwards(self) -> list[tuple[int, Forward]]:
         return self.forwards.items()
 
-    def api_info(self) -> dict[str, Any]:
+    def _forwarder_state(self) -> str:
+        if self.fwd is not None:
+            return "running" if self.fwd.ready else "starting"
+        return "restarting" if self.restart_at is not None else "stopped"
+
+    def api_info(self, interface: bool = False) -> dict[str, Any]:
         from . import __version__, slirp
 
         net = self.opts.net
+        now = time.monotonic()
+        fwd = self.fwd
+        lat = self.restart_latencies_ms
         info: dict[str, Any] = {
             "version": __version__,
             "libslirp": slirp.version(),
             "supervisor_pid": os.getpid(),
-            "forwarder_pid": self.fwd.pid if self.fwd else None,
+            "forwarder_pid": fwd.pid if fwd else None,
+            "forwarder_state": self._forwarder_state(),
+            "forwarder_uptime_s": (round(now - fwd.ready_at, 3)
+                                   if fwd is not None and fwd.ready_at is not None else None),
             "target": {
                 "pid": self.opts.target.pid,
                 "netns": self.opts.target.netns,
                 "userns": self.opts.target.userns,
+                "exit_with_target": self.opts.exit_with_target and self.target_pidfd is not None,
             },
             "tap": {"name": self.opts.tapname, "ifindex": self.ifindex,
                     "mac": ":".join(f"{b:02x}" for b in self.tap_mac) if self.tap_mac else None},
@@ -459,21 +676,49 @@ class Supervisor:
             "dns": str(net.dns),
             "ipv6": net.ipv6,
             "offload": net.offload,
+            "api_socket": self.opts.api_socket,
+            "inactive_forwards": sorted(self.inactive_forwards),
             "restarts": self.restarts,
-            "uptime_s": round(time.monotonic() - self.started, 3),
+            "restart_latency_ms": {
+                "last": round(lat[-1], 3) if lat else None,
+                "median": round(statistics.median(lat), 3) if lat else None,
+                "max": round(max(lat), 3) if lat else None,
+            },
+            "restart_policy": {"max_restarts": self.opts.max_restarts,
+                               "window_s": self.opts.restart_window,
+                               "recent_failures": len([t for t in self.failures
+                                                       if now - t < self.opts.restart_window])},
+            "last_failure": self.last_failure or None,
+            "uptime_s": round(now - self.started, 3),
         }
         if net.ipv6:
             info.update(gateway6=str(net.gateway6), dns6=str(net.dns6),
                         prefix6=f"{net.prefix6}/64", guest6=self.default_guest_addr6)
+        if interface:
+            try:
+                info["interface"] = helper_ns.describe_interface(self.opts.target,
+                                                                 self.opts.tapname)
+            except helper_ns.HelperError as e:
+                info["interface"] = {"error": str(e)}
         return info
 
     def api_stats(self) -> dict[str, Any]:
-        reply = self._forwarder_request({"op": "stats"})
+        try:
+            reply = self._forwarder_request({"op": "stats"})
+        except ForwardError as e:
+            raise api.ApiError(f"get_stats: {e}") from None
         if not reply.get("ok"):
-            raise ForwardError(reply.get("error", "failed"))
-        conns = [line for line in reply.get("connections", "").splitlines()[1:] if line.strip()]
-        return dict(reply["stats"], active_connections=reply.get("connections_total", len(conns)),
-                    connections=conns, restarts=self.restarts)
+            raise api.ApiError(f"get_stats: {reply.get('error', 'failed')}")
+        conns = parse_connection_info(reply.get("connections", ""))
+        active = [c for c in conns if c["state"] != "HOST_FORWARD"]
+        n_active = len(active)
+        total = reply.get("connections_total")
+        if isinstance(total, int) and total > len(conns):
+            # The forwarder lists at most STATS_MAX_CONNECTIONS sockets: count the rest.
+            n_active += total - len(conns)
+        return dict(reply["stats"], forwarder_pid=self.fwd.pid if self.fwd else None,
+                    active_connections=n_active, connections=conns,
+                    restarts=self.restarts)
 
     # -- API socket handling (non-blocking, in the poll loop) --------------
 
@@ -512,7 +757,11 @@ class Supervisor:
 
     def _api_answer(self, fd: int, request: bytes, eof: bool) -> None:
         c = self.api_clients[fd]
-        reply = api.handle(request, self)
+        try:
+            reply = api.handle(request, self)
+        except Exception as e:  # a bug must not take the network down
+            self.log.error(f"API: internal error answering {request[:200]!r}: {e!r}")
+            reply = api.error_reply(f"internal error: {e}")
         c.answered = True
         try:
             c.sock.setblocking(True)
@@ -564,19 +813,18 @@ class Supervisor:
         if self.exit_code is None:
             self.exit_code = code
             self.exit_reason = reason
+            self.exit_since = time.monotonic()
 
     def loop(self) -> int:
         o = self.opts
-        exit_fd_ok = True
         if o.exit_fd is not None:
             try:
                 os.fstat(o.exit_fd)
             except OSError:
-                exit_fd_ok = False
-        if not exit_fd_ok:
-            self._finish(EXIT_OK, f"exit-fd {o.exit_fd} is not open")
+                self._finish(EXIT_OK, f"exit-fd {o.exit_fd} is not open")
+        self._drain_signals()  # one that came during set-up
         watchdog = self.notify.watchdog_interval()
-        next_ping = time.monotonic() + watchdog if watchdog else None
+        next_ping = time.monotonic() if watchdog else None
         while self.exit_code is None:
             poller = select.poll()
             handlers: dict[int, Callable[[int], None]] = {}
@@ -586,39 +834,57 @@ class Supervisor:
                 handlers[fd] = fn
 
             watch(self.sigpipe_r, POLL_IN, lambda ev: self._drain_signals())
+            for fd, fn in o.watch_fds.items():
+                watch(fd, POLL_IN, fn)
             if o.exit_fd is not None:
+                # events=0: only POLLHUP/POLLERR/POLLNVAL, as slirp4netns
                 watch(o.exit_fd, 0, lambda ev: self._finish(EXIT_OK, "exit-fd closed"))
             if self.target_pidfd is not None and o.exit_with_target:
                 watch(self.target_pidfd, POLL_IN,
                       lambda ev: self._finish(EXIT_OK, f"target PID {o.target.pid} exited"))
-            if self.fwd is not None:
-                watch(self.fwd.pidfd, POLL_IN, lambda ev: self._on_forwarder_exit())
+            fwd = self.fwd
+            if fwd is not None:
+                watch(fwd.pidfd, POLL_IN, lambda ev: self._on_forwarder_exit())
+                if not fwd.ready and not fwd.ctl_eof:
+                    watch(fwd.ctl.fileno(), POLL_IN, lambda ev: self._on_forwarder_readable())
             if self.api_sock is not None:
                 watch(self.api_sock.fileno(), POLL_IN, lambda ev: self._api_accept())
             for fd in self.api_clients:
                 watch(fd, POLL_IN, self._make_api_reader(fd))
-            now = time.monotonic()
-            timeout_s: float | None = None
-            if self.api_clients:
-                timeout_s = max(0.0, min(c.deadline for c in self.api_clients.values()) - now)
+            for fd, events, fn in self.fastpath.watch():  # relay/connector deaths
+                watch(fd, events, fn)
+
+            deadlines = [c.deadline for c in self.api_clients.values()]
             if next_ping is not None:
-                t = max(0.0, next_ping - now)
-                timeout_s = t if timeout_s is None else min(timeout_s, t)
-            events = poller.poll(None if timeout_s is None else timeout_s * 1000)
-            if self.pending_signal is not None:
-                self._drain_signals()
+                deadlines.append(next_ping)
+            if self.restart_at is not None:
+                deadlines.append(self.restart_at)
+            if fwd is not None and not fwd.ready:
+                deadlines.append(fwd.deadline)
+            timeout_ms = None
+            if deadlines:
+                timeout_ms = max(0.0, min(deadlines) - time.monotonic()) * 1000
+                timeout_ms = min(timeout_ms, 24 * 3600 * 1000)
+
+            events = poller.poll(timeout_ms)
+            self._drain_signals()
             for fd, ev in events:
                 if self.exit_code is not None:
                     break
                 fn = handlers.get(fd)
-                if fn is not None and (fd in handlers):
+                if fn is not None:
                     fn(ev)
+            if self.exit_code is not None:
+                break
             now = time.monotonic()
             self._api_expire(now)
+            self._check_start_timeout(now)
+            if self.restart_at is not None and now >= self.restart_at and self.fwd is None:
+                self._restart_forwarder()
             if next_ping is not None and now >= next_ping:
                 self.notify.send("WATCHDOG=1")
-                next_ping = now + watchdog
-        return self.exit_code
+                next_ping = now + watchdog  # type: ignore[operator]
+        return self.exit_code  # type: ignore[return-value]
 
     def _make_api_reader(self, fd: int) -> Callable[[int], None]:
         def reader(ev: int) -> None:
@@ -630,7 +896,7 @@ class Supervisor:
         try:
             while os.read(self.sigpipe_r, 64):
                 pass
-        except (BlockingIOError, OSError):
+        except OSError:
             pass
         sig = self.pending_signal
         if sig is not None:
@@ -639,30 +905,35 @@ class Supervisor:
     # -- teardown ----------------------------------------------------------
 
     def teardown(self) -> None:
-        self.notify.send("STOPPING=1")
+        """Stop the forwarder, close every fd, remove the API socket file
+        and the pidfile.  Safe to call after a partial set-up."""
+        if self.ready:
+            self.notify.send(f"STOPPING=1\nSTATUS=stopping: {self.exit_reason or 'set-up failed'}")
         if self.fwd is not None:
-            self._kill_and_reap(self.fwd)
-            self.fwd.close()
+            self._stop_forwarder(self.fwd)
             self.fwd = None
+        self.restart_at = None
+        self.fastpath.close()
         for fd in list(self.api_clients):
             self._api_close(fd)
         if self.api_sock is not None:
             self.api_sock.close()
             self.api_sock = None
             self._unlink_api()
-        if self.opts.pidfile:
-            try:
-                os.unlink(self.opts.pidfile)
-            except OSError:
-                pass
-        for fd in (self.tap_fd, self.target_pidfd):
+        self._remove_pidfile()
+        if self.sigpipe_w >= 0:
+            signal.set_wakeup_fd(-1)
+        for fd in (self.tap_fd, self.target_pidfd, self.sigpipe_r, self.sigpipe_w,
+                   self.opts.exit_fd, self.opts.ready_fd):
             if fd is not None and fd >= 0:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-        self.tap_fd = -1
+        self.tap_fd = self.sigpipe_r = self.sigpipe_w = -1
         self.target_pidfd = None
+        self.opts.exit_fd = self.opts.ready_fd = None
+        self.notify.close()
 
     def _unlink_api(self) -> None:
         path = self.opts.api_socket
@@ -676,22 +947,61 @@ class Supervisor:
             pass
 
 
+def parse_connection_info(text: str) -> list[dict[str, Any]]:
+    """slirp_connection_info()'s table, one dict per socket:
+    {"proto", "state", "fd", "src", "sport", "dst", "dport", "recvq", "sendq"}
+    (the state of a UDP socket is its remaining lifetime, e.g. "236 sec")."""
+
+    def num(v: str) -> int | None:
+        return int(v) if v.lstrip("-").isdigit() else None
+
+    out: list[dict[str, Any]] = []
+    for line in text.splitlines()[1:]:
+        m = _CONN_LINE.match(line)
+        if m is None:
+            continue
+        rest = m.group(3).split()
+        if len(rest) != 7:
+            continue
+        out.append({"proto": m.group(1).lower(), "state": m.group(2), "fd": num(rest[0]),
+                    "src": rest[1], "sport": num(rest[2]), "dst": rest[3],
+                    "dport": num(rest[4]), "recvq": num(rest[5]), "sendq": num(rest[6])})
+    return out
+
+
+_CONN_LINE = re.compile(r"^\s*(\w+)\[([^\]]*)\]\s+(.*)$")
+
+
 def run(opts: Options) -> int:
-    """Set up, signal readiness, serve until told to stop, tear down."""
+    """Set up, signal readiness, serve until told to stop, tear down.
+    Exactly one log line says why it stopped."""
     logger = log.get("nsnet.supervisor")
     sup = Supervisor(opts)
+    code = EXIT_FAILURE
+    reason = ""
     try:
         try:
             sup.setup()
         except SetupError as e:
-            logger.error(str(e))
+            reason = str(e)
             return EXIT_FAILURE
-        sup.signal_ready()
+        if sup.pending_signal is None:
+            sup.signal_ready()
         code = sup.loop()
-        if code == EXIT_OK:
-            logger.info(f"exiting: {sup.exit_reason}")
-        else:
-            logger.error(f"exiting: {sup.exit_reason}")
+        reason = sup.exit_reason
+        return code
+    except Exception as e:  # a bug: still tear down, and say what happened
+        logger.debug("internal error", exc_info=True)
+        code, reason = EXIT_FAILURE, f"internal error: {e!r}"
         return code
     finally:
+        t0 = sup.exit_since or time.monotonic()
         sup.teardown()
+        ms = (time.monotonic() - t0) * 1000
+        fields = {"event": "exit", "exit_code": code, "reason": reason,
+                  "teardown_ms": round(ms, 3), "restarts": sup.restarts}
+        if code == EXIT_OK:
+            logger.info(f"exiting: {reason} (exit {code})", extra={"fields": fields})
+        else:
+            logger.error(f"exiting: {reason} (exit {code})" if sup.ready else reason,
+                         extra={"fields": fields})

@@ -82,7 +82,7 @@ mapfile -t PY_DEPS < <(/usr/bin/python3 - "$REPO/pyproject.toml" <<'EOF'
 import sys, tomllib
 with open(sys.argv[1], "rb") as f:
     project = tomllib.load(f)["project"]
-for dep in project.get("dependencies", []) + project.get("optional-dependencies", {}).get("test", []):
+for dep in project.get("dependencies", []) + project.get("optional-dependencies", {}).get("test", []) + project.get("optional-dependencies", {}).get("bench", []):
     print(dep)
 EOF
 )
@@ -97,7 +97,8 @@ elif [ "${NSNET_ALLOW_MISSING:-}" = 1 ]; then
 else
     fail_with_log "pip install of nsnet" "$PIP_LOG"
 fi
-chmod -R a+rX "$(dirname "$VENV")"
+chmod a+rx "$(dirname "$VENV")"   # e.g. /opt/nsnet: traversable by the test user
+chmod -R a+rX "$VENV"
 
 # --- unprivileged test user ------------------------------------------------
 if ! id -u "$TEST_USER" >/dev/null 2>&1; then

@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -116,6 +118,25 @@ def pytest_runtest_makereport(item, call):
 # Fixtures
 # --------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    """After each test (and all its fixtures), report anything it left running.
+
+    The pytest process is a child subreaper, so a forwarder's helper that
+    outlives its SIGKILLed parent is re-parented here: it is killed by PID and
+    reported as a warning naming it."""
+    yield
+    # Orphans still dying (e.g. from a parent-death signal) get a moment.
+    deadline = time.monotonic() + 1.0
+    while harness.child_pids() and time.monotonic() < deadline:
+        harness.reap_zombies()
+        time.sleep(0.02)
+    left = {pid: harness.cmdline(pid) for pid in harness.child_pids()}
+    harness.reap_orphans()
+    if left:
+        warnings.warn(f"processes left running after the test (now killed): {left}")
+
+
 @pytest.fixture(scope="session")
 def base_dir():
     """World-traversable scratch dir with the in-namespace helper script."""
@@ -124,8 +145,6 @@ def base_dir():
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
-
-_nsnet_checked: dict[str, str] = {}
 
 
 def _impl(name: str) -> Impl:
@@ -201,10 +220,7 @@ def start_fwd(request, user, workdir):
     request.node._forwarders = started
 
     def start(impl: Impl, args, **kw) -> harness.Forwarder:
-        try:
-            fwd = harness.start_forwarder(impl, user, args, workdir, **kw)
-        except harness.HarnessError:
-            raise
+        fwd = harness.start_forwarder(impl, user, args, workdir, **kw)
         started.append(fwd)
         return fwd
 
@@ -224,22 +240,33 @@ class Net:
 
 
 @pytest.fixture
-def connect(impl, ns, start_fwd, workdir):
-    """connect(*flags, api=True, configure=True, tap="tap0") -> Net (impl's forwarder on ns)."""
+def attach(start_fwd, workdir):
+    """attach(impl, target, *flags, api=True, configure=True, tap="tap0", **kw) -> Net.
 
-    def connect_(*flags, api: bool = True, configure: bool = True, tap: str = "tap0",
-                 target: Namespace | None = None, which: Impl | None = None, **kw) -> Net:
-        target = target or ns
-        which = which or impl
-        args = list(flags)
+    Starts `impl`'s forwarder on the namespace `target`, with --configure and
+    an API socket unless told otherwise; extra keywords go to start_forwarder."""
+
+    def attach_(impl: Impl, target: Namespace, *flags, api: bool = True,
+                configure: bool = True, tap: str = "tap0", **kw) -> Net:
+        args = [str(f) for f in flags]
         api_path = None
         if configure:
             args.insert(0, "--configure")
         if api:
-            api_path = os.path.join(workdir, f"{which.name}.{target.pid}.sock")
+            api_path = os.path.join(workdir, f"{impl.name}.{target.pid}.sock")
             args += ["--api-socket", api_path]
-        fwd = start_fwd(which, [*args, target.pid, tap], **kw)
-        return Net(which, target, fwd, api_path)
+        fwd = start_fwd(impl, [*args, target.pid, tap], **kw)
+        return Net(impl, target, fwd, api_path)
+
+    return attach_
+
+
+@pytest.fixture
+def connect(impl, ns, attach):
+    """connect(*flags, target=ns, **kw) -> Net: the test's impl on the test's namespace."""
+
+    def connect_(*flags, target: Namespace | None = None, **kw) -> Net:
+        return attach(impl, target or ns, *flags, **kw)
 
     return connect_
 

@@ -9,8 +9,8 @@ import pytest
 
 from api_cases import (ADD_FAILED, BAD_HOST_PORT, BAD_GUEST_PORT, BAD_ID, BAD_PROTO, LIST,
                        LIST_VARIANTS, STATELESS_ERRORS, add, entry, list_reply, remove)
-from harness import (HarnessError, api_call, free_port, payload, sha256, tcp_send,
-                     udp_roundtrip)
+from harness import (api_call, free_port, free_ports, nsnet_only, payload, sha256, tcp_send,
+                     udp_roundtrip, unpriv_only)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -18,12 +18,6 @@ OK1 = b'{"return":{"id":1}}'
 REMOVED = b'{"return":{}}'
 
 
-def only(*names):
-    return pytest.mark.parametrize(names[0].split("=")[0], names[1:], indirect=True)
-
-
-unpriv_only = pytest.mark.parametrize("user", ["unpriv"], indirect=True)
-nsnet_only = pytest.mark.parametrize("impl", ["nsnet"], indirect=True)
 
 
 def assert_alive(net):
@@ -36,9 +30,8 @@ def test_add_list_remove_ids(connect):
     net = connect()
     name = net.impl.name
     assert api_call(net.api, LIST) == list_reply(name, [])
-    assert api_call(net.api, add("tcp", "127.0.0.1", free_port(), 80)) == OK1
-    p1 = json.loads(api_call(net.api, LIST))["entries"][0]["host_port"]
-    p2, p3 = free_port(), free_port()
+    p1, p2, p3, p4 = free_ports(4)
+    assert api_call(net.api, add("tcp", "127.0.0.1", p1, 80)) == OK1
     # "" and missing addresses take the defaults: 0.0.0.0 and CIDR+100.
     assert api_call(net.api, add("udp", "", p2, 81, guest_addr="")) == b'{"return":{"id":2}}'
     assert api_call(net.api, add("tcp", None, p3, 82, guest_addr="10.0.2.100")) == \
@@ -52,7 +45,6 @@ def test_add_list_remove_ids(connect):
     assert api_call(net.api, remove(1)) == REMOVED
     assert api_call(net.api, remove(1)) == BAD_ID
     # Ids are never reused.
-    p4 = free_port()
     assert api_call(net.api, add("tcp", "127.0.0.1", p4, 83)) == b'{"return":{"id":4}}'
     expected = expected[1:] + [entry(4, "tcp", "127.0.0.1", p4, "10.0.2.100", 83)]
     assert api_call(net.api, LIST) == list_reply(name, expected)
@@ -109,7 +101,7 @@ def test_request_without_shutdown(connect):
 
 
 @unpriv_only
-def test_api_socket_mode_and_owner(connect, user):
+def test_api_socket_owner(connect, user):
     net = connect()
     st = os.stat(net.api)
     assert st.st_uid == user.uid
@@ -211,7 +203,8 @@ def test_nsnet_bad_arguments_do_not_crash(connect, request_bytes):
     ("host_port", -1, BAD_HOST_PORT),
     ("guest_port", 70000, BAD_GUEST_PORT),
     ("guest_port", -1, BAD_GUEST_PORT),
-])
+], ids=["host_port 70000", "host_port 65536", "host_port -1", "guest_port 70000",
+        "guest_port -1"])
 def test_nsnet_port_range(connect, field, value, expected):
     """slirp4netns accepts these and lists the bogus numbers."""
     net = connect()
@@ -236,6 +229,7 @@ def test_nsnet_list_has_return_key(connect):
 def test_nsnet_ipv6_hostfwd(connect):
     """slirp4netns rejects an IPv6 host_addr; nsnet forwards [::1]:P into the namespace."""
     net = connect("--enable-ipv6")
+    net.ns.wait_slaac()
     server = net.ns.start_server("tcp-serve", "::", 8080, "echo", 1)
     try:
         port = free_port(family=socket.AF_INET6, addr="::1")
@@ -270,3 +264,24 @@ def test_nsnet_concurrent_clients(connect):
     for t in threads:
         t.join(timeout=30)
     assert results == [list_reply("nsnet", [])] * n
+
+
+@nsnet_only
+def test_nsnet_get_info_interface(connect, ns):
+    """get_info with "interface": true reports the TAP as the namespace sees
+    it (read with pyroute2 from inside the namespace), matching `ip`."""
+    net = connect("--macaddress=02:00:00:00:00:42", "--mtu=9000")
+    info = json.loads(api_call(net.api, {"execute": "get_info",
+                                         "arguments": {"interface": True}}))["return"]
+    iface = info["interface"]
+    link = ns.link("tap0")
+    assert iface["ifname"] == "tap0" and iface["ifindex"] == link["ifindex"]
+    assert iface["mtu"] == 9000 == link["mtu"]
+    assert iface["mac"] == "02:00:00:00:00:42" == link["address"]
+    assert iface["up"] is True
+    assert "10.0.2.100/24" in iface["addresses"]
+    assert {"dst": "default", "gateway": "10.0.2.2", "family": "inet"} in iface["routes"]
+    # Without the argument, no namespace helper runs and no "interface" key.
+    plain = json.loads(api_call(net.api, {"execute": "get_info"}))["return"]
+    assert "interface" not in plain and plain["tap"]["name"] == "tap0"
+    assert_alive(net)

@@ -1,7 +1,7 @@
 """Traffic through the forwarder: namespace <-> host loopback, both directions."""
 import pytest
 
-from harness import add_hostfwd, free_port, payload, sha256, tcp_send
+from harness import add_hostfwd, free_port, payload, sha256, tcp_send, unpriv_only
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,7 +35,7 @@ def test_ping_gateway(connect):
     assert "1 received" in cp.stdout
 
 
-@pytest.mark.parametrize("user", ["unpriv"], indirect=True)
+@unpriv_only
 @pytest.mark.parametrize("mtu", [1500, 65520])
 def test_bulk_ns_to_host(connect, host_server, mtu):
     srv = host_server("sink")
@@ -47,7 +47,7 @@ def test_bulk_ns_to_host(connect, host_server, mtu):
     assert digest == r["sha256"]
 
 
-@pytest.mark.parametrize("user", ["unpriv"], indirect=True)
+@unpriv_only
 @pytest.mark.parametrize("mtu", [1500, 65520])
 def test_bulk_host_to_ns_via_hostfwd(connect, mtu):
     net = connect("--mtu", mtu)
@@ -65,7 +65,7 @@ def test_bulk_host_to_ns_via_hostfwd(connect, mtu):
         server.close()
 
 
-@pytest.mark.parametrize("user", ["unpriv"], indirect=True)
+@unpriv_only
 @pytest.mark.parametrize("mtu", [1500, 65520])
 def test_bulk_download_from_ns_via_hostfwd(connect, mtu):
     """Data flowing namespace -> host over a forwarded connection."""

@@ -36,6 +36,8 @@ struct nsnet_dp {
     int ctl_fd;
     int vnet_hdr;
     int tap_mtu;
+    int slirp_mtu; /* libslirp's if_mtu: larger than tap_mtu with offloads */
+    uint32_t frag_id;
     int tap_errno;
     struct pollfd *pfd;
     int npfd;
@@ -55,37 +57,65 @@ static int64_t now_ms(void)
 
 /* ---- libslirp callbacks (all in C: none of them may call Python) ---- */
 
-static ssize_t cb_send_packet(const void *buf, size_t len, void *opaque)
+/* Write one frame to the TAP, with a virtio-net header when the TAP has
+ * one.  Returns what writev returned. */
+static ssize_t tap_write(struct nsnet_dp *dp, const uint8_t *hdr, const void *buf, size_t len)
 {
-    struct nsnet_dp *dp = opaque;
+    static const uint8_t zero_hdr[NSNET_VNET_HDR_LEN];
+    struct iovec iov[2];
+    int n_iov = 0;
     ssize_t n;
     if (dp->vnet_hdr) {
-        uint8_t hdr[NSNET_VNET_HDR_LEN];
-        int is_gso = 0;
-        struct iovec iov[2];
-        nsnet_vnet_fill_tx(hdr, buf, len, dp->tap_mtu, &is_gso);
-        iov[0].iov_base = hdr;
-        iov[0].iov_len = sizeof(hdr);
-        iov[1].iov_base = (void *)buf;
-        iov[1].iov_len = len;
-        do {
-            n = writev(dp->tap_fd, iov, 2);
-        } while (n < 0 && errno == EINTR);
-        if (n >= 0 && is_gso)
-            dp->st.tx_gso_frames++;
-    } else {
-        do {
-            n = write(dp->tap_fd, buf, len);
-        } while (n < 0 && errno == EINTR);
+        iov[n_iov].iov_base = (void *)(hdr ? hdr : zero_hdr);
+        iov[n_iov].iov_len = NSNET_VNET_HDR_LEN;
+        n_iov++;
     }
+    iov[n_iov].iov_base = (void *)buf;
+    iov[n_iov].iov_len = len;
+    n_iov++;
+    do {
+        n = writev(dp->tap_fd, iov, n_iov);
+    } while (n < 0 && errno == EINTR);
     if (n < 0) {
         /* The namespace is not taking frames right now: drop, TCP
          * retransmits.  A dead TAP is noticed by the read side. */
         dp->st.tx_dropped++;
-        return (ssize_t)len;
+    } else {
+        dp->st.tx_frames++;
+        dp->st.tx_bytes += len;
     }
-    dp->st.tx_frames++;
-    dp->st.tx_bytes += len;
+    return n;
+}
+
+static int emit_fragment(const uint8_t *frame, size_t len, void *opaque)
+{
+    tap_write(opaque, NULL, frame, len);
+    return 0;
+}
+
+static ssize_t cb_send_packet(const void *buf, size_t len, void *opaque)
+{
+    struct nsnet_dp *dp = opaque;
+    uint8_t hdr[NSNET_VNET_HDR_LEN];
+    int is_gso = 0;
+    if (dp->vnet_hdr) {
+        nsnet_vnet_fill_tx(hdr, buf, len, dp->tap_mtu, &is_gso);
+        if (is_gso) {
+            if (tap_write(dp, hdr, buf, len) >= 0)
+                dp->st.tx_gso_frames++;
+            return (ssize_t)len;
+        }
+    }
+    if (len > (size_t)dp->tap_mtu + 14) {
+        /* Not a TCP segment the namespace's kernel can cut (UDP, ICMP,
+         * IPv6 that libslirp never fragments): fragment it here, so that
+         * nothing over the MTU the user set reaches the namespace. */
+        if (nsnet_tx_fragment(buf, len, dp->tap_mtu, ++dp->frag_id, emit_fragment, dp) == 0) {
+            dp->st.tx_fragmented++;
+            return (ssize_t)len;
+        }
+    }
+    tap_write(dp, dp->vnet_hdr ? hdr : NULL, buf, len);
     return (ssize_t)len;
 }
 
@@ -242,11 +272,21 @@ static int cb_get_revents(int idx, void *opaque)
 
 /* ---- the loop ---- */
 
+/* An ARP frame or an IPv6 neighbour advertisement: input that can resolve
+ * an address libslirp queued packets for. */
+static int resolves_neighbour(const uint8_t *f, size_t len)
+{
+    if (len >= 14 && f[12] == 0x08 && f[13] == 0x06)
+        return 1;
+    return len >= 55 && f[12] == 0x86 && f[13] == 0xdd && f[20] == 58 && f[54] == 136;
+}
+
 /* Read frames from the TAP until EAGAIN or the batch is full.
- * Returns 0, or -1 with dp->tap_errno set when the TAP failed. */
+ * Returns 1 if a frame resolved a neighbour (see above), else 0, or -1
+ * with dp->tap_errno set when the TAP failed. */
 static int drain_tap(struct nsnet_dp *dp)
 {
-    int i;
+    int i, resolved = 0;
     size_t hl = dp->vnet_hdr ? NSNET_VNET_HDR_LEN : 0;
     for (i = 0; i < NSNET_TAP_BATCH; i++) {
         ssize_t n = read(dp->tap_fd, dp->rbuf, NSNET_FRAME_MAX + hl);
@@ -256,7 +296,7 @@ static int drain_tap(struct nsnet_dp *dp)
             if (errno == EINTR)
                 continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return 0;
+                return resolved;
             dp->tap_errno = errno;
             return -1;
         }
@@ -286,7 +326,11 @@ static int drain_tap(struct nsnet_dp *dp)
         }
         switch (nsnet_frame_check(frame, flen)) {
         case 1:
+            if (dp->slirp_mtu > dp->tap_mtu &&
+                nsnet_raise_syn_mss(frame, flen, dp->tap_mtu, dp->slirp_mtu))
+                dp->st.rx_mss_raised++;
             slirp_input(dp->slirp, frame, (int)flen);
+            resolved |= resolves_neighbour(frame, flen);
             break;
         case NSNET_FRAME_QUEUED:
             break;
@@ -304,7 +348,7 @@ static int drain_tap(struct nsnet_dp *dp)
             break;
         }
     }
-    return 0;
+    return resolved;
 }
 
 static int64_t next_timer_ms(struct nsnet_dp *dp)
@@ -373,8 +417,15 @@ int nsnet_dp_run(struct nsnet_dp *dp, int budget_ms)
 
         tap_rev = dp->pfd[0].revents;
         if (tap_rev & (POLLIN | POLLERR | POLLHUP | POLLNVAL)) {
-            if (drain_tap(dp) < 0)
+            int rc = drain_tap(dp);
+            if (rc < 0)
                 return NSNET_DP_TAP_ERROR;
+            /* A neighbour just resolved (after a forwarder restart libslirp's
+             * ARP/NDP tables are empty): send what libslirp queued for it
+             * now, not on the next turn, which can be TCP's 500 ms slow
+             * timer away.  select_error=1: only timers and the output queue. */
+            if (rc > 0)
+                slirp_pollfds_poll(dp->slirp, 1, cb_get_revents, dp);
             if (tap_rev & POLLNVAL) {
                 dp->tap_errno = EBADF;
                 return NSNET_DP_TAP_ERROR;
@@ -413,6 +464,7 @@ struct nsnet_dp *nsnet_dp_new(const SlirpConfig *cfg, int tap_fd, int ctl_fd,
     dp->ctl_fd = ctl_fd;
     dp->vnet_hdr = vnet_hdr;
     dp->tap_mtu = tap_mtu;
+    dp->slirp_mtu = (int)cfg->if_mtu;
     dp->cb.send_packet = cb_send_packet;
     dp->cb.guest_error = cb_guest_error;
     dp->cb.clock_get_ns = cb_clock_get_ns;

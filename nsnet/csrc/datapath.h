@@ -38,6 +38,8 @@ struct nsnet_stats {
     uint64_t tx_gso_frames;      /* GSO frames written (offloads) */
     uint64_t guest_errors;       /* libslirp guest_error() calls */
     uint64_t loop_turns;
+    uint64_t rx_mss_raised;      /* SYN MSS options raised (offloads) */
+    uint64_t tx_fragmented;      /* oversize packets cut into fragments */
 };
 
 struct nsnet_dp;
@@ -48,6 +50,8 @@ struct nsnet_dp;
  * Returns NULL on failure (libslirp refused the configuration). */
 struct nsnet_dp *nsnet_dp_new(const SlirpConfig *cfg, int tap_fd, int ctl_fd,
                               int vnet_hdr, int tap_mtu);
+/* cfg->if_mtu larger than tap_mtu (offloads): the MSS of the namespace's
+ * SYNs is raised so that libslirp sends segments of up to if_mtu. */
 Slirp *nsnet_dp_slirp(struct nsnet_dp *dp);
 int nsnet_dp_run(struct nsnet_dp *dp, int budget_ms);
 int nsnet_dp_tap_errno(struct nsnet_dp *dp);
@@ -76,5 +80,17 @@ int nsnet_vnet_complete_csum(const uint8_t *hdr, uint8_t *frame, size_t len);
  * header when a TCP segment is larger than the TAP's MTU allows. */
 void nsnet_vnet_fill_tx(uint8_t *hdr, const uint8_t *frame, size_t len,
                         int tap_mtu, int *is_gso);
+
+/* Raise the MSS option of a TCP SYN (IPv4 or IPv6) that advertises the
+ * full MSS of tap_mtu to the MSS of slirp_mtu, fixing the checksum.
+ * Returns 1 when the frame was changed. */
+int nsnet_raise_syn_mss(uint8_t *frame, size_t len, int tap_mtu, int slirp_mtu);
+/* Cut an IPv4 or IPv6 packet longer than tap_mtu into fragments that fit,
+ * passing each (Ethernet header included) to emit.  Returns 0, or -1 when
+ * the frame cannot be fragmented here. */
+#define NSNET_FRAG_BUF (65536 + 14 + 48)
+typedef int (*nsnet_emit_fn)(const uint8_t *frame, size_t len, void *opaque);
+int nsnet_tx_fragment(const uint8_t *frame, size_t len, int tap_mtu, uint32_t ident,
+                      nsnet_emit_fn emit, void *opaque);
 
 #endif

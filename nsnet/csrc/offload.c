@@ -96,3 +96,178 @@ void nsnet_vnet_fill_tx(uint8_t *hdr, const uint8_t *frame, size_t len,
     wr16le(hdr + 4, (unsigned)(tap_mtu - l3hl - l4hl));     /* gso_size */
     *is_gso = 1;
 }
+
+/* ---- MSS of the namespace's SYNs (host -> namespace segment size) ----
+ *
+ * libslirp sizes the segments it sends from the MSS the guest advertised,
+ * capped by its own if_mtu.  With offloads the TAP takes GSO frames, so
+ * nsnet runs libslirp with a large if_mtu and raises the MSS option of the
+ * namespace's SYNs to match: libslirp then sends 64 KiB segments, written
+ * as GSO frames that the namespace's kernel cuts to its MTU.  Only a SYN
+ * advertising the full MSS of the TAP's MTU is raised: a smaller MSS says
+ * the path behind it is narrower (a nested namespace, a clamp), and is
+ * left alone. */
+
+static unsigned rd16be(const uint8_t *p)
+{
+    return ((unsigned)p[0] << 8) | p[1];
+}
+
+static void wr16be(uint8_t *p, unsigned v)
+{
+    p[0] = (v >> 8) & 0xff;
+    p[1] = v & 0xff;
+}
+
+/* RFC 1624 incremental update: HC' = ~(~HC + ~m + m') */
+static unsigned csum_update16(unsigned check, unsigned old, unsigned new_)
+{
+    uint32_t sum = (~check & 0xffff) + (~old & 0xffff) + new_;
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    return ~sum & 0xffff;
+}
+
+int nsnet_raise_syn_mss(uint8_t *frame, size_t len, int tap_mtu, int slirp_mtu)
+{
+    size_t l3 = 14, l3hl, l4, doff, i;
+    unsigned type, iphdr_overhead;
+    uint8_t *th;
+    if (len < l3 + 20)
+        return 0;
+    type = rd16be(frame + 12);
+    if (type == 0x0800) {
+        l3hl = (size_t)(frame[l3] & 0x0f) * 4;
+        if (frame[l3 + 9] != 6 || l3hl < 20)
+            return 0;
+        if (((frame[l3 + 6] & 0x3f) | frame[l3 + 7]) != 0)
+            return 0; /* a fragment */
+        iphdr_overhead = 20 + 20;
+    } else if (type == 0x86dd) {
+        l3hl = 40;
+        if (len < l3 + 40 || frame[l3 + 6] != 6)
+            return 0;
+        iphdr_overhead = 40 + 20;
+    } else {
+        return 0;
+    }
+    l4 = l3 + l3hl;
+    if (len < l4 + 20)
+        return 0;
+    th = frame + l4;
+    if (!(th[13] & 0x02)) /* SYN */
+        return 0;
+    doff = (size_t)(th[12] >> 4) * 4;
+    if (doff < 20 || l4 + doff > len)
+        return 0;
+    for (i = 20; i < doff;) {
+        unsigned kind = th[i], olen;
+        if (kind == 0) /* end of options */
+            break;
+        if (kind == 1) { /* no-op */
+            i++;
+            continue;
+        }
+        if (i + 1 >= doff)
+            break;
+        olen = th[i + 1];
+        if (olen < 2 || i + olen > doff)
+            break;
+        if (kind == 2 && olen == 4) {
+            unsigned mss = rd16be(th + i + 2);
+            unsigned want = (unsigned)slirp_mtu - iphdr_overhead;
+            if ((int)mss < tap_mtu - (int)iphdr_overhead || mss >= want)
+                return 0;
+            wr16be(th + 16, csum_update16(rd16be(th + 16), mss, want));
+            wr16be(th + i + 2, want);
+            return 1;
+        }
+        i += olen;
+    }
+    return 0;
+}
+
+/* ---- fragments towards the namespace ----
+ *
+ * With a large libslirp if_mtu, libslirp no longer fragments what it
+ * sends (and it never fragments IPv6): a UDP or ICMP packet longer than
+ * the TAP's MTU is cut here into IPv4 or IPv6 fragments that fit, so
+ * nothing bigger than the MTU the user set reaches the namespace
+ * unless it is a GSO frame. */
+
+int nsnet_tx_fragment(const uint8_t *frame, size_t len, int tap_mtu, uint32_t ident,
+                      nsnet_emit_fn emit, void *opaque)
+{
+    uint8_t out[NSNET_FRAG_BUF];
+    size_t l3 = 14, hl, payload, off, chunk;
+    unsigned type;
+    if (len < l3 + 20 || tap_mtu < 68 || (size_t)tap_mtu + l3 > sizeof(out))
+        return -1;
+    type = rd16be(frame + 12);
+    if (type == 0x0800) {
+        unsigned fo, base_off, more;
+        hl = (size_t)(frame[l3] & 0x0f) * 4;
+        if (hl < 20 || len < l3 + hl || (size_t)tap_mtu < hl + 8)
+            return -1;
+        payload = rd16be(frame + l3 + 2);
+        if (payload < hl || l3 + payload > len)
+            return -1;
+        payload -= hl;
+        fo = rd16be(frame + l3 + 6);
+        base_off = fo & 0x1fff;
+        more = fo & 0x2000;
+        chunk = ((size_t)tap_mtu - hl) & ~(size_t)7;
+        for (off = 0; off < payload; off += chunk) {
+            size_t n = payload - off < chunk ? payload - off : chunk;
+            int last = off + n >= payload;
+            uint32_t sum = 0;
+            size_t i;
+            memcpy(out, frame, l3 + hl);
+            memcpy(out + l3 + hl, frame + l3 + hl + off, n);
+            wr16be(out + l3 + 2, (unsigned)(hl + n));
+            wr16be(out + l3 + 6, (unsigned)((base_off + off / 8) & 0x1fff) |
+                                     (last ? more : 0x2000));
+            out[l3 + 10] = out[l3 + 11] = 0;
+            for (i = 0; i < hl; i += 2)
+                sum += rd16be(out + l3 + i);
+            while (sum >> 16)
+                sum = (sum & 0xffff) + (sum >> 16);
+            wr16be(out + l3 + 10, ~sum & 0xffff);
+            if (emit(out, l3 + hl + n, opaque) < 0)
+                return -1;
+        }
+        return 0;
+    }
+    if (type == 0x86dd) {
+        unsigned nh;
+        if (len < l3 + 40)
+            return -1;
+        nh = frame[l3 + 6];
+        if (nh == 44) /* already a fragment */
+            return -1;
+        payload = rd16be(frame + l3 + 4);
+        if (l3 + 40 + payload > len)
+            return -1;
+        chunk = ((size_t)tap_mtu - 40 - 8) & ~(size_t)7;
+        for (off = 0; off < payload; off += chunk) {
+            size_t n = payload - off < chunk ? payload - off : chunk;
+            int last = off + n >= payload;
+            uint8_t *fh = out + l3 + 40;
+            memcpy(out, frame, l3 + 40);
+            out[l3 + 6] = 44;
+            wr16be(out + l3 + 4, (unsigned)(8 + n));
+            fh[0] = (uint8_t)nh;
+            fh[1] = 0;
+            wr16be(fh + 2, (unsigned)(off & 0xfff8) | (last ? 0 : 1));
+            fh[4] = ident >> 24;
+            fh[5] = ident >> 16;
+            fh[6] = ident >> 8;
+            fh[7] = ident;
+            memcpy(fh + 8, frame + l3 + 40 + off, n);
+            if (emit(out, l3 + 48 + n, opaque) < 0)
+                return -1;
+        }
+        return 0;
+    }
+    return -1;
+}

@@ -1,0 +1,114 @@
+"""Published-port specs: ``[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]``.
+
+The syntax of ``nsnet run --publish`` and of the Python API's
+``add_forward("...")``.  An IPv6 host address goes in brackets:
+``[::1]:8080:80``.  Without HOST_IP the port is published on every host
+address (0.0.0.0), as ``docker run -p`` and ``pasta -t`` do.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+
+class PortSpecError(ValueError):
+    """A spec that cannot be parsed; str() says what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    proto: str  # "tcp" or "udp"
+    host_addr: str  # "" means every address (0.0.0.0)
+    host_port: int
+    guest_port: int
+    guest_addr: str = ""  # "" means the namespace's own address
+
+    def __str__(self) -> str:
+        host = self.host_addr
+        if host and ":" in host:
+            host = f"[{host}]"
+        prefix = f"{host}:" if host else ""
+        return f"{prefix}{self.host_port}:{self.guest_port}/{self.proto}"
+
+
+def check_port(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise PortSpecError(f"{what} must be a port number from 1 to 65535, not {value!r}")
+    return value
+
+
+def _port(text: str, what: str, spec: str) -> int:
+    if not text.isdigit():
+        raise PortSpecError(f"{spec!r}: {what} {text!r} is not a port number")
+    try:
+        return check_port(int(text), what)
+    except PortSpecError:
+        raise PortSpecError(f"{spec!r}: {what} must be from 1 to 65535, not {text}") from None
+
+
+def check_addr(text: str, what: str) -> str:
+    """A normalised IP address (either family); "" stays ""."""
+    if text == "":
+        return ""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise PortSpecError(f"{what} {text!r} is not an IPv4 or IPv6 address") from None
+
+
+def parse(spec: str) -> PortSpec:
+    """Parse ``[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]``."""
+    if not isinstance(spec, str):
+        raise PortSpecError(f"a port spec is a string, not {type(spec).__name__}")
+    body, slash, proto = spec.partition("/")
+    proto = proto.lower() if slash else "tcp"
+    if proto not in ("tcp", "udp"):
+        raise PortSpecError(f"{spec!r}: protocol must be tcp or udp, not {proto!r}")
+    host_addr = ""
+    if body.startswith("["):
+        end = body.find("]")
+        if end < 0 or body[end + 1:end + 2] != ":":
+            raise PortSpecError(f"{spec!r}: expected [IPv6]:HOST_PORT:GUEST_PORT")
+        host_addr = body[1:end]
+        if ":" not in host_addr:
+            raise PortSpecError(f"{spec!r}: brackets are for IPv6 addresses only")
+        rest = body[end + 2:].split(":")
+        if len(rest) != 2:
+            raise PortSpecError(f"{spec!r}: expected [IPv6]:HOST_PORT:GUEST_PORT")
+    else:
+        parts = body.split(":")
+        if len(parts) == 3:
+            host_addr, rest = parts[0], parts[1:]
+            if not host_addr:
+                raise PortSpecError(f"{spec!r}: empty host address")
+        elif len(parts) == 2:
+            rest = parts
+        else:
+            raise PortSpecError(f"{spec!r}: expected [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] "
+                                "(an IPv6 host address goes in brackets)")
+    try:
+        addr = check_addr(host_addr, "host address")
+    except PortSpecError as e:
+        raise PortSpecError(f"{spec!r}: {e}") from None
+    return PortSpec(proto, addr, _port(rest[0], "host port", spec),
+                    _port(rest[1], "guest port", spec))
+
+
+def port_in_use(proto: str, host_addr: str, host_port: int) -> bool:
+    """True if binding host_addr:host_port (in this network namespace) fails
+    with EADDRINUSE: the reason libslirp refused a forward, most of the time."""
+    import errno
+    import socket
+
+    addr = host_addr or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+    with socket.socket(family, kind) as s:
+        if proto != "udp":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libslirp does
+        try:
+            s.bind((addr, host_port))
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+    return False

@@ -1,0 +1,792 @@
+"""`nsnet run [OPTION]... [--] COMMAND [ARG]...`: run a command with its own
+network, for an unprivileged user.
+
+The nsnet process forks a child that unshares a user, a network and a
+mount namespace and then waits on a socketpair; nsnet itself (the
+supervisor) attaches to the child's PID exactly as `nsnet PID tap0` would,
+publishes the requested ports, has the child configure lo and tap0, and
+only then lets the child exec COMMAND: COMMAND's first instruction already
+has a configured network.
+
+  nsnet (supervisor, host namespaces)          child
+  ------------------------------------         -----------------------------
+  block INT/TERM/HUP/QUIT, signalfd
+  fork                                   -->   unshare(USER|NET|NS)
+                                               uid/gid map (self), "U"
+  [newuidmap/newgidmap]             "M"  -->
+                                               mounts: rslave /, --dns, "N"
+  helper_ns: TAP in the child's netns
+  forwarder (libslirp) + --publish
+                                    "C"  -->   configure lo + tap0 (rtnetlink), "c"
+  ready-fd "1"; on_ready            "G"  -->   restore signals; exec COMMAND
+  poll loop: API socket, forwarder, signals (forwarded to COMMAND)
+  COMMAND exits -> teardown -> exit with COMMAND's status (128+N on signal N)
+
+COMMAND stays in nsnet's process group, so the terminal, job control and
+stdin/stdout/stderr pass through untouched.  Signals are forwarded as
+sudo(8) does: not those the terminal generated (COMMAND's process group
+got them already), not those COMMAND sent itself.
+
+Exit status: COMMAND's; 125 when nsnet itself fails (bad options, namespace
+or network set-up, network lost while COMMAND runs); 126 when COMMAND
+cannot be executed; 127 when it is not found.
+"""
+
+from __future__ import annotations
+
+import getopt
+import os
+import signal
+import socket
+import struct
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from .netconfig import NetConfig
+    from .portspec import PortSpec
+    from .supervisor import Supervisor
+
+PROG = "nsnet run"
+EXIT_SETUP = 125
+EXIT_CANNOT_EXEC = 126
+EXIT_NOT_FOUND = 127
+
+TAPNAME = "tap0"
+SETUP_TIMEOUT = 30.0  # for each step of the child's set-up
+STOP_GRACE = 5.0  # SIGTERM to SIGKILL when nsnet has to stop COMMAND
+
+# How --publish ports are implemented (publish() is the one place that
+# knows):
+#   "splice"  TCP through the fast path (nsnet/fastpath.py: the host side
+#             accepts, a connector inside connects to the port on the
+#             namespace's loopback, splice(2) in between; the server sees a
+#             loopback peer); UDP through libslirp.  The default.
+#   "slirp"   everything through libslirp's host forwards (the kind the
+#             slirp4netns API adds; the server sees the gateway as peer).
+PUBLISH_MODES = ("splice", "slirp")
+DEFAULT_PUBLISH_MODE = "splice"
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+SI_KERNEL = 0x80
+SIGINFO_SIZE = 128  # struct signalfd_siginfo
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+MS_BIND = 4096
+MS_REC = 16384
+MS_SLAVE = 1 << 19
+SFD_NONBLOCK = os.O_NONBLOCK
+SFD_CLOEXEC = os.O_CLOEXEC
+
+MAP_ROOT = "root"  # current uid/gid -> 0 (default)
+MAP_CURRENT = "current"  # current uid/gid -> the same ids
+MAP_SUBIDS = "subids"  # 0 -> current, 1.. -> /etc/subuid, /etc/subgid (newuidmap)
+
+USAGE = f"""\
+Usage: {PROG} [OPTION]... [--] COMMAND [ARG]...
+Run COMMAND in new user, network and mount namespaces with user-mode
+networking (libslirp): the network is configured before COMMAND starts.
+Without COMMAND, runs $SHELL.
+
+  -m, --mtu=MTU              MTU of tap0 (default 1500, 68..65521)
+      --cidr=CIDR            virtual network (default 10.0.2.0/24: COMMAND is
+                             .100, the gateway .2 is the host's loopback, .3 DNS)
+  -6, --enable-ipv6          IPv6 too (fd00::/64, address by SLAAC)
+      --disable-host-loopback  no connections to the host's 127.0.0.1 via .2
+                             (alias --no-host-loopback)
+      --no-egress            nothing leaves the namespace (libslirp's restricted
+                             mode); published ports still work
+  -p, --publish=[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]
+                             publish a port of COMMAND's on the host (repeatable;
+                             HOST_IP defaults to 0.0.0.0; IPv6 as [::1]:8080:80)
+      --publish-mode=MODE    splice (default): TCP through nsnet's fast path,
+                             to the port on the namespace's loopback; slirp:
+                             through libslirp, to the namespace's address
+      --dns                  bind-mount a resolv.conf naming the built-in DNS
+                             (CIDR+3) over /etc/resolv.conf, in COMMAND's mount
+                             namespace only
+  -a, --api-socket=PATH      the JSON API socket (slirp4netns's, plus get_info
+                             and get_stats)
+  -r, --ready-fd=FD          write "1" to FD once the network is ready
+      --map-root-user        map your uid/gid to root in the namespace (default)
+      --map-current-user     map your uid/gid to themselves
+      --map-subids           map root to you and 1..N to your /etc/subuid and
+                             /etc/subgid ranges (newuidmap/newgidmap)
+      --offload              TAP offloads (TSO, checksum)
+      --log-level=LEVEL      debug, info, warning (default) or error
+      --log-format=FORMAT    text or json
+  -h, --help                 show this help and exit
+
+Exit status: COMMAND's (128+N when killed by signal N); 125 if nsnet fails,
+126 if COMMAND cannot be executed, 127 if it is not found.
+SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to nsnet are forwarded to COMMAND.
+"""
+
+SHORT_OPTS = "hm:6a:r:p:"
+LONG_OPTS = [
+    "help", "mtu=", "cidr=", "enable-ipv6", "disable-host-loopback", "no-host-loopback",
+    "no-egress", "publish=", "publish-mode=", "dns", "api-socket=", "ready-fd=",
+    "map-root-user", "map-current-user", "map-subids", "offload", "no-offload",
+    "log-level=", "log-format=",
+]
+
+
+class RunError(Exception):
+    """nsnet run cannot go on; the message is printed, exit 125."""
+
+
+class UsageError(RunError):
+    """A bad command line (the usage is printed too)."""
+
+
+@dataclass
+class RunOptions:
+    argv: list[str]
+    net: "NetConfig"
+    publish: list["PortSpec"] = field(default_factory=list)
+    publish_mode: str = DEFAULT_PUBLISH_MODE
+    dns: bool = False
+    api_socket: str | None = None
+    ready_fd: int | None = None
+    map_mode: str = MAP_ROOT
+    log_level: str = "warning"
+    log_format: str = "text"
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+def parse_args(argv: list[str]) -> RunOptions | None:
+    """RunOptions, or None for --help. Raises UsageError."""
+    from .netconfig import ConfigError, NetConfig, check_mtu, parse_cidr
+    from .portspec import PortSpecError
+    from .portspec import parse as parse_spec
+
+    try:
+        # POSIX mode: options end at COMMAND, whose own options stay its own.
+        opts, args = getopt.getopt(argv, SHORT_OPTS, LONG_OPTS)
+    except getopt.GetoptError as e:
+        raise UsageError(e.msg) from None
+    mtu, cidr, ipv6 = 1500, "10.0.2.0/24", False
+    no_hostlo = no_egress = offload = False
+    ro = RunOptions(argv=[], net=NetConfig())
+    for opt, val in opts:
+        if opt in ("-h", "--help"):
+            return None
+        if opt in ("-m", "--mtu"):
+            if not val.isdigit():
+                raise UsageError(f"--mtu: {val!r} is not a number")
+            mtu = int(val)
+        elif opt == "--cidr":
+            cidr = val
+        elif opt in ("-6", "--enable-ipv6"):
+            ipv6 = True
+        elif opt in ("--disable-host-loopback", "--no-host-loopback"):
+            no_hostlo = True
+        elif opt == "--no-egress":
+            no_egress = True
+        elif opt in ("-p", "--publish"):
+            try:
+                ro.publish.append(parse_spec(val))
+            except PortSpecError as e:
+                raise UsageError(f"--publish {e}") from None
+        elif opt == "--publish-mode":
+            if val not in PUBLISH_MODES:
+                raise UsageError(f"--publish-mode must be one of {', '.join(PUBLISH_MODES)}")
+            ro.publish_mode = val
+        elif opt == "--dns":
+            ro.dns = True
+        elif opt in ("-a", "--api-socket"):
+            if not val or len(val.encode()) >= 108:
+                raise UsageError(f"--api-socket: path must be 1 to 107 bytes, not {val!r}")
+            ro.api_socket = val
+        elif opt in ("-r", "--ready-fd"):
+            if not val.isdigit():
+                raise UsageError(f"--ready-fd: {val!r} is not a file descriptor number")
+            ro.ready_fd = int(val)
+            try:
+                os.fstat(ro.ready_fd)
+            except OSError:
+                raise UsageError(f"--ready-fd: fd {val} is not open") from None
+        elif opt == "--map-root-user":
+            ro.map_mode = MAP_ROOT
+        elif opt == "--map-current-user":
+            ro.map_mode = MAP_CURRENT
+        elif opt == "--map-subids":
+            ro.map_mode = MAP_SUBIDS
+        elif opt in ("--offload", "--no-offload"):
+            offload = opt == "--offload"
+        elif opt == "--log-level":
+            if val not in ("debug", "info", "warning", "error"):
+                raise UsageError("--log-level must be debug, info, warning or error")
+            ro.log_level = val
+        elif opt == "--log-format":
+            if val not in ("text", "json"):
+                raise UsageError("--log-format must be text or json")
+            ro.log_format = val
+    try:
+        net = NetConfig(cidr=parse_cidr(cidr), mtu=check_mtu(mtu), ipv6=ipv6,
+                        disable_host_loopback=no_hostlo, restricted=no_egress,
+                        offload=offload)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    for spec in ro.publish:
+        if ":" in spec.host_addr and not ipv6:
+            raise UsageError(f"--publish {spec}: an IPv6 host address needs -6 (--enable-ipv6)")
+    ro.net = net
+    ro.argv = args or [os.environ.get("SHELL") or "/bin/sh"]
+    return ro
+
+
+def find_command(name: str) -> str:
+    """The file execvp(name) would run; RunError(126/127) if there is none."""
+    if "/" in name:
+        candidates = [name]
+    else:
+        path = os.environ.get("PATH", os.defpath)
+        candidates = [os.path.join(d or ".", name) for d in path.split(os.pathsep)]
+    denied = None
+    for c in candidates:
+        if os.path.isfile(c):
+            if os.access(c, os.X_OK):
+                return c
+            denied = c
+    if denied is not None:
+        raise _ExecError(EXIT_CANNOT_EXEC, f"{name}: Permission denied")
+    raise _ExecError(EXIT_NOT_FOUND, f"{name}: command not found")
+
+
+class _ExecError(RunError):
+    def __init__(self, code: int, msg: str) -> None:
+        super().__init__(msg)
+        self.code = code
+
+
+# --------------------------------------------------------------------------
+# libc calls the standard library lacks on 3.11
+# --------------------------------------------------------------------------
+
+class _Libc:
+    def __init__(self) -> None:
+        import ctypes
+
+        self.ctypes = ctypes
+        self.lib = ctypes.CDLL(None, use_errno=True)
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc < 0:
+            err = self.ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    def unshare(self, flags: int) -> None:
+        self._check(self.lib.unshare(self.ctypes.c_int(flags)), "unshare")
+
+    def mount(self, src: str | None, target: str, flags: int) -> None:
+        c = self.ctypes
+        self._check(self.lib.mount(c.c_char_p(src.encode() if src else None),
+                                   c.c_char_p(target.encode()), c.c_char_p(None),
+                                   c.c_ulong(flags), c.c_void_p(None)),
+                    f"mount {target}")
+
+    def signalfd(self, signals: tuple[int, ...]) -> int:
+        c = self.ctypes
+        mask = (c.c_ulong * (1024 // (8 * c.sizeof(c.c_ulong))))()
+        bits = 8 * c.sizeof(c.c_ulong)
+        for s in signals:
+            mask[(s - 1) // bits] |= 1 << ((s - 1) % bits)
+        fd = self.lib.signalfd(-1, c.byref(mask), SFD_NONBLOCK | SFD_CLOEXEC)
+        self._check(fd, "signalfd")
+        return int(fd)
+
+    def set_pdeathsig(self, sig: int) -> None:
+        self._check(self.lib.prctl(1, self.ctypes.c_ulong(sig), 0, 0, 0), "prctl")
+
+
+# --------------------------------------------------------------------------
+# User namespace maps
+# --------------------------------------------------------------------------
+
+def _subid_range(path: str, uid: int) -> tuple[int, int]:
+    import pwd
+
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = None
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise RunError(f"--map-subids: cannot read {path}: {e.strerror}") from None
+    for line in lines:
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[0] in (name, str(uid)):
+            try:
+                start, count = int(parts[1]), int(parts[2])
+            except ValueError:
+                continue
+            if count > 0:
+                return start, count
+    raise RunError(f"--map-subids: no range for {name or uid} in {path}")
+
+
+def _newidmap(tool: str, pid: int, outer: int, rng: tuple[int, int]) -> None:
+    import subprocess
+
+    argv = [tool, str(pid), "0", str(outer), "1", "1", str(rng[0]), str(rng[1])]
+    try:
+        cp = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, timeout=SETUP_TIMEOUT)
+    except FileNotFoundError:
+        raise RunError(f"--map-subids needs {tool} (Debian: apt-get install uidmap)") from None
+    except subprocess.TimeoutExpired:
+        raise RunError(f"{tool} did not finish in {SETUP_TIMEOUT:g} s") from None
+    if cp.returncode != 0:
+        msg = cp.stderr.decode(errors="replace").strip()
+        raise RunError(f"{' '.join(argv)} failed ({cp.returncode}): {msg}")
+
+
+# --------------------------------------------------------------------------
+# The child (becomes COMMAND)
+# --------------------------------------------------------------------------
+
+def _resolv_conf(net: "NetConfig") -> bytes:
+    lines = ["# nsnet run --dns: the built-in DNS of nsnet's virtual network,",
+             "# which forwards queries to the host's resolver.",
+             f"nameserver {net.dns}"]
+    if net.ipv6:
+        lines.append(f"nameserver {net.dns6}")
+    try:
+        with open("/etc/resolv.conf") as f:
+            lines += [ln.strip() for ln in f if ln.split()[:1] in (["search"], ["domain"])]
+    except OSError:
+        pass
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _bind_resolv_conf(libc: _Libc, net: "NetConfig") -> None:
+    if not os.path.exists("/etc/resolv.conf"):
+        raise RunError("--dns: /etc/resolv.conf does not exist (nothing to mount over)")
+    base = os.environ.get("TMPDIR") or "/tmp"
+    for _ in range(100):
+        d = os.path.join(base, f"nsnet-run.{os.getpid()}.{os.urandom(4).hex()}")
+        try:
+            os.mkdir(d, 0o700)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise RunError(f"--dns: cannot make a directory in {base}")
+    path = os.path.join(d, "resolv.conf")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, _resolv_conf(net))
+        finally:
+            os.close(fd)
+        libc.mount(path, "/etc/resolv.conf", MS_BIND)
+    except OSError as e:
+        raise RunError(f"--dns: cannot bind-mount a resolv.conf over /etc/resolv.conf: "
+                       f"{e.strerror}") from None
+    finally:
+        # The mount keeps the file; nothing is left in TMPDIR.
+        for rm, p in ((os.unlink, path), (os.rmdir, d)):
+            try:
+                rm(p)
+            except OSError:
+                pass
+
+
+class _Child:
+    """The code between fork and exec. Every failure ends in os._exit."""
+
+    def __init__(self, runner: "Runner", sock: socket.socket) -> None:
+        self.r = runner
+        self.sock = sock
+
+    def send(self, msg: bytes) -> None:
+        self.sock.send(msg)
+
+    def expect(self, want: bytes) -> None:
+        msg = self.sock.recv(4096)
+        if msg != want:  # EOF: nsnet gave up or died
+            os._exit(EXIT_SETUP)
+
+    def fail(self, msg: str) -> NoReturn:
+        try:
+            self.send(b"E" + msg.encode(errors="replace"))
+        finally:
+            os._exit(EXIT_SETUP)
+
+    def main(self) -> NoReturn:
+        r = self.r
+        libc = r.libc
+        try:
+            libc.set_pdeathsig(signal.SIGKILL)
+            if os.getppid() != r.parent_pid:
+                os._exit(EXIT_SETUP)
+            try:
+                libc.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWNS)
+            except OSError as e:
+                self.fail(f"cannot create user, network and mount namespaces: {e.strerror} "
+                          "(are unprivileged user namespaces disabled? see the sysctls "
+                          "kernel.unprivileged_userns_clone and user.max_user_namespaces)")
+            if r.opts.map_mode != MAP_SUBIDS:
+                inner_uid = 0 if r.opts.map_mode == MAP_ROOT else r.uid
+                inner_gid = 0 if r.opts.map_mode == MAP_ROOT else r.gid
+                try:
+                    for name, text in (("setgroups", "deny"),
+                                       ("uid_map", f"{inner_uid} {r.uid} 1\n"),
+                                       ("gid_map", f"{inner_gid} {r.gid} 1\n")):
+                        with open(f"/proc/self/{name}", "w") as f:
+                            f.write(text)
+                except OSError as e:
+                    self.fail(f"cannot write the user namespace's {name}: {e.strerror}")
+            self.send(b"U")
+            self.expect(b"M")
+            try:
+                libc.mount(None, "/", MS_REC | MS_SLAVE)
+            except OSError as e:
+                self.fail("cannot make the mount namespace a slave of the host's: "
+                          f"{e.strerror}")
+            if r.opts.dns:
+                try:
+                    _bind_resolv_conf(libc, r.opts.net)
+                except RunError as e:
+                    self.fail(str(e))
+            self.send(b"N")
+            self.expect(b"C")
+            from . import rtnl
+
+            try:
+                rtnl.configure(TAPNAME, r.opts.net)
+            except OSError as e:
+                self.fail(f"cannot configure the network: {e}")
+            self.send(b"c")
+            self.expect(b"G")
+            self.exec()
+        except BaseException as e:  # never return into the parent's code
+            try:
+                os.write(2, f"{PROG}: {e!r}\n".encode())
+            finally:
+                os._exit(EXIT_SETUP)
+
+    def exec(self) -> NoReturn:
+        r = self.r
+        if r.opts.ready_fd is not None:
+            try:
+                os.close(r.opts.ready_fd)
+            except OSError:
+                pass
+        # Python ignores SIGPIPE and SIGXFSZ; ignored signals survive exec.
+        for s in (*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(s, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, r.saved_mask)
+        argv = r.opts.argv
+        try:
+            os.execvp(argv[0], argv)
+        except OSError as e:
+            os.write(2, f"{PROG}: {argv[0]}: {e.strerror}\n".encode())
+            os._exit(EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_CANNOT_EXEC)
+
+
+# --------------------------------------------------------------------------
+# The parent: supervisor of the network, and of COMMAND
+# --------------------------------------------------------------------------
+
+def publish(sup: "Supervisor", specs: list["PortSpec"], mode: str) -> None:
+    """Publish --publish ports (the one place that knows publish modes)."""
+    from .fastpath import publish_forward
+    from .forwards import ForwardError, make_forward
+    from .portspec import port_in_use
+
+    if mode not in PUBLISH_MODES:
+        raise RunError(f"publish mode {mode!r} is not available")
+    for spec in specs:
+        try:
+            if mode == "splice":
+                fwd = publish_forward(spec.host_port, spec.guest_port, spec.proto,
+                                      spec.host_addr, spec.guest_addr,
+                                      default_guest=sup.default_guest_addr,
+                                      default_guest6=sup.default_guest_addr6)
+            else:
+                fwd = make_forward(spec.proto, spec.host_port, spec.guest_port,
+                                   spec.host_addr, spec.guest_addr,
+                                   default_guest=sup.default_guest_addr,
+                                   default_guest6=sup.default_guest_addr6)
+        except ForwardError as e:
+            raise RunError(f"cannot publish {spec}: bad {e}") from None
+        try:
+            sup.api_add_forward(fwd)
+        except ForwardError as e:
+            why = str(e)
+            if port_in_use(fwd.proto, fwd.host_addr, fwd.host_port):
+                why = "address already in use"
+            raise RunError(f"cannot publish {spec}: {why}") from None
+
+
+class Runner:
+    def __init__(self, opts: RunOptions) -> None:
+        self.opts = opts
+        self.libc = _Libc()
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self.parent_pid = os.getpid()
+        self.saved_mask: set[int | signal.Signals] = set()
+        self.sigfd = -1
+        self.child = -1
+        self.child_pidfd = -1
+        self.sock: socket.socket | None = None
+        self.unblock_in_children = False
+        self.go_sent = False
+
+    # -- messages from the child ---------------------------------------------
+
+    def send(self, msg: bytes) -> None:
+        assert self.sock is not None
+        self.sock.send(msg)
+
+    def expect(self, want: bytes, step: str) -> None:
+        assert self.sock is not None
+        try:
+            msg = self.sock.recv(65536)
+        except socket.timeout:
+            raise RunError(f"{step}: no answer from the child in {SETUP_TIMEOUT:g} s") from None
+        if msg.startswith(b"E"):
+            raise RunError(msg[1:].decode(errors="replace"))
+        if msg != want:
+            raise RunError(f"{step}: the child exited ({self._reap_now()})")
+        sig = self.pending_signal()
+        if sig:
+            raise _Interrupted(sig)
+
+    def _reap_now(self) -> str:
+        try:
+            _, status = os.waitpid(self.child, 0)
+        except ChildProcessError:
+            return "already reaped"
+        self.child = -1
+        return f"status {os.waitstatus_to_exitcode(status)}"
+
+    # -- signals -----------------------------------------------------------------
+
+    def pending_signal(self) -> int:
+        """The first terminating signal received so far (before COMMAND runs)."""
+        first = 0
+        for signo, _code, _pid in self._read_signals():
+            first = first or signo
+        return first
+
+    def _read_signals(self) -> list[tuple[int, int, int]]:
+        out = []
+        while True:
+            try:
+                data = os.read(self.sigfd, SIGINFO_SIZE * 16)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data:
+                break
+            for off in range(0, len(data) - SIGINFO_SIZE + 1, SIGINFO_SIZE):
+                signo, _errno, code, pid = struct.unpack_from("=IiiI", data, off)
+                out.append((signo, code, pid))
+        return out
+
+    def on_signals(self, _revents: int) -> None:
+        for signo, code, sender in self._read_signals():
+            if self._should_forward(code, sender):
+                try:
+                    os.kill(self.child, signo)
+                except ProcessLookupError:
+                    pass
+
+    def _should_forward(self, code: int, sender: int) -> bool:
+        try:
+            cmd_pgrp = os.getpgid(self.child)
+        except ProcessLookupError:
+            return False
+        if code == SI_KERNEL:
+            # From the terminal, to the foreground process group: COMMAND got
+            # it too unless it moved to a group of its own.
+            return cmd_pgrp != os.getpgrp()
+        if sender == self.child:
+            return False  # COMMAND signalling nsnet: not back to itself
+        try:
+            if sender and os.getpgid(sender) == cmd_pgrp != os.getpgrp():
+                return False  # from COMMAND's own process group (e.g. its shell jobs)
+        except ProcessLookupError:
+            pass
+        return True
+
+    def _after_fork_in_child(self) -> None:
+        # The helper and forwarder processes get the default signal mask.
+        if self.unblock_in_children:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.saved_mask)
+
+    # -- the run -------------------------------------------------------------------
+
+    def run(self) -> int:
+        from . import rtnl  # noqa: F401  (imported here so the child does not pay for it)
+
+        sub_ranges = None
+        if self.opts.map_mode == MAP_SUBIDS:
+            sub_ranges = (_subid_range("/etc/subuid", self.uid),
+                          _subid_range("/etc/subgid", self.uid))
+        self.saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+        self.sigfd = self.libc.signalfd(FORWARDED_SIGNALS)
+        parent_sock, child_sock = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            parent_sock.close()
+            os.close(self.sigfd)
+            _Child(self, child_sock).main()
+        child_sock.close()
+        self.child = pid
+        self.child_pidfd = os.pidfd_open(pid)
+        self.sock = parent_sock
+        parent_sock.settimeout(SETUP_TIMEOUT)
+        self.unblock_in_children = True
+        os.register_at_fork(after_in_child=self._after_fork_in_child)
+        # When COMMAND is a shell that takes the terminal's foreground, nsnet
+        # is in a background group: its warnings must not stop it (TOSTOP).
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        # While the child unshares, load what the next steps need (the
+        # forwarder, forked later, inherits the libslirp binding loaded).
+        from . import helper_host, supervisor  # noqa: F401
+        sup = None
+        try:
+            try:
+                self.expect(b"U", "user namespace")
+                if sub_ranges is not None:
+                    _newidmap("newuidmap", pid, self.uid, sub_ranges[0])
+                    _newidmap("newgidmap", pid, self.gid, sub_ranges[1])
+                self.send(b"M")
+                self.expect(b"N", "mount namespace")
+                sup = self._start_supervisor()
+                publish(sup, self.opts.publish, self.opts.publish_mode)
+                self.send(b"C")
+                self.expect(b"c", "network configuration")
+                sup.signal_ready()  # ready-fd, then on_ready: the child execs
+            except _Interrupted as e:
+                self._stop_child()
+                return 128 + e.signo
+            except RunError as e:
+                print(f"{PROG}: {e}", file=sys.stderr)
+                self._stop_child()
+                return EXIT_SETUP
+            sup.loop()
+            if self._child_running():
+                print(f"{PROG}: network lost: {sup.exit_reason}; stopping "
+                      f"{self.opts.argv[0]}", file=sys.stderr)
+                self._stop_child()
+                return EXIT_SETUP
+            return self._child_status()
+        finally:
+            if sup is not None:
+                sup.teardown()
+            if self.child > 0:
+                self._stop_child()
+            for fd in (self.child_pidfd, self.sigfd):
+                if fd >= 0:
+                    os.close(fd)
+            parent_sock.close()
+
+    def _start_supervisor(self) -> "Supervisor":
+        from .helper_ns import Target
+        from .supervisor import Options, SetupError, Supervisor
+
+        o = self.opts
+        sopts = Options(target=Target.from_pid(self.child), tapname=TAPNAME, net=o.net,
+                        configure=False, ready_fd=o.ready_fd, api_socket=o.api_socket,
+                        exit_with_target=True, on_ready=self._release,
+                        watch_fds={self.sigfd: self.on_signals})
+        sup = Supervisor(sopts)
+        try:
+            sup.setup()
+        except SetupError as e:
+            sup.teardown()
+            raise RunError(f"cannot set up the network: {e}") from None
+        except BaseException:
+            sup.teardown()
+            raise
+        return sup
+
+    def _release(self, _sup: "Supervisor") -> None:
+        """The network is ready: let the child exec COMMAND."""
+        self.go_sent = True
+        try:
+            self.send(b"G")
+        except OSError:
+            pass  # the child is gone: the loop sees it exit
+
+    def _child_running(self) -> bool:
+        import select
+
+        if self.child <= 0:
+            return False
+        r, _, _ = select.select([self.child_pidfd], [], [], 0)
+        return not r
+
+    def _child_status(self) -> int:
+        _, status = os.waitpid(self.child, 0)
+        self.child = -1
+        code = os.waitstatus_to_exitcode(status)
+        return 128 - code if code < 0 else code
+
+    def _stop_child(self) -> None:
+        """SIGTERM (SIGKILL before COMMAND runs, or after STOP_GRACE), reap."""
+        import select
+
+        if self.child <= 0:
+            return
+        # Before "G" the child is nsnet's own code with the signals blocked.
+        sig = signal.SIGTERM if self.go_sent else signal.SIGKILL
+        try:
+            os.kill(self.child, sig)
+            r, _, _ = select.select([self.child_pidfd], [], [], STOP_GRACE)
+            if not r:
+                os.kill(self.child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(self.child, 0)
+        except ChildProcessError:
+            pass
+        self.child = -1
+
+
+class _Interrupted(RunError):
+    def __init__(self, signo: int) -> None:
+        super().__init__(f"interrupted by signal {signo}")
+        self.signo = signo
+
+
+def main(argv: list[str]) -> int:
+    try:
+        opts = parse_args(argv)
+    except UsageError as e:
+        print(f"{PROG}: {e}\nTry 'nsnet run --help'.", file=sys.stderr)
+        return EXIT_SETUP
+    if opts is None:
+        sys.stdout.write(USAGE)
+        sys.stdout.flush()
+        return 0
+    from . import log
+
+    log.setup(opts.log_level, opts.log_format)
+    try:
+        find_command(opts.argv[0])
+    except _ExecError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return e.code
+    try:
+        return Runner(opts).run()
+    except RunError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return EXIT_SETUP

@@ -1,0 +1,44 @@
+"""The benchmark (bench/bench.py --smoke) runs end to end: every candidate
+starts, every measurement produces a figure, JSON and PNG are written.
+No timing is asserted: figures from a 2-core CI machine mean nothing."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from harness import VENV
+
+pytestmark = pytest.mark.timeout(420)
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     "bench", "bench.py")
+
+
+def test_bench_smoke(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("the benchmark makes its own network namespace: needs root")
+    python = f"{VENV}/bin/python"
+    if not os.access(python, os.X_OK):
+        python = sys.executable
+    out = tmp_path / "out"
+    cp = subprocess.run([python, BENCH, "--smoke", "--out", str(out)],
+                        capture_output=True, text=True, timeout=400,
+                        env=dict(os.environ, NSNET_VENV=VENV))
+    assert cp.returncode == 0, cp.stdout[-3000:] + cp.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.png").stat().st_size > 1000
+    assert result["mode"] == "smoke"
+    med = result["median"]
+    assert set(med) == {"nsnet", "slirp4netns", "pasta", "loopback"}
+    for cand in ("nsnet", "slirp4netns", "pasta"):
+        for key in ("tput_ns2host_1500", "tput_host2ns_1500", "tput_ns2host_65520",
+                    "tput_host2ns_65520", "tput_fwd_up_65520", "tput_fwd_down_65520",
+                    "latency_p50_us", "conn_per_s", "start_ms", "rss_idle_mb",
+                    "rss_loaded_mb", "cpu_s_per_gb_ns2host_1500",
+                    "cpu_s_per_gb_host2ns_65520"):
+            assert med[cand][key] > 0, (cand, key)
+    assert result["ratio_to_slirp4netns"]["nsnet"]["tput_ns2host_1500"] > 0
+    assert {t["metric"] for t in result["targets"]} >= {"start_ms", "rss_idle_mb"}
+    assert "| nsnet / slirp4netns |" in cp.stdout
