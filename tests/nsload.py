@@ -7,7 +7,7 @@ Run inside a test namespace (like nsclient.py) or on the host side.
       established (and HOLD more seconds, default 0); then send NBYTES of distinct random data on each, read
       the echo, check it byte for byte, close.  Prints
       {"established", "peak_open", "verified", "failed", "bytes", "seconds"}.
-  serve ADDR PORT N
+  serve ADDR PORT N [HARD_LIMIT_S]
       echo server for N connections (all may be open at once); prints
       "READY <port>", then {"served", "peak_open", "bytes"} when N are done.
 
@@ -153,8 +153,9 @@ class Echo:
         self.eof = False
 
 
-def serve(addr, port, n):
+def serve(addr, port, n, hard_limit=HARD_LIMIT_S):
     n = int(n)
+    signal.alarm(int(hard_limit))
     raise_nofile()
     ls = socket.socket(family_of(addr), socket.SOCK_STREAM)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -212,13 +212,14 @@ def test_mixed_traffic_soak(connect, host_server, nsload, seconds, record_proper
     echo = host_server("echo")
     uecho = host_server("echo", "udp")
     unlimited = 10 ** 9  # the servers run until the test stops them
-    guest = net.ns.popen([NS_PYTHON, nsload, "serve", "0.0.0.0", 0, unlimited],
+    limit = int(seconds) + 300  # nsload's own hard alarm
+    guest = net.ns.popen([NS_PYTHON, nsload, "serve", "0.0.0.0", 0, unlimited, limit],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     counts = {"rounds": 0, "tcp_ns_to_host": 0, "udp_datagrams": 0, "tcp_via_forward": 0,
               "burst_connections": 0, "api_calls": 0, "forwards_added_removed": 0,
               "bytes_verified": 0}
     failures: list[dict] = []
-    burst = HostLoad(nsload, "serve", "127.0.0.1", 0, unlimited)
+    burst = HostLoad(nsload, "serve", "127.0.0.1", 0, unlimited, limit)
     try:
         line = read_line(guest.stdout, 15)
         guest_port = int(line.split()[1])
