@@ -551,7 +551,8 @@ class Bench:
         self.add(cand, key, gbps)
         if cpu_key and inst:
             nbytes = end["sum_sent"]["bytes"]
-            self.add(cand, cpu_key, cpu / (nbytes / 1e9))
+            if nbytes > 0:  # (pasta has moved nothing at all in some runs)
+                self.add(cand, cpu_key, cpu / (nbytes / 1e9))
         if inst and key == "tput_ns2host_65520":
             self.add(cand, "rss_loaded_mb", peak)
         log(f"  {cand:12s} {key:22s} {gbps:7.2f} Gbit/s"

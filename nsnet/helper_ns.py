@@ -111,7 +111,7 @@ def enter_namespaces(target: Target) -> bool:
 
 def _child(tapname: str, net: NetConfig, configure: bool, sock: socket.socket) -> int:
     try:
-        tapfd = linux.open_tap(tapname, vnet_hdr=net.offload)
+        tapfd = linux.open_tap(tapname, vnet_hdr=net.offload, mtu=net.mtu)
     except OSError as e:
         print(f"cannot open TAP {tapname!r} (/dev/net/tun): {e.strerror}", file=sys.stderr)
         return 1

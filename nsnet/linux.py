@@ -4,7 +4,6 @@ setns, prctl, TUN ioctls."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import fcntl
 import os
 import signal
@@ -28,7 +27,18 @@ TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+def _load_libc() -> ctypes.CDLL:
+    # Not ctypes.util.find_library("c"): it runs /sbin/ldconfig -p, a
+    # subprocess on the path to "ready" (~5-20 ms).
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        from ctypes.util import find_library
+
+        return ctypes.CDLL(find_library("c"), use_errno=True)
+
+
+_libc = _load_libc()
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
@@ -60,9 +70,17 @@ def set_process_name(name: str) -> None:
     _libc.prctl(PR_SET_NAME, ctypes.cast(buf, ctypes.c_void_p).value or 0, 0, 0, 0)
 
 
-def open_tap(name: str, vnet_hdr: bool = False) -> int:
+# TSO pays while a 64 KiB super-frame replaces many MTU-sized frames; at
+# larger MTUs the namespace's frames are as big already, and completing
+# their partial checksums would only move work from the sending process in
+# the namespace into the forwarder (measured: ~6% of its CPU at MTU 65520).
+TSO_MTU_LIMIT = 32768
+
+
+def open_tap(name: str, vnet_hdr: bool = False, mtu: int | None = None) -> int:
     """Open /dev/net/tun and attach to (or create) the TAP device `name`.
-    With vnet_hdr, enable IFF_VNET_HDR and TSO/checksum offloads."""
+    With vnet_hdr, enable IFF_VNET_HDR, and TSO with checksum offload
+    unless mtu is TSO_MTU_LIMIT or more."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
         flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
@@ -70,7 +88,8 @@ def open_tap(name: str, vnet_hdr: bool = False) -> int:
         fcntl.ioctl(fd, TUNSETIFF, ifr)
         if vnet_hdr:
             fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", 10))
-            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+            if mtu is None or mtu < TSO_MTU_LIMIT:
+                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
     except BaseException:
         os.close(fd)
         raise

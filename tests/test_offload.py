@@ -230,3 +230,27 @@ def test_offload_is_default(connect, host_server):
     st = stats(net)
     if st["rx_gso_frames"] == 0:
         raise HarnessError(f"no TSO frames without --no-offload: {st}")
+
+
+def test_large_mtu_gso_without_tso(connect):
+    """Between 32768 (linux.TSO_MTU_LIMIT) and 65520 the namespace sends
+    plain frames (no TSO to complete); libslirp still runs with a 64 KiB
+    if_mtu and the SYN's MSS raised, and an upload through a port forward
+    arrives intact.  (Whether libslirp's segments exceed 40000 bytes, and
+    go out as GSO frames, depends on timing: not asserted.)"""
+    net = start(connect, "on", 40000, 4)
+    server = net.ns.start_server("tcp-serve", "0.0.0.0", 0, "sink", 1)
+    try:
+        port = free_port()
+        req = {"execute": "add_hostfwd",
+               "arguments": {"proto": "tcp", "host_addr": "127.0.0.1", "host_port": port,
+                             "guest_port": server.port}}
+        assert "return" in json.loads(api_call(net.api, req))
+        data = payload(BULK)
+        assert tcp_send("127.0.0.1", port, data).decode().split() == [str(BULK), sha256(data)]
+        assert server.result()["connections"][0]["received"] == BULK
+    finally:
+        server.close()
+    st = stats(net)
+    assert st["rx_gso_frames"] == 0 and st["rx_csum_completed"] == 0
+    assert st["rx_mss_raised"] >= 1, st
