@@ -38,12 +38,12 @@ import select
 import signal
 import socket
 import struct
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import fdpass, helper_ns, linux, log
+from . import fdpass, helper_ns, log
+from .children import fork_child
 from .forwards import Forward, ForwardError, make_forward
 
 START_TIMEOUT = 10.0      # connector: namespaces joined
@@ -96,50 +96,6 @@ def _reset_close(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
-
-
-def _enter_child(name: str, keep: list[int], parent: int) -> None:
-    """In a freshly forked child: die with the supervisor, take a name, the
-    forwarder's signal dispositions, and no fd but stdio and `keep`."""
-    linux.set_pdeathsig(signal.SIGKILL)
-    if os.getppid() != parent:  # the supervisor died before prctl
-        os._exit(1)
-    linux.set_process_name(name)
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    for entry in os.listdir("/proc/self/fd"):
-        fd = int(entry)
-        if fd > 2 and fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-def _fork(name: str, main: Callable[[], int], keep: list[int]) -> int:
-    parent = os.getpid()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            _enter_child(name, keep, parent)
-            code = main()
-        except BaseException as e:  # never return into the supervisor's code
-            try:
-                print(f"nsnet: {name}: {e!r}", file=sys.stderr)
-            except BaseException:
-                pass
-        finally:
-            try:
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
-    return pid
 
 
 # --------------------------------------------------------------------------
@@ -595,7 +551,7 @@ class FastPath:
     def _start_connector(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         target = self.target
-        pid = _fork("nsnet-connect", lambda: connector_main(target, theirs), [theirs.fileno()])
+        pid = fork_child("nsnet-connect", lambda: connector_main(target, theirs), [theirs.fileno()])
         theirs.close()
         child = _Child(pid, mine)
         mine.settimeout(START_TIMEOUT)
@@ -616,7 +572,7 @@ class FastPath:
 
     def _start_relay(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = _fork("nsnet-relay", lambda: relay_main(theirs), [theirs.fileno()])
+        pid = fork_child("nsnet-relay", lambda: relay_main(theirs), [theirs.fileno()])
         theirs.close()
         self.relay = _Child(pid, mine)
 

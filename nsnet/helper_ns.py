@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import fdpass, linux
+from .children import fork_child
 from .netconfig import NetConfig
 
 
@@ -130,27 +131,14 @@ def _in_namespaces(target: Target, body: Callable[[socket.socket], int],
     """Fork a child that enters the target's namespaces and runs body(sock);
     return (its message, the fds it sent, its exit status)."""
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the helper
-        code = 1
-        try:
-            parent_sock.close()
-            linux.set_pdeathsig()
-            if enter_namespaces(target):
-                code = body(child_sock)
-        except BaseException as e:  # never return into the parent's code
-            try:
-                print(f"namespace helper: {e}", file=sys.stderr)
-            except BaseException:
-                pass
-        finally:
-            try:
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
-    child_sock.close()
+
+    def helper() -> int:
+        return body(child_sock) if enter_namespaces(target) else 1
+
+    try:
+        pid = fork_child("nsnet-nshelper", helper, [child_sock.fileno()])
+    finally:
+        child_sock.close()
     try:
         parent_sock.settimeout(timeout)
         try:

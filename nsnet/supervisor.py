@@ -34,12 +34,12 @@ import signal
 import socket
 import stat
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import api, fastpath, helper_ns, linux, log, sdnotify
+from . import api, fastpath, helper_ns, log, sdnotify
+from .children import fork_child
 from .forwards import Forward, ForwardError, ForwardTable
 from .netconfig import NetConfig, slaac_address
 
@@ -359,36 +359,17 @@ class Supervisor:
         from . import helper_host
 
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        me = os.getpid()
+        def forwarder() -> int:
+            return helper_host.main(self.opts.net, self.tap_fd, child,
+                                    self.forwards.libslirp_items(),
+                                    sandbox=self.opts.sandbox, seccomp=self.opts.seccomp)
+
         try:
-            pid = os.fork()
+            pid = fork_child("nsnet-forwarder", forwarder, [self.tap_fd, child.fileno()])
         except OSError:
             parent.close()
             child.close()
             raise
-        if pid == 0:
-            code = 1
-            try:
-                # Dies with the supervisor, even if it died before prctl.
-                linux.set_pdeathsig(signal.SIGKILL)
-                if os.getppid() != me:
-                    os._exit(1)
-                parent.close()
-                self._close_in_child(keep=(self.tap_fd, child.fileno()))
-                code = helper_host.main(self.opts.net, self.tap_fd, child, self.forwards.libslirp_items(),
-                                        sandbox=self.opts.sandbox, seccomp=self.opts.seccomp)
-            except BaseException as e:
-                try:
-                    log.get("nsnet.forwarder").error(f"forwarder: {e!r}")
-                except BaseException:
-                    pass
-            finally:
-                try:
-                    sys.stderr.flush()
-                finally:
-                    os._exit(code)
         child.close()
         try:
             return _Forwarder(pid, parent, time.monotonic())
@@ -396,22 +377,6 @@ class Supervisor:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             raise
-
-    def _close_in_child(self, keep: tuple[int, ...]) -> None:
-        """In the forked forwarder: default signal dispositions, and no fd
-        but stdio, the TAP and its control socket (not the API socket, the
-        signal pipe, the exit-fd, the target pidfd, API clients, the
-        notify socket, a previous forwarder's pidfd...)."""
-        signal.set_wakeup_fd(-1)
-        for s in TERM_SIGNALS:
-            signal.signal(s, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        lo = 3
-        for fd in sorted(set(keep)):
-            if fd >= lo:
-                os.closerange(lo, fd)
-                lo = fd + 1
-        os.closerange(lo, 1 << 20)  # close_range(2) where available
 
     def _start_first_forwarder(self) -> None:
         """The first start is synchronous and must succeed (exit 1 if not,
