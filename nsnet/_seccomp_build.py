@@ -18,6 +18,18 @@ typedef void *scmp_filter_ctx;
 #define SCMP_ACT_LOG ...
 #define __NR_SCMP_ERROR ...
 
+static const int SCMP_CMP_EQ;
+static const int SCMP_CMP_MASKED_EQ;
+
+struct scmp_arg_cmp {
+    unsigned int arg;
+    int op;
+    uint64_t datum_a;
+    uint64_t datum_b;
+};
+int seccomp_rule_add_array(scmp_filter_ctx ctx, uint32_t action, int syscall,
+                           unsigned int arg_cnt, const struct scmp_arg_cmp *arg_array);
+
 struct scmp_version {
     unsigned int major;
     unsigned int minor;

@@ -55,6 +55,10 @@ class PortForward:
     host_port: int
     guest_addr: str
     guest_port: int
+    mode: str = "slirp"  # or "splice": nsnet's fast path (docs/fastpath.md)
+
+
+FORWARD_MODES = ("slirp", "splice")
 
 
 def nsnet_command() -> list[str]:
@@ -148,18 +152,26 @@ class _Controls:
                            f"{e.strerror or e}") from None
 
     def add_forward(self, spec: "str | int | PortSpec", guest_port: int | None = None, *,
-                    proto: str = "tcp", host_addr: str = "", guest_addr: str = "") -> int:
+                    proto: str = "tcp", host_addr: str = "", guest_addr: str = "",
+                    mode: str = "slirp") -> int:
         """Publish a port; return the forward's id.
 
         ``add_forward("127.0.0.1:8080:80/tcp")`` or ``add_forward(8080, 80,
         host_addr="127.0.0.1")``.  host_addr "" means every address
-        (0.0.0.0); guest_addr "" the namespace's own address.  Raises
+        (0.0.0.0); guest_addr "" the namespace's own address (with
+        mode="splice", nsnet's TCP fast path, its loopback).  Raises
         ForwardError for a malformed spec, PortInUse if the host port is
         taken."""
         ps = to_portspec(spec, guest_port, proto=proto, host_addr=host_addr,
                          guest_addr=guest_addr)
-        args = {"proto": ps.proto, "host_addr": ps.host_addr, "host_port": ps.host_port,
-                "guest_addr": ps.guest_addr, "guest_port": ps.guest_port}
+        if mode not in FORWARD_MODES:
+            raise ForwardError(f"bad port forward: mode must be one of {', '.join(FORWARD_MODES)}"
+                               f", not {mode!r}")
+        args: dict[str, Any] = {"proto": ps.proto, "host_addr": ps.host_addr,
+                                "host_port": ps.host_port, "guest_addr": ps.guest_addr,
+                                "guest_port": ps.guest_port}
+        if mode != "slirp":
+            args["mode"] = mode
         try:
             reply = self._call("add_hostfwd", args)
         except ApiError as e:
@@ -195,7 +207,7 @@ class _Controls:
         """The current port forwards, in id order."""
         reply = self._call("list_hostfwd")
         return [PortForward(int(e["id"]), e["proto"], e["host_addr"], int(e["host_port"]),
-                            e["guest_addr"], int(e["guest_port"]))
+                            e["guest_addr"], int(e["guest_port"]), e.get("mode", "slirp"))
                 for e in reply.get("entries", [])]
 
     def info(self) -> dict[str, Any]:

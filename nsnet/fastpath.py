@@ -109,6 +109,7 @@ def _enter_child(name: str, keep: list[int], parent: int) -> None:
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     for entry in os.listdir("/proc/self/fd"):
         fd = int(entry)
         if fd > 2 and fd not in keep:
@@ -497,11 +498,6 @@ class FastPath:
         self.failed: str | None = None  # gave up restarting: why
 
     # -- the supervisor's hooks ------------------------------------------------
-
-    def fds(self) -> list[int]:
-        """Fds a forked forwarder must close."""
-        return [fd for c in (self.relay, self.connector) if c is not None
-                for fd in (c.pidfd, c.sock.fileno() if c.sock else -1) if fd >= 0]
 
     def watch(self) -> list[tuple[int, int, Callable[[int], None]]]:
         """(fd, poll events, handler) for the supervisor's poll loop."""

@@ -19,6 +19,7 @@ make every restart fail from outside, by creating the file).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import resource
@@ -42,6 +43,8 @@ FAULT_START_ENV = "NSNET_FAULT_FORWARDER_START"
 # How long one C-loop turn may run before Python gets control back even
 # when nothing happens on the control socket.
 TURN_BUDGET_MS = 1000
+# Sockets listed in a stats reply (a hostile namespace can open thousands).
+STATS_MAX_CONNECTIONS = 512
 
 
 def _send(ctl: socket.socket, msg: dict[str, Any]) -> None:
@@ -51,6 +54,42 @@ def _send(ctl: socket.socket, msg: dict[str, Any]) -> None:
         pass  # the supervisor is gone; the next recv says so
 
 
+# libslirp 4.7 listens on a TCP port forward with a backlog of 1: under a
+# burst of connections the host's accept queue overflows and libslirp loses
+# connections (measured: 50 of 200 concurrent clients failed; slirp4netns
+# 1.2.0 123 of 200).  nsnet raises the backlog of the socket libslirp just
+# created: the lowest fd that was free before slirp_add_hostfwd.
+FORWARD_BACKLOG = 4096
+
+
+def _lowest_free_fd() -> int:
+    fd = 3
+    while True:
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            return fd
+        fd += 1
+
+
+def _raise_backlog(first: int, port: int) -> None:
+    for fd in range(first, first + 8):
+        try:
+            s = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            if (s.type == socket.SOCK_STREAM
+                    and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                    and s.getsockname()[1] == port):
+                s.listen(FORWARD_BACKLOG)
+                return
+        except OSError:
+            pass
+        finally:
+            s.detach()
+
+
 class Forwarder:
     def __init__(self, net: NetConfig, tap_fd: int, ctl: socket.socket) -> None:
         self.net = net
@@ -58,8 +97,11 @@ class Forwarder:
         self.slirp = Slirp(net, tap_fd, ctl.fileno())
 
     def add(self, fwd: Forward) -> None:
+        lowest = _lowest_free_fd()
         self.slirp.add_hostfwd(fwd.is_udp, fwd.host_addr, fwd.host_port,
                                fwd.guest_addr, fwd.guest_port)
+        if not fwd.is_udp:
+            _raise_backlog(lowest, fwd.host_port)
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
@@ -72,8 +114,12 @@ class Forwarder:
                 self.slirp.remove_hostfwd(f.is_udp, f.host_addr, f.host_port)
                 return {"ok": True}
             if op == "stats":
+                # One SEQPACKET message must hold the reply: list at most
+                # STATS_MAX_CONNECTIONS sockets, count them all.
+                lines = self.slirp.connection_info().splitlines()
                 return {"ok": True, "stats": self.slirp.stats(),
-                        "connections": self.slirp.connection_info()}
+                        "connections": "\n".join(lines[:1 + STATS_MAX_CONNECTIONS]),
+                        "connections_total": max(0, len(lines) - 1)}
             if op == "ping":
                 return {"ok": True}
         except (SlirpError, KeyError, TypeError, ValueError) as e:

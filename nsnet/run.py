@@ -57,12 +57,16 @@ TAPNAME = "tap0"
 SETUP_TIMEOUT = 30.0  # for each step of the child's set-up
 STOP_GRACE = 5.0  # SIGTERM to SIGKILL when nsnet has to stop COMMAND
 
-# How --publish ports are implemented, the single place to switch:
-#   "slirp"  libslirp host forwards (the kind the slirp4netns API adds).
-# When the splice fast path (nsnet/fastpath.py) lands, add "splice" here,
-# handle it in publish() and make it the default.
-PUBLISH_MODES = ("slirp",)
-DEFAULT_PUBLISH_MODE = "slirp"
+# How --publish ports are implemented (publish() is the one place that
+# knows):
+#   "splice"  TCP through the fast path (nsnet/fastpath.py: the host side
+#             accepts, a connector inside connects to the port on the
+#             namespace's loopback, splice(2) in between; the server sees a
+#             loopback peer); UDP through libslirp.  The default.
+#   "slirp"   everything through libslirp's host forwards (the kind the
+#             slirp4netns API adds; the server sees the gateway as peer).
+PUBLISH_MODES = ("splice", "slirp")
+DEFAULT_PUBLISH_MODE = "splice"
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 SI_KERNEL = 0x80
@@ -98,7 +102,9 @@ Without COMMAND, runs $SHELL.
   -p, --publish=[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]
                              publish a port of COMMAND's on the host (repeatable;
                              HOST_IP defaults to 0.0.0.0; IPv6 as [::1]:8080:80)
-      --publish-mode=MODE    how to publish: {", ".join(PUBLISH_MODES)} (default {DEFAULT_PUBLISH_MODE})
+      --publish-mode=MODE    splice (default): TCP through nsnet's fast path,
+                             to the port on the namespace's loopback; slirp:
+                             through libslirp, to the namespace's address
       --dns                  bind-mount a resolv.conf naming the built-in DNS
                              (CIDR+3) over /etc/resolv.conf, in COMMAND's mount
                              namespace only
@@ -445,7 +451,8 @@ class _Child:
             try:
                 libc.mount(None, "/", MS_REC | MS_SLAVE)
             except OSError as e:
-                self.fail(f"cannot make mounts private to the namespace: {e.strerror}")
+                self.fail("cannot make the mount namespace a slave of the host's: "
+                          f"{e.strerror}")
             if r.opts.dns:
                 try:
                     _bind_resolv_conf(libc, r.opts.net)
@@ -493,16 +500,24 @@ class _Child:
 
 def publish(sup: "Supervisor", specs: list["PortSpec"], mode: str) -> None:
     """Publish --publish ports (the one place that knows publish modes)."""
+    from .fastpath import publish_forward
     from .forwards import ForwardError, make_forward
     from .portspec import port_in_use
 
-    if mode != "slirp":
+    if mode not in PUBLISH_MODES:
         raise RunError(f"publish mode {mode!r} is not available")
     for spec in specs:
         try:
-            fwd = make_forward(spec.proto, spec.host_port, spec.guest_port, spec.host_addr,
-                               spec.guest_addr, default_guest=sup.default_guest_addr,
-                               default_guest6=sup.default_guest_addr6)
+            if mode == "splice":
+                fwd = publish_forward(spec.host_port, spec.guest_port, spec.proto,
+                                      spec.host_addr, spec.guest_addr,
+                                      default_guest=sup.default_guest_addr,
+                                      default_guest6=sup.default_guest_addr6)
+            else:
+                fwd = make_forward(spec.proto, spec.host_port, spec.guest_port,
+                                   spec.host_addr, spec.guest_addr,
+                                   default_guest=sup.default_guest_addr,
+                                   default_guest6=sup.default_guest_addr6)
         except ForwardError as e:
             raise RunError(f"cannot publish {spec}: bad {e}") from None
         try:
@@ -638,6 +653,12 @@ class Runner:
         parent_sock.settimeout(SETUP_TIMEOUT)
         self.unblock_in_children = True
         os.register_at_fork(after_in_child=self._after_fork_in_child)
+        # When COMMAND is a shell that takes the terminal's foreground, nsnet
+        # is in a background group: its warnings must not stop it (TOSTOP).
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        # While the child unshares, load what the next steps need (the
+        # forwarder, forked later, inherits the libslirp binding loaded).
+        from . import helper_host, supervisor  # noqa: F401
         sup = None
         try:
             try:

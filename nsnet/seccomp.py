@@ -23,7 +23,8 @@ Check it by hand (a forked child enters the same sandbox and filter as
 the forwarder, then makes one syscall):
 
     python -m nsnet.seccomp list
-    python -m nsnet.seccomp check [--no-sandbox] SYSCALL
+    python -m nsnet.seccomp check [--no-sandbox] SYSCALL[:ARG0,ARG1,...]...
+    python -m nsnet.seccomp derive STRACE_FILES...   (strace -ff output)
 """
 
 from __future__ import annotations
@@ -33,31 +34,49 @@ import signal
 import sys
 
 # Every syscall the sandboxed forwarder may make, grouped by who needs it.
-# A name that does not exist on this architecture is skipped.
+# A name that does not exist on this architecture is skipped.  Entries
+# also in RESTRICTED are allowed only with the arguments given there.
 ALLOWLIST: tuple[str, ...] = (
     # -- the C data path: poll loop, TAP reads/writes (datapath.c) ----------
-    "poll", "ppoll", "read", "readv", "write", "writev",
-    "clock_gettime", "clock_nanosleep", "gettimeofday", "nanosleep",
+    "poll", "read", "write",
+    "writev",  # frames with a virtio-net header (offloads)
+    "clock_gettime", "gettimeofday",  # when the vDSO cannot answer
     # -- libslirp: host sockets for guest TCP/UDP/ICMP, port forwards, DNS --
-    "socket", "connect", "bind", "listen", "accept", "accept4",
+    "socket", "connect", "bind", "listen", "accept",
     "getsockname", "getpeername", "setsockopt", "getsockopt",
-    "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg", "recvmmsg",
+    "sendto", "recvfrom",
+    "recvmsg",  # MSG_ERRQUEUE on UDP/ICMP sockets
     "shutdown", "close", "fcntl", "ioctl",
     # libslirp re-reads /etc/resolv.conf (DNS forwarding) through stdio
-    "openat", "open", "newfstatat", "fstat", "stat", "lstat", "statx", "lseek",
-    # glib: random numbers (TCP ISNs, RA timers)
+    "openat", "newfstatat", "fstat",
+    # glib: random numbers
     "getrandom",
-    # -- memory: malloc (glibc, glib, Python's allocator) -------------------
-    "brk", "mmap", "munmap", "mremap", "madvise", "mprotect",
-    # -- threads and locks (glibc, Python's GIL), signals -------------------
-    "futex", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack",
-    "restart_syscall",
-    # -- identity and time queries of the interpreter and glib --------------
-    "getpid", "gettid", "getuid", "geteuid", "getgid", "getegid",
-    "sched_getaffinity", "sched_yield", "uname", "prlimit64", "getrlimit",
+    # -- memory: malloc (glibc, glib, Python's allocator); never executable --
+    "brk", "mmap", "munmap", "mremap", "madvise",
+    # -- locks, signal return, restart after SIGSTOP/SIGCONT -------------------
+    "futex", "rt_sigreturn", "restart_syscall",
+    # -- the forwarder's "ready" message --------------------------------------
+    "getpid",
     # -- leaving ------------------------------------------------------------
     "exit", "exit_group",
 )
+
+# Argument filters: a call is allowed when its arguments match one of the
+# alternatives; each alternative is a list of (arg index, "eq", value) or
+# (arg index, "masked_eq", mask, value).
+_AF_INET, _AF_INET6 = 2, 10
+_FIONREAD, _FIONBIO = 0x541B, 0x5421
+_F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL = 1, 2, 3, 4
+_PROT_EXEC = 4
+RESTRICTED: dict[str, list[list[tuple]]] = {
+    # IPv4/IPv6 only: no netlink, packet, unix, vsock... sockets
+    "socket": [[(0, "eq", _AF_INET)], [(0, "eq", _AF_INET6)]],
+    # FIONREAD and FIONBIO only (no TIOCSTI on an inherited terminal...)
+    "ioctl": [[(1, "eq", _FIONREAD)], [(1, "eq", _FIONBIO)]],
+    "fcntl": [[(1, "eq", c)] for c in (_F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL)],
+    # no executable memory (mprotect is not allowed at all)
+    "mmap": [[(2, "masked_eq", _PROT_EXEC, 0)]],
+}
 
 
 class SeccompError(RuntimeError):
@@ -90,15 +109,32 @@ def resolve(names=ALLOWLIST) -> dict[str, int]:
 
 
 def _build(names=ALLOWLIST):
-    _, lib = _lib()
+    ffi, lib = _lib()
     ctx = lib.seccomp_init(lib.SCMP_ACT_KILL_PROCESS)
     if not ctx:
         raise SeccompError("seccomp_init failed")
     try:
         for name, nr in resolve(names).items():
-            rc = lib.nsnet_seccomp_allow(ctx, nr)
-            if rc < 0:
-                raise SeccompError(f"seccomp_rule_add({name}): {os.strerror(-rc)}")
+            if name not in RESTRICTED:
+                rc = lib.nsnet_seccomp_allow(ctx, nr)
+                if rc < 0:
+                    raise SeccompError(f"seccomp_rule_add({name}): {os.strerror(-rc)}")
+                continue
+            for alternative in RESTRICTED[name]:
+                cmps = ffi.new("struct scmp_arg_cmp[]", len(alternative))
+                for i, cond in enumerate(alternative):
+                    cmps[i].arg = cond[0]
+                    if cond[1] == "eq":
+                        cmps[i].op = lib.SCMP_CMP_EQ
+                        cmps[i].datum_a = cond[2]
+                    else:
+                        cmps[i].op = lib.SCMP_CMP_MASKED_EQ
+                        cmps[i].datum_a, cmps[i].datum_b = cond[2], cond[3]
+                rc = lib.seccomp_rule_add_array(ctx, lib.SCMP_ACT_ALLOW, nr,
+                                                len(alternative), cmps)
+                if rc < 0:
+                    raise SeccompError(f"seccomp_rule_add({name}, {alternative}): "
+                                       f"{os.strerror(-rc)}")
     except BaseException:
         lib.seccomp_release(ctx)
         raise
@@ -136,20 +172,20 @@ def export_bpf_text(names=ALLOWLIST) -> str:
 
 # -- self-check: `python -m nsnet.seccomp check SYSCALL` ---------------------
 
-def _raw_syscall(nr: int) -> tuple[int, int]:
+def _raw_syscall(nr: int, args=()) -> tuple[int, int]:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
-    rc = libc.syscall(ctypes.c_long(nr), ctypes.c_long(0), ctypes.c_long(0),
-                      ctypes.c_long(0), ctypes.c_long(0), ctypes.c_long(0))
+    a = [ctypes.c_long(x) for x in (list(args) + [0] * 6)[:6]]
+    rc = libc.syscall(ctypes.c_long(nr), *a)
     return rc, ctypes.get_errno()
 
 
-def check(syscall_name: str, sandbox: bool = True) -> dict:
+def check(syscall_name: str, sandbox: bool = True, args=()) -> dict:
     """Fork a child that enters the forwarder's sandbox (unless
-    sandbox=False) and seccomp filter, then makes `syscall_name` with all
-    arguments 0.  Returns how the child ended: {"outcome": "refused",
+    sandbox=False) and seccomp filter, then makes `syscall_name` with
+    `args` (integers; missing ones are 0).  Returns how the child ended: {"outcome": "refused",
     "signal": "SIGSYS"} or {"outcome": "allowed", "rc": N, "errno": E}."""
     from . import sandbox as sandbox_mod
 
@@ -166,7 +202,7 @@ def check(syscall_name: str, sandbox: bool = True) -> dict:
         try:
             os.close(r)
             sandbox_mod.enter(sandbox=sandbox, seccomp=True, forwards=[])
-            rc, err = _raw_syscall(nr)
+            rc, err = _raw_syscall(nr, args)
             os.write(w, f"{rc} {err}".encode())
             code = 0
         except BaseException as e:
@@ -185,7 +221,7 @@ def check(syscall_name: str, sandbox: bool = True) -> dict:
         data += chunk
     os.close(r)
     _, status = os.waitpid(pid, 0)
-    result: dict = {"syscall": syscall_name, "nr": nr, "sandbox": sandbox}
+    result: dict = {"syscall": syscall_name, "args": list(args), "nr": nr, "sandbox": sandbox}
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         result.update(outcome="refused" if sig == signal.SIGSYS else "killed",
@@ -199,12 +235,56 @@ def check(syscall_name: str, sandbox: bool = True) -> dict:
     return result
 
 
+def derive(paths: list[str]) -> dict:
+    """Read `strace -ff -o PREFIX` output files; in each forwarder trace
+    (one that entered the sandbox or loaded a filter), count the syscalls
+    made after that point.  Returns {"traces": N, "calls": {name: count},
+    "missing": [names not on ALLOWLIST], "unused": [listed, never seen]}."""
+    import re
+
+    line_re = re.compile(r"^(?:\d+\s+)?([a-z_0-9]+)\(")
+    resumed_re = re.compile(r"<\.\.\. ([a-z_0-9]+) resumed>")
+    calls: dict[str, int] = {}
+    killed = 0
+    traces = 0
+    for path in paths:
+        try:
+            with open(path, errors="replace") as f:
+                lines = f.readlines()
+        except OSError:
+            continue
+        start = None
+        for i, line in enumerate(lines):
+            if line.startswith(("capset(", "seccomp(SECCOMP_SET_MODE_FILTER")):
+                start = i + 1
+        if start is None:
+            continue
+        traces += 1
+        for line in lines[start:]:
+            if "killed by SIGSYS" in line:
+                killed += 1
+            if resumed_re.search(line):
+                continue
+            m = line_re.match(line)
+            if m:
+                calls[m.group(1)] = calls.get(m.group(1), 0) + 1
+    listed = set(ALLOWLIST)
+    return {"traces": traces, "killed_by_sigsys": killed,
+            "calls": dict(sorted(calls.items(), key=lambda kv: -kv[1])),
+            "missing": sorted(set(calls) - listed),
+            "unused": sorted(listed - set(calls))}
+
+
 def main(argv: list[str]) -> int:
     import json
 
+    if len(argv) >= 2 and argv[0] == "derive":
+        print(json.dumps(derive(argv[1:]), indent=1))
+        return 0
     if len(argv) >= 1 and argv[0] == "list":
         for name, nr in sorted(resolve().items(), key=lambda kv: kv[1]):
-            print(f"{nr:4d} {name}")
+            extra = f"  only {RESTRICTED[name]}" if name in RESTRICTED else ""
+            print(f"{nr:4d} {name}{extra}")
         print(f"{len(resolve())} syscalls allowed; everything else kills the process")
         return 0
     if len(argv) >= 1 and argv[0] == "pfc":
@@ -212,9 +292,11 @@ def main(argv: list[str]) -> int:
         return 0
     if len(argv) >= 2 and argv[0] == "check":
         sandbox = "--no-sandbox" not in argv
-        names = [a for a in argv[1:] if not a.startswith("--")]
-        for name in names:
-            print(json.dumps(check(name, sandbox=sandbox)), flush=True)
+        # SYSCALL or SYSCALL:ARG0,ARG1,... (integers, 0x... allowed)
+        for spec in [a for a in argv[1:] if not a.startswith("--")]:
+            name, _, rest = spec.partition(":")
+            args = [int(x, 0) for x in rest.split(",")] if rest else []
+            print(json.dumps(check(name, sandbox=sandbox, args=args)), flush=True)
         return 0
     print(__doc__, file=sys.stderr)
     return 2

@@ -304,9 +304,9 @@ class Supervisor:
             raise SetupError(f"cannot bind API socket {path}: {e.strerror}") from None
         finally:
             os.umask(old)
-        sock.listen(64)
+        sock.listen(1024)  # bursts of clients wait in the queue, not EAGAIN
         sock.setblocking(False)
-        st = os.stat(path)
+        st = os.lstat(path)  # never follow a symlink swapped in after bind
         self.api_sock = sock
         self.api_ino = (st.st_dev, st.st_ino)
 
@@ -711,8 +711,13 @@ class Supervisor:
             raise api.ApiError(f"get_stats: {reply.get('error', 'failed')}")
         conns = parse_connection_info(reply.get("connections", ""))
         active = [c for c in conns if c["state"] != "HOST_FORWARD"]
+        n_active = len(active)
+        total = reply.get("connections_total")
+        if isinstance(total, int) and total > len(conns):
+            # The forwarder lists at most STATS_MAX_CONNECTIONS sockets: count the rest.
+            n_active += total - len(conns)
         return dict(reply["stats"], forwarder_pid=self.fwd.pid if self.fwd else None,
-                    active_connections=len(active), connections=conns,
+                    active_connections=n_active, connections=conns,
                     restarts=self.restarts)
 
     # -- API socket handling (non-blocking, in the poll loop) --------------

@@ -70,9 +70,21 @@ def pytest_configure(config):
                         "a private network namespace with `unshare --net`), or inside a "
                         "network namespace that has only `lo`", returncode=3)
         _reexec_isolated(config)  # does not return
+    config.addinivalue_line("markers", "soak: heavy load/soak/fuzz case, run with -m soak")
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=10)
     _assert_isolated()
     harness.become_subreaper()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Heavy cases carry @pytest.mark.soak and run only when selected with
+    `-m soak` (CI runs the short versions)."""
+    if "soak" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="heavy case: run with -m soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
 
 
 def pytest_sessionstart(session):

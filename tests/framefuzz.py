@@ -24,7 +24,6 @@ crashing frame.
 Prints one JSON line: {"sent", "errors", "kinds", "seconds", ...}.
 """
 import json
-import os
 import random
 import signal
 import socket

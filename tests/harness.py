@@ -737,7 +737,8 @@ def udp_roundtrip(host: str, port: int, data: bytes, timeout: float = 2, tries: 
 
 
 def install_helpers(dest: str) -> None:
-    """Copy the in-namespace helper script where the unprivileged user can read it."""
+    """Copy the in-namespace helper scripts where the unprivileged user can read them."""
     os.chmod(dest, 0o755)
-    shutil.copy(HERE / "nsclient.py", f"{dest}/nsclient.py")
-    os.chmod(f"{dest}/nsclient.py", 0o644)
+    for name in ("nsclient.py", "framefuzz.py", "nsload.py"):
+        shutil.copy(HERE / name, f"{dest}/{name}")
+        os.chmod(f"{dest}/{name}", 0o644)

@@ -105,6 +105,28 @@ def test_attach_every_method(ns, base_dir):
     assert_no_nsnet_children([ns.pid])
 
 
+def test_attach_splice_forward(ns):
+    """mode="splice": nsnet's TCP fast path, to the namespace's loopback."""
+    port = free_port()
+    with nsnet.attach(ns.pid) as net:
+        fid = net.add_forward(port, 8080, host_addr="127.0.0.1", mode="splice")
+        assert net.forwards() == [
+            nsnet.PortForward(fid, "tcp", "127.0.0.1", port, "127.0.0.1", 8080, "splice")]
+        srv = ns.start_server("tcp-serve", "127.0.0.1", 8080, "echo", 1)
+        try:
+            assert tcp_send("127.0.0.1", port, b"spliced") == b"spliced"
+            assert srv.result()["connections"][0]["peer"] == "127.0.0.1"
+        finally:
+            srv.close()
+        with pytest.raises(nsnet.ForwardError, match="tcp only"):
+            net.add_forward(free_port(socket.SOCK_DGRAM), 53, proto="udp", mode="splice")
+        with pytest.raises(nsnet.ForwardError, match="mode must be one of"):
+            net.add_forward(free_port(), 80, mode="fast")
+        net.remove_forward(fid)
+        assert net.forwards() == []
+    assert_no_nsnet_children([ns.pid])
+
+
 def test_attach_with_options_and_publish(ns):
     port = free_port()
     with nsnet.attach(ns.pid, mtu=9000, cidr="10.7.0.0/24", no_egress=True,

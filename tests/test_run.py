@@ -149,6 +149,14 @@ def test_map_subids(user):
                     ["0", str(user.gid), "1"], ["1", str(gstart), str(gcount)]]
 
 
+@pytest.mark.parametrize("user", ["root"], indirect=True)
+def test_map_subids_without_a_range(user):
+    cp = nsnet_run(user, ["--map-subids", "--", "true"], text=True)
+    assert cp.returncode == EXIT_SETUP
+    assert "--map-subids: no range for root in /etc/subuid" in cp.stderr
+    assert_nothing_left()
+
+
 def _subids(path):
     with open(path) as f:
         for line in f:
@@ -299,6 +307,35 @@ def test_interactive_shell_on_a_terminal(user, terminal):
     assert t.proc.wait(timeout=20) == 5
 
 
+def _forwarders(nsnet_pid):
+    out = []
+    for pid in harness.child_pids(nsnet_pid):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == "nsnet-forwarder":
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def test_nsnet_in_background_group_keeps_working(user, terminal):
+    """The shell takes the terminal's foreground; with `stty tostop`, a
+    warning nsnet writes from the background must not stop it."""
+    t = terminal(["--", "bash", "--norc", "--noprofile", "-i"])
+    t.expect(b"PROMPT$ ")
+    t.send(b"stty tostop; echo tostop-set\n")
+    t.expect(b"tostop-set\r\n")
+    t.expect(b"PROMPT$ ")
+    old = harness.wait_until(lambda: _forwarders(t.proc.pid), 10, what="the forwarder")
+    os.kill(old[0], signal.SIGKILL)  # nsnet logs a warning and restarts it
+    harness.wait_until(lambda: [p for p in _forwarders(t.proc.pid) if p != old[0]], 30,
+                       what="a new forwarder")
+    t.expect(b"restarting")
+    t.send(b"exit 7\n")
+    assert t.proc.wait(timeout=20) == 7
+
+
 def test_ctrl_c_reaches_command_once(user, terminal):
     t = terminal(["--", NS_PYTHON, "-c", SIGNAL_PROBE])
     t.expect(b"READY")
@@ -333,6 +370,37 @@ def test_publish_tcp_server_inside(user, base_dir, procs):
     result = last_json(p.stdout.read())
     assert result["connections"][0]["echoed"] == len(data)
     assert_nothing_left()
+
+
+@pytest.mark.parametrize("mode,peer", [(None, "127.0.0.1"), ("splice", "127.0.0.1"),
+                                       ("slirp", "10.0.2.2")])
+def test_publish_modes(user, base_dir, procs, mode, peer):
+    """splice (the default): the fast path, the server sees a loopback peer;
+    slirp: libslirp's forward, the server sees the gateway."""
+    port = free_port()
+    flags = [f"--publish-mode={mode}"] if mode else []
+    p = nsnet_popen(user, [*flags, "-p", f"127.0.0.1:{port}:8080", "--",
+                           *client(base_dir, "tcp-serve", "0.0.0.0", 8080, "sink", 1)])
+    procs.append(p)
+    assert read_line(p.stdout, 30).startswith(b"READY")
+    data = os.urandom(500_000)
+    reply = tcp_send("127.0.0.1", port, data).decode().split()
+    assert reply == [str(len(data)), hashlib.sha256(data).hexdigest()]
+    assert p.wait(timeout=30) == 0, p.stderr.read()
+    assert last_json(p.stdout.read())["connections"][0]["peer"] == peer
+    assert_nothing_left()
+
+
+def test_publish_reaches_a_loopback_only_server(user, base_dir, procs):
+    """With the fast path, a server that listens on the namespace's
+    127.0.0.1 only is reachable too."""
+    port = free_port()
+    p = nsnet_popen(user, ["-p", f"127.0.0.1:{port}:8080", "--",
+                           *client(base_dir, "tcp-serve", "127.0.0.1", 8080, "echo", 1)])
+    procs.append(p)
+    assert read_line(p.stdout, 30).startswith(b"READY")
+    assert tcp_send("127.0.0.1", port, b"loopback") == b"loopback"
+    assert p.wait(timeout=30) == 0
 
 
 def test_publish_udp(user, base_dir, procs):
@@ -459,7 +527,7 @@ def test_api_socket_and_ready_fd(user, workdir, procs):
     (["-p", "[::1]:8080:80"], "needs -6"),
     (["--cidr", "10.0.2.1/24"], "network address"),
     (["--mtu", "20"], "MTU"),
-    (["--publish-mode", "nope"], "publish-mode"),
+    (["--publish-mode", "nope"], "--publish-mode must be one of splice, slirp"),
     (["--bogus"], "option --bogus not recognized"),
     (["--ready-fd", "999"], "not open"),
 ])
@@ -513,6 +581,8 @@ def _forwarder_pid(api, old=None, proc=None):
         except (OSError, ValueError):
             return None
         pid = info.get("forwarder_pid")
+        if info.get("forwarder_state", "running") != "running":
+            return None  # (re)starting: forwards not re-added yet
         return pid if pid and pid != old else None
     pid = harness.wait_until(new_pid, 30, interval=0.05, what="a (new) forwarder")
     return None if pid == -1 else pid
@@ -521,8 +591,8 @@ def _forwarder_pid(api, old=None, proc=None):
 def test_forwarder_crash_is_survived(user, workdir, base_dir, procs):
     api = os.path.join(workdir, "run.sock")
     port = free_port()
-    p = nsnet_popen(user, ["-a", api, "-p", f"127.0.0.1:{port}:8080", "--",
-                           *client(base_dir, "tcp-serve", "0.0.0.0", 8080, "echo", 2)])
+    p = nsnet_popen(user, ["-a", api, "--publish-mode=slirp", "-p", f"127.0.0.1:{port}:8080",
+                           "--", *client(base_dir, "tcp-serve", "0.0.0.0", 8080, "echo", 2)])
     procs.append(p)
     assert read_line(p.stdout, 30).startswith(b"READY")
     assert tcp_send("127.0.0.1", port, b"before") == b"before"
