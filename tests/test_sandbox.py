@@ -183,10 +183,11 @@ def test_restarted_forwarder_is_sandboxed_again(connect, host_server, user):
     first = forwarder_pid(net)
     # What a seccomp kill looks like to the supervisor: death by SIGSYS.
     os.kill(first, signal.SIGSYS)
-    second = wait_until(lambda: (info(net.api)["forwarder_pid"] not in (first, None)
-                                 and info(net.api)["forwarder_pid"]), 15,
-                        what="a new forwarder")
-    assert info(net.api)["restarts"] == 1
+    # "restarts" counts a new forwarder once it is ready; its PID shows earlier.
+    def restarted():
+        i = info(net.api)
+        return i["restarts"] == 1 and i["forwarder_pid"] not in (first, None) and i
+    second = wait_until(restarted, 15, what="a new, ready forwarder")["forwarder_pid"]
     assert_locked_down(second, user)
     r = net.ns.client("tcp-echo", GW, srv.port, 64 * 1024)
     assert r["received"] == 64 * 1024 and r["sha_received"] == r["sha_sent"]
