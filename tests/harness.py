@@ -436,6 +436,12 @@ class Forwarder:
             if r:
                 chunk = os.read(self.ready_r, 64)
                 if not chunk:
+                    # A failed start closes the ready-fd, then says why and
+                    # exits: give it the time to finish, so the log is whole.
+                    try:
+                        self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        pass
                     raise HarnessError(
                         f"{self.impl.name}: ready-fd EOF without data "
                         f"(exit={self.proc.poll()})\n{self.log()}")
