@@ -7,6 +7,10 @@ Run inside a test namespace (like nsclient.py) or on the host side.
       established (and HOLD more seconds, default 0); then send NBYTES of distinct random data on each, read
       the echo, check it byte for byte, close.  Prints
       {"established", "peak_open", "verified", "failed", "bytes", "seconds"}.
+  udp HOST PORT COUNT SIZE SRCPORT
+      COUNT datagrams of SIZE bytes from the fixed local port SRCPORT (so
+      repeated runs are one flow, not a new one each time), each echoed
+      back (5 tries each); prints {"sent", "echoed"}.
   serve ADDR PORT N [HARD_LIMIT_S]
       echo server for N connections (all may be open at once); prints
       "READY <port>", then {"served", "peak_open", "bytes"} when N are done.
@@ -214,9 +218,31 @@ def serve(addr, port, n, hard_limit=HARD_LIMIT_S):
     print(json.dumps({"served": served, "peak_open": peak, "bytes": total}), flush=True)
 
 
+def udp(host, port, count, size, srcport):
+    ok = 0
+    with socket.socket(family_of(host), socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("", int(srcport)))
+        s.settimeout(2)
+        for _ in range(int(count)):
+            data = os.urandom(int(size))
+            for _attempt in range(5):
+                s.sendto(data, (host, int(port)))
+                try:
+                    reply, _ = s.recvfrom(65535)
+                except socket.timeout:
+                    continue
+                if reply == data:
+                    ok += 1
+                    break
+    print(json.dumps({"sent": int(count), "echoed": ok}), flush=True)
+
+
 def main(argv):
     signal.alarm(HARD_LIMIT_S)
-    if len(argv) >= 2 and argv[1] == "client":
+    if len(argv) >= 2 and argv[1] == "udp":
+        udp(*argv[2:])
+    elif len(argv) >= 2 and argv[1] == "client":
         client(*argv[2:])
     elif len(argv) >= 2 and argv[1] == "serve":
         serve(*argv[2:])

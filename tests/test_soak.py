@@ -247,7 +247,12 @@ def test_mixed_traffic_soak(connect, host_server, nsload, seconds, record_proper
             counts["bytes_verified"] += 2 * 64 * 1024
 
         def udp():
-            r = net.ns.client("udp-echo", GW, uecho.port, 10, 1000)
+            # One UDP flow (fixed source port) for the whole soak: a new flow
+            # per round would hold a host socket 240 s each (libslirp's UDP
+            # expiry) and make the fd count follow the round rate.
+            cp = net.ns.run([NS_PYTHON, nsload, "udp", GW, uecho.port, 10, 1000, 40000],
+                            timeout=60, text=True)
+            r = json.loads(cp.stdout.strip().splitlines()[-1])
             assert r == {"sent": 10, "echoed": 10}, r
             counts["udp_datagrams"] += 10
 
