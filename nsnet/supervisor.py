@@ -33,7 +33,6 @@ import select
 import signal
 import socket
 import stat
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -67,6 +66,13 @@ BACKOFF_MAX_S = 2.0
 POLL_IN = select.POLLIN
 POLL_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 TERM_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _median(values: list[float]) -> float:
+    """statistics.median, without its 3 ms import on the path to ready."""
+    v = sorted(values)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
 
 
 class SetupError(RuntimeError):
@@ -646,7 +652,7 @@ class Supervisor:
             "restarts": self.restarts,
             "restart_latency_ms": {
                 "last": round(lat[-1], 3) if lat else None,
-                "median": round(statistics.median(lat), 3) if lat else None,
+                "median": round(_median(lat), 3) if lat else None,
                 "max": round(max(lat), 3) if lat else None,
             },
             "restart_policy": {"max_restarts": self.opts.max_restarts,
