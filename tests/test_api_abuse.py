@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from harness import (HarnessError, add_hostfwd, api_call, free_port, payload, sha256,
+from harness import (add_hostfwd, api_call, free_port, payload, sha256,
                      tcp_send)
 
 pytestmark = [pytest.mark.timeout(300),
@@ -262,7 +262,7 @@ def test_socket_mode_0600_and_other_users_refused(connect):
 
 
 @pytest.mark.parametrize("planted", ["symlink-to-file", "dangling-symlink", "regular-file"])
-def test_planted_path_is_refused(ns, start_fwd, nsnet_impl, workdir, user, planted):
+def test_planted_path_is_refused(ns, nsnet_impl, workdir, user, planted):
     """A symlink (or any non-socket) at the API socket path is never
     followed or replaced: nsnet refuses to start and the target is
     untouched."""
@@ -278,9 +278,9 @@ def test_planted_path_is_refused(ns, start_fwd, nsnet_impl, workdir, user, plant
     else:
         with open(path, "w") as f:
             f.write("not a socket\n")
-    with pytest.raises(HarnessError) as e:
-        start_fwd(nsnet_impl, ["--configure", "--api-socket", path, ns.pid, "tap0"])
-    assert "not a socket" in str(e.value)
+    cp = nsnet_impl.run(["--configure", "--api-socket", path, ns.pid, "tap0"], user=user,
+                        timeout=30, text=True)
+    assert cp.returncode == 1 and "not a socket" in cp.stderr, (cp.returncode, cp.stderr)
     with open(victim) as f:
         assert f.read() == "precious\n"
     assert not os.path.exists(os.path.join(workdir, "nowhere"))
@@ -295,9 +295,9 @@ def test_stale_socket_replaced(ns, start_fwd, nsnet_impl, workdir, user):
     s.listen(1)
     os.chown(path, user.uid, user.gid)
     try:
-        with pytest.raises(HarnessError) as e:
-            start_fwd(nsnet_impl, ["--configure", "--api-socket", path, ns.pid, "tap0"])
-        assert "in use" in str(e.value)
+        cp = nsnet_impl.run(["--configure", "--api-socket", path, ns.pid, "tap0"], user=user,
+                            timeout=30, text=True)
+        assert cp.returncode == 1 and "in use" in cp.stderr, (cp.returncode, cp.stderr)
     finally:
         s.close()  # now stale: the file stays, nobody listens
     assert os.path.exists(path)
