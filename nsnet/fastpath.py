@@ -33,7 +33,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import resource
 import select
 import signal
 import socket
@@ -42,7 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import fdpass, helper_ns, log
+from . import fdpass, helper_ns, linux, log
 from .children import fork_child
 from .forwards import Forward, ForwardError, make_forward
 
@@ -393,13 +392,7 @@ def _poll_now(fds: list[int]) -> list[tuple[int, int]]:
 
 
 def relay_main(ctl: socket.socket) -> int:
-    # Each relayed connection holds 6 fds (2 sockets, 2 pipes).
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
+    linux.raise_fd_limit()  # each relayed connection holds 6 fds (2 sockets, 2 pipes)
     return Relay(ctl).serve()
 
 

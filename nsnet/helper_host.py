@@ -22,7 +22,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import resource
 import signal
 import socket
 from typing import Any
@@ -176,13 +175,7 @@ def main(net: NetConfig, tap_fd: int, ctl: socket.socket,
     if fault and os.path.exists(fault):
         _send(ctl, {"event": "failed", "error": f"injected start failure ({FAULT_START_ENV})"})
         return EXIT_SLIRP_FAILED
-    # Every guest connection is a host socket: allow as many as permitted.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (OSError, ValueError):
-            pass
+    linux.raise_fd_limit()  # every guest connection is a host socket
     try:
         fw = Forwarder(net, tap_fd, ctl)
     except SlirpError as e:

@@ -96,5 +96,18 @@ def open_tap(name: str, vnet_hdr: bool = False, mtu: int | None = None) -> int:
     return fd
 
 
+def raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: the forwarder and the
+    relay hold several fds per connection of the namespace's."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            pass
+
+
 def pidfd_open(pid: int) -> int:
     return os.pidfd_open(pid)
