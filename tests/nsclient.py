@@ -71,21 +71,28 @@ def tcp_echo(host, port, nbytes):
           "received": n, "sha_received": digest})
 
 
-def udp_echo(host, port, count, size):
+def udp_roundtrips(s, host, port, count, size):
+    """Send count random datagrams on s, each up to 5 times until echoed;
+    return how many came back intact."""
     ok = 0
+    s.settimeout(2)
+    for _ in range(int(count)):
+        data = os.urandom(int(size))
+        for _attempt in range(5):
+            s.sendto(data, (host, int(port)))
+            try:
+                reply, _ = s.recvfrom(65535)
+            except socket.timeout:
+                continue
+            if reply == data:
+                ok += 1
+                break
+    return ok
+
+
+def udp_echo(host, port, count, size):
     with socket.socket(family_of(host), socket.SOCK_DGRAM) as s:
-        s.settimeout(2)
-        for _ in range(int(count)):
-            data = os.urandom(int(size))
-            for _attempt in range(5):
-                s.sendto(data, (host, int(port)))
-                try:
-                    reply, _ = s.recvfrom(65535)
-                except socket.timeout:
-                    continue
-                if reply == data:
-                    ok += 1
-                    break
+        ok = udp_roundtrips(s, host, port, count, size)
     emit({"sent": int(count), "echoed": ok})
 
 

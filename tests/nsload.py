@@ -219,22 +219,12 @@ def serve(addr, port, n, hard_limit=HARD_LIMIT_S):
 
 
 def udp(host, port, count, size, srcport):
-    ok = 0
+    from nsclient import udp_roundtrips  # installed beside this script
+
     with socket.socket(family_of(host), socket.SOCK_DGRAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("", int(srcport)))
-        s.settimeout(2)
-        for _ in range(int(count)):
-            data = os.urandom(int(size))
-            for _attempt in range(5):
-                s.sendto(data, (host, int(port)))
-                try:
-                    reply, _ = s.recvfrom(65535)
-                except socket.timeout:
-                    continue
-                if reply == data:
-                    ok += 1
-                    break
+        ok = udp_roundtrips(s, host, port, count, size)
     print(json.dumps({"sent": int(count), "echoed": ok}), flush=True)
 
 
