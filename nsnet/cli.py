@@ -4,11 +4,11 @@ plus nsnet's own options and the `nsnet run` subcommand."""
 
 from __future__ import annotations
 
-import getopt
 import ipaddress
 import os
 import sys
 
+from .getopt_long import GetoptError, getopt_long
 from .netconfig import (
     ConfigError,
     NetConfig,
@@ -63,18 +63,20 @@ nsnet options:
 """
 
 SHORT_OPTS = "ce:r:m:6a:hv"
+# slirp4netns's options in the order of its getopt_long table (the order
+# glibc lists the possibilities of an ambiguous abbreviation in), then nsnet's.
 LONG_OPTS = [
     "configure",
     "exit-fd=",
     "ready-fd=",
     "mtu=",
-    "enable-ipv6",
-    "api-socket=",
     "cidr=",
     "disable-host-loopback",
     "no-host-loopback",
     "netns-type=",
     "userns-path=",
+    "api-socket=",
+    "enable-ipv6",
     "enable-sandbox",
     "create-sandbox",
     "enable-seccomp",
@@ -159,20 +161,9 @@ def parse(argv: list[str]):
     from .supervisor import Options
 
     try:
-        opts, args = getopt.gnu_getopt(argv, SHORT_OPTS, LONG_OPTS)
-    except getopt.GetoptError as e:
-        opt = e.opt
-        if opt and len(opt) > 1 and "not a unique prefix" not in e.msg:
-            if "requires argument" in e.msg:
-                raise UsageError(f"option '--{opt}' requires an argument") from None
-            if "must not have an argument" in e.msg:
-                raise UsageError(f"option '--{opt}' doesn't allow an argument") from None
-            raise UsageError(f"unrecognized option '--{opt}'") from None
-        if opt and "not a unique prefix" in e.msg:
-            raise UsageError(f"option '--{opt}' is ambiguous") from None
-        if "requires argument" in e.msg:
-            raise UsageError(f"option requires an argument -- '{opt}'") from None
-        raise UsageError(f"invalid option -- '{opt}'") from None
+        opts, args = getopt_long(argv, SHORT_OPTS, LONG_OPTS)
+    except GetoptError as e:
+        raise UsageError(str(e)) from None
 
     configure = False
     exit_fd = ready_fd = None

@@ -34,7 +34,6 @@ cannot be executed; 127 when it is not found.
 
 from __future__ import annotations
 
-import getopt
 import os
 import signal
 import socket
@@ -162,15 +161,16 @@ class RunOptions:
 
 def parse_args(argv: list[str]) -> RunOptions | None:
     """RunOptions, or None for --help. Raises UsageError."""
+    from .getopt_long import GetoptError, getopt_long
     from .netconfig import ConfigError, NetConfig, check_mtu, parse_cidr
     from .portspec import PortSpecError
     from .portspec import parse as parse_spec
 
     try:
         # POSIX mode: options end at COMMAND, whose own options stay its own.
-        opts, args = getopt.getopt(argv, SHORT_OPTS, LONG_OPTS)
-    except getopt.GetoptError as e:
-        raise UsageError(e.msg) from None
+        opts, args = getopt_long(argv, "+" + SHORT_OPTS, LONG_OPTS)
+    except GetoptError as e:
+        raise UsageError(str(e)) from None
     mtu, cidr, ipv6 = 1500, "10.0.2.0/24", False
     no_hostlo = no_egress = offload = False
     ro = RunOptions(argv=[], net=NetConfig())

@@ -528,7 +528,7 @@ def test_api_socket_and_ready_fd(user, workdir, procs):
     (["--cidr", "10.0.2.1/24"], "network address"),
     (["--mtu", "20"], "MTU"),
     (["--publish-mode", "nope"], "--publish-mode must be one of splice, slirp"),
-    (["--bogus"], "option --bogus not recognized"),
+    (["--bogus"], "unrecognized option '--bogus'"),
     (["--ready-fd", "999"], "not open"),
 ])
 def test_bad_options(user, args, pattern):
