@@ -19,10 +19,14 @@ class build_py_with_commit(build_py):
             ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             commit = ""
+        # From the source, not from the copy in build/: build_py does not
+        # copy over a build/ file newer than its source, so a copy stamped
+        # by an earlier build would keep that build's commit.
+        here = os.path.dirname(os.path.abspath(__file__))
+        with open(os.path.join(here, "nsnet", "_buildinfo.py")) as f:
+            text = f.read()
         target = os.path.join(self.build_lib, "nsnet", "_buildinfo.py")
         if commit and os.path.exists(target):
-            with open(target) as f:
-                text = f.read()
             with open(target, "w") as f:
                 f.write(text.replace('COMMIT = ""', f'COMMIT = "{commit}"', 1))
 
@@ -32,6 +36,7 @@ setup(
         "nsnet/_slirp_build.py:ffibuilder",
         "nsnet/_seccomp_build.py:ffibuilder",
         "nsnet/_relay_build.py:ffibuilder",
+        "nsnet/_linux_build.py:ffibuilder",
     ],
     cmdclass={"build_py": build_py_with_commit},
 )

@@ -22,9 +22,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import signal
 import socket
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
+    from typing import Any
 
 from . import linux, log
 from .forwards import Forward
@@ -162,14 +164,10 @@ def main(net: NetConfig, tap_fd: int, ctl: socket.socket,
          forwards: list[tuple[int, Forward]], sandbox: bool = False,
          seccomp: bool = False) -> int:
     """Entry point in the forked forwarder process."""
-    linux.set_pdeathsig(signal.SIGKILL)
-    linux.set_process_name("nsnet-forwarder")
-    # Terminal signals go to the whole process group: the supervisor
-    # decides what happens; the forwarder only dies on SIGTERM/SIGKILL.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # fork_child (children.py) has set PR_SET_PDEATHSIG, the process name,
+    # and the signals: terminal signals go to the whole process group, so
+    # SIGINT and SIGHUP are ignored (the supervisor decides what happens),
+    # SIGPIPE too; the forwarder dies on SIGTERM/SIGKILL.
     os.set_blocking(tap_fd, False)
     fault = os.environ.get(FAULT_START_ENV)
     if fault and os.path.exists(fault):

@@ -1,13 +1,14 @@
 """Thin wrappers over the Linux calls the standard library lacks on 3.11:
-setns, prctl, TUN ioctls."""
+setns and prctl (compiled: nsnet/_linux_build.py), TUN ioctls."""
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 import signal
 import struct
+
+from ._linux_cffi import ffi, lib
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -27,25 +28,9 @@ TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 
-def _load_libc() -> ctypes.CDLL:
-    # Not ctypes.util.find_library("c"): it runs /sbin/ldconfig -p, a
-    # subprocess on the path to "ready" (~5-20 ms).
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        from ctypes.util import find_library
-
-        return ctypes.CDLL(find_library("c"), use_errno=True)
-
-
-_libc = _load_libc()
-_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-
-
 def _check(rc: int, what: str) -> int:
     if rc < 0:
-        err = ctypes.get_errno()
+        err = ffi.errno
         raise OSError(err, f"{what}: {os.strerror(err)}")
     return rc
 
@@ -53,21 +38,20 @@ def _check(rc: int, what: str) -> int:
 def setns(fd: int, nstype: int) -> None:
     """Join the namespace behind fd. CLONE_NEWUSER needs a single-threaded
     process: call it only in a freshly forked child."""
-    _check(_libc.setns(fd, nstype), "setns")
+    _check(lib.nsnet_setns(fd, nstype), "setns")
 
 
 def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
     """Have the kernel send sig to this process when its parent dies."""
-    _check(_libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    _check(lib.nsnet_prctl(PR_SET_PDEATHSIG, sig), "prctl(PR_SET_PDEATHSIG)")
 
 
 def set_no_new_privs() -> None:
-    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    _check(lib.nsnet_prctl(PR_SET_NO_NEW_PRIVS, 1), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
 def set_process_name(name: str) -> None:
-    buf = ctypes.create_string_buffer(name.encode()[:15])
-    _libc.prctl(PR_SET_NAME, ctypes.cast(buf, ctypes.c_void_p).value or 0, 0, 0, 0)
+    lib.nsnet_set_name(name.encode()[:15])
 
 
 # TSO pays while a 64 KiB super-frame replaces many MTU-sized frames; at
@@ -98,15 +82,8 @@ def open_tap(name: str, vnet_hdr: bool = False, mtu: int | None = None) -> int:
 
 def raise_fd_limit() -> None:
     """Raise the soft RLIMIT_NOFILE to the hard limit: the forwarder and the
-    relay hold several fds per connection of the namespace's."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (OSError, ValueError):
-            pass
+    relay hold several fds per connection of the namespace's.  Best effort."""
+    lib.nsnet_raise_nofile()
 
 
 def pidfd_open(pid: int) -> int:
