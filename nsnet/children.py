@@ -14,7 +14,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Callable, Iterable
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
+    from typing import Callable, Iterable
 
 from . import linux
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import socket
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
+    from typing import Any
 
 MAX_MSG = 65536
 

@@ -8,23 +8,20 @@ its id.  Ids start at 1 and are never reused.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import asdict, dataclass
+from collections import namedtuple
 
 
 class ForwardError(ValueError):
     """A forward that cannot be added or removed; str() names the field."""
 
 
-@dataclass(frozen=True)
-class Forward:
-    proto: str  # "tcp" or "udp"
-    host_addr: str
-    host_port: int
-    guest_addr: str
-    guest_port: int
-    # nsnet extra: "slirp" (libslirp's forward, the default) or "splice"
-    # (the fast path, nsnet/fastpath.py; tcp only)
-    mode: str = "slirp"
+class Forward(namedtuple("Forward", ("proto", "host_addr", "host_port", "guest_addr",
+                                     "guest_port", "mode"), defaults=("slirp",))):
+    """One forward: proto "tcp" or "udp"; mode (an nsnet extra) "slirp",
+    libslirp's forward and the default, or "splice", the fast path
+    (nsnet/fastpath.py; tcp only)."""
+
+    __slots__ = ()
 
     @property
     def is_udp(self) -> bool:
@@ -38,7 +35,7 @@ class Forward:
         return (self.proto, self.host_addr, self.host_port)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self._asdict()
 
 
 def make_forward(

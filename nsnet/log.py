@@ -1,62 +1,82 @@
-"""Logging to stderr, line-buffered, as text or JSON lines."""
+"""Logging to stderr, one line per message, as text or JSON lines.
+
+Not the logging module: nsnet's needs are one stream, four levels and two
+formats, and importing logging costs ~3.5 ms (6 with what it pulls in) on
+the path to ready.
+
+Text:  "nsnet: MESSAGE", or "nsnet: warning: MESSAGE" from warning up.
+JSON:  {"time":...,"level":...,"pid":...,"msg":...} plus the `fields` of
+       extra={"fields": {...}}, the same keyword the logging module takes.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
+import os
 import sys
 import time
 
 LEVELS = ("debug", "info", "warning", "error")
+_RANK = {name: i for i, name in enumerate(LEVELS)}
 
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "time": round(record.created, 6),
-            "level": record.levelname.lower(),
-            "pid": record.process,
-            "msg": record.getMessage(),
-        }
-        extra = getattr(record, "fields", None)
-        if extra:
-            out.update(extra)
-        return json.dumps(out, separators=(",", ":"))
-
-
-class _TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        msg = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            return f"nsnet: {record.levelname.lower()}: {msg}"
-        return f"nsnet: {msg}"
-
-
-_configured = False
+_level = _RANK["info"]
+_json = False
 
 
 def setup(level: str = "info", fmt: str = "text") -> None:
-    """Configure the 'nsnet' logger once per process."""
-    global _configured
-    logger = logging.getLogger("nsnet")
-    for h in list(logger.handlers):
-        logger.removeHandler(h)
-    try:
-        sys.stderr.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
-    except (AttributeError, ValueError):
-        pass
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
-    logger.addHandler(handler)
-    logger.setLevel(level.upper())
-    logger.propagate = False
-    _configured = True
+    """Set the level and the format for every logger of this process (and
+    of the children it forks afterwards)."""
+    global _level, _json
+    _level = _RANK[level.lower()]
+    _json = fmt == "json"
 
 
-def get(name: str = "nsnet") -> logging.Logger:
-    if not _configured:
-        setup()
-    return logging.getLogger(name if name.startswith("nsnet") else f"nsnet.{name}")
+class Logger:
+    """The subset of logging.Logger nsnet uses."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def isEnabledFor(self, level: str) -> bool:  # noqa: N802 (logging's name)
+        return _RANK[level] >= _level
+
+    def _emit(self, level: str, msg: str, exc_info: bool, extra: dict | None) -> None:
+        if _RANK[level] < _level:
+            return
+        if exc_info and sys.exc_info()[0] is not None:
+            import traceback
+
+            msg = f"{msg}\n{traceback.format_exc().rstrip()}"
+        if _json:
+            out = {"time": round(time.time(), 6), "level": level, "pid": os.getpid(),
+                   "msg": msg}
+            out.update((extra or {}).get("fields") or {})
+            line = json.dumps(out, separators=(",", ":"))
+        elif _RANK[level] >= _RANK["warning"]:
+            line = f"nsnet: {level}: {msg}"
+        else:
+            line = f"nsnet: {msg}"
+        try:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # stderr closed or gone: nothing to tell anyone
+
+    def debug(self, msg: str, *, exc_info: bool = False, extra: dict | None = None) -> None:
+        self._emit("debug", msg, exc_info, extra)
+
+    def info(self, msg: str, *, exc_info: bool = False, extra: dict | None = None) -> None:
+        self._emit("info", msg, exc_info, extra)
+
+    def warning(self, msg: str, *, exc_info: bool = False, extra: dict | None = None) -> None:
+        self._emit("warning", msg, exc_info, extra)
+
+    def error(self, msg: str, *, exc_info: bool = False, extra: dict | None = None) -> None:
+        self._emit("error", msg, exc_info, extra)
+
+
+def get(name: str = "nsnet") -> Logger:
+    return Logger(name if name.startswith("nsnet") else f"nsnet.{name}")
 
 
 def monotonic_ms() -> float:

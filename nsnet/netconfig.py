@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 DEFAULT_CIDR = "10.0.2.0/24"
 DEFAULT_MTU = 1500
@@ -81,22 +81,28 @@ def check_tapname(name: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
-class NetConfig:
+_NET_FIELDS = (
+    "cidr",
+    "mtu",
+    "ipv6",
+    "disable_host_loopback",
+    "disable_dns",
+    "restricted",  # no egress: only forwarded ports work
+    "mac",  # bytes, or None for the kernel's random one
+    "outbound_addr",  # resolved IPv4 address, or None
+    "outbound_addr6",  # resolved IPv6 address, or None
+    "offload",  # IFF_VNET_HDR + TSO on the TAP (--no-offload: off)
+)
+
+
+# A named tuple, not a dataclass: importing dataclasses costs ~10 ms on the
+# path to ready (it imports inspect).
+class NetConfig(namedtuple("NetConfig", _NET_FIELDS, defaults=(
+        ipaddress.IPv4Network(DEFAULT_CIDR), DEFAULT_MTU, False, False, False, False,
+        None, None, None, True))):
     """Everything the forwarder and the namespace helper need to agree on."""
 
-    cidr: ipaddress.IPv4Network = field(
-        default_factory=lambda: ipaddress.IPv4Network(DEFAULT_CIDR)
-    )
-    mtu: int = DEFAULT_MTU
-    ipv6: bool = False
-    disable_host_loopback: bool = False
-    disable_dns: bool = False
-    restricted: bool = False  # no egress: only forwarded ports work
-    mac: bytes | None = None
-    outbound_addr: str | None = None  # resolved IPv4 address
-    outbound_addr6: str | None = None  # resolved IPv6 address
-    offload: bool = True  # IFF_VNET_HDR + TSO on the TAP (--no-offload: off)
+    __slots__ = ()
 
     def _host(self, offset: int) -> ipaddress.IPv4Address:
         return self.cidr.network_address + offset

@@ -13,7 +13,8 @@ import ipaddress
 import os
 import socket
 import struct
-from typing import TYPE_CHECKING
+
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from .netconfig import NetConfig

@@ -34,10 +34,14 @@ import signal
 import socket
 import stat
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
 
-from . import api, fastpath, helper_ns, log, sdnotify
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
+    from typing import Any, Callable
+
+    from .fastpath import FastPath
+
+from . import api, helper_ns, log, sdnotify
 from .children import fork_child
 from .forwards import Forward, ForwardError, ForwardTable
 from .netconfig import NetConfig, slaac_address
@@ -79,35 +83,61 @@ class SetupError(RuntimeError):
     """Setup failed; the message says why (exit 1)."""
 
 
-@dataclass
 class Options:
-    target: helper_ns.Target
-    tapname: str
-    net: NetConfig
-    configure: bool = False
-    exit_fd: int | None = None
-    ready_fd: int | None = None
-    api_socket: str | None = None
-    exit_with_target: bool = True
-    max_restarts: int = 5
-    restart_window: float = 60.0
-    pidfile: str | None = None
-    sandbox: bool = False
-    seccomp: bool = False
-    initial_forwards: list[Forward] = field(default_factory=list)
-    # Called in the supervisor once the network is ready (nsnet run uses it).
-    on_ready: Callable[["Supervisor"], None] | None = None
-    # Extra fds for the poll loop: fd -> handler(revents) (nsnet run's signalfd).
-    watch_fds: dict[int, Callable[[int], None]] = field(default_factory=dict)
+    """What to supervise and how (cli.py and run.py fill it in).
+
+    on_ready is called in the supervisor once the network is ready (nsnet
+    run uses it); watch_fds are extra fds for the poll loop, fd ->
+    handler(revents) (nsnet run's signalfd).  A plain class: importing
+    dataclasses costs ~10 ms on the path to ready."""
+
+    def __init__(
+        self,
+        target: helper_ns.Target,
+        tapname: str,
+        net: NetConfig,
+        *,
+        configure: bool = False,
+        exit_fd: int | None = None,
+        ready_fd: int | None = None,
+        api_socket: str | None = None,
+        exit_with_target: bool = True,
+        max_restarts: int = 5,
+        restart_window: float = 60.0,
+        pidfile: str | None = None,
+        sandbox: bool = False,
+        seccomp: bool = False,
+        initial_forwards: list[Forward] | None = None,
+        on_ready: Callable[[Supervisor], None] | None = None,
+        watch_fds: dict[int, Callable[[int], None]] | None = None,
+    ) -> None:
+        self.target = target
+        self.tapname = tapname
+        self.net = net
+        self.configure = configure
+        self.exit_fd = exit_fd
+        self.ready_fd = ready_fd
+        self.api_socket = api_socket
+        self.exit_with_target = exit_with_target
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self.pidfile = pidfile
+        self.sandbox = sandbox
+        self.seccomp = seccomp
+        self.initial_forwards = list(initial_forwards or [])
+        self.on_ready = on_ready
+        self.watch_fds = dict(watch_fds or {})
 
 
-@dataclass
 class _ApiClient:
-    sock: socket.socket
-    deadline: float
-    buf: bytearray = field(default_factory=bytearray)
-    answered: bool = False
-    drained: int = 0
+    """One connection to the API socket, until it is answered or expires."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.buf = bytearray()
+        self.answered = False
+        self.drained = 0
 
 
 def _describe_status(status: int) -> str:
@@ -248,7 +278,7 @@ class Supervisor:
         self.notify = sdnotify.Notifier.from_env()
         self.ready = False
         self.pidfile_written = False
-        self.fastpath = fastpath.FastPath(opts.target)  # splice forwards: nsnet/fastpath.py
+        self.fastpath: FastPath | None = None  # splice forwards, from the first one on
 
     # -- set-up ------------------------------------------------------------
 
@@ -262,23 +292,39 @@ class Supervisor:
                 raise SetupError(f"target PID {o.target.pid} does not exist") from None
             except OSError:
                 self.target_pidfd = None  # e.g. not permitted: namespaces decide
+        # The namespace helper creates the TAP while this process loads the
+        # forwarder's code (libslirp) and binds the API socket.
+        helper = helper_ns.TapHelper(o.target, o.tapname, o.net, o.configure)
         try:
-            self.tap_fd, self.ifindex, self.tap_mac = helper_ns.open_tap(
-                o.target, o.tapname, o.net, o.configure
-            )
-        except helper_ns.HelperError as e:
-            raise SetupError(str(e)) from None
-        if o.api_socket:
-            self._bind_api(o.api_socket)
-        for f in o.initial_forwards:
-            self.forwards.add(f)
-        self._start_first_forwarder()
+            from . import helper_host  # noqa: F401
+
+            if o.api_socket:
+                self._bind_api(o.api_socket)
+            try:
+                self.tap_fd, self.ifindex, self.tap_mac = helper.result()
+            except helper_ns.HelperError as e:
+                raise SetupError(str(e)) from None
+            for f in o.initial_forwards:
+                self.forwards.add(f)
+            self._start_first_forwarder()
+        finally:
+            helper.reap()
         try:  # fast-path (splice) forwards: nsnet/fastpath.py
-            self.fastpath.add_initial(self.forwards.items())
+            if any(f.is_splice for _, f in self.forwards.items()):
+                self._fastpath().add_initial(self.forwards.items())
         except ForwardError as e:
             raise SetupError(f"cannot publish a port: {e}") from None
         if o.pidfile:
             self._write_pidfile(o.pidfile)
+
+    def _fastpath(self) -> FastPath:
+        """The fast path (nsnet/fastpath.py), imported and created when the
+        first splice forward needs it: not on the path to ready."""
+        if self.fastpath is None:
+            from .fastpath import FastPath
+
+            self.fastpath = FastPath(self.opts.target)
+        return self.fastpath
 
     def _bind_api(self, path: str) -> None:
         if len(path.encode()) >= 108:
@@ -585,7 +631,7 @@ class Supervisor:
 
     def api_add_forward(self, fwd: Forward) -> int:
         if fwd.is_splice:  # the fast path: nsnet/fastpath.py
-            self.fastpath.add(fwd)
+            self._fastpath().add(fwd)
             return self.forwards.add(fwd)
         reply = self._forwarder_request({"op": "add", "forward": fwd.to_dict()})
         if not reply.get("ok"):
@@ -599,7 +645,7 @@ class Supervisor:
         if fwd is None:
             raise KeyError(fid)
         if fwd.is_splice:  # the fast path: nsnet/fastpath.py
-            self.fastpath.remove(fwd)
+            self._fastpath().remove(fwd)
             self.forwards.remove(fid)
             return
         if fid not in self.inactive_forwards:  # else libslirp does not have it
@@ -822,8 +868,9 @@ class Supervisor:
                 watch(self.api_sock.fileno(), POLL_IN, lambda ev: self._api_accept())
             for fd in self.api_clients:
                 watch(fd, POLL_IN, self._make_api_reader(fd))
-            for fd, events, fn in self.fastpath.watch():  # relay/connector deaths
-                watch(fd, events, fn)
+            if self.fastpath is not None:
+                for fd, events, fn in self.fastpath.watch():  # relay/connector deaths
+                    watch(fd, events, fn)
 
             deadlines = [c.deadline for c in self.api_clients.values()]
             if next_ping is not None:
@@ -884,7 +931,8 @@ class Supervisor:
             self._stop_forwarder(self.fwd)
             self.fwd = None
         self.restart_at = None
-        self.fastpath.close()
+        if self.fastpath is not None:
+            self.fastpath.close()
         for fd in list(self.api_clients):
             self._api_close(fd)
         if self.api_sock is not None:
