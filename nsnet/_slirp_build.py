@@ -141,7 +141,7 @@ struct nsnet_stats {
     uint64_t tx_gso_frames;
     uint64_t guest_errors;
     uint64_t loop_turns;
-    uint64_t rx_mss_raised;
+    uint64_t rx_mss_adjusted;
     uint64_t tx_fragmented;
 };
 struct nsnet_dp;
@@ -160,7 +160,8 @@ const uint8_t *nsnet_frame_reassembled(size_t *len);
 int nsnet_vnet_complete_csum(const uint8_t *hdr, uint8_t *frame, size_t len);
 void nsnet_vnet_fill_tx(uint8_t *hdr, const uint8_t *frame, size_t len,
                         int tap_mtu, int *is_gso);
-int nsnet_raise_syn_mss(uint8_t *frame, size_t len, int tap_mtu, int slirp_mtu);
+int nsnet_adjust_syn_mss(uint8_t *frame, size_t len, int tap_mtu, int slirp_mtu,
+                         unsigned mss_max);
 typedef int (*nsnet_emit_fn)(const uint8_t *frame, size_t len, void *opaque);
 int nsnet_tx_fragment(const uint8_t *frame, size_t len, int tap_mtu, uint32_t ident,
                       nsnet_emit_fn emit, void *opaque);

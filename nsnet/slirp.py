@@ -39,7 +39,7 @@ STATS_FIELDS = (
     "tx_gso_frames",
     "guest_errors",
     "loop_turns",
-    "rx_mss_raised",
+    "rx_mss_adjusted",
     "tx_fragmented",
 )
 

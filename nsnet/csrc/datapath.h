@@ -38,7 +38,7 @@ struct nsnet_stats {
     uint64_t tx_gso_frames;      /* GSO frames written (offloads) */
     uint64_t guest_errors;       /* libslirp guest_error() calls */
     uint64_t loop_turns;
-    uint64_t rx_mss_raised;      /* SYN MSS options raised (offloads) */
+    uint64_t rx_mss_adjusted;    /* SYN MSS options rewritten (NSNET_SLIRP_MSS) */
     uint64_t tx_fragmented;      /* oversize packets cut into fragments */
 };
 
@@ -50,8 +50,8 @@ struct nsnet_dp;
  * Returns NULL on failure (libslirp refused the configuration). */
 struct nsnet_dp *nsnet_dp_new(const SlirpConfig *cfg, int tap_fd, int ctl_fd,
                               int vnet_hdr, int tap_mtu);
-/* cfg->if_mtu larger than tap_mtu (offloads): the MSS of the namespace's
- * SYNs is raised so that libslirp sends segments of up to if_mtu. */
+/* The MSS of the namespace's TCP SYNs and SYN-ACKs is set to that of
+ * cfg->if_mtu, at most NSNET_SLIRP_MSS: see nsnet_adjust_syn_mss. */
 Slirp *nsnet_dp_slirp(struct nsnet_dp *dp);
 int nsnet_dp_run(struct nsnet_dp *dp, int budget_ms);
 int nsnet_dp_tap_errno(struct nsnet_dp *dp);
@@ -81,10 +81,25 @@ int nsnet_vnet_complete_csum(const uint8_t *hdr, uint8_t *frame, size_t len);
 void nsnet_vnet_fill_tx(uint8_t *hdr, const uint8_t *frame, size_t len,
                         int tap_mtu, int *is_gso);
 
-/* Raise the MSS option of a TCP SYN (IPv4 or IPv6) that advertises the
- * full MSS of tap_mtu to the MSS of slirp_mtu, fixing the checksum.
+/* The largest MSS libslirp's TCP gets from the namespace, whatever the
+ * MTU.  libslirp's MSS for a connection (t_maxseg,
+ * from the MSS the namespace advertised) is not only its segment size:
+ * libslirp has no window scaling, so at most 64 KiB is ever in flight,
+ * and it sends a window update only once two MSS of window have opened.
+ * With an MSS of 65480 that never happens before its timers fire: a
+ * sender in the namespace stalled whenever the host's receiver was
+ * slower (measured: 1.6 Gbit/s through a port forward at MTU 65520, 6.3
+ * with this cap).  Three segments per window also let libslirp fill the
+ * next one while the namespace takes the last. */
+#define NSNET_SLIRP_MSS 21800
+
+/* Set the MSS option of a TCP SYN (IPv4 or IPv6) to min(MSS of slirp_mtu,
+ * mss_max), fixing the checksum: lowered when larger (always safe), raised
+ * only when the SYN advertises the full MSS of tap_mtu (a smaller one says
+ * the path behind the namespace is narrower).
  * Returns 1 when the frame was changed. */
-int nsnet_raise_syn_mss(uint8_t *frame, size_t len, int tap_mtu, int slirp_mtu);
+int nsnet_adjust_syn_mss(uint8_t *frame, size_t len, int tap_mtu, int slirp_mtu,
+                         unsigned mss_max);
 /* Cut an IPv4 or IPv6 packet longer than tap_mtu into fragments that fit,
  * passing each (Ethernet header included) to emit.  Returns 0, or -1 when
  * the frame cannot be fragmented here. */

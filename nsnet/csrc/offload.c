@@ -129,16 +129,16 @@ void nsnet_vnet_fill_tx(uint8_t *hdr, const uint8_t *frame, size_t len,
     *is_gso = 1;
 }
 
-/* ---- MSS of the namespace's SYNs (host -> namespace segment size) ----
+/* ---- MSS of the namespace's SYNs (libslirp's segment size) ----
  *
  * libslirp sizes the segments it sends from the MSS the guest advertised,
- * capped by its own if_mtu.  With offloads the TAP takes GSO frames, so
- * nsnet runs libslirp with a large if_mtu and raises the MSS option of the
- * namespace's SYNs to match: libslirp then sends 64 KiB segments, written
- * as GSO frames that the namespace's kernel cuts to its MTU.  Only a SYN
- * advertising the full MSS of the TAP's MTU is raised: a smaller MSS says
- * the path behind it is narrower (a nested namespace, a clamp), and is
- * left alone. */
+ * capped by its own if_mtu, and that MSS also paces its window updates
+ * (NSNET_SLIRP_MSS in datapath.h).  nsnet sets the MSS option of the
+ * namespace's SYNs and SYN-ACKs to the MSS of libslirp's if_mtu, at most
+ * NSNET_SLIRP_MSS.  With offloads libslirp
+ * runs with a large if_mtu and the MSS is raised: its segments go out as
+ * GSO frames that the namespace's kernel cuts to its MTU.  At large MTUs
+ * the MSS is lowered. */
 
 static unsigned rd16be(const uint8_t *p)
 {
@@ -160,7 +160,8 @@ static unsigned csum_update16(unsigned check, unsigned old, unsigned new_)
     return ~sum & 0xffff;
 }
 
-int nsnet_raise_syn_mss(uint8_t *frame, size_t len, int tap_mtu, int slirp_mtu)
+int nsnet_adjust_syn_mss(uint8_t *frame, size_t len, int tap_mtu, int slirp_mtu,
+                         unsigned mss_max)
 {
     size_t l3 = 14, l3hl, l4, doff, i;
     unsigned type, iphdr_overhead;
@@ -208,8 +209,14 @@ int nsnet_raise_syn_mss(uint8_t *frame, size_t len, int tap_mtu, int slirp_mtu)
         if (kind == 2 && olen == 4) {
             unsigned mss = rd16be(th + i + 2);
             unsigned want = (unsigned)slirp_mtu - iphdr_overhead;
-            if ((int)mss < tap_mtu - (int)iphdr_overhead || mss >= want)
+            if (slirp_mtu <= (int)iphdr_overhead)
                 return 0;
+            if (want > mss_max)
+                want = mss_max;
+            if (mss == want)
+                return 0;
+            if (mss < want && (int)mss < tap_mtu - (int)iphdr_overhead)
+                return 0; /* the namespace's own clamp: not raised */
             wr16be(th + 16, csum_update16(rd16be(th + 16), mss, want));
             wr16be(th + i + 2, want);
             return 1;
