@@ -604,6 +604,25 @@ class Bench:
                     inst.stop()
                 ns.close()
 
+    def startup(self, cand: str) -> None:
+        """More start-to-ready samples than the two of run_candidate: fresh
+        namespaces, one start after another, each after a short settle so
+        that the previous instance's teardown is not what is measured."""
+        for _ in range(self.args.start_samples):
+            ns = Namespace(self.runner)
+            inst = None
+            try:
+                time.sleep(0.1)
+                inst = Instance(cand, self, ns, MTUS[0], free_port())
+                self.add(cand, "start_ms", inst.start_ms)
+            finally:
+                if inst:
+                    inst.stop()
+                ns.close()
+        v = sorted(self.samples[cand]["start_ms"])
+        log(f"  {cand:12s} start to ready: median {statistics.median(v):.1f} ms "
+            f"over {len(v)} starts so far")
+
     def port_forward(self, cand: str, inst: Instance) -> None:
         srv = inst.ns.popen(["iperf3", "-s", "-B", "0.0.0.0", "-p", GUEST_PORT],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -652,6 +671,7 @@ class Bench:
             log(f"repetition {rep + 1}/{self.args.reps}: {' '.join(order)}")
             for cand in order:
                 self.run_candidate(cand)
+                self.startup(cand)
             self.loopback()
         return self.summary(time.monotonic() - t0)
 
@@ -781,11 +801,13 @@ def main() -> int:
         args.reps = args.reps or 1
         args.duration = args.duration or 1
         args.rr_count, args.conn_duration = 300, 0.5
+        args.start_samples = 1
         args.timeout = args.timeout or 300
     else:
         args.reps = args.reps or 3
         args.duration = args.duration or 5
         args.rr_count, args.conn_duration = 3000, 2.0
+        args.start_samples = 5
         args.timeout = args.timeout or 3600
     ensure_isolated()
     prepare_host_netns()
