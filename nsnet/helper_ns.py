@@ -183,9 +183,9 @@ class TapHelper:
     def __init__(self, target: Target, tapname: str, net: NetConfig, configure: bool,
                  timeout: float = 30.0) -> None:
         self.timeout = timeout
-        self.pid: int | None = None
-        self.pid, self._sock = _start_in_namespaces(
+        pid, self._sock = _start_in_namespaces(
             target, lambda sock: _child(tapname, net, configure, sock))
+        self.pid: int | None = pid
 
     def result(self) -> tuple[int, int, bytes | None]:
         """(TAP fd, ifindex, MAC).  Raises HelperError if the helper failed

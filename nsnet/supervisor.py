@@ -124,9 +124,9 @@ class Options:
         self.pidfile = pidfile
         self.sandbox = sandbox
         self.seccomp = seccomp
-        self.initial_forwards = list(initial_forwards or [])
+        self.initial_forwards = initial_forwards if initial_forwards is not None else []
         self.on_ready = on_ready
-        self.watch_fds = dict(watch_fds or {})
+        self.watch_fds = watch_fds if watch_fds is not None else {}
 
 
 class _ApiClient:
