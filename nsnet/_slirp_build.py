@@ -148,6 +148,7 @@ struct nsnet_dp;
 struct nsnet_dp *nsnet_dp_new(const SlirpConfig *cfg, int tap_fd, int ctl_fd,
                               int vnet_hdr, int tap_mtu);
 Slirp *nsnet_dp_slirp(struct nsnet_dp *dp);
+void nsnet_dp_set_tap(struct nsnet_dp *dp, int tap_fd);
 int nsnet_dp_run(struct nsnet_dp *dp, int budget_ms);
 int nsnet_dp_tap_errno(struct nsnet_dp *dp);
 void nsnet_dp_get_stats(struct nsnet_dp *dp, struct nsnet_stats *out);

@@ -160,25 +160,46 @@ class Forwarder:
                 return EXIT_POLL_ERROR
 
 
-def main(net: NetConfig, tap_fd: int, ctl: socket.socket,
+def _receive_tap(ctl: socket.socket) -> int | None:
+    """The TAP fd the supervisor sends once the namespace helper has it
+    (message b"tap" with the fd); None if the supervisor gave up."""
+    try:
+        data, fds, _flags, _addr = socket.recv_fds(ctl, 16, 1)
+    except OSError:
+        return None
+    if data == b"tap" and len(fds) == 1:
+        return fds[0]
+    for fd in fds:
+        os.close(fd)
+    return None
+
+
+def main(net: NetConfig, tap_fd: int | None, ctl: socket.socket,
          forwards: list[tuple[int, Forward]], sandbox: bool = False,
          seccomp: bool = False) -> int:
-    """Entry point in the forked forwarder process."""
+    """Entry point in the forked forwarder process.  tap_fd None: the TAP
+    comes over ctl once the namespace helper has made it (the first
+    forwarder sets libslirp up meanwhile)."""
     # fork_child (children.py) has set PR_SET_PDEATHSIG, the process name,
     # and the signals: terminal signals go to the whole process group, so
     # SIGINT and SIGHUP are ignored (the supervisor decides what happens),
     # SIGPIPE too; the forwarder dies on SIGTERM/SIGKILL.
-    os.set_blocking(tap_fd, False)
     fault = os.environ.get(FAULT_START_ENV)
     if fault and os.path.exists(fault):
         _send(ctl, {"event": "failed", "error": f"injected start failure ({FAULT_START_ENV})"})
         return EXIT_SLIRP_FAILED
     linux.raise_fd_limit()  # every guest connection is a host socket
     try:
-        fw = Forwarder(net, tap_fd, ctl)
+        fw = Forwarder(net, -1 if tap_fd is None else tap_fd, ctl)
     except SlirpError as e:
         _send(ctl, {"event": "failed", "error": str(e)})
         return EXIT_SLIRP_FAILED
+    if tap_fd is None:
+        tap_fd = _receive_tap(ctl)
+        if tap_fd is None:
+            return EXIT_SLIRP_FAILED  # the supervisor is stopping this one
+        fw.slirp.set_tap(tap_fd)
+    os.set_blocking(tap_fd, False)
     if sandbox or seccomp:
         from . import sandbox as sandbox_mod
 

@@ -144,6 +144,10 @@ class Slirp:
         self._slirp = lib.nsnet_dp_slirp(dp)
         self._stats = ffi.new("struct nsnet_stats *")
 
+    def set_tap(self, tap_fd: int) -> None:
+        """The TAP, for a Slirp made with tap_fd -1; before the first run()."""
+        lib.nsnet_dp_set_tap(self._dp, tap_fd)
+
     # -- data path ---------------------------------------------------------
 
     def run(self, budget_ms: int) -> int:

@@ -292,21 +292,16 @@ class Supervisor:
                 raise SetupError(f"target PID {o.target.pid} does not exist") from None
             except OSError:
                 self.target_pidfd = None  # e.g. not permitted: namespaces decide
-        # The namespace helper creates the TAP while this process loads the
-        # forwarder's code (libslirp) and binds the API socket.
+        # The namespace helper creates the TAP while this process binds the
+        # API socket and starts the forwarder, which sets libslirp up and
+        # then waits for the TAP.
         helper = helper_ns.TapHelper(o.target, o.tapname, o.net, o.configure)
         try:
-            from . import helper_host  # noqa: F401
-
             if o.api_socket:
                 self._bind_api(o.api_socket)
-            try:
-                self.tap_fd, self.ifindex, self.tap_mac = helper.result()
-            except helper_ns.HelperError as e:
-                raise SetupError(str(e)) from None
             for f in o.initial_forwards:
                 self.forwards.add(f)
-            self._start_first_forwarder()
+            self._start_first_forwarder(helper)
         finally:
             helper.reap()
         try:  # fast-path (splice) forwards: nsnet/fastpath.py
@@ -406,18 +401,23 @@ class Supervisor:
 
     # -- the forwarder: spawning -------------------------------------------
 
-    def _spawn_forwarder(self) -> _Forwarder:
-        """Fork a forwarder; raises OSError if the fork or its sockets fail."""
+    def _spawn_forwarder(self, with_tap: bool = True) -> _Forwarder:
+        """Fork a forwarder; raises OSError if the fork or its sockets fail.
+        with_tap False: it gets the TAP later over its control socket
+        (_send_tap)."""
         from . import helper_host
 
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        tap_fd = self.tap_fd if with_tap else None
+
         def forwarder() -> int:
-            return helper_host.main(self.opts.net, self.tap_fd, child,
+            return helper_host.main(self.opts.net, tap_fd, child,
                                     self.forwards.libslirp_items(),
                                     sandbox=self.opts.sandbox, seccomp=self.opts.seccomp)
 
+        keep = [child.fileno()] if tap_fd is None else [tap_fd, child.fileno()]
         try:
-            pid = fork_child("nsnet-forwarder", forwarder, [self.tap_fd, child.fileno()])
+            pid = fork_child("nsnet-forwarder", forwarder, keep)
         except OSError:
             parent.close()
             child.close()
@@ -430,13 +430,25 @@ class Supervisor:
             os.waitpid(pid, 0)
             raise
 
-    def _start_first_forwarder(self) -> None:
+    def _start_first_forwarder(self, helper: helper_ns.TapHelper) -> None:
         """The first start is synchronous and must succeed (exit 1 if not,
-        as slirp4netns exits 1 when slirp_new fails)."""
+        as slirp4netns exits 1 when slirp_new fails).  It overlaps the
+        namespace helper: the forwarder sets libslirp up while the helper
+        makes the TAP, and gets the TAP when it is there."""
         try:
-            fwd = self._spawn_forwarder()
+            fwd = self._spawn_forwarder(with_tap=False)
         except OSError as e:
             raise SetupError(f"cannot start the forwarder: {e.strerror or e}") from None
+        try:
+            self.tap_fd, self.ifindex, self.tap_mac = helper.result()
+        except helper_ns.HelperError as e:
+            self._stop_forwarder(fwd)
+            raise SetupError(str(e)) from None
+        try:
+            socket.send_fds(fwd.ctl, [b"tap"], [self.tap_fd])
+        except OSError:
+            pass  # it has failed already: its message or exit says why
+        fwd.deadline = time.monotonic() + FORWARDER_START_TIMEOUT
         while not fwd.ready and not fwd.ctl_eof and time.monotonic() < fwd.deadline:
             msg = fwd.receive(block_until=fwd.deadline)
             if msg is None:

@@ -456,6 +456,11 @@ int nsnet_dp_run(struct nsnet_dp *dp, int budget_ms)
     }
 }
 
+void nsnet_dp_set_tap(struct nsnet_dp *dp, int tap_fd)
+{
+    dp->tap_fd = tap_fd;
+}
+
 struct nsnet_dp *nsnet_dp_new(const SlirpConfig *cfg, int tap_fd, int ctl_fd,
                               int vnet_hdr, int tap_mtu)
 {

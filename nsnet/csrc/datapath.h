@@ -53,6 +53,9 @@ struct nsnet_dp *nsnet_dp_new(const SlirpConfig *cfg, int tap_fd, int ctl_fd,
 /* The MSS of the namespace's TCP SYNs and SYN-ACKs is set to that of
  * cfg->if_mtu, at most NSNET_SLIRP_MSS: see nsnet_adjust_syn_mss. */
 Slirp *nsnet_dp_slirp(struct nsnet_dp *dp);
+/* The TAP, when nsnet_dp_new had -1 (the first forwarder starts before
+ * the namespace helper has the TAP); before the first nsnet_dp_run. */
+void nsnet_dp_set_tap(struct nsnet_dp *dp, int tap_fd);
 int nsnet_dp_run(struct nsnet_dp *dp, int budget_ms);
 int nsnet_dp_tap_errno(struct nsnet_dp *dp);
 void nsnet_dp_get_stats(struct nsnet_dp *dp, struct nsnet_stats *out);
