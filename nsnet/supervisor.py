@@ -404,7 +404,7 @@ class Supervisor:
     def _spawn_forwarder(self, with_tap: bool = True) -> _Forwarder:
         """Fork a forwarder; raises OSError if the fork or its sockets fail.
         with_tap False: it gets the TAP later over its control socket
-        (_send_tap)."""
+        (see _start_first_forwarder)."""
         from . import helper_host
 
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
