@@ -38,7 +38,6 @@ struct nsnet_dp {
     int vnet_hdr;
     int tap_mtu;
     int slirp_mtu; /* libslirp's if_mtu: larger than tap_mtu with offloads */
-    unsigned mss_max; /* NSNET_SLIRP_MSS */
     uint32_t frag_id;
     int tap_errno;
     struct pollfd *pfd;
@@ -328,7 +327,7 @@ static int drain_tap(struct nsnet_dp *dp)
         }
         switch (nsnet_frame_check(frame, flen)) {
         case 1:
-            if (nsnet_adjust_syn_mss(frame, flen, dp->tap_mtu, dp->slirp_mtu, dp->mss_max))
+            if (nsnet_adjust_syn_mss(frame, flen, dp->tap_mtu, dp->slirp_mtu, NSNET_SLIRP_MSS))
                 dp->st.rx_mss_adjusted++;
             slirp_input(dp->slirp, frame, (int)flen);
             resolved |= resolves_neighbour(frame, flen);
@@ -486,7 +485,6 @@ struct nsnet_dp *nsnet_dp_new(const SlirpConfig *cfg, int tap_fd, int ctl_fd,
     dp->vnet_hdr = vnet_hdr;
     dp->tap_mtu = tap_mtu;
     dp->slirp_mtu = (int)cfg->if_mtu;
-    dp->mss_max = NSNET_SLIRP_MSS;
     dp->cb.send_packet = cb_send_packet;
     dp->cb.guest_error = cb_guest_error;
     dp->cb.clock_get_ns = cb_clock_get_ns;
