@@ -28,7 +28,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Any
 
-from . import linux, log
+from . import fdpass, linux, log
 from .forwards import Forward
 from .netconfig import NetConfig
 from .slirp import RUN_CONTROL, RUN_POLL_ERROR, RUN_TAP_ERROR, Slirp, SlirpError
@@ -162,12 +162,12 @@ class Forwarder:
 
 def _receive_tap(ctl: socket.socket) -> int | None:
     """The TAP fd the supervisor sends once the namespace helper has it
-    (message b"tap" with the fd); None if the supervisor gave up."""
+    ({"op": "tap"} with the fd); None if the supervisor gave up."""
     try:
-        data, fds, _flags, _addr = socket.recv_fds(ctl, 16, 1)
-    except OSError:
+        msg, fds = fdpass.recv_fds(ctl)
+    except (OSError, ValueError):
         return None
-    if data == b"tap" and len(fds) == 1:
+    if msg == {"op": "tap"} and len(fds) == 1:
         return fds[0]
     for fd in fds:
         os.close(fd)

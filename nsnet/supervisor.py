@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
 
     from .fastpath import FastPath
 
-from . import api, helper_ns, log, sdnotify
+from . import api, fdpass, helper_ns, log, sdnotify
 from .children import fork_child
 from .forwards import Forward, ForwardError, ForwardTable
 from .netconfig import NetConfig, slaac_address
@@ -445,7 +445,7 @@ class Supervisor:
             self._stop_forwarder(fwd)
             raise SetupError(str(e)) from None
         try:
-            socket.send_fds(fwd.ctl, [b"tap"], [self.tap_fd])
+            fdpass.send_fds(fwd.ctl, {"op": "tap"}, [self.tap_fd])
         except OSError:
             pass  # it has failed already: its message or exit says why
         fwd.deadline = time.monotonic() + FORWARDER_START_TIMEOUT
