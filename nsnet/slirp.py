@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Any
 
 from ._slirp_cffi import ffi, lib
+from .linux import TSO_MTU_LIMIT
 from .netconfig import NetConfig
 
 RUN_BUDGET = lib.NSNET_DP_BUDGET
@@ -43,16 +44,23 @@ STATS_FIELDS = (
     "tx_fragmented",
 )
 
-# libslirp's if_mtu with TAP offloads: libslirp then sends TCP segments of
-# up to this size (the namespace's SYNs get a matching MSS, see
-# csrc/offload.c), written as GSO frames the namespace's kernel cuts to
-# the TAP's MTU.
+# libslirp's if_mtu with TAP offloads below linux.TSO_MTU_LIMIT: libslirp
+# then sends TCP segments of up to 32768 bytes (its TCP_MAXSEG_MAX),
+# written as GSO frames the namespace's kernel cuts to the TAP's MTU.
 OFFLOAD_SLIRP_MTU = 65520
+# Otherwise at most this: libslirp's MSS is then NSNET_SLIRP_MSS (see
+# csrc/datapath.h) on every connection, the namespace's included.
+CAPPED_SLIRP_MTU = lib.NSNET_SLIRP_MSS + 40
 
 
 def slirp_mtu(net: NetConfig) -> int:
-    """The if_mtu/if_mru libslirp runs with for this configuration."""
-    return max(net.mtu, OFFLOAD_SLIRP_MTU) if net.offload else net.mtu
+    """The if_mtu/if_mru libslirp runs with for this configuration.  The
+    namespace never sees it (libslirp's router advertisements and DHCP
+    replies carry no MTU): it sizes libslirp's TCP segments and paces its
+    window updates."""
+    if net.offload and net.mtu < TSO_MTU_LIMIT:
+        return max(net.mtu, OFFLOAD_SLIRP_MTU)
+    return min(net.mtu, CAPPED_SLIRP_MTU)
 
 
 class SlirpError(RuntimeError):

@@ -5,7 +5,8 @@ Client modes print one JSON line with the result; server modes print
 bounded in time (socket timeouts plus a hard alarm) and in count.
 
   tcp-send HOST PORT NBYTES      send NBYTES random bytes, half-close, read the reply
-  tcp-echo HOST PORT NBYTES      send NBYTES, expect them echoed back
+  tcp-echo HOST PORT NBYTES      send NBYTES, expect them echoed back (and report
+                                 the connection's snd_mss and rcv_mss)
   udp-echo HOST PORT COUNT SIZE  COUNT datagrams of SIZE bytes, each echoed back
   connect HOST PORT              try a TCP connect: {"ok": bool, "error": str}
   tcp-serve ADDR PORT MODE N     accept N connections; MODE sink|echo|source:NBYTES
@@ -42,6 +43,13 @@ def recv_all(sock):
         h.update(data)
 
 
+def tcp_mss(sock):
+    """(tcpi_snd_mss, tcpi_rcv_mss) of a TCP socket: the segment size this
+    end sends, and the largest it has seen from its peer."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    return int.from_bytes(info[16:20], sys.byteorder), int.from_bytes(info[20:24], sys.byteorder)
+
+
 def tcp_send(host, port, nbytes):
     data = os.urandom(int(nbytes))
     with socket.create_connection((host, int(port)), timeout=IO_TIMEOUT_S) as s:
@@ -67,8 +75,9 @@ def tcp_echo(host, port, nbytes):
         t.start()
         n, digest = recv_all(s)
         t.join(IO_TIMEOUT_S)
+        snd_mss, rcv_mss = tcp_mss(s)
     emit({"sent": len(data), "sha_sent": hashlib.sha256(data).hexdigest(),
-          "received": n, "sha_received": digest})
+          "received": n, "sha_received": digest, "snd_mss": snd_mss, "rcv_mss": rcv_mss})
 
 
 def udp_roundtrips(s, host, port, count, size):

@@ -84,16 +84,20 @@ int nsnet_vnet_complete_csum(const uint8_t *hdr, uint8_t *frame, size_t len);
 void nsnet_vnet_fill_tx(uint8_t *hdr, const uint8_t *frame, size_t len,
                         int tap_mtu, int *is_gso);
 
-/* The largest MSS libslirp's TCP gets from the namespace, whatever the
- * MTU.  libslirp's MSS for a connection (t_maxseg,
- * from the MSS the namespace advertised) is not only its segment size:
- * libslirp has no window scaling, so at most 64 KiB is ever in flight,
- * and it sends a window update only once two MSS of window have opened.
- * With an MSS of 65480 that never happens before its timers fire: a
- * sender in the namespace stalled whenever the host's receiver was
- * slower (measured: 1.6 Gbit/s through a port forward at MTU 65520, 6.3
- * with this cap).  Three segments per window also let libslirp fill the
- * next one while the namespace takes the last. */
+/* libslirp's MSS (t_maxseg) at large MTUs.  It is not only its segment
+ * size: libslirp has no window scaling, so at most 64 KiB is ever in
+ * flight, and it sends a window update only once two MSS of window have
+ * opened.  Its MSS is min(if_mtu - 40, 32768) (libslirp's TCP_MAXSEG_MAX)
+ * unless an MSS option lowers it, and libslirp reads the options only of
+ * the SYN-ACKs of connections it opens (port forwards), never of a SYN
+ * from the namespace.  At 32768 two MSS exceed any window it can
+ * advertise: a sender in the namespace stalled whenever the host's
+ * receiver was slower (measured at MTU 65520: 1.5-1.9 Gbit/s to the
+ * gateway, 1.6 through a port forward; 5.0-6.5 with this MSS).  So
+ * without TSO, libslirp's if_mtu is capped at NSNET_SLIRP_MSS + 40
+ * (slirp.py) and the MSS options of the namespace's SYNs and SYN-ACKs
+ * are lowered to match.  Three segments per window also let libslirp
+ * fill the next one while the namespace takes the last. */
 #define NSNET_SLIRP_MSS 21800
 
 /* Set the MSS option of a TCP SYN (IPv4 or IPv6) to min(MSS of slirp_mtu,

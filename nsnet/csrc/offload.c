@@ -131,14 +131,16 @@ void nsnet_vnet_fill_tx(uint8_t *hdr, const uint8_t *frame, size_t len,
 
 /* ---- MSS of the namespace's SYNs (libslirp's segment size) ----
  *
- * libslirp sizes the segments it sends from the MSS the guest advertised,
- * capped by its own if_mtu, and that MSS also paces its window updates
- * (NSNET_SLIRP_MSS in datapath.h).  nsnet sets the MSS option of the
- * namespace's SYNs and SYN-ACKs to the MSS of libslirp's if_mtu, at most
- * NSNET_SLIRP_MSS.  With offloads libslirp
- * runs with a large if_mtu and the MSS is raised: its segments go out as
- * GSO frames that the namespace's kernel cuts to its MTU.  At large MTUs
- * the MSS is lowered. */
+ * libslirp sizes the segments it sends from its MSS for the connection,
+ * which also paces its window updates (NSNET_SLIRP_MSS in datapath.h).
+ * It starts as min(if_mtu - 40, 32768); libslirp lowers it to the MSS
+ * option of the SYN-ACK when it opened the connection (a port forward),
+ * but ignores the option of a SYN from the namespace (measured: with the
+ * SYN saying 21800 it still sent 32768-byte segments).  nsnet sets the MSS
+ * option of the namespace's SYNs and SYN-ACKs to the MSS of libslirp's
+ * if_mtu, at most NSNET_SLIRP_MSS.  With offloads (and TSO) libslirp runs
+ * with a large if_mtu and the MSS is raised: its segments go out as GSO
+ * frames that the namespace's kernel cuts to its MTU. */
 
 static unsigned rd16be(const uint8_t *p)
 {
