@@ -144,6 +144,7 @@ struct nsnet_stats {
     uint64_t loop_turns;
     uint64_t rx_mss_adjusted;
     uint64_t tx_fragmented;
+    uint64_t tx_mss_raised;
 };
 struct nsnet_dp;
 struct nsnet_dp *nsnet_dp_new(const SlirpConfig *cfg, int tap_fd, int ctl_fd,

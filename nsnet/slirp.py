@@ -42,6 +42,7 @@ STATS_FIELDS = (
     "loop_turns",
     "rx_mss_adjusted",
     "tx_fragmented",
+    "tx_mss_raised",
 )
 
 # libslirp's if_mtu with TAP offloads below linux.TSO_MTU_LIMIT: libslirp
@@ -49,7 +50,10 @@ STATS_FIELDS = (
 # written as GSO frames the namespace's kernel cuts to the TAP's MTU.
 OFFLOAD_SLIRP_MTU = 65520
 # Otherwise at most this: libslirp's MSS is then NSNET_SLIRP_MSS (see
-# csrc/datapath.h) on every connection, the namespace's included.
+# csrc/datapath.h) on every connection, the namespace's included.  Not
+# with IPv6: libslirp answers an IPv6 packet with a payload over its
+# if_mtu with "packet too big", and it cannot reassemble IPv6 fragments,
+# so the namespace's larger UDP datagrams would be lost.
 CAPPED_SLIRP_MTU = lib.NSNET_SLIRP_MSS + 40
 
 
@@ -58,8 +62,10 @@ def slirp_mtu(net: NetConfig) -> int:
     namespace never sees it (libslirp's router advertisements and DHCP
     replies carry no MTU): it sizes libslirp's TCP segments and paces its
     window updates."""
-    if net.offload and net.mtu < TSO_MTU_LIMIT:
+    if net.offload and (net.mtu < TSO_MTU_LIMIT or net.ipv6):
         return max(net.mtu, OFFLOAD_SLIRP_MTU)
+    if net.ipv6:
+        return net.mtu
     return min(net.mtu, CAPPED_SLIRP_MTU)
 
 

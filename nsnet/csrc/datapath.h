@@ -40,6 +40,7 @@ struct nsnet_stats {
     uint64_t loop_turns;
     uint64_t rx_mss_adjusted;    /* SYN MSS options rewritten (NSNET_SLIRP_MSS) */
     uint64_t tx_fragmented;      /* oversize packets cut into fragments */
+    uint64_t tx_mss_raised;      /* libslirp's SYN MSS options raised (see offload.c) */
 };
 
 struct nsnet_dp;
@@ -94,10 +95,12 @@ void nsnet_vnet_fill_tx(uint8_t *hdr, const uint8_t *frame, size_t len,
  * advertise: a sender in the namespace stalled whenever the host's
  * receiver was slower (measured at MTU 65520: 1.5-1.9 Gbit/s to the
  * gateway, 1.6 through a port forward; 5.0-6.5 with this MSS).  So
- * without TSO, libslirp's if_mtu is capped at NSNET_SLIRP_MSS + 40
- * (slirp.py) and the MSS options of the namespace's SYNs and SYN-ACKs
- * are lowered to match.  Three segments per window also let libslirp
- * fill the next one while the namespace takes the last. */
+ * without TSO and without IPv6, libslirp's if_mtu is capped at
+ * NSNET_SLIRP_MSS + 40 (slirp.py), the MSS options of the namespace's
+ * SYNs and SYN-ACKs are lowered to match (which is what reaches libslirp
+ * on a port forward in every configuration), and those of libslirp's own
+ * SYNs raised back (nsnet_raise_tx_syn_mss).  Three segments per window
+ * also let libslirp fill the next one while the namespace takes the last. */
 #define NSNET_SLIRP_MSS 21800
 
 /* Set the MSS option of a TCP SYN (IPv4 or IPv6) to min(MSS of slirp_mtu,
@@ -107,6 +110,15 @@ void nsnet_vnet_fill_tx(uint8_t *hdr, const uint8_t *frame, size_t len,
  * Returns 1 when the frame was changed. */
 int nsnet_adjust_syn_mss(uint8_t *frame, size_t len, int tap_mtu, int slirp_mtu,
                          unsigned mss_max);
+/* Towards the namespace: raise the MSS option of one of libslirp's IPv4
+ * SYNs or SYN-ACKs to the MSS of tap_mtu when it is lower (libslirp's
+ * if_mtu is capped below the TAP's: libslirp takes larger IPv4 segments
+ * all the same, and the namespace then sends fewer of them).  Returns 1
+ * when the frame was changed. */
+int nsnet_raise_tx_syn_mss(uint8_t *frame, size_t len, int tap_mtu);
+/* A frame this long or shorter may be a SYN worth copying to raise its
+ * MSS (Ethernet, IPv6 and TCP headers with the most options). */
+#define NSNET_SYN_FRAME_MAX (14 + 40 + 60)
 /* Cut an IPv4 or IPv6 packet longer than tap_mtu into fragments that fit,
  * passing each (Ethernet header included) to emit.  Returns 0, or -1 when
  * the frame cannot be fragmented here. */

@@ -162,39 +162,43 @@ static unsigned csum_update16(unsigned check, unsigned old, unsigned new_)
     return ~sum & 0xffff;
 }
 
-int nsnet_adjust_syn_mss(uint8_t *frame, size_t len, int tap_mtu, int slirp_mtu,
-                         unsigned mss_max)
+/* The MSS option of a TCP SYN (or SYN-ACK) in an Ethernet frame, IPv4
+ * or IPv6: a pointer to its 2-byte value, with *th the TCP header and
+ * *overhead the IP and TCP header bytes an MSS excludes; NULL if the
+ * frame is not such a SYN or has no well-formed MSS option. */
+static uint8_t *syn_mss_option(uint8_t *frame, size_t len, uint8_t **th_out,
+                               unsigned *overhead)
 {
     size_t l3 = 14, l3hl, l4, doff, i;
-    unsigned type, iphdr_overhead;
+    unsigned type;
     uint8_t *th;
     if (len < l3 + 20)
-        return 0;
+        return NULL;
     type = rd16be(frame + 12);
     if (type == 0x0800) {
         l3hl = (size_t)(frame[l3] & 0x0f) * 4;
         if (frame[l3 + 9] != 6 || l3hl < 20)
-            return 0;
+            return NULL;
         if (((frame[l3 + 6] & 0x3f) | frame[l3 + 7]) != 0)
-            return 0; /* a fragment */
-        iphdr_overhead = 20 + 20;
+            return NULL; /* a fragment */
+        *overhead = 20 + 20;
     } else if (type == 0x86dd) {
         l3hl = 40;
         if (len < l3 + 40 || frame[l3 + 6] != 6)
-            return 0;
-        iphdr_overhead = 40 + 20;
+            return NULL;
+        *overhead = 40 + 20;
     } else {
-        return 0;
+        return NULL;
     }
     l4 = l3 + l3hl;
     if (len < l4 + 20)
-        return 0;
+        return NULL;
     th = frame + l4;
     if (!(th[13] & 0x02)) /* SYN */
-        return 0;
+        return NULL;
     doff = (size_t)(th[12] >> 4) * 4;
     if (doff < 20 || l4 + doff > len)
-        return 0;
+        return NULL;
     for (i = 20; i < doff;) {
         unsigned kind = th[i], olen;
         if (kind == 0) /* end of options */
@@ -209,23 +213,51 @@ int nsnet_adjust_syn_mss(uint8_t *frame, size_t len, int tap_mtu, int slirp_mtu,
         if (olen < 2 || i + olen > doff)
             break;
         if (kind == 2 && olen == 4) {
-            unsigned mss = rd16be(th + i + 2);
-            unsigned want = (unsigned)slirp_mtu - iphdr_overhead;
-            if (slirp_mtu <= (int)iphdr_overhead)
-                return 0;
-            if (want > mss_max)
-                want = mss_max;
-            if (mss == want)
-                return 0;
-            if (mss < want && (int)mss < tap_mtu - (int)iphdr_overhead)
-                return 0; /* the namespace's own clamp: not raised */
-            wr16be(th + 16, csum_update16(rd16be(th + 16), mss, want));
-            wr16be(th + i + 2, want);
-            return 1;
+            *th_out = th;
+            return th + i + 2;
         }
         i += olen;
     }
-    return 0;
+    return NULL;
+}
+
+static void set_mss(uint8_t *th, uint8_t *opt, unsigned mss)
+{
+    wr16be(th + 16, csum_update16(rd16be(th + 16), rd16be(opt), mss));
+    wr16be(opt, mss);
+}
+
+int nsnet_adjust_syn_mss(uint8_t *frame, size_t len, int tap_mtu, int slirp_mtu,
+                         unsigned mss_max)
+{
+    uint8_t *th, *opt;
+    unsigned overhead, mss, want;
+    opt = syn_mss_option(frame, len, &th, &overhead);
+    if (!opt || slirp_mtu <= (int)overhead)
+        return 0;
+    mss = rd16be(opt);
+    want = (unsigned)slirp_mtu - overhead;
+    if (want > mss_max)
+        want = mss_max;
+    if (mss == want)
+        return 0;
+    if (mss < want && (int)mss < tap_mtu - (int)overhead)
+        return 0; /* the namespace's own clamp: not raised */
+    set_mss(th, opt, want);
+    return 1;
+}
+
+int nsnet_raise_tx_syn_mss(uint8_t *frame, size_t len, int tap_mtu)
+{
+    uint8_t *th, *opt;
+    unsigned overhead;
+    if (len < 14 || rd16be(frame + 12) != 0x0800)
+        return 0; /* IPv4 only: libslirp refuses IPv6 over its if_mtu */
+    opt = syn_mss_option(frame, len, &th, &overhead);
+    if (!opt || tap_mtu <= (int)overhead || rd16be(opt) >= (unsigned)tap_mtu - overhead)
+        return 0;
+    set_mss(th, opt, (unsigned)tap_mtu - overhead);
+    return 1;
 }
 
 /* ---- fragments towards the namespace ----
