@@ -293,8 +293,8 @@ class Supervisor:
             except OSError:
                 self.target_pidfd = None  # e.g. not permitted: namespaces decide
         # The namespace helper creates the TAP while this process binds the
-        # API socket and starts the forwarder, which sets libslirp up and
-        # then waits for the TAP.
+        # API socket and starts the forwarder, which loads libslirp, sets it
+        # up and then waits for the TAP.
         helper = helper_ns.TapHelper(o.target, o.tapname, o.net, o.configure)
         try:
             if o.api_socket:
@@ -405,12 +405,15 @@ class Supervisor:
         """Fork a forwarder; raises OSError if the fork or its sockets fail.
         with_tap False: it gets the TAP later over its control socket
         (see _start_first_forwarder)."""
-        from . import helper_host
-
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         tap_fd = self.tap_fd if with_tap else None
 
         def forwarder() -> int:
+            # Imported in the child, before any sandboxing: libslirp's cffi
+            # module loads while the namespace helper makes the TAP, and
+            # the supervisor never maps libslirp.
+            from . import helper_host
+
             return helper_host.main(self.opts.net, tap_fd, child,
                                     self.forwards.libslirp_items(),
                                     sandbox=self.opts.sandbox, seccomp=self.opts.seccomp)
