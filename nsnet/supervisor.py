@@ -409,9 +409,10 @@ class Supervisor:
         tap_fd = self.tap_fd if with_tap else None
 
         def forwarder() -> int:
-            # Imported in the child, before any sandboxing: libslirp's cffi
-            # module loads while the namespace helper makes the TAP, and
-            # the supervisor never maps libslirp.
+            # The first forwarder imports its code itself, before any
+            # sandboxing: libslirp's cffi module then loads while the
+            # namespace helper makes the TAP.  Later ones inherit it
+            # (signal_ready imports it into the supervisor).
             from . import helper_host
 
             return helper_host.main(self.opts.net, tap_fd, child,
@@ -840,6 +841,10 @@ class Supervisor:
         self.notify.send(f"READY=1\nSTATUS=network ready on {o.tapname}\nMAINPID={os.getpid()}")
         if o.on_ready is not None:
             o.on_ready(self)
+        # Restarted forwarders are forked from this process: load their
+        # code now, off the path to ready, so that a restart runs the code
+        # this supervisor started with even if the package is replaced.
+        from . import helper_host  # noqa: F401
 
     def _finish(self, code: int, reason: str) -> None:
         if self.exit_code is None:
