@@ -99,15 +99,13 @@ static ssize_t cb_send_packet(const void *buf, size_t len, void *opaque)
     struct nsnet_dp *dp = opaque;
     uint8_t hdr[NSNET_VNET_HDR_LEN], syn[NSNET_SYN_FRAME_MAX];
     int is_gso = 0;
-    if (dp->slirp_mtu < dp->tap_mtu && len <= sizeof(syn)) {
-        /* libslirp's if_mtu is capped below the TAP's (NSNET_SLIRP_MSS):
-         * its SYNs still tell the namespace the MSS of the TAP's MTU, so
-         * that the namespace sends segments as large as before. */
-        memcpy(syn, buf, len);
-        if (nsnet_raise_tx_syn_mss(syn, len, dp->tap_mtu)) {
-            dp->st.tx_mss_raised++;
-            buf = syn;
-        }
+    /* libslirp's if_mtu is capped below the TAP's (NSNET_SLIRP_MSS): its
+     * SYNs still tell the namespace the MSS of the TAP's MTU, so that the
+     * namespace sends segments as large as before. */
+    if (dp->slirp_mtu < dp->tap_mtu &&
+        nsnet_raise_tx_syn_mss(buf, len, dp->tap_mtu, syn, sizeof(syn))) {
+        dp->st.tx_mss_raised++;
+        buf = syn;
     }
     if (dp->vnet_hdr) {
         nsnet_vnet_fill_tx(hdr, buf, len, dp->tap_mtu, &is_gso);

@@ -110,14 +110,16 @@ void nsnet_vnet_fill_tx(uint8_t *hdr, const uint8_t *frame, size_t len,
  * Returns 1 when the frame was changed. */
 int nsnet_adjust_syn_mss(uint8_t *frame, size_t len, int tap_mtu, int slirp_mtu,
                          unsigned mss_max);
-/* Towards the namespace: raise the MSS option of one of libslirp's IPv4
- * SYNs or SYN-ACKs to the MSS of tap_mtu when it is lower (libslirp's
+/* Towards the namespace: when frame is one of libslirp's IPv4 SYNs or
+ * SYN-ACKs with an MSS option lower than that of tap_mtu (libslirp's
  * if_mtu is capped below the TAP's: libslirp takes larger IPv4 segments
- * all the same, and the namespace then sends fewer of them).  Returns 1
- * when the frame was changed. */
-int nsnet_raise_tx_syn_mss(uint8_t *frame, size_t len, int tap_mtu);
-/* A frame this long or shorter may be a SYN worth copying to raise its
- * MSS (Ethernet, IPv6 and TCP headers with the most options). */
+ * all the same, and the namespace then sends fewer of them), copy it to
+ * out (out_size bytes; libslirp's buffer stays untouched) with the MSS
+ * raised and return 1; else return 0. */
+int nsnet_raise_tx_syn_mss(const uint8_t *frame, size_t len, int tap_mtu,
+                           uint8_t *out, size_t out_size);
+/* The longest SYN frame: Ethernet, IPv6 and TCP headers with the most
+ * options. */
 #define NSNET_SYN_FRAME_MAX (14 + 40 + 60)
 /* Cut an IPv4 or IPv6 packet longer than tap_mtu into fragments that fit,
  * passing each (Ethernet header included) to emit.  Returns 0, or -1 when

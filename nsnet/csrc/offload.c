@@ -163,42 +163,42 @@ static unsigned csum_update16(unsigned check, unsigned old, unsigned new_)
 }
 
 /* The MSS option of a TCP SYN (or SYN-ACK) in an Ethernet frame, IPv4
- * or IPv6: a pointer to its 2-byte value, with *th the TCP header and
- * *overhead the IP and TCP header bytes an MSS excludes; NULL if the
- * frame is not such a SYN or has no well-formed MSS option. */
-static uint8_t *syn_mss_option(uint8_t *frame, size_t len, uint8_t **th_out,
-                               unsigned *overhead)
+ * or IPv6: the offset of its 2-byte value in the frame, with *th_off the
+ * TCP header's and *overhead the IP and TCP header bytes an MSS excludes;
+ * 0 if the frame is not such a SYN or has no well-formed MSS option. */
+static size_t syn_mss_option(const uint8_t *frame, size_t len, size_t *th_off,
+                             unsigned *overhead)
 {
     size_t l3 = 14, l3hl, l4, doff, i;
     unsigned type;
-    uint8_t *th;
+    const uint8_t *th;
     if (len < l3 + 20)
-        return NULL;
+        return 0;
     type = rd16be(frame + 12);
     if (type == 0x0800) {
         l3hl = (size_t)(frame[l3] & 0x0f) * 4;
         if (frame[l3 + 9] != 6 || l3hl < 20)
-            return NULL;
+            return 0;
         if (((frame[l3 + 6] & 0x3f) | frame[l3 + 7]) != 0)
-            return NULL; /* a fragment */
+            return 0; /* a fragment */
         *overhead = 20 + 20;
     } else if (type == 0x86dd) {
         l3hl = 40;
         if (len < l3 + 40 || frame[l3 + 6] != 6)
-            return NULL;
+            return 0;
         *overhead = 40 + 20;
     } else {
-        return NULL;
+        return 0;
     }
     l4 = l3 + l3hl;
     if (len < l4 + 20)
-        return NULL;
+        return 0;
     th = frame + l4;
     if (!(th[13] & 0x02)) /* SYN */
-        return NULL;
+        return 0;
     doff = (size_t)(th[12] >> 4) * 4;
     if (doff < 20 || l4 + doff > len)
-        return NULL;
+        return 0;
     for (i = 20; i < doff;) {
         unsigned kind = th[i], olen;
         if (kind == 0) /* end of options */
@@ -213,29 +213,30 @@ static uint8_t *syn_mss_option(uint8_t *frame, size_t len, uint8_t **th_out,
         if (olen < 2 || i + olen > doff)
             break;
         if (kind == 2 && olen == 4) {
-            *th_out = th;
-            return th + i + 2;
+            *th_off = l4;
+            return l4 + i + 2;
         }
         i += olen;
     }
-    return NULL;
+    return 0;
 }
 
-static void set_mss(uint8_t *th, uint8_t *opt, unsigned mss)
+static void set_mss(uint8_t *frame, size_t th_off, size_t opt_off, unsigned mss)
 {
-    wr16be(th + 16, csum_update16(rd16be(th + 16), rd16be(opt), mss));
-    wr16be(opt, mss);
+    uint8_t *check = frame + th_off + 16;
+    wr16be(check, csum_update16(rd16be(check), rd16be(frame + opt_off), mss));
+    wr16be(frame + opt_off, mss);
 }
 
 int nsnet_adjust_syn_mss(uint8_t *frame, size_t len, int tap_mtu, int slirp_mtu,
                          unsigned mss_max)
 {
-    uint8_t *th, *opt;
+    size_t th_off, opt_off;
     unsigned overhead, mss, want;
-    opt = syn_mss_option(frame, len, &th, &overhead);
-    if (!opt || slirp_mtu <= (int)overhead)
+    opt_off = syn_mss_option(frame, len, &th_off, &overhead);
+    if (!opt_off || slirp_mtu <= (int)overhead)
         return 0;
-    mss = rd16be(opt);
+    mss = rd16be(frame + opt_off);
     want = (unsigned)slirp_mtu - overhead;
     if (want > mss_max)
         want = mss_max;
@@ -243,20 +244,23 @@ int nsnet_adjust_syn_mss(uint8_t *frame, size_t len, int tap_mtu, int slirp_mtu,
         return 0;
     if (mss < want && (int)mss < tap_mtu - (int)overhead)
         return 0; /* the namespace's own clamp: not raised */
-    set_mss(th, opt, want);
+    set_mss(frame, th_off, opt_off, want);
     return 1;
 }
 
-int nsnet_raise_tx_syn_mss(uint8_t *frame, size_t len, int tap_mtu)
+int nsnet_raise_tx_syn_mss(const uint8_t *frame, size_t len, int tap_mtu,
+                           uint8_t *out, size_t out_size)
 {
-    uint8_t *th, *opt;
+    size_t th_off, opt_off;
     unsigned overhead;
     if (len < 14 || rd16be(frame + 12) != 0x0800)
         return 0; /* IPv4 only: libslirp refuses IPv6 over its if_mtu */
-    opt = syn_mss_option(frame, len, &th, &overhead);
-    if (!opt || tap_mtu <= (int)overhead || rd16be(opt) >= (unsigned)tap_mtu - overhead)
+    opt_off = syn_mss_option(frame, len, &th_off, &overhead);
+    if (!opt_off || len > out_size || tap_mtu <= (int)overhead ||
+        rd16be(frame + opt_off) >= (unsigned)tap_mtu - overhead)
         return 0;
-    set_mss(th, opt, (unsigned)tap_mtu - overhead);
+    memcpy(out, frame, len);
+    set_mss(out, th_off, opt_off, (unsigned)tap_mtu - overhead);
     return 1;
 }
 
