@@ -749,9 +749,15 @@ class Supervisor:
         if isinstance(total, int) and total > len(conns):
             # The forwarder lists at most STATS_MAX_CONNECTIONS sockets: count the rest.
             n_active += total - len(conns)
-        return dict(reply["stats"], forwarder_pid=self.fwd.pid if self.fwd else None,
-                    active_connections=n_active, connections=conns,
-                    restarts=self.restarts)
+        out = dict(reply["stats"], forwarder_pid=self.fwd.pid if self.fwd else None,
+                   active_connections=n_active, connections=conns,
+                   restarts=self.restarts)
+        if self.fastpath is not None:  # splice forwards: the relay's own counters
+            try:
+                out["fastpath"] = self.fastpath.stats()
+            except ForwardError as e:
+                out["fastpath"] = {"error": str(e)}
+        return out
 
     # -- API socket handling (non-blocking, in the poll loop) --------------
 

@@ -169,6 +169,23 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def relay_stats(api: str) -> dict:
+    """The relay's counters, from get_stats."""
+    return json.loads(api_call(api, {"execute": "get_stats"}))["return"]["fastpath"]
+
+
+def assert_relay_idle(api: str, relay: int, base_fds: int, **expect: int) -> None:
+    """Once the relay counts no active pair, its counters are as expected,
+    no pair was reset or failed, and it holds exactly its baseline fds."""
+    wait_until(lambda: relay_stats(api)["active"] == 0, 10, what="no active pair")
+    st = relay_stats(api)
+    assert {k: st[k] for k in expect} == expect, st
+    assert st["reset"] == st["failed"] == st["pending"] == 0, st
+    fds = os.listdir(f"/proc/{relay}/fd")
+    assert len(fds) == base_fds, (base_fds, sorted(os.readlink(f"/proc/{relay}/fd/{f}")
+                                                   for f in fds))
+
+
 def echo_check(port: int, nbytes: int, host: str = "127.0.0.1") -> None:
     data = payload(nbytes)
     got = tcp_send(host, port, data)
@@ -213,6 +230,9 @@ def test_many_concurrent_connections(fnet, guest):
     added(api, port, srv.port)
     echo_check(port, 1000)  # starts the relay
     relay = children(fwd.pid)["nsnet-relay"]
+    # The client sees EOF a moment before the relay closes the pair: the
+    # baseline is taken once the relay counts no active pair.
+    wait_until(lambda: relay_stats(api)["active"] == 0, 10, what="the first pair closed")
     base_fds = fd_count(relay)
     n, size = 200, 64 * 1024
     errors: list[BaseException] = []
@@ -233,7 +253,8 @@ def test_many_concurrent_connections(fnet, guest):
     assert not [t for t in threads if t.is_alive()], "clients still running"
     assert not errors, errors[:3]
     assert sum(r["received"] for r in srv.records(n + 1)) == n * size + 1000
-    wait_until(lambda: fd_count(relay) == base_fds, 10, what="relay fds back to baseline")
+    assert_relay_idle(api, relay, base_fds, total=n + 1, closed=n + 1,
+                      bytes_in=n * size + 1000, bytes_out=n * size + 1000)
 
 
 @UNPRIV
@@ -269,7 +290,7 @@ def test_server_side_close(fnet, guest):
             got += chunk
         assert hashlib.sha256(got).hexdigest() == srv.records(1)[0]["sha256"]
         assert len(got) == MIB
-    wait_until(lambda: fd_count(relay) == base_fds, 10, what="relay fds back to baseline")
+    assert_relay_idle(api, relay, base_fds, total=1, closed=1, bytes_in=0, bytes_out=MIB)
 
 
 def test_no_listener_on_guest_port(fnet, guest):
