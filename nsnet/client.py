@@ -215,7 +215,8 @@ class _Controls:
         return dict(self._call("get_info")["return"])
 
     def stats(self) -> dict[str, Any]:
-        """get_stats: frames and bytes each way, drops, active connections."""
+        """get_stats: frames and bytes each way, drops, active connections;
+        with a splice forward, the fast path's counters under "fastpath"."""
         return dict(self._call("get_stats")["return"])
 
 

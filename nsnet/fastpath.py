@@ -53,6 +53,7 @@ CONNECT_TIMEOUT = 10.0    # connector: connect() to the guest port
 RELAY_TURN_MS = 1000      # the C loop returns to Python at least this often
 PIPE_SIZE = 256 * 1024    # per direction and connection (falls back to 64 KiB)
 MAX_PENDING = 128         # connections waiting for the connector
+NO_SUCH_FORWARD = "no such forward"  # the relay's answer to a remove it has no listener for
 MAX_RESTARTS = 5          # relay/connector deaths allowed in RESTART_WINDOW
 RESTART_WINDOW = 60.0
 
@@ -245,7 +246,7 @@ class Relay:
         if op == "remove":
             fd = self._find(Forward(**req["forward"]))
             if fd is None:
-                return {"ok": False, "error": "no such forward"}
+                return {"ok": False, "error": NO_SUCH_FORWARD}
             lst = self.listeners.pop(fd)
             if not self.paused:
                 self._unwatch(fd)
@@ -452,13 +453,12 @@ class FastPath:
 
     def watch(self) -> list[tuple[int, int, Callable[[int], None]]]:
         """(fd, poll events, handler) for the supervisor's poll loop."""
-        out = []
-        if self.relay is not None:
-            out.append((self.relay.pidfd, select.POLLIN, lambda ev: self._on_exit("relay")))
-        if self.connector is not None:
-            out.append((self.connector.pidfd, select.POLLIN,
-                        lambda ev: self._on_exit("connector")))
-        return out
+        # Each handler is bound to its child: when the relay dies, its
+        # connector exits too, and both pidfds can wake the same poll; by
+        # the time the connector's event is handled, the relay's handler
+        # has already replaced it, and the event must not touch the new one.
+        return [(child.pidfd, select.POLLIN, lambda ev, c=child: self._on_exit(c))
+                for child in (self.relay, self.connector) if child is not None]
 
     def add_initial(self, forwards: list[tuple[int, Forward]]) -> None:
         """Set-up: serve the splice forwards of Options.initial_forwards."""
@@ -479,13 +479,22 @@ class FastPath:
         self.forwards.append(fwd)
 
     def remove(self, fwd: Forward) -> None:
-        """Close the listener (connections already relayed go on)."""
+        """Close the listener (connections already relayed go on).  Once the
+        forward is off self.forwards no relay started later listens on it,
+        so a relay that is gone, hung (then killed) or never had the
+        listener (not re-added after a restart) leaves nothing to undo."""
         if fwd in self.forwards:
             self.forwards.remove(fwd)
-        if self.relay is not None:
+        if self.relay is None:
+            return
+        try:
             reply = self._request({"op": "remove", "forward": fwd.to_dict()})
-            if not reply.get("ok"):
-                raise ForwardError(reply.get("error", "failed"))
+        except ForwardError as e:
+            self.log.warning(f"fast-path forward {fwd.host_addr}:{fwd.host_port} removed; "
+                             f"the relay did not confirm: {e}")
+            return
+        if not reply.get("ok") and reply.get("error") != NO_SUCH_FORWARD:
+            raise ForwardError(reply.get("error", "failed"))
 
     def stats(self) -> dict[str, Any]:
         if self.relay is None:
@@ -525,7 +534,19 @@ class FastPath:
                 reply = json.loads(data)
                 if reply.get("reply_to") == relay.seq:
                     return reply
-        except (OSError, TimeoutError, ValueError) as e:
+        except TimeoutError:
+            # Hung (or stopped): as with a forwarder that does not answer,
+            # kill it; its pidfd wakes the supervisor's loop, and _on_exit
+            # reaps it and starts a new one (within the restart budget).
+            self.log.error(f"fast path: the relay (pid {relay.pid}) did not answer in "
+                           f"{REQUEST_TIMEOUT:g} s; killing it")
+            try:
+                os.kill(relay.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            raise ForwardError(f"relay did not answer in {REQUEST_TIMEOUT:g} s "
+                               "(killed; a new one is started)") from None
+        except (OSError, ValueError) as e:
             raise ForwardError(f"relay: {e}") from None
 
     def _ensure_running(self) -> None:
@@ -571,9 +592,12 @@ class FastPath:
         theirs.close()
         self.relay = _Child(pid, mine)
 
-    def _on_exit(self, which: str) -> None:
-        child = self.relay if which == "relay" else self.connector
-        if child is None:
+    def _on_exit(self, child: _Child) -> None:
+        if child is self.relay:
+            which = "relay"
+        elif child is self.connector:
+            which = "connector"
+        else:  # already reaped and replaced in this turn
             return
         how = child.reap()
         if which == "relay":

@@ -418,6 +418,73 @@ def test_relay_and_connector_restart(fnet, guest):
     assert fwd.alive()
 
 
+def test_relay_and_connector_die_in_one_turn(fnet, guest):
+    """The relay dies and its connector exits with it (its peer hung up)
+    while nsnet is stopped, so that both deaths wake the same poll: nsnet
+    replaces both once and stays responsive (it used to reap the new
+    connector for the old one's event, blocking for good)."""
+    fwd, api = fnet
+    srv = guest("echo")
+    port = free_port()
+    added(api, port, srv.port)
+    echo_check(port, 10_000)
+    old = children(fwd.pid)
+    os.kill(fwd.pid, signal.SIGSTOP)
+    try:
+        os.kill(old["nsnet-relay"], signal.SIGKILL)
+        wait_until(lambda: not alive(old["nsnet-connect"]), 15,
+                   what="the connector's exit after the relay's")
+    finally:
+        os.kill(fwd.pid, signal.SIGCONT)
+    wait_until(lambda: all(children(fwd.pid).get(k, old[k]) != old[k]
+                           for k in ("nsnet-relay", "nsnet-connect")), 15,
+               what="a new relay and connector")
+    wait_until(lambda: _echo_ok(port), 15, what="the forward after the restart")
+    assert relay_stats(api)["listeners"] == 1
+    assert fwd.alive()
+
+
+@UNPRIV  # one user is enough: it waits out two request timeouts
+def test_hung_relay_is_replaced(fnet, guest):
+    """A relay that does not answer (stopped here) costs one get_stats its
+    fast-path counters, after the request timeout; it is then killed and
+    replaced, and the forward works again."""
+    fwd, api = fnet
+    srv = guest("echo")
+    port = free_port()
+    fid = added(api, port, srv.port)
+    echo_check(port, 10_000)
+    old = children(fwd.pid)["nsnet-relay"]
+    os.kill(old, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        reply = json.loads(api_call(api, {"execute": "get_stats"}, timeout=30))["return"]
+        waited = time.monotonic() - t0
+        assert "did not answer" in reply["fastpath"]["error"], reply["fastpath"]
+        assert reply["rx_frames"] > 0  # the forwarder's counters are still there
+        assert waited >= 4, waited  # REQUEST_TIMEOUT (5 s), not an instant failure
+        wait_until(lambda: children(fwd.pid).get("nsnet-relay", old) != old, 15,
+                   what="a new relay")
+        assert not alive(old)
+        wait_until(lambda: _echo_ok(port), 15, what="the forward after the relay's restart")
+        st = relay_stats(api)
+        assert st["active"] == 0 and st["total"] >= 1, st
+        # A remove that meets a hung relay still removes: the forward is
+        # gone from the table and the next relay does not listen on it.
+        old = children(fwd.pid)["nsnet-relay"]
+        os.kill(old, signal.SIGSTOP)
+        assert api_call(api, {"execute": "remove_hostfwd", "arguments": {"id": fid}},
+                        timeout=30) == b'{"return":{}}'
+        assert json.loads(api_call(api, {"execute": "list_hostfwd"}))["entries"] == []
+        wait_until(lambda: children(fwd.pid).get("nsnet-relay", old) != old, 15,
+                   what="a new relay after the remove")
+        wait_until(lambda: not _echo_ok(port), 15, what="the removed port closed")
+        assert fwd.alive()
+    finally:
+        if old in children(fwd.pid).values():  # the test failed before nsnet killed it
+            os.kill(old, signal.SIGCONT)
+
+
 def _echo_ok(port: int) -> bool:
     try:
         echo_check(port, 10_000)

@@ -612,6 +612,7 @@ def test_get_info_and_stats(connect, client_loop, ns_echo):
         for k in ("rx_dropped_invalid", "rx_dropped_ignored", "tx_dropped"):
             assert s[k] >= 0
         assert s["active_connections"] >= 1
+        assert "fastpath" not in s  # only once a splice forward was added
         states = {(c["proto"], c["state"]) for c in s["connections"]}
         assert ("tcp", "HOST_FORWARD") in states, s["connections"]
         assert {"proto": "tcp", "state": "ESTABLISHED", "src": "127.0.0.1",
