@@ -85,7 +85,7 @@ if [ "$ready" != 1 ]; then
 fi
 say "forwarder ready: $NSNET_BIN (pid ${pids[-1]})"
 for _ in $(seq 50); do  # the http server may still be starting
-    python3 - "$PORT" <<'EOF' && break
+    python3 - "$PORT" 2>/dev/null <<'EOF' && break
 import socket, sys
 socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1).close()
 EOF
