@@ -523,3 +523,18 @@ class Policy:
 
 def open_policy() -> Policy:
     return Policy(ALLOW, [])
+
+
+# ---- command-line options (rows of nsnet/options.py) ------------------------
+
+def from_options(egress: str | None, ordered: Iterable[tuple[str, str]],
+                 file: str | None) -> Policy | None:
+    """The policy of --egress, --allow/--deny (in command-line order) and
+    --policy=FILE: the file's rules first, then --allow/--deny; --egress
+    replaces the file's default.  None when none of them was given."""
+    ordered = list(ordered)
+    if file is None and egress is None and not ordered:
+        return None
+    base = Policy.load(file) if file else Policy()
+    rules = list(base.rules) + [parse_rule(t, a) for a, t in ordered]
+    return Policy(egress or base.default, rules)

@@ -269,7 +269,8 @@ class Slirp:
 
     def audit_records(self, max_records: int = 256) -> list[dict[str, Any]]:
         """Pop the waiting audit records (see csrc/policy.h)."""
-        if not getattr(self, "_has_filter", False):
+        if (not getattr(self, "_has_filter", False)
+                or not lib.nsnet_filter_audit_pending(self._filter())):
             return []
         buf = ffi.new("struct nsnet_pol_event[]", max_records)
         n = lib.nsnet_filter_audit_pop(self._filter(), buf, max_records)

@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Any, Callable
 
     from .fastpath import FastPath
+    from .policy_control import PolicyControl
 
 from . import api, fdpass, helper_ns, log, sdnotify
 from .children import fork_child
@@ -110,6 +111,9 @@ class Options:
         initial_forwards: list[Forward] | None = None,
         on_ready: Callable[[Supervisor], None] | None = None,
         watch_fds: dict[int, Callable[[int], None]] | None = None,
+        policy: Any = None,
+        audit_all: bool = False,
+        audit_log: str | None = None,
     ) -> None:
         self.target = target
         self.tapname = tapname
@@ -127,6 +131,10 @@ class Options:
         self.initial_forwards = initial_forwards if initial_forwards is not None else []
         self.on_ready = on_ready
         self.watch_fds = watch_fds if watch_fds is not None else {}
+        # the egress policy (nsnet/policy.py: a Policy or None), its audit
+        self.policy = policy
+        self.audit_all = audit_all
+        self.audit_log = audit_log
 
 
 class _ApiClient:
@@ -164,6 +172,8 @@ class _Forwarder:
         self.seq = 0
         self.events: list[dict[str, Any]] = []
         self.status: int | None = None  # wait status once reaped
+        # egress-policy audit records: handled as they come, never queued
+        self.on_audit: Callable[[dict[str, Any]], None] | None = None
         try:
             self.pidfd = os.pidfd_open(pid)
         except OSError:
@@ -197,6 +207,10 @@ class _Forwarder:
             msg = json.loads(data)
         except ValueError:
             msg = {"event": "garbage"}
+        if isinstance(msg, dict) and msg.get("event") == "audit":
+            if self.on_audit is not None:
+                self.on_audit(msg)
+            return None
         return msg if isinstance(msg, dict) else {"event": "garbage"}
 
     def drain(self) -> None:
@@ -279,11 +293,19 @@ class Supervisor:
         self.ready = False
         self.pidfile_written = False
         self.fastpath: FastPath | None = None  # splice forwards, from the first one on
+        self.policy: PolicyControl | None = None  # the egress policy (policy_control.py)
 
     # -- set-up ------------------------------------------------------------
 
     def setup(self) -> None:
         o = self.opts
+        if o.policy is not None or o.audit_all or o.audit_log:
+            from .policy_control import PolicyControl, PolicyControlError
+
+            try:
+                self.policy = PolicyControl(o.policy, o.audit_all, o.audit_log)
+            except PolicyControlError as e:
+                raise SetupError(str(e)) from None
         self._install_signals()
         if o.target.pid is not None:
             try:
@@ -407,6 +429,7 @@ class Supervisor:
         (see _start_first_forwarder)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         tap_fd = self.tap_fd if with_tap else None
+        policy = self.policy.forwarder_arg() if self.policy is not None else None
 
         def forwarder() -> int:
             # The first forwarder imports its code itself, before any
@@ -417,7 +440,8 @@ class Supervisor:
 
             return helper_host.main(self.opts.net, tap_fd, child,
                                     self.forwards.libslirp_items(),
-                                    sandbox=self.opts.sandbox, seccomp=self.opts.seccomp)
+                                    sandbox=self.opts.sandbox, seccomp=self.opts.seccomp,
+                                    policy=policy)
 
         keep = [child.fileno()] if tap_fd is None else [tap_fd, child.fileno()]
         try:
@@ -428,7 +452,10 @@ class Supervisor:
             raise
         child.close()
         try:
-            return _Forwarder(pid, parent, time.monotonic())
+            fwd = _Forwarder(pid, parent, time.monotonic())
+            if self.policy is not None:
+                fwd.on_audit = self.policy.on_audit
+            return fwd
         except OSError:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
@@ -752,12 +779,47 @@ class Supervisor:
         out = dict(reply["stats"], forwarder_pid=self.fwd.pid if self.fwd else None,
                    active_connections=n_active, connections=conns,
                    restarts=self.restarts)
+        pstats = reply.get("policy")
+        if isinstance(pstats, dict) and self.policy is not None:
+            out["policy"] = dict(pstats, audit_log_lost=self.policy.audit_lost)
         if self.fastpath is not None:  # splice forwards: the relay's own counters
             try:
                 out["fastpath"] = self.fastpath.stats()
             except ForwardError as e:
                 out["fastpath"] = {"error": str(e)}
         return out
+
+    def api_get_policy(self) -> dict[str, Any]:
+        if self.policy is None:
+            return {"egress": "allow", "rules": []}
+        return self.policy.get()
+
+    def api_set_policy(self, args: dict[str, Any]) -> None:
+        """Replace the egress policy atomically: the forwarder judges every
+        frame after this by the new one (flows it denies are cut unless
+        keep_established); a forwarder started later gets it at fork."""
+        from .policy_control import PolicyControl, PolicyControlError
+
+        if self.policy is None:
+            self.policy = PolicyControl(None, self.opts.audit_all)
+            if self.fwd is not None:
+                self.fwd.on_audit = self.policy.on_audit
+        try:
+            pol, keep = self.policy.parse_set(args)
+        except PolicyControlError as e:
+            raise api.ApiError(f"set_policy: {e}") from None
+        try:
+            fwd = self._ready_forwarder()
+        except ForwardError:
+            fwd = None  # restart pending: the next forwarder gets it at fork
+        if fwd is not None:
+            try:
+                self.policy.send(self._forwarder_request, pol, keep)
+            except (PolicyControlError, ForwardError) as e:
+                raise api.ApiError(f"set_policy: {e}") from None
+        self.policy.policy = pol
+        self.log.info(f"egress policy replaced: default {pol.default}, {len(pol.rules)} rules"
+                      + (" (established flows kept)" if keep else ""))
 
     # -- API socket handling (non-blocking, in the poll loop) --------------
 
@@ -791,7 +853,10 @@ class Supervisor:
             return
         c.buf += data
         eof = not data
-        if eof or len(c.buf) >= api.MAX_REQUEST or api.is_complete(bytes(c.buf)):
+        # (a large set_policy: parse only once it may be whole, not per chunk)
+        if (eof or len(c.buf) >= api.request_limit(bytes(c.buf[:api.MAX_REQUEST]))
+                or ((len(c.buf) < api.MAX_REQUEST or c.buf.rstrip().endswith(b"}"))
+                    and api.is_complete(bytes(c.buf)))):
             self._api_answer(fd, bytes(c.buf), eof)
 
     def _api_answer(self, fd: int, request: bytes, eof: bool) -> None:
@@ -954,6 +1019,11 @@ class Supervisor:
         if self.ready:
             self.notify.send(f"STOPPING=1\nSTATUS=stopping: {self.exit_reason or 'set-up failed'}")
         if self.fwd is not None:
+            if self.policy is not None and self.fwd.ready and not self.fwd.ctl_eof:
+                try:  # the audit records of the last moments come first
+                    self.fwd.request({"op": "ping"}, timeout=0.5)
+                except (OSError, TimeoutError, ConnectionError):
+                    pass
             self._stop_forwarder(self.fwd)
             self.fwd = None
         self.restart_at = None
@@ -966,6 +1036,8 @@ class Supervisor:
             self.api_sock = None
             self._unlink_api()
         self._remove_pidfile()
+        if self.policy is not None:
+            self.policy.close()
         if self.sigpipe_w >= 0:
             signal.set_wakeup_fd(-1)
         for fd in (self.tap_fd, self.target_pidfd, self.sigpipe_r, self.sigpipe_w,
