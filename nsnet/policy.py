@@ -62,6 +62,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple
 
+from .errors import PolicyError  # an NsnetError and a ValueError
+
 ALLOW = "allow"
 DENY = "deny"
 ACTIONS = (ALLOW, DENY)
@@ -76,9 +78,6 @@ DNS_FORWARDER_RULE = "(built-in DNS forwarder)"
 
 _LABEL_RE = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 
-
-class PolicyError(ValueError):
-    """A rule or policy that cannot be used; the message says which and why."""
 
 
 def normalize_name(name: str) -> str:

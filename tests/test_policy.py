@@ -507,3 +507,53 @@ def test_dns_names(user, probe, dns_env):
     assert "allowed.test" in resolver.queries
     assert [s.connections for s in dns_env["servers"]] == [1, 0, 1, 1]
     assert f"-> {ADDRS[0]}:{port} (allowed.test) by allow allowed.test:{port}" in err
+
+
+# --------------------------------------------------------------------------
+# The Python API
+# --------------------------------------------------------------------------
+
+def as_user(user):
+    if user.is_root:
+        return {}
+    return {"user": user.uid, "group": user.gid, "extra_groups": [], "env": user.env(),
+            "cwd": "/"}
+
+
+def test_python_api(user, probe, servers, workdir):
+    import nsnet
+
+    a, b = servers(), servers()
+    steps = [["tcp", "10.0.2.2", a.port], ["tcp", "10.0.2.2", b.port]]
+    # two lists: the default's own action (deny) first, so the deny rule
+    # carves b out of the allowed /24
+    cp = nsnet.run([NS_PYTHON, probe, json.dumps(steps)], egress="deny",
+                   allow=["10.0.2.0/24"], deny=[f"tcp:10.0.2.2:{b.port}"],
+                   capture_output=True, timeout=60, **as_user(user))
+    assert cp.returncode == 0, cp.stderr
+    res = json.loads(cp.stdout.decode().strip().splitlines()[-1])
+    assert [r["result"] for r in res] == ["ok", "ECONNREFUSED"]
+    with pytest.raises(TypeError, match="list of rules"):
+        nsnet.run(["true"], allow="10.0.2.2")
+
+    go = os.path.join(workdir, "go")
+    with nsnet.Popen([NS_PYTHON, probe, json.dumps([["hold_tcp", "10.0.2.2", a.port, go],
+                                                    ["tcp", "10.0.2.2", b.port]])],
+                     stdout=subprocess.PIPE, **as_user(user)) as p:
+        p.wait_ready()
+        assert read_line(p.stdout, 30) == b"CONNECTED\n"
+        assert p.policy() == {"egress": "allow", "rules": []}
+        with pytest.raises(nsnet.PolicyError, match="egress must be"):
+            p.set_policy({"egress": "sometimes"})
+        with pytest.raises(nsnet.PolicyError, match="port out of range"):
+            p.set_policy(egress="deny", allow=["10.0.2.2:70000"])
+        p.set_policy(egress="deny", allow=[f"tcp:10.0.2.2:{a.port}"], keep_established=True)
+        assert p.policy()["rules"] == [{"action": "allow", "proto": "tcp", "dest": "10.0.2.2",
+                                        "ports": str(a.port)}]
+        stats = p.stats()["policy"]
+        open(go, "w").close()
+        out = p.stdout.read()
+        assert p.wait(timeout=30) == 0
+    res = json.loads(out.decode().strip().splitlines()[-1])
+    assert [r["result"] for r in res] == ["ok", "ECONNREFUSED"]
+    assert stats["flows_cut"] == 0
