@@ -81,3 +81,33 @@ def get(name: str = "nsnet") -> Logger:
 
 def monotonic_ms() -> float:
     return time.monotonic() * 1000.0
+
+
+def wants_json(argv: list[str]) -> bool:
+    """Whether a command line asks for --log-format=json, read before it is
+    parsed (so that an error in parsing it is a JSON line too)."""
+    for i, word in enumerate(argv):
+        if word == "--":
+            break
+        if word in ("--log-format=json", "--log-f=json", "--log-fo=json") or (
+                word.startswith("--log-f") and "--log-format".startswith(word)
+                and argv[i + 1:i + 2] == ["json"]):
+            return True
+    return False
+
+
+def fail(prog: str, msg: str, fields: dict | None = None) -> None:
+    """A front end's last words: "PROG: MSG" on stderr, or a JSON error
+    line with --log-format=json."""
+    if _json:
+        out = {"time": round(time.time(), 6), "level": "error", "pid": os.getpid(),
+               "msg": msg, "event": "error"}
+        out.update(fields or {})
+        line = json.dumps(out, separators=(",", ":"))
+    else:
+        line = f"{prog}: {msg}"
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
