@@ -508,7 +508,8 @@ def run_flags(*, publish: Iterable["str | PortSpec"] = (), mtu: int | None = Non
               cidr: str | None = None, ipv6: bool = False,
               disable_host_loopback: bool = False, no_egress: bool = False,
               dns: bool = False, map_user: str = "root", offload: bool = False,
-              log_level: str | None = None, publish_mode: str | None = None) -> list[str]:
+              log_level: str | None = None, publish_mode: str | None = None,
+              bypass: bool = False) -> list[str]:
     """The `nsnet run` options for these settings (ForwardError for a bad
     publish spec, ValueError for a bad map_user)."""
     flags = [f"--publish={to_portspec(p)}" for p in publish]
@@ -522,6 +523,8 @@ def run_flags(*, publish: Iterable["str | PortSpec"] = (), mtu: int | None = Non
         flags.append(f"--log-level={log_level}")
     if publish_mode is not None:
         flags.append(f"--publish-mode={publish_mode}")
+    if bypass:
+        flags.append("--bypass")
     return flags
 
 
@@ -531,7 +534,8 @@ class Popen(subprocess.Popen[Any], _Controls):
 
     Takes the network options of run_flags() (publish, mtu, cidr, ipv6,
     disable_host_loopback, no_egress, dns, map_user, offload, log_level,
-    publish_mode),
+    publish_mode, bypass: the command's TCP connects to the host get host
+    sockets, see docs/bypass.md),
     then any subprocess.Popen argument.  With api=True (the default) nsnet
     gets a private API socket, so add_forward(), forwards(), info() and
     stats() work while the command runs; wait_ready() waits until the
@@ -544,7 +548,7 @@ class Popen(subprocess.Popen[Any], _Controls):
                  disable_host_loopback: bool = False, no_egress: bool = False,
                  dns: bool = False, map_user: str = "root", offload: bool = False,
                  log_level: str | None = None, publish_mode: str | None = None,
-                 api: bool = True,
+                 bypass: bool = False, api: bool = True,
                  command: Sequence[str] | None = None, **kwargs: Any) -> None:
         if isinstance(args, (str, bytes)):
             raise TypeError("args must be a sequence of strings (no shell parsing)")
@@ -552,7 +556,7 @@ class Popen(subprocess.Popen[Any], _Controls):
         flags = run_flags(publish=publish, mtu=mtu, cidr=cidr, ipv6=ipv6,
                           disable_host_loopback=disable_host_loopback, no_egress=no_egress,
                           dns=dns, map_user=map_user, offload=offload, log_level=log_level,
-                          publish_mode=publish_mode)
+                          publish_mode=publish_mode, bypass=bypass)
         self._workdir: str | None = None
         self.api_socket: str | None = None
         self._ready_r: int | None = None

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, NoReturn
 if TYPE_CHECKING:
     from .netconfig import NetConfig
     from .portspec import PortSpec
+    from .host.bypass import Handler
     from .supervisor import Supervisor
 
 PROG = "nsnet run"
@@ -115,6 +116,10 @@ Without COMMAND, runs $SHELL.
       --map-subids           map root to you and 1..N to your /etc/subuid and
                              /etc/subgid ranges (newuidmap/newgidmap)
       --offload              TAP offloads (TSO, checksum)
+      --bypass               COMMAND's TCP connects to the host (gateway alias)
+                             and beyond get sockets connected in the host's
+                             network namespace: loopback speed (seccomp user
+                             notification, Linux 5.14; see docs/bypass.md)
       --log-level=LEVEL      debug, info, warning (default) or error
       --log-format=FORMAT    text or json
   -h, --help                 show this help and exit
@@ -129,7 +134,7 @@ LONG_OPTS = [
     "help", "mtu=", "cidr=", "enable-ipv6", "disable-host-loopback", "no-host-loopback",
     "no-egress", "publish=", "publish-mode=", "dns", "api-socket=", "ready-fd=",
     "map-root-user", "map-current-user", "map-subids", "offload", "no-offload",
-    "log-level=", "log-format=",
+    "log-level=", "log-format=", "bypass",
 ]
 
 
@@ -153,6 +158,7 @@ class RunOptions:
     map_mode: str = MAP_ROOT
     log_level: str = "warning"
     log_format: str = "text"
+    bypass: bool = False
 
 
 # --------------------------------------------------------------------------
@@ -220,6 +226,8 @@ def parse_args(argv: list[str]) -> RunOptions | None:
             ro.map_mode = MAP_SUBIDS
         elif opt in ("--offload", "--no-offload"):
             offload = opt == "--offload"
+        elif opt == "--bypass":
+            ro.bypass = True
         elif opt == "--log-level":
             if val not in ("debug", "info", "warning", "error"):
                 raise UsageError("--log-level must be debug, info, warning or error")
@@ -466,7 +474,10 @@ class _Child:
                 rtnl.configure(TAPNAME, r.opts.net)
             except OSError as e:
                 self.fail(f"cannot configure the network: {e}")
-            self.send(b"c")
+            if r.opts.bypass:
+                self.send_bypass_listener()
+            else:
+                self.send(b"c")
             self.expect(b"G")
             self.exec()
         except BaseException as e:  # never return into the parent's code
@@ -474,6 +485,22 @@ class _Child:
                 os.write(2, f"{PROG}: {e!r}\n".encode())
             finally:
                 os._exit(EXIT_SETUP)
+
+    def send_bypass_listener(self) -> None:
+        """--bypass: install the seccomp filter (the last thing before exec
+        that nsnet's code does here makes no connect) and send its listener
+        with "c", with what the handler needs to know about this netns."""
+        from . import bypassfilter
+
+        try:
+            facts = bypassfilter.namespace_facts()
+            listener = bypassfilter.install()
+        except OSError as e:
+            self.fail(f"--bypass: {e.strerror or e}")
+        try:
+            socket.send_fds(self.sock, [b"c" + facts], [listener])
+        finally:
+            os.close(listener)
 
     def exec(self) -> NoReturn:
         r = self.r
@@ -543,6 +570,9 @@ class Runner:
         self.sock: socket.socket | None = None
         self.unblock_in_children = False
         self.go_sent = False
+        self.bypass_listener = -1
+        self.bypass_facts = b""
+        self.bypass: "Handler | None" = None
 
     # -- messages from the child ---------------------------------------------
 
@@ -671,7 +701,11 @@ class Runner:
                 sup = self._start_supervisor()
                 publish(sup, self.opts.publish, self.opts.publish_mode)
                 self.send(b"C")
-                self.expect(b"c", "network configuration")
+                if self.opts.bypass:
+                    self._expect_listener()
+                    self._start_bypass(sup)
+                else:
+                    self.expect(b"c", "network configuration")
                 sup.signal_ready()  # ready-fd, then on_ready: the child execs
             except _Interrupted as e:
                 self._stop_child()
@@ -688,6 +722,10 @@ class Runner:
                 return EXIT_SETUP
             return self._child_status()
         finally:
+            if self.bypass is not None:
+                self.bypass.stop()
+            elif self.bypass_listener >= 0:
+                os.close(self.bypass_listener)
             if sup is not None:
                 sup.teardown()
             if self.child > 0:
@@ -696,6 +734,55 @@ class Runner:
                 if fd >= 0:
                     os.close(fd)
             parent_sock.close()
+
+    def _expect_listener(self) -> None:
+        """--bypass: "c" comes with the seccomp listener and the netns facts."""
+        from .bypassfilter import FACTS_SIZE
+
+        assert self.sock is not None
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, 1)
+        except socket.timeout:
+            raise RunError("network configuration: no answer from the child in "
+                           f"{SETUP_TIMEOUT:g} s") from None
+        for fd in fds[1:]:
+            os.close(fd)
+        if fds:
+            self.bypass_listener = fds[0]
+        if msg.startswith(b"E"):
+            raise RunError(msg[1:].decode(errors="replace"))
+        if not msg.startswith(b"c") or len(msg) != 1 + FACTS_SIZE or not fds:
+            raise RunError(f"network configuration: the child exited ({self._reap_now()})")
+        self.bypass_facts = msg[1:]
+        sig = self.pending_signal()
+        if sig:
+            raise _Interrupted(sig)
+
+    def _start_bypass(self, sup: "Supervisor") -> None:
+        from .bypassfilter import unpack_facts
+        from .host.bypass import BypassError, Handler, check_access, check_kernel
+
+        try:
+            check_kernel(self.bypass_listener)
+            check_access(self.child)
+            h = Handler(self.bypass_listener, self.opts.net, unpack_facts(self.bypass_facts),
+                        sup.default_guest_addr6,
+                        on_give_up=lambda why: sup._finish(EXIT_SETUP, why))
+        except BypassError as e:
+            raise RunError(str(e)) from None
+        self.bypass_listener = -1
+        self.bypass = h
+        h.start()
+        watch = sup.opts.watch_fds
+
+        def on_exit(ev: int) -> None:  # the handler's pidfd changes with a restart
+            watch.pop(h.pidfd, None)
+            h.on_exit(ev)
+            if h.pidfd >= 0:
+                watch[h.pidfd] = on_exit
+
+        watch[h.pidfd] = on_exit
+        sup.stats_sources["bypass"] = h.stats
 
     def _start_supervisor(self) -> "Supervisor":
         from .helper_ns import Target
