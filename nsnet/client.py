@@ -518,7 +518,8 @@ class Popen(subprocess.Popen[Any], _Controls):
 
     Takes the network options of run_flags() (publish, mtu, cidr, ipv6,
     disable_host_loopback, no_egress, dns, map_user, offload, log_level,
-    publish_mode),
+    publish_mode, bypass: the command's TCP connects to the host get host
+    sockets, see docs/bypass.md),
     then any subprocess.Popen argument.  With api=True (the default) nsnet
     gets a private API socket, so add_forward(), forwards(), info() and
     stats() work while the command runs; wait_ready() waits until the

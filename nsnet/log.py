@@ -48,19 +48,11 @@ class Logger:
 
             msg = f"{msg}\n{traceback.format_exc().rstrip()}"
         if _json:
-            out = {"time": round(time.time(), 6), "level": level, "pid": os.getpid(),
-                   "msg": msg}
-            out.update((extra or {}).get("fields") or {})
-            line = json.dumps(out, separators=(",", ":"))
+            _write(_json_line(level, msg, (extra or {}).get("fields")))
         elif _RANK[level] >= _RANK["warning"]:
-            line = f"nsnet: {level}: {msg}"
+            _write(f"nsnet: {level}: {msg}")
         else:
-            line = f"nsnet: {msg}"
-        try:
-            sys.stderr.write(line + "\n")
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass  # stderr closed or gone: nothing to tell anyone
+            _write(f"nsnet: {msg}")
 
     def debug(self, msg: str, *, exc_info: bool = False, extra: dict | None = None) -> None:
         self._emit("debug", msg, exc_info, extra)
@@ -100,14 +92,20 @@ def fail(prog: str, msg: str, fields: dict | None = None) -> None:
     """A front end's last words: "PROG: MSG" on stderr, or a JSON error
     line with --log-format=json."""
     if _json:
-        out = {"time": round(time.time(), 6), "level": "error", "pid": os.getpid(),
-               "msg": msg, "event": "error"}
-        out.update(fields or {})
-        line = json.dumps(out, separators=(",", ":"))
+        _write(_json_line("error", msg, {"event": "error", **(fields or {})}))
     else:
-        line = f"{prog}: {msg}"
+        _write(f"{prog}: {msg}")
+
+
+def _json_line(level: str, msg: str, fields: dict | None) -> str:
+    out = {"time": round(time.time(), 6), "level": level, "pid": os.getpid(), "msg": msg}
+    out.update(fields or {})
+    return json.dumps(out, separators=(",", ":"))
+
+
+def _write(line: str) -> None:
     try:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
     except (OSError, ValueError):
-        pass
+        pass  # stderr closed or gone: nothing to tell anyone

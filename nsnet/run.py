@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, NoReturn
 if TYPE_CHECKING:
     from .netconfig import NetConfig
     from .portspec import PortSpec
+    from .host.bypass import Handler
     from .supervisor import Supervisor
 
 PROG = "nsnet run"
@@ -130,6 +131,7 @@ class RunOptions:
     max_restarts: int = 5
     restart_window: float = 60.0
     error_fd: int | None = None
+    bypass: bool = False
 
 
 # --------------------------------------------------------------------------
@@ -185,6 +187,7 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     ro.seccomp = v["seccomp"]
     ro.max_restarts = v["max_restarts"]
     ro.restart_window = float(v["restart_window"])
+    ro.bypass = v["bypass"]
     if v["dns"] and v["disable_dns"]:
         raise UsageError("--dns names the built-in DNS, which --disable-dns turns off: "
                          "give one of them")
@@ -444,7 +447,10 @@ class _Child:
                 rtnl.configure(r.opts.tapname, r.opts.net)
             except OSError as e:
                 self.fail(f"cannot configure the network: {e}")
-            self.send(b"c")
+            if r.opts.bypass:
+                self.send_bypass_listener()
+            else:
+                self.send(b"c")
             self.expect(b"G")
             self.exec()
         except BaseException as e:  # never return into the parent's code
@@ -452,6 +458,22 @@ class _Child:
                 os.write(2, f"{PROG}: {e!r}\n".encode())
             finally:
                 os._exit(EXIT_SETUP)
+
+    def send_bypass_listener(self) -> None:
+        """--bypass: install the seccomp filter (the last thing before exec
+        that nsnet's code does here makes no connect) and send its listener
+        with "c", with what the handler needs to know about this netns."""
+        from . import bypassfilter
+
+        try:
+            facts = bypassfilter.namespace_facts()
+            listener = bypassfilter.install()
+        except OSError as e:
+            self.fail(f"--bypass: {e.strerror or e}")
+        try:
+            socket.send_fds(self.sock, [b"c" + facts], [listener])
+        finally:
+            os.close(listener)
 
     def exec(self) -> NoReturn:
         r = self.r
@@ -526,6 +548,9 @@ class Runner:
         import time
 
         self.t0 = time.monotonic()
+        self.bypass_listener = -1
+        self.bypass_facts = b""
+        self.bypass: "Handler | None" = None
 
     # -- messages from the child ---------------------------------------------
 
@@ -654,7 +679,11 @@ class Runner:
                 sup = self._start_supervisor()
                 publish(sup, self.opts.publish, self.opts.publish_mode)
                 self.send(b"C")
-                self.expect(b"c", "network configuration")
+                if self.opts.bypass:
+                    self._expect_listener()
+                    self._start_bypass(sup)
+                else:
+                    self.expect(b"c", "network configuration")
                 sup.signal_ready()  # ready-fd, then on_ready: the child execs
             except _Interrupted as e:
                 self._stop_child()
@@ -670,6 +699,10 @@ class Runner:
                 return EXIT_SETUP
             return self._child_status()
         finally:
+            if self.bypass is not None:
+                self.bypass.stop()
+            elif self.bypass_listener >= 0:
+                os.close(self.bypass_listener)
             if sup is not None:
                 sup.teardown()
             if self.child > 0:
@@ -678,6 +711,55 @@ class Runner:
                 if fd >= 0:
                     os.close(fd)
             parent_sock.close()
+
+    def _expect_listener(self) -> None:
+        """--bypass: "c" comes with the seccomp listener and the netns facts."""
+        from .bypassfilter import FACTS_SIZE
+
+        assert self.sock is not None
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, 1)
+        except socket.timeout:
+            raise RunError("network configuration: no answer from the child in "
+                           f"{SETUP_TIMEOUT:g} s") from None
+        for fd in fds[1:]:
+            os.close(fd)
+        if fds:
+            self.bypass_listener = fds[0]
+        if msg.startswith(b"E"):
+            raise RunError(msg[1:].decode(errors="replace"))
+        if not msg.startswith(b"c") or len(msg) != 1 + FACTS_SIZE or not fds:
+            raise RunError(f"network configuration: the child exited ({self._reap_now()})")
+        self.bypass_facts = msg[1:]
+        sig = self.pending_signal()
+        if sig:
+            raise _Interrupted(sig)
+
+    def _start_bypass(self, sup: "Supervisor") -> None:
+        from .bypassfilter import unpack_facts
+        from .host.bypass import BypassError, Handler, check_access, check_kernel
+
+        try:
+            check_kernel(self.bypass_listener)
+            check_access(self.child)
+            h = Handler(self.bypass_listener, self.opts.net, unpack_facts(self.bypass_facts),
+                        sup.default_guest_addr6,
+                        on_give_up=lambda why: sup._finish(EXIT_SETUP, why))
+        except BypassError as e:
+            raise RunError(str(e)) from None
+        self.bypass_listener = -1
+        self.bypass = h
+        h.start()
+        watch = sup.opts.watch_fds
+
+        def on_exit(ev: int) -> None:  # the handler's pidfd changes with a restart
+            watch.pop(h.pidfd, None)
+            h.on_exit(ev)
+            if h.pidfd >= 0:
+                watch[h.pidfd] = on_exit
+
+        watch[h.pidfd] = on_exit
+        sup.stats_sources["bypass"] = h.stats
 
     def _start_supervisor(self) -> "Supervisor":
         from .helper_ns import Target

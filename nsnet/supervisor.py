@@ -279,6 +279,8 @@ class Supervisor:
         self.ready = False
         self.pidfile_written = False
         self.fastpath: FastPath | None = None  # splice forwards, from the first one on
+        # get_stats sections of other parts (nsnet run --bypass: "bypass")
+        self.stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
 
     # -- set-up ------------------------------------------------------------
 
@@ -752,6 +754,8 @@ class Supervisor:
         out = dict(reply["stats"], forwarder_pid=self.fwd.pid if self.fwd else None,
                    active_connections=n_active, connections=conns,
                    restarts=self.restarts)
+        for name, source in self.stats_sources.items():
+            out[name] = source()
         if self.fastpath is not None:  # splice forwards: the relay's own counters
             try:
                 out["fastpath"] = self.fastpath.stats()

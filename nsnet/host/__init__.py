@@ -1,0 +1,1 @@
+"""Code that runs on the host side (the host's namespaces)."""
