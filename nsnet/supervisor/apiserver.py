@@ -204,6 +204,8 @@ class ApiServer:
         out = dict(reply["stats"], forwarder_pid=self.fwd.pid if self.fwd else None,
                    active_connections=n_active, connections=conns,
                    restarts=self.restarts)
+        for name, source in self.stats_sources.items():
+            out[name] = source()
         if self.fastpath is not None:  # splice forwards: the relay's own counters
             try:
                 out["fastpath"] = self.fastpath.stats()

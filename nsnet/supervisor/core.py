@@ -33,7 +33,7 @@ import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
-    from typing import Callable
+    from typing import Any, Callable
 
     from .apiserver import _ApiClient
     from .fastpath import FastPath
@@ -134,6 +134,8 @@ class Supervisor(ForwarderControl, ApiServer):
         self.ready = False
         self.pidfile_written = False
         self.fastpath: FastPath | None = None  # splice forwards, from the first one on
+        # get_stats sections of other parts (nsnet run --bypass: "bypass")
+        self.stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
 
     # -- set-up ------------------------------------------------------------
 
