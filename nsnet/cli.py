@@ -78,7 +78,8 @@ def resolve_outbound(value: str, family: int) -> str:
 
 
 def version_text() -> str:
-    from . import __version__, _buildinfo, seccomp_info, slirp
+    from . import __version__, _buildinfo, seccomp_info
+    from .host import slirp
 
     return (
         f"{PROG} version {__version__}\n"
@@ -92,7 +93,7 @@ def version_text() -> str:
 def parse(argv: list[str]):
     """Parse the slirp4netns-compatible command line into supervisor
     Options; returns an int exit code for -h/-v."""
-    from .helper_ns import Target
+    from .ns.helper import Target
     from .supervisor import Options
 
     try:

@@ -58,7 +58,7 @@ STOP_GRACE = 5.0  # SIGTERM to SIGKILL when nsnet has to stop COMMAND
 
 # How --publish ports are implemented (publish() is the one place that
 # knows):
-#   "splice"  TCP through the fast path (nsnet/fastpath.py: the host side
+#   "splice"  TCP through the fast path (nsnet/supervisor/fastpath.py: the host side
 #             accepts, a connector inside connects to the port on the
 #             namespace's loopback, splice(2) in between; the server sees a
 #             loopback peer); UDP through libslirp.  The default.
@@ -441,7 +441,7 @@ class _Child:
                     self.fail(str(e))
             self.send(b"N")
             self.expect(b"C")
-            from . import rtnl
+            from .ns import rtnl
 
             try:
                 rtnl.configure(r.opts.tapname, r.opts.net)
@@ -502,7 +502,7 @@ class _Child:
 
 def publish(sup: "Supervisor", specs: list["PortSpec"], mode: str) -> None:
     """Publish --publish ports (the one place that knows publish modes)."""
-    from .fastpath import publish_forward
+    from .forwards import publish_forward
     from .forwards import ForwardError, make_forward
     from .portspec import port_in_use
 
@@ -637,7 +637,7 @@ class Runner:
     # -- the run -------------------------------------------------------------------
 
     def run(self) -> int:
-        from . import rtnl  # noqa: F401  (imported here so the child does not pay for it)
+        from .ns import rtnl  # noqa: F401  (imported here so the child does not pay for it)
 
         sub_ranges = None
         if self.opts.map_mode == MAP_SUBIDS:
@@ -666,7 +666,8 @@ class Runner:
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)
         # While the child unshares, load what the next steps need (the
         # forwarder, forked later, inherits the libslirp binding loaded).
-        from . import helper_host, supervisor  # noqa: F401
+        from . import supervisor  # noqa: F401
+        from .host import forwarder  # noqa: F401
         sup = None
         try:
             try:
@@ -762,7 +763,7 @@ class Runner:
         sup.stats_sources["bypass"] = h.stats
 
     def _start_supervisor(self) -> "Supervisor":
-        from .helper_ns import Target
+        from .ns.helper import Target
         from .supervisor import Options, SetupError, Supervisor
 
         from . import diag, log
