@@ -17,8 +17,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable
 
-from . import log
-from .policy import Policy, PolicyError
+from .. import log
+from ..policy import Policy, PolicyError
 
 # A policy crosses the forwarder's control socket (SEQPACKET, one message
 # per request) in parts of this many characters.
@@ -51,7 +51,7 @@ class PolicyControl:
         return self.policy is not None or self.audit_all
 
     def forwarder_arg(self) -> dict[str, Any] | None:
-        """What a new forwarder enforces (helper_host.main's policy=)."""
+        """What a new forwarder enforces (host/forwarder.main's policy=)."""
         if not self.active:
             return None
         pol = self.policy or Policy()
