@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -70,6 +69,9 @@ def pytest_configure(config):
                         "a private network namespace with `unshare --net`), or inside a "
                         "network namespace that has only `lo`", returncode=3)
         _reexec_isolated(config)  # does not return
+    problem = harness.build_mismatch()
+    if problem:
+        pytest.exit(f"refusing to mix two builds: {problem}", returncode=3)
     config.addinivalue_line("markers", "soak: heavy load/soak/fuzz case, run with -m soak")
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=10)
     _assert_isolated()
@@ -120,21 +122,22 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(autouse=True)
 def no_leftover_processes():
-    """After each test (and all its fixtures), report anything it left running.
+    """After each test (and all its fixtures), fail it if it left anything running.
 
     The pytest process is a child subreaper, so a forwarder's helper that
-    outlives its SIGKILLed parent is re-parented here: it is killed by PID and
-    reported as a warning naming it."""
+    outlives its SIGKILLed parent is re-parented here: it is killed by PID,
+    and the test that leaked it errors at teardown, naming it."""
     yield
     # Orphans still dying (e.g. from a parent-death signal) get a moment.
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + 2.0
     while harness.child_pids() and time.monotonic() < deadline:
         harness.reap_zombies()
         time.sleep(0.02)
     left = {pid: harness.cmdline(pid) for pid in harness.child_pids()}
     harness.reap_orphans()
     if left:
-        warnings.warn(f"processes left running after the test (now killed): {left}")
+        pytest.fail(f"processes left running after the test (now killed): {left}",
+                    pytrace=False)
 
 
 @pytest.fixture(scope="session")
