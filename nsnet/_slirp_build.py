@@ -168,6 +168,52 @@ int nsnet_adjust_syn_mss(uint8_t *frame, size_t len, int tap_mtu, int slirp_mtu,
 typedef int (*nsnet_emit_fn)(const uint8_t *frame, size_t len, void *opaque);
 int nsnet_tx_fragment(const uint8_t *frame, size_t len, int tap_mtu, uint32_t ident,
                       nsnet_emit_fn emit, void *opaque);
+
+/* ---- egress policy (csrc/policy.h) ---- */
+#define NSNET_DP_EVENTS ...
+struct nsnet_pol_rule { uint8_t action; uint8_t protos; uint16_t port_lo; uint16_t port_hi; };
+struct nsnet_pol_prefix { uint8_t family; uint8_t plen; uint8_t addr[16]; uint32_t first;
+                          uint32_t count; };
+struct nsnet_pol_name { uint32_t off; uint16_t len; uint8_t suffix; uint32_t first;
+                        uint32_t count; };
+struct nsnet_policy;
+struct nsnet_policy *nsnet_policy_new(int dflt,
+                                      const struct nsnet_pol_rule *rules, uint32_t nrules,
+                                      const struct nsnet_pol_prefix *prefixes, uint32_t nprefixes,
+                                      const struct nsnet_pol_name *names, uint32_t nnames,
+                                      const char *namebuf, uint32_t namebuf_len,
+                                      const uint32_t *index, uint32_t nindex);
+void nsnet_policy_free(struct nsnet_policy *p);
+int nsnet_policy_decide_v(const struct nsnet_policy *p, int proto, int family,
+                          const uint8_t *addr, unsigned port, const char *names,
+                          int32_t *rule);
+int nsnet_policy_name_allowed(const struct nsnet_policy *p, const char *name);
+struct nsnet_pol_event {
+    int64_t time_ms;
+    uint8_t family, proto, action, pad;
+    int32_t rule;
+    uint8_t src[16], dst[16];
+    uint16_t sport, dport;
+    char name[256];
+};
+struct nsnet_filter_stats {
+    uint64_t flows_allowed;
+    uint64_t flows_denied;
+    uint64_t packets_denied;
+    uint64_t unclassified_denied;
+    uint64_t flows_cut;
+    uint64_t dns_refused;
+    uint64_t dns_learned;
+    uint64_t audit_lost;
+};
+struct nsnet_filter;
+struct nsnet_filter *nsnet_dp_filter(struct nsnet_dp *dp);
+void nsnet_filter_set_policy(struct nsnet_filter *f, struct nsnet_policy *p,
+                             int keep_established, int audit_all);
+void nsnet_filter_set_udp_forward(struct nsnet_filter *f, unsigned port, int on);
+void nsnet_filter_get_stats(struct nsnet_filter *f, struct nsnet_filter_stats *out);
+int nsnet_filter_audit_pop(struct nsnet_filter *f, struct nsnet_pol_event *out, int max);
+const char *nsnet_filter_learned(struct nsnet_filter *f, int family, const uint8_t *addr);
 """
 
 
@@ -200,11 +246,11 @@ ffibuilder.cdef(CDEF)
 _inc, _libdirs, _libs = _build_flags()
 ffibuilder.set_source(
     "nsnet._slirp_cffi",
-    '#include <slirp/libslirp.h>\n#include "datapath.h"\n',
+    '#include <slirp/libslirp.h>\n#include "datapath.h"\n#include "policy.h"\n',
     sources=[
         # setuptools wants paths relative to setup.py's directory
         os.path.relpath(os.path.join(CSRC, name), os.path.dirname(HERE))
-        for name in ("datapath.c", "frame_check.c", "offload.c")
+        for name in ("datapath.c", "frame_check.c", "offload.c", "policy.c", "filter.c")
     ],
     include_dirs=_inc,
     library_dirs=_libdirs,

@@ -37,6 +37,7 @@ from .errors import (
     StartError,
     TargetNotFound,
 )
+from . import options as O
 from .portspec import PortSpec, PortSpecError, check_addr, check_port, port_in_use
 from .portspec import parse as parse_portspec
 
@@ -228,7 +229,7 @@ def _private_dir() -> str:
     import tempfile
 
     d = tempfile.mkdtemp(prefix="nsnet-")
-    if len(os.path.join(d, "api.sock").encode()) >= 108:  # long $TMPDIR
+    if len(os.path.join(d, "api.sock").encode()) >= O.SUN_PATH_MAX:  # long $TMPDIR
         os.rmdir(d)
         d = tempfile.mkdtemp(prefix="nsnet-", dir="/tmp")
     return d
@@ -370,19 +371,9 @@ class Network(_Controls):
         return f"<nsnet.Network target={self.target!r} pid={self._proc.pid} {state}>"
 
 
-def _net_flags(mtu: int | None, cidr: str | None, ipv6: bool, disable_host_loopback: bool,
-               no_egress: bool, offload: bool) -> list[str]:
-    """The options `nsnet` and `nsnet run` share."""
-    flags = []
-    if mtu is not None:
-        flags.append(f"--mtu={mtu}")
-    if cidr is not None:
-        flags.append(f"--cidr={cidr}")
-    for on, flag in ((ipv6, "--enable-ipv6"), (disable_host_loopback, "--disable-host-loopback"),
-                     (no_egress, "--no-egress"), (offload, "--offload")):
-        if on:
-            flags.append(flag)
-    return flags
+# The defaults of the API's keywords: those of the command line (options.py).
+_A = O.api_keywords(O.ATTACH)
+_R = O.api_keywords(O.RUN)
 
 
 def _target_args(target: "int | str | os.PathLike[str]",
@@ -411,46 +402,44 @@ def _target_args(target: "int | str | os.PathLike[str]",
 
 def attach(target: "int | str | os.PathLike[str]", *,
            publish: Iterable["str | PortSpec"] = (),
-           mtu: int | None = None,
-           cidr: str | None = None,
-           ipv6: bool = False,
-           disable_host_loopback: bool = False,
-           no_egress: bool = False,
-           disable_dns: bool = False,
+           mtu: int = _A["mtu"],
+           cidr: str = _A["cidr"],
+           ipv6: bool = _A["ipv6"],
+           disable_host_loopback: bool = _A["disable_host_loopback"],
+           no_egress: bool = _A["no_egress"],
+           disable_dns: bool = _A["disable_dns"],
            tapname: str = "tap0",
            configure: bool = True,
            userns: "str | os.PathLike[str] | None" = None,
-           macaddress: str | None = None,
-           outbound_addr: str | None = None,
-           outbound_addr6: str | None = None,
-           offload: bool = False,
-           enable_sandbox: bool = False,
-           enable_seccomp: bool = False,
-           exit_with_target: bool = True,
-           log_level: str = "info",
+           macaddress: str | None = _A["macaddress"],
+           outbound_addr: str | None = _A["outbound_addr"],
+           outbound_addr6: str | None = _A["outbound_addr6"],
+           offload: bool = _A["offload"],
+           enable_sandbox: bool = _A["enable_sandbox"],
+           enable_seccomp: bool = _A["enable_seccomp"],
+           exit_with_target: bool = _A["exit_with_target"],
+           log_level: str = _A["log_level"],
            timeout: float = START_TIMEOUT,
-           command: Sequence[str] | None = None) -> Network:
+           command: Sequence[str] | None = None,
+           **options: Any) -> Network:
     """Give the network namespace of a process (int PID) or a namespace
     file (path) user-mode networking, and return a handle on it.
 
-    Options are those of the ``nsnet`` command line (see ``nsnet --help``);
+    Options are those of the ``nsnet`` command line (see ``nsnet --help``;
+    the keywords and defaults of nsnet/options.py: every option the table
+    gives an API keyword is accepted, those not named here too);
     ``publish`` forwards ports once it is up (specs as add_forward takes
     them).  Raises TargetNotFound, StartError, ForwardError/PortInUse (for
     publish), or TypeError for an unknown option."""
     specs = [to_portspec(p) for p in publish]
-    tgt, target_args = _target_args(target, userns)
     flags = ["--configure"] if configure else []
-    flags += _net_flags(mtu, cidr, ipv6, disable_host_loopback, no_egress, offload)
-    for on, flag in ((disable_dns, "--disable-dns"), (enable_sandbox, "--enable-sandbox"),
-                     (enable_seccomp, "--enable-seccomp"),
-                     (not exit_with_target, "--ignore-target-exit")):
-        if on:
-            flags.append(flag)
-    for value, flag in ((macaddress, "--macaddress"), (outbound_addr, "--outbound-addr"),
-                        (outbound_addr6, "--outbound-addr6")):
-        if value is not None:
-            flags.append(f"{flag}={value}")
-    flags.append(f"--log-level={log_level}")
+    flags += O.api_flags(O.ATTACH, dict(
+        mtu=mtu, cidr=cidr, ipv6=ipv6, disable_host_loopback=disable_host_loopback,
+        no_egress=no_egress, disable_dns=disable_dns, macaddress=macaddress,
+        outbound_addr=outbound_addr, outbound_addr6=outbound_addr6, offload=offload,
+        enable_sandbox=enable_sandbox, enable_seccomp=enable_seccomp,
+        exit_with_target=exit_with_target, log_level=log_level, **options))
+    tgt, target_args = _target_args(target, userns)
 
     workdir = _private_dir()
     api = os.path.join(workdir, "api.sock")
@@ -504,25 +493,23 @@ MAP_USER_FLAGS = {"root": "--map-root-user", "current": "--map-current-user",
                   "subids": "--map-subids"}
 
 
-def run_flags(*, publish: Iterable["str | PortSpec"] = (), mtu: int | None = None,
-              cidr: str | None = None, ipv6: bool = False,
-              disable_host_loopback: bool = False, no_egress: bool = False,
-              dns: bool = False, map_user: str = "root", offload: bool = False,
-              log_level: str | None = None, publish_mode: str | None = None) -> list[str]:
+def run_flags(*, publish: Iterable["str | PortSpec"] = (), mtu: int = _R["mtu"],
+              cidr: str = _R["cidr"], ipv6: bool = _R["ipv6"],
+              disable_host_loopback: bool = _R["disable_host_loopback"],
+              no_egress: bool = _R["no_egress"], dns: bool = _R["dns"],
+              map_user: str = _R["map_user"], offload: bool = _R["offload"],
+              log_level: str | None = None, publish_mode: str | None = None,
+              **options: Any) -> list[str]:
     """The `nsnet run` options for these settings (ForwardError for a bad
-    publish spec, ValueError for a bad map_user)."""
-    flags = [f"--publish={to_portspec(p)}" for p in publish]
-    flags += _net_flags(mtu, cidr, ipv6, disable_host_loopback, no_egress, offload)
-    if dns:
-        flags.append("--dns")
+    publish spec, ValueError for a bad map_user, TypeError for an option
+    `nsnet run` does not have)."""
     if map_user not in MAP_USER_FLAGS:
         raise ValueError(f"map_user must be one of {', '.join(MAP_USER_FLAGS)}, not {map_user!r}")
-    flags.append(MAP_USER_FLAGS[map_user])
-    if log_level is not None:
-        flags.append(f"--log-level={log_level}")
-    if publish_mode is not None:
-        flags.append(f"--publish-mode={publish_mode}")
-    return flags
+    return O.api_flags(O.RUN, dict(
+        publish=[str(to_portspec(p)) for p in publish], mtu=mtu, cidr=cidr, ipv6=ipv6,
+        disable_host_loopback=disable_host_loopback, no_egress=no_egress, dns=dns,
+        map_user=map_user, offload=offload, log_level=log_level, publish_mode=publish_mode,
+        **options))
 
 
 class Popen(subprocess.Popen[Any], _Controls):
@@ -540,19 +527,23 @@ class Popen(subprocess.Popen[Any], _Controls):
     command's (128+N when killed by signal N; 125 when nsnet failed)."""
 
     def __init__(self, args: Sequence[str], *, publish: Iterable["str | PortSpec"] = (),
-                 mtu: int | None = None, cidr: str | None = None, ipv6: bool = False,
-                 disable_host_loopback: bool = False, no_egress: bool = False,
-                 dns: bool = False, map_user: str = "root", offload: bool = False,
+                 mtu: int = _R["mtu"], cidr: str = _R["cidr"], ipv6: bool = _R["ipv6"],
+                 disable_host_loopback: bool = _R["disable_host_loopback"],
+                 no_egress: bool = _R["no_egress"], dns: bool = _R["dns"],
+                 map_user: str = _R["map_user"], offload: bool = _R["offload"],
                  log_level: str | None = None, publish_mode: str | None = None,
                  api: bool = True,
                  command: Sequence[str] | None = None, **kwargs: Any) -> None:
         if isinstance(args, (str, bytes)):
             raise TypeError("args must be a sequence of strings (no shell parsing)")
         self.command = [os.fspath(a) for a in args]
+        # Keywords of the option table (nsnet run's) are nsnet's; the rest
+        # are subprocess.Popen's.
+        more = {k: kwargs.pop(k) for k in list(kwargs) if k in _R and k != "api_socket"}
         flags = run_flags(publish=publish, mtu=mtu, cidr=cidr, ipv6=ipv6,
                           disable_host_loopback=disable_host_loopback, no_egress=no_egress,
                           dns=dns, map_user=map_user, offload=offload, log_level=log_level,
-                          publish_mode=publish_mode)
+                          publish_mode=publish_mode, **more)
         self._workdir: str | None = None
         self.api_socket: str | None = None
         self._ready_r: int | None = None

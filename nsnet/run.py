@@ -52,7 +52,6 @@ EXIT_SETUP = 125
 EXIT_CANNOT_EXEC = 126
 EXIT_NOT_FOUND = 127
 
-TAPNAME = "tap0"
 SETUP_TIMEOUT = 30.0  # for each step of the child's set-up
 STOP_GRACE = 5.0  # SIGTERM to SIGKILL when nsnet has to stop COMMAND
 
@@ -84,53 +83,24 @@ MAP_ROOT = "root"  # current uid/gid -> 0 (default)
 MAP_CURRENT = "current"  # current uid/gid -> the same ids
 MAP_SUBIDS = "subids"  # 0 -> current, 1.. -> /etc/subuid, /etc/subgid (newuidmap)
 
-USAGE = f"""\
+USAGE_HEAD = f"""\
 Usage: {PROG} [OPTION]... [--] COMMAND [ARG]...
 Run COMMAND in new user, network and mount namespaces with user-mode
 networking (libslirp): the network is configured before COMMAND starts.
 Without COMMAND, runs $SHELL.
 
-  -m, --mtu=MTU              MTU of tap0 (default 1500, 68..65521)
-      --cidr=CIDR            virtual network (default 10.0.2.0/24: COMMAND is
-                             .100, the gateway .2 is the host's loopback, .3 DNS)
-  -6, --enable-ipv6          IPv6 too (fd00::/64, address by SLAAC)
-      --disable-host-loopback  no connections to the host's 127.0.0.1 via .2
-                             (alias --no-host-loopback)
-      --no-egress            nothing leaves the namespace (libslirp's restricted
-                             mode); published ports still work
-  -p, --publish=[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]
-                             publish a port of COMMAND's on the host (repeatable;
-                             HOST_IP defaults to 0.0.0.0; IPv6 as [::1]:8080:80)
-      --publish-mode=MODE    splice (default): TCP through nsnet's fast path,
-                             to the port on the namespace's loopback; slirp:
-                             through libslirp, to the namespace's address
-      --dns                  bind-mount a resolv.conf naming the built-in DNS
-                             (CIDR+3) over /etc/resolv.conf, in COMMAND's mount
-                             namespace only
-  -a, --api-socket=PATH      the JSON API socket (slirp4netns's, plus get_info
-                             and get_stats)
-  -r, --ready-fd=FD          write "1" to FD once the network is ready
-      --map-root-user        map your uid/gid to root in the namespace (default)
-      --map-current-user     map your uid/gid to themselves
-      --map-subids           map root to you and 1..N to your /etc/subuid and
-                             /etc/subgid ranges (newuidmap/newgidmap)
-      --offload              TAP offloads (TSO, checksum)
-      --log-level=LEVEL      debug, info, warning (default) or error
-      --log-format=FORMAT    text or json
-  -h, --help                 show this help and exit
-
+"""
+USAGE_TAIL = """
 Exit status: COMMAND's (128+N when killed by signal N); 125 if nsnet fails,
 126 if COMMAND cannot be executed, 127 if it is not found.
 SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to nsnet are forwarded to COMMAND.
 """
 
-SHORT_OPTS = "hm:6a:r:p:"
-LONG_OPTS = [
-    "help", "mtu=", "cidr=", "enable-ipv6", "disable-host-loopback", "no-host-loopback",
-    "no-egress", "publish=", "publish-mode=", "dns", "api-socket=", "ready-fd=",
-    "map-root-user", "map-current-user", "map-subids", "offload", "no-offload",
-    "log-level=", "log-format=",
-]
+
+def usage() -> str:
+    from . import options as O
+
+    return USAGE_HEAD + O.usage_rows(O.RUN) + USAGE_TAIL
 
 
 class RunError(Exception):
@@ -153,6 +123,12 @@ class RunOptions:
     map_mode: str = MAP_ROOT
     log_level: str = "warning"
     log_format: str = "text"
+    tapname: str = "tap0"
+    pidfile: str | None = None
+    sandbox: bool = False
+    seccomp: bool = False
+    max_restarts: int = 5
+    restart_window: float = 60.0
 
 
 # --------------------------------------------------------------------------
@@ -161,81 +137,66 @@ class RunOptions:
 
 def parse_args(argv: list[str]) -> RunOptions | None:
     """RunOptions, or None for --help. Raises UsageError."""
-    from .getopt_long import GetoptError, getopt_long
-    from .netconfig import ConfigError, NetConfig, check_mtu, parse_cidr
+    from . import options as O
+    from .getopt_long import GetoptError
+    from .netconfig import ConfigError, NetConfig, check_mtu, check_tapname, parse_cidr
     from .portspec import PortSpecError
     from .portspec import parse as parse_spec
 
     try:
         # POSIX mode: options end at COMMAND, whose own options stay its own.
-        opts, args = getopt_long(argv, "+" + SHORT_OPTS, LONG_OPTS)
+        v, args, stop = O.parse(O.RUN, argv, posix=True)
     except GetoptError as e:
         raise UsageError(str(e)) from None
-    mtu, cidr, ipv6 = 1500, "10.0.2.0/24", False
-    no_hostlo = no_egress = offload = False
+    except O.OptionError as e:
+        raise UsageError(str(e)) from None
+    if stop == "help":
+        return None
     ro = RunOptions(argv=[], net=NetConfig())
-    for opt, val in opts:
-        if opt in ("-h", "--help"):
-            return None
-        if opt in ("-m", "--mtu"):
-            if not val.isdigit():
-                raise UsageError(f"--mtu: {val!r} is not a number")
-            mtu = int(val)
-        elif opt == "--cidr":
-            cidr = val
-        elif opt in ("-6", "--enable-ipv6"):
-            ipv6 = True
-        elif opt in ("--disable-host-loopback", "--no-host-loopback"):
-            no_hostlo = True
-        elif opt == "--no-egress":
-            no_egress = True
-        elif opt in ("-p", "--publish"):
-            try:
-                ro.publish.append(parse_spec(val))
-            except PortSpecError as e:
-                raise UsageError(f"--publish {e}") from None
-        elif opt == "--publish-mode":
-            if val not in PUBLISH_MODES:
-                raise UsageError(f"--publish-mode must be one of {', '.join(PUBLISH_MODES)}")
-            ro.publish_mode = val
-        elif opt == "--dns":
-            ro.dns = True
-        elif opt in ("-a", "--api-socket"):
-            if not val or len(val.encode()) >= 108:
-                raise UsageError(f"--api-socket: path must be 1 to 107 bytes, not {val!r}")
-            ro.api_socket = val
-        elif opt in ("-r", "--ready-fd"):
-            if not val.isdigit():
-                raise UsageError(f"--ready-fd: {val!r} is not a file descriptor number")
-            ro.ready_fd = int(val)
-            try:
-                os.fstat(ro.ready_fd)
-            except OSError:
-                raise UsageError(f"--ready-fd: fd {val} is not open") from None
-        elif opt == "--map-root-user":
-            ro.map_mode = MAP_ROOT
-        elif opt == "--map-current-user":
-            ro.map_mode = MAP_CURRENT
-        elif opt == "--map-subids":
-            ro.map_mode = MAP_SUBIDS
-        elif opt in ("--offload", "--no-offload"):
-            offload = opt == "--offload"
-        elif opt == "--log-level":
-            if val not in ("debug", "info", "warning", "error"):
-                raise UsageError("--log-level must be debug, info, warning or error")
-            ro.log_level = val
-        elif opt == "--log-format":
-            if val not in ("text", "json"):
-                raise UsageError("--log-format must be text or json")
-            ro.log_format = val
+    for text in v["publish"]:  # type: ignore[union-attr]
+        try:
+            ro.publish.append(parse_spec(text))
+        except PortSpecError as e:
+            raise UsageError(f"--publish {e}") from None
+    ro.publish_mode = v["publish_mode"]
+    ro.dns = v["dns"]
+    ro.api_socket = v["api_socket"]
+    if v["ready_fd"] is not None:
+        ro.ready_fd = v["ready_fd"]
+        try:
+            os.fstat(ro.ready_fd)
+        except OSError:
+            raise UsageError(f"--ready-fd: fd {ro.ready_fd} is not open") from None
+    ro.map_mode = v["map_user"]
+    ro.log_level = v["log_level"]
+    ro.log_format = v["log_format"]
+    ro.pidfile = v["pidfile"]
+    ro.sandbox = v["sandbox"]
+    ro.seccomp = v["seccomp"]
+    ro.max_restarts = v["max_restarts"]
+    ro.restart_window = float(v["restart_window"])
+    if v["dns"] and v["disable_dns"]:
+        raise UsageError("--dns names the built-in DNS, which --disable-dns turns off: "
+                         "give one of them")
     try:
-        net = NetConfig(cidr=parse_cidr(cidr), mtu=check_mtu(mtu), ipv6=ipv6,
-                        disable_host_loopback=no_hostlo, restricted=no_egress,
-                        offload=offload)
+        ro.tapname = check_tapname(v["tapname"])
+        net = NetConfig(cidr=parse_cidr(v["cidr"]), mtu=check_mtu(v["mtu"]), ipv6=v["ipv6"],
+                        disable_host_loopback=v["disable_host_loopback"],
+                        restricted=v["no_egress"], offload=v["offload"],
+                        disable_dns=v["disable_dns"])
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    if v["outbound4"] or v["outbound6"]:
+        from .cli import BadOption, resolve_outbound
+
+        try:
+            net = net._replace(
+                outbound_addr=resolve_outbound(v["outbound4"], 4) if v["outbound4"] else None,
+                outbound_addr6=resolve_outbound(v["outbound6"], 6) if v["outbound6"] else None)
+        except BadOption as e:
+            raise UsageError(str(e)) from None
     for spec in ro.publish:
-        if ":" in spec.host_addr and not ipv6:
+        if ":" in spec.host_addr and not net.ipv6:
             raise UsageError(f"--publish {spec}: an IPv6 host address needs -6 (--enable-ipv6)")
     ro.net = net
     ro.argv = args or [os.environ.get("SHELL") or "/bin/sh"]
@@ -463,7 +424,7 @@ class _Child:
             from . import rtnl
 
             try:
-                rtnl.configure(TAPNAME, r.opts.net)
+                rtnl.configure(r.opts.tapname, r.opts.net)
             except OSError as e:
                 self.fail(f"cannot configure the network: {e}")
             self.send(b"c")
@@ -702,9 +663,11 @@ class Runner:
         from .supervisor import Options, SetupError, Supervisor
 
         o = self.opts
-        sopts = Options(target=Target.from_pid(self.child), tapname=TAPNAME, net=o.net,
+        sopts = Options(target=Target.from_pid(self.child), tapname=o.tapname, net=o.net,
                         configure=False, ready_fd=o.ready_fd, api_socket=o.api_socket,
-                        exit_with_target=True, on_ready=self._release,
+                        exit_with_target=True, pidfile=o.pidfile, sandbox=o.sandbox,
+                        seccomp=o.seccomp, max_restarts=o.max_restarts,
+                        restart_window=o.restart_window, on_ready=self._release,
                         watch_fds={self.sigfd: self.on_signals})
         sup = Supervisor(sopts)
         try:
@@ -774,7 +737,7 @@ def main(argv: list[str]) -> int:
         print(f"{PROG}: {e}\nTry 'nsnet run --help'.", file=sys.stderr)
         return EXIT_SETUP
     if opts is None:
-        sys.stdout.write(USAGE)
+        sys.stdout.write(usage())
         sys.stdout.flush()
         return 0
     from . import log

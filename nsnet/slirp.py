@@ -26,6 +26,18 @@ RUN_BUDGET = lib.NSNET_DP_BUDGET
 RUN_CONTROL = lib.NSNET_DP_CONTROL
 RUN_TAP_ERROR = lib.NSNET_DP_TAP_ERROR
 RUN_POLL_ERROR = lib.NSNET_DP_POLL_ERROR
+RUN_EVENTS = lib.NSNET_DP_EVENTS
+
+POLICY_STATS_FIELDS = (
+    "flows_allowed",
+    "flows_denied",
+    "packets_denied",
+    "unclassified_denied",
+    "flows_cut",
+    "dns_refused",
+    "dns_learned",
+    "audit_lost",
+)
 
 STATS_FIELDS = (
     "rx_frames",
@@ -71,6 +83,51 @@ def slirp_mtu(net: NetConfig) -> int:
 
 class SlirpError(RuntimeError):
     pass
+
+
+def c_policy(pol: Any, owned: bool = False) -> Any:
+    """The C tables (csrc/policy.c) of a policy.Policy.  owned: the
+    caller frees it (tests); else it is meant for nsnet_filter_set_policy,
+    which takes ownership."""
+    c = pol.compile()
+    rules = ffi.new("struct nsnet_pol_rule[]", max(1, len(c["rules"])))
+    for i, (action, protos, lo, hi) in enumerate(c["rules"]):
+        r = rules[i]
+        r.action, r.protos, r.port_lo, r.port_hi = action, protos, lo, hi
+    pfx = ffi.new("struct nsnet_pol_prefix[]", max(1, len(c["prefixes"])))
+    for i, (fam, plen, raw, first, count) in enumerate(c["prefixes"]):
+        x = pfx[i]
+        x.family, x.plen, x.first, x.count = fam, plen, first, count
+        ffi.memmove(x.addr, raw, 16)
+    names = ffi.new("struct nsnet_pol_name[]", max(1, len(c["names"])))
+    buf = bytearray()
+    for i, (name, suffix, first, count) in enumerate(c["names"]):
+        x = names[i]
+        x.off, x.len, x.suffix, x.first, x.count = len(buf), len(name), suffix, first, count
+        buf += name
+    namebuf = ffi.new("char[]", bytes(buf) or b"\0")
+    index = ffi.new("uint32_t[]", c["index"] or [0])
+    p = lib.nsnet_policy_new(c["default"], rules, len(c["rules"]), pfx, len(c["prefixes"]),
+                             names, len(c["names"]), namebuf, len(buf), index, len(c["index"]))
+    if p == ffi.NULL:
+        raise SlirpError("the data path refused the compiled policy (out of memory?)")
+    return ffi.gc(p, lib.nsnet_policy_free) if owned else p
+
+
+def c_decide(cpol: Any, proto: str, ip: str, port: int = 0, names: tuple[str, ...] = ()
+             ) -> tuple[str, int | None]:
+    """The C decision (tests: the same vectors as policy.Policy.decide)."""
+    bits = {"tcp": 1, "udp": 2, "icmp": 4}[proto]
+    a = ipaddress.ip_address(ip)
+    raw = a.packed.ljust(16, b"\0")
+    rule = ffi.new("int32_t *")
+    blob = b"".join(n.encode() + b"\0" for n in names) + b"\0"
+    action = lib.nsnet_policy_decide_v(cpol, bits, a.version, raw, port, blob, rule)
+    return ("allow" if action == 0 else "deny"), (None if rule[0] < 0 else int(rule[0]))
+
+
+def c_name_allowed(cpol: Any, name: str) -> bool:
+    return bool(lib.nsnet_policy_name_allowed(cpol, name.encode()))
 
 
 def version() -> str:
@@ -176,6 +233,74 @@ class Slirp:
     def stats(self) -> dict[str, int]:
         lib.nsnet_dp_get_stats(self._dp, self._stats)
         return {name: int(getattr(self._stats, name)) for name in STATS_FIELDS}
+
+    # -- egress policy -----------------------------------------------------
+
+    def _filter(self) -> Any:
+        f = lib.nsnet_dp_filter(self._dp)
+        if f == ffi.NULL:
+            raise SlirpError("out of memory for the egress policy's tables")
+        return f
+
+    def set_policy(self, pol: Any, keep_established: bool = False,
+                   audit_all: bool = False) -> None:
+        """Enforce pol (a policy.Policy; None or an open policy: nothing
+        is checked) from the next frame on."""
+        if pol is None or (pol.is_open and not audit_all):
+            if getattr(self, "_has_filter", False):
+                lib.nsnet_filter_set_policy(self._filter(), ffi.NULL, 0, 0)
+            return
+        f = self._filter()
+        self._has_filter = True
+        lib.nsnet_filter_set_policy(f, c_policy(pol), int(keep_established), int(audit_all))
+
+    def set_udp_forward(self, guest_port: int, on: bool) -> None:
+        """Datagrams to a published UDP guest port open inbound flows."""
+        if getattr(self, "_has_filter", False) or on:
+            lib.nsnet_filter_set_udp_forward(self._filter(), guest_port, int(on))
+            self._has_filter = True
+
+    def policy_stats(self) -> dict[str, int]:
+        if not getattr(self, "_has_filter", False):
+            return {name: 0 for name in POLICY_STATS_FIELDS}
+        st = ffi.new("struct nsnet_filter_stats *")
+        lib.nsnet_filter_get_stats(self._filter(), st)
+        return {name: int(getattr(st, name)) for name in POLICY_STATS_FIELDS}
+
+    def audit_records(self, max_records: int = 256) -> list[dict[str, Any]]:
+        """Pop the waiting audit records (see csrc/policy.h)."""
+        if not getattr(self, "_has_filter", False):
+            return []
+        buf = ffi.new("struct nsnet_pol_event[]", max_records)
+        n = lib.nsnet_filter_audit_pop(self._filter(), buf, max_records)
+        out = []
+        for i in range(n):
+            e = buf[i]
+            nb = 4 if e.family == 4 else 16
+            src = ipaddress.ip_address(bytes(ffi.buffer(e.src, nb)))
+            dst = ipaddress.ip_address(bytes(ffi.buffer(e.dst, nb)))
+            proto = {6: "tcp", 17: "udp"}.get(e.proto, "icmp")
+            rec: dict[str, Any] = {
+                "time": e.time_ms / 1000.0, "proto": proto,
+                "src": str(src), "dst": str(dst),
+                "action": "allow" if e.action == 0 else "deny",
+                "rule": None if e.rule < 0 else int(e.rule),
+            }
+            if proto != "icmp":
+                rec["sport"] = int(e.sport)
+                rec["dport"] = int(e.dport)
+            name = ffi.string(e.name).decode(errors="replace")
+            if name:
+                rec["name"] = name
+            out.append(rec)
+        return out
+
+    def learned_name(self, ip: str) -> str:
+        if not getattr(self, "_has_filter", False):
+            return ""
+        a = ipaddress.ip_address(ip)
+        return ffi.string(lib.nsnet_filter_learned(self._filter(), a.version,
+                                                   a.packed.ljust(16, b"\0"))).decode()
 
     def last_guest_error(self) -> str:
         return ffi.string(lib.nsnet_dp_last_guest_error(self._dp)).decode(errors="replace")

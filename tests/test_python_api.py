@@ -138,6 +138,37 @@ def test_attach_with_options_and_publish(ns):
     assert_no_nsnet_children([ns.pid])
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_attach_offload_keyword_is_obeyed(ns, offload):
+    """attach(offload=False) used to run with offloads on: the client only
+    ever passed --offload, and the command line's default is on."""
+    with nsnet.attach(ns.pid, offload=offload) as net:
+        assert net.info()["offload"] is offload
+    with nsnet.Popen(["sleep", "30"], offload=offload) as p:
+        p.wait_ready()
+        assert p.info()["offload"] is offload
+        p.terminate()
+
+
+def test_popen_takes_the_attach_options_of_nsnet_run(user, workdir):
+    """enable_sandbox, enable_seccomp, disable_dns, pidfile, tapname: keywords
+    of the option table, passed to `nsnet run`."""
+    pidfile = os.path.join(workdir, "nsnet.pid")
+    with nsnet.Popen(["cat", "/proc/net/dev"], enable_sandbox=True,
+                     enable_seccomp=True, disable_dns=True, pidfile=pidfile, tapname="eth7",
+                     mtu=1400, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                     **as_user(user)) as p:
+        p.wait_ready()
+        with open(pidfile) as f:
+            assert int(f.read()) == p.pid
+        info = p.info()
+        assert info["tap"]["name"] == "eth7" and info["mtu"] == 1400
+        out, _ = p.communicate(timeout=30)
+    assert p.returncode == 0 and b"eth7:" in out
+    assert not os.path.exists(pidfile)  # removed at exit
+    assert_nothing_left()
+
+
 def test_attach_namespace_path(ns):
     with nsnet.attach(ns.net_path, userns=ns.user_path) as net:
         assert net.info()["target"]["netns"] == ns.net_path

@@ -1,6 +1,7 @@
 /* nsnet data path: see datapath.h for the picture. */
 #define _GNU_SOURCE
 #include "datapath.h"
+#include "policy.h"
 
 #include <errno.h>
 #include <malloc.h>
@@ -47,6 +48,8 @@ struct nsnet_dp {
     uint8_t *rbuf;
     struct nsnet_stats st;
     char last_guest_error[160];
+    struct nsnet_filter *filter; /* egress policy; NULL until one is set */
+    int64_t events_ms;           /* last return for audit records */
 };
 
 static int64_t now_ms(void)
@@ -99,6 +102,8 @@ static ssize_t cb_send_packet(const void *buf, size_t len, void *opaque)
     struct nsnet_dp *dp = opaque;
     uint8_t hdr[NSNET_VNET_HDR_LEN], syn[NSNET_SYN_FRAME_MAX];
     int is_gso = 0;
+    if (dp->filter)
+        nsnet_filter_tx(dp->filter, buf, len); /* inbound flows, DNS answers */
     /* libslirp's if_mtu is capped below the TAP's (NSNET_SLIRP_MSS): its
      * SYNs still tell the namespace the MSS of the TAP's MTU, so that the
      * namespace sends segments as large as before. */
@@ -290,6 +295,25 @@ static int resolves_neighbour(const uint8_t *f, size_t len)
     return len >= 55 && f[12] == 0x86 && f[13] == 0xdd && f[20] == 58 && f[54] == 136;
 }
 
+static void filter_to_ns(const uint8_t *frame, size_t len, void *opaque)
+{
+    tap_write(opaque, NULL, frame, len);
+}
+
+static void filter_to_slirp(const uint8_t *frame, size_t len, void *opaque)
+{
+    struct nsnet_dp *dp = opaque;
+    slirp_input(dp->slirp, frame, (int)len);
+}
+
+/* The egress policy's verdict on a checked frame: 1 to pass it on. */
+static int filter_ok(struct nsnet_dp *dp, const uint8_t *frame, size_t len)
+{
+    if (!dp->filter)
+        return 1;
+    return nsnet_filter_rx(dp->filter, (uint8_t *)frame, len, filter_to_ns, filter_to_slirp, dp);
+}
+
 /* Read frames from the TAP until EAGAIN or the batch is full.
  * Returns 1 if a frame resolved a neighbour (see above), else 0, or -1
  * with dp->tap_errno set when the TAP failed. */
@@ -335,6 +359,8 @@ static int drain_tap(struct nsnet_dp *dp)
         }
         switch (nsnet_frame_check(frame, flen)) {
         case 1:
+            if (!filter_ok(dp, frame, flen))
+                break;
             if (nsnet_adjust_syn_mss(frame, flen, dp->tap_mtu, dp->slirp_mtu, NSNET_SLIRP_MSS))
                 dp->st.rx_mss_adjusted++;
             slirp_input(dp->slirp, frame, (int)flen);
@@ -345,6 +371,8 @@ static int drain_tap(struct nsnet_dp *dp)
         case NSNET_FRAME_REASSEMBLED: {
             size_t wlen;
             const uint8_t *whole = nsnet_frame_reassembled(&wlen);
+            if (!filter_ok(dp, whole, wlen))
+                break;
             slirp_input(dp->slirp, whole, (int)wlen);
             break;
         }
@@ -458,6 +486,13 @@ int nsnet_dp_run(struct nsnet_dp *dp, int budget_ms)
 
         if (dp->pfd[1].revents)
             return NSNET_DP_CONTROL;
+        /* Audit records for Python to write: at most every 100 ms, sooner
+         * when the ring fills. */
+        if (dp->filter && nsnet_filter_audit_pending(dp->filter) &&
+            (now - dp->events_ms >= 100 || nsnet_filter_audit_pending(dp->filter) > 512)) {
+            dp->events_ms = now;
+            return NSNET_DP_EVENTS;
+        }
         if (now >= deadline)
             return NSNET_DP_BUDGET;
     }
@@ -535,11 +570,26 @@ const char *nsnet_dp_last_guest_error(struct nsnet_dp *dp)
     return dp->last_guest_error;
 }
 
+struct nsnet_filter *nsnet_dp_filter(struct nsnet_dp *dp)
+{
+    if (!dp->filter) {
+        dp->filter = nsnet_filter_new();
+        if (dp->filter && !dp->cfg.disable_dns) {
+            uint8_t d4[4], d6[16];
+            memcpy(d4, &dp->cfg.vnameserver, 4);
+            memcpy(d6, &dp->cfg.vnameserver6, 16);
+            nsnet_filter_set_dns(dp->filter, d4, dp->cfg.in6_enabled ? d6 : NULL);
+        }
+    }
+    return dp->filter;
+}
+
 void nsnet_dp_free(struct nsnet_dp *dp)
 {
     struct nsnet_timer *t, *next;
     if (!dp)
         return;
+    nsnet_filter_free(dp->filter);
     if (dp->slirp)
         slirp_cleanup(dp->slirp);
     for (t = dp->timers; t; t = next) {

@@ -24,6 +24,7 @@
 #define NSNET_DP_CONTROL 1     /* the control fd is readable */
 #define NSNET_DP_TAP_ERROR -1  /* the TAP failed: see tap_errno */
 #define NSNET_DP_POLL_ERROR -2 /* poll(2) failed: see errno */
+#define NSNET_DP_EVENTS 2      /* egress-policy audit records are waiting */
 
 struct nsnet_stats {
     uint64_t rx_frames;          /* frames read from the TAP (namespace -> host) */
@@ -63,6 +64,11 @@ void nsnet_dp_get_stats(struct nsnet_dp *dp, struct nsnet_stats *out);
 /* Last message libslirp passed to guest_error(), "" if none. */
 const char *nsnet_dp_last_guest_error(struct nsnet_dp *dp);
 void nsnet_dp_free(struct nsnet_dp *dp);
+/* The egress-policy filter (policy.h), created on first use; NULL when
+ * memory is short.  Frames from the namespace pass it after
+ * nsnet_frame_check and before libslirp. */
+struct nsnet_filter;
+struct nsnet_filter *nsnet_dp_filter(struct nsnet_dp *dp);
 
 /* frame_check.c: 1 if libslirp can safely take this Ethernet frame,
  * 0 to drop it as malformed, -1 to drop it as an ethertype libslirp

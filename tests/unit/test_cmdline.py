@@ -99,8 +99,8 @@ def test_run_options():
 
 @pytest.mark.parametrize("argv,msg", [
     (["-p", "[::1]:8080:80", "true"], "needs -6"),
-    (["--mtu", "x", "true"], "is not a number"),
-    (["--log-level", "loud", "true"], "--log-level must be"),
+    (["--mtu", "x", "true"], "MTU must be a positive integer"),  # the same words as nsnet
+    (["--log-level", "loud", "true"], "log-level must be debug, info, warning or error"),
     (["-p", "80", "true"], "--publish"),
 ])
 def test_run_bad_options(argv, msg):
