@@ -97,6 +97,36 @@ def pytest_sessionfinish(session, exitstatus):
     harness.reap_orphans()
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """nsnet's tests and slirp4netns reference runs, counted apart: a
+    reference run passing says nothing about nsnet."""
+    counts = {"nsnet": {}, "reference": {}}
+    seen = {}
+    for key in ("passed", "failed", "error", "skipped", "xfailed", "xpassed"):
+        for rep in terminalreporter.stats.get(key, []):
+            side = dict(getattr(rep, "user_properties", ())).get("side")
+            if side is None:
+                continue
+            # one outcome per test: a failure at any phase wins over a pass
+            seen.setdefault((rep.nodeid, side), set()).add(key)
+    for (_, side), keys in seen.items():
+        for key in ("error", "failed", "xpassed", "xfailed", "skipped", "passed"):
+            if key in keys:
+                counts[side][key] = counts[side].get(key, 0) + 1
+                break
+    if not seen:
+        return
+
+    def fmt(c):
+        return ", ".join(f"{c.get(k, 0)} {k}" for k in ("passed", "failed", "error", "skipped")
+                         if c.get(k) or k in ("passed", "failed"))
+
+    terminalreporter.write_sep("-", "nsnet and its reference")
+    terminalreporter.write_line(f"nsnet tests: {fmt(counts['nsnet'])}; "
+                                f"slirp4netns reference runs (not nsnet): "
+                                f"{fmt(counts['reference'])}")
+
+
 def pytest_report_header(config):
     return [f"nsnet e2e: netns {harness.own_ns('net')} (isolated, lo only); "
             f"nsnet binary {harness.nsnet_bin()}; slirp4netns {harness.SLIRP4NETNS_BIN}"]
@@ -106,10 +136,23 @@ def pytest_report_header(config):
 # Failure reports: attach forwarder logs
 # --------------------------------------------------------------------------
 
+def _side(item) -> str:
+    """'reference' for a run of slirp4netns alone (the `impl` parameter is
+    slirp4netns, or only the slirp4netns_impl fixture is used), else 'nsnet'."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and callspec.params.get("impl") == "slirp4netns":
+        return "reference"
+    names = getattr(item, "fixturenames", ())
+    if "slirp4netns_impl" in names and "nsnet_impl" not in names and "impl" not in names:
+        return "reference"
+    return "nsnet"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
+    report.user_properties.append(("side", _side(item)))
     if report.failed:
         for fwd in getattr(item, "_forwarders", []):
             report.sections.append(

@@ -299,3 +299,145 @@ def test_disable_dns(impl, ns, dns_fwd, resolver):
     assert dns_query(ns, "10.0.2.3", "probe.nsnet.test", tries=1) == \
         {"answer": None, "rcode": None}
     assert resolver.queries == []
+
+
+# --------------------------------------------------------------------------
+# Forwards re-added after a forwarder restart: UDP, IPv6, a large stream
+# --------------------------------------------------------------------------
+
+def _api(path, execute, **arguments):
+    req = {"execute": execute, **({"arguments": arguments} if arguments else {})}
+    return json.loads(harness.api_call(path, req))
+
+
+def _kill_forwarder(net) -> None:
+    """kill -9 the forwarder (not the supervisor); wait for its replacement."""
+    before = _api(net.api, "get_info")["return"]
+    os.kill(before["forwarder_pid"], 9)
+    harness.wait_until(lambda: _api(net.api, "get_info")["return"]["restarts"]
+                       == before["restarts"] + 1, 20, interval=0.05, what="forwarder restarted")
+
+
+@harness.unpriv_only
+def test_udp_and_ipv6_forwards_survive_restart(nsnet_impl, ns, attach):
+    net = attach(nsnet_impl, ns, "--enable-ipv6")
+    guest6 = ns.wait_slaac()
+    udp_srv = ns.start_server("udp-serve", "0.0.0.0", 0, 2)
+    tcp6_srv = ns.start_server("tcp-serve", "::", 0, "sink", 2)
+    try:
+        udp_port = harness.free_port(socket.SOCK_DGRAM)
+        tcp6_port = harness.free_port(family=socket.AF_INET6, addr="::1")
+        assert b'"id"' in harness.add_hostfwd(net.api, "udp", udp_port, udp_srv.port)
+        assert b'"id"' in harness.add_hostfwd(net.api, "tcp", tcp6_port, tcp6_srv.port,
+                                              host_addr="::1")
+        data = harness.payload(4 << 20)
+
+        def check(tag: bytes):
+            assert harness.udp_roundtrip("127.0.0.1", udp_port, tag) == tag
+            reply = harness.tcp_send("::1", tcp6_port, data)
+            assert reply.decode().split() == [str(len(data)), harness.sha256(data)]
+
+        check(b"before")
+        _kill_forwarder(net)
+        entries = _api(net.api, "list_hostfwd")["entries"]
+        assert [(e["proto"], e["host_addr"], e["guest_addr"]) for e in entries] == \
+            [("udp", "127.0.0.1", "10.0.2.100"), ("tcp", "::1", guest6)]
+        check(b"after")
+        assert [c["received"] for c in tcp6_srv.result()["connections"]] == [len(data)] * 2
+        assert udp_srv.result()["peers"] == ["10.0.2.2"] * 2
+    finally:
+        udp_srv.close()
+        tcp6_srv.close()
+
+
+# --------------------------------------------------------------------------
+# IPv6 ping to the gateway; DHCP without -c; --log-level; --target-type=bess
+# --------------------------------------------------------------------------
+
+def test_ping6_gateway(impl, ns, attach):
+    attach(impl, ns, "--enable-ipv6")
+    ns.wait_slaac()
+    # ns root (gid 0) may open ICMP sockets (the range covers ICMPv6 too)
+    ns.sh("echo '0 0' > /proc/sys/net/ipv4/ping_group_range")
+    cp = ns.run(["ping", "-6", "-c1", "-W2", GW6], check=False, text=True)
+    assert cp.returncode == 0 and "1 received" in cp.stdout, cp.stdout + cp.stderr
+
+
+# Run inside the namespace on an unconfigured, up TAP: a DHCPDISCOVER from
+# 0.0.0.0:68 to 255.255.255.255:67; prints the offer's yiaddr, router, DNS.
+DHCP_CLIENT = r"""
+import json, os, socket, struct, sys
+dev, mac = sys.argv[1], bytes.fromhex(sys.argv[2].replace(":", ""))
+xid = os.urandom(4)
+pkt = struct.pack("!BBBB4sHH4s4s4s4s16s64s128s", 1, 1, 6, 0, xid, 0, 0x8000, b"\0" * 4,
+                  b"\0" * 4, b"\0" * 4, b"\0" * 4, mac + b"\0" * 10, b"", b"")
+pkt += b"\x63\x82\x53\x63" + bytes([53, 1, 1, 55, 2, 3, 6, 255])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, dev.encode())
+s.bind(("0.0.0.0", 68))
+s.settimeout(2)
+out = {"offer": None}
+for _ in range(3):
+    s.sendto(pkt, ("255.255.255.255", 67))
+    try:
+        data = s.recv(2048)
+    except socket.timeout:
+        continue
+    if data[4:8] != xid:
+        continue
+    opts, i = {}, 240
+    while i < len(data) and data[i] != 255:
+        if data[i] == 0:
+            i += 1
+            continue
+        opts[data[i]] = data[i + 2:i + 2 + data[i + 1]]
+        i += 2 + data[i + 1]
+    out = {"offer": socket.inet_ntoa(data[16:20]), "type": opts.get(53, b"?")[0],
+           "router": socket.inet_ntoa(opts[3][:4]) if 3 in opts else None,
+           "dns": socket.inet_ntoa(opts[6][:4]) if 6 in opts else None}
+    break
+print(json.dumps(out))
+"""
+
+
+def test_dhcp_without_configure(impl, ns, attach):
+    """Without -c the namespace configures itself: libslirp's DHCP server
+    offers CIDR+15 with the gateway and the DNS forwarder."""
+    attach(impl, ns, "--cidr=10.8.0.0/24", configure=False)
+    ns.run(["ip", "link", "set", "tap0", "up"])
+    assert not ns.addrs("tap0", "inet")
+    mac = ns.link("tap0")["address"]
+    cp = ns.run([NS_PYTHON, "-c", DHCP_CLIENT, "tap0", mac], timeout=30, text=True)
+    r = json.loads(cp.stdout.strip().splitlines()[-1])
+    assert r == {"offer": "10.8.0.15", "type": 2, "router": "10.8.0.2", "dns": "10.8.0.3"}
+
+
+@harness.unpriv_only
+@pytest.mark.parametrize("level,shown", [
+    ("debug", {"debug", "info", "warning"}),
+    ("info", {"info", "warning"}),
+    ("warning", {"warning"}),
+    ("error", set()),
+])
+def test_log_level(nsnet_impl, ns, attach, level, shown):
+    """One message of each level: a forward added (debug), the forwarder
+    killed (warning: restarting) and restarted (info)."""
+    net = attach(nsnet_impl, ns, f"--log-level={level}")
+    port = harness.free_port()
+    assert b'"id"' in harness.add_hostfwd(net.api, "tcp", port, 80)
+    _kill_forwarder(net)
+    _api(net.api, "get_info")  # a later loop turn: the lines are written
+    log = net.fwd.log()
+    got = {name for name, text in (("debug", "forward 1 added"),
+                                   ("info", "forwarder restarted"),
+                                   ("warning", "restarting")) if text in log}
+    assert got == shown, log
+
+
+def test_target_type_bess_refused(nsnet_impl, ns, user):
+    cp = user.run([nsnet_impl.bin, "--target-type=bess", ns.pid, "tap0"], timeout=30, text=True)
+    assert cp.returncode == 1
+    assert cp.stderr.strip() == "nsnet: --target-type=bess is not supported by nsnet"
+    assert cp.stdout == ""
+    assert ns.run(["ip", "link", "show", "tap0"], check=False).returncode != 0  # no TAP made
