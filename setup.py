@@ -37,6 +37,7 @@ setup(
         "nsnet/_seccomp_build.py:ffibuilder",
         "nsnet/_relay_build.py:ffibuilder",
         "nsnet/_linux_build.py:ffibuilder",
+        "nsnet/_bypass_build.py:ffibuilder",
     ],
     cmdclass={"build_py": build_py_with_commit},
 )

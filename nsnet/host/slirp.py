@@ -18,9 +18,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Any
 
-from ._slirp_cffi import ffi, lib
-from .linux import TSO_MTU_LIMIT
-from .netconfig import NetConfig
+from .._slirp_cffi import ffi, lib
+from ..linux import TSO_MTU_LIMIT
+from ..netconfig import NetConfig
 
 RUN_BUDGET = lib.NSNET_DP_BUDGET
 RUN_CONTROL = lib.NSNET_DP_CONTROL

@@ -28,9 +28,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Any
 
-from . import fdpass, linux, log
-from .forwards import Forward
-from .netconfig import NetConfig
+from .. import fdpass, linux, log
+from ..forwards import Forward
+from ..netconfig import NetConfig
 from .slirp import RUN_CONTROL, RUN_POLL_ERROR, RUN_TAP_ERROR, Slirp, SlirpError
 
 EXIT_OK = 0
@@ -201,7 +201,7 @@ def main(net: NetConfig, tap_fd: int | None, ctl: socket.socket,
         fw.slirp.set_tap(tap_fd)
     os.set_blocking(tap_fd, False)
     if sandbox or seccomp:
-        from . import sandbox as sandbox_mod
+        from .. import sandbox as sandbox_mod
 
         try:
             sandbox_mod.enter(sandbox=sandbox, seccomp=seccomp, forwards=forwards)

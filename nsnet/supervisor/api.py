@@ -18,7 +18,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Any, Protocol
 
-from .forwards import Forward, ForwardError, make_forward
+from ..forwards import Forward, ForwardError, make_forward
 
 MAX_REQUEST = 4096  # a request of this many bytes or more is refused
 

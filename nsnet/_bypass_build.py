@@ -1,0 +1,66 @@
+"""cffi API-mode build of the socket bypass's notification handler
+(csrc/bypass.c): module ``nsnet._bypass_cffi``.  Run by setuptools at
+install time (setup.py's cffi_modules).  It needs no library but libc."""
+
+from __future__ import annotations
+
+import os
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(HERE, "csrc")
+
+CDEF = r"""
+#define NSB_SLOTS ...
+#define NSB_GATEWAY ...
+#define NSB_EGRESS ...
+#define NSB_IPV6 ...
+#define NSB_OUT4 ...
+#define NSB_OUT6 ...
+#define NSB_GUEST6 ...
+
+struct nsb_config {
+    uint32_t flags;
+    uint8_t net4[4];
+    uint8_t mask4[4];
+    uint8_t gw4[4];
+    uint8_t guest4[4];
+    uint8_t outbound4[4];
+    uint8_t prefix6[16];
+    uint8_t gw6[16];
+    uint8_t guest6[16];
+    uint8_t outbound6[16];
+    uint64_t ns_cookie;
+    int32_t def_sndbuf;
+    int32_t def_rcvbuf;
+    int32_t nr_connect, nr_getsockname, nr_getpeername;
+};
+struct nsb_shared {
+    uint64_t notifications;
+    uint64_t bypassed;
+    uint64_t bypassed6;
+    uint64_t failed;
+    uint64_t fallback;
+    uint64_t translated;
+    uint64_t aborted;
+    uint64_t errors;
+    uint64_t pending;
+    uint64_t inflight[...];
+};
+int nsb_probe(int listener);
+int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh);
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "nsnet._bypass_cffi",
+    '#include "bypass.h"\n',
+    sources=[os.path.relpath(os.path.join(CSRC, "bypass.c"), os.path.dirname(HERE))],
+    include_dirs=[CSRC],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,865 @@
+/* nsnet socket bypass: the seccomp user-notification handler.
+ *
+ * The command runs with a seccomp filter that sends connect(2),
+ * getsockname(2) and getpeername(2) here.  For a connect of a fresh TCP
+ * socket of the command's namespace to a destination the virtual network
+ * maps to the host (see decide()), the handler
+ *   - reads the sockaddr ONCE from the command's memory, then checks that
+ *     the notification is still live (SECCOMP_IOCTL_NOTIF_ID_VALID), and
+ *     decides on that copy only;
+ *   - takes a copy of the command's socket (pidfd_getfd) to check what it
+ *     is (netns cookie, domain, type, protocol, unbound) and read the
+ *     options worth keeping;
+ *   - creates a host socket itself, connects it itself (non-blocking), and
+ *     installs it over the command's fd (SECCOMP_IOCTL_NOTIF_ADDFD, SETFD)
+ *     right before the reply that carries connect's own result (0,
+ *     EINPROGRESS, or the errno).  ADDFD_FLAG_SEND is not used for the
+ *     reply: it makes the syscall return the new fd's number, and connect
+ *     must return 0 or -1/EINPROGRESS.
+ * Everything else gets SECCOMP_USER_NOTIF_FLAG_CONTINUE: the call runs in
+ * the namespace as if there were no filter, and libslirp's path applies
+ * the network's rules.  A blocking connect that does not finish at once
+ * waits in this process's poll loop, never in a blocking call.
+ */
+#define _GNU_SOURCE
+#include "bypass.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/seccomp.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <net/if.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef SECCOMP_ADDFD_FLAG_SETFD
+#define SECCOMP_ADDFD_FLAG_SETFD (1UL << 0)
+#endif
+#ifndef SECCOMP_ADDFD_FLAG_SEND
+#define SECCOMP_ADDFD_FLAG_SEND (1UL << 1)
+#endif
+#ifndef SECCOMP_IOCTL_NOTIF_ADDFD
+struct seccomp_notif_addfd {
+    __u64 id;
+    __u32 flags;
+    __u32 srcfd;
+    __u32 newfd;
+    __u32 newfd_flags;
+};
+#define SECCOMP_IOCTL_NOTIF_ADDFD _IOW('!', 3, struct seccomp_notif_addfd)
+#endif
+#ifndef SO_NETNS_COOKIE
+#define SO_NETNS_COOKIE 71
+#endif
+#ifndef SO_BINDTOIFINDEX
+#define SO_BINDTOIFINDEX 62
+#endif
+#ifndef PIDFD_THREAD
+#define PIDFD_THREAD O_EXCL
+#endif
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438
+#endif
+
+/* ------------------------------------------------------------------------ */
+
+struct pending { /* a blocking connect that has not finished yet */
+    uint64_t id;
+    int slot;
+    int fd;       /* the command's fd number */
+    int sock;     /* our host socket, connecting */
+    int cloexec;
+    int64_t deadline_ms; /* SO_SNDTIMEO of the command's socket, or 0 */
+    int64_t recheck_ms;  /* next ID_VALID check */
+};
+
+struct handler {
+    int lfd;
+    const struct nsb_config *cfg;
+    struct nsb_shared *sh;
+    uint64_t host_cookie;
+    struct pending *pend;
+    size_t npend, cappend;
+};
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int slot_take(struct handler *h, uint64_t id)
+{
+    for (int i = 0; i < NSB_SLOTS; i++)
+        if (!h->sh->inflight[i]) {
+            __atomic_store_n(&h->sh->inflight[i], id, __ATOMIC_RELEASE);
+            return i;
+        }
+    return -1;
+}
+
+static void slot_free(struct handler *h, int slot)
+{
+    if (slot >= 0)
+        __atomic_store_n(&h->sh->inflight[slot], 0, __ATOMIC_RELEASE);
+}
+
+static int id_valid(struct handler *h, uint64_t id)
+{
+    return ioctl(h->lfd, SECCOMP_IOCTL_NOTIF_ID_VALID, &id) == 0;
+}
+
+static void reply(struct handler *h, uint64_t id, int64_t val, int err, int cont)
+{
+    struct seccomp_notif_resp r;
+    memset(&r, 0, sizeof r);
+    r.id = id;
+    r.val = val;
+    r.error = err ? -err : 0;
+    r.flags = cont ? SECCOMP_USER_NOTIF_FLAG_CONTINUE : 0;
+    /* ENOENT: the command was interrupted or is gone; nothing to do */
+    ioctl(h->lfd, SECCOMP_IOCTL_NOTIF_SEND, &r);
+}
+
+static void cont(struct handler *h, uint64_t id)
+{
+    reply(h, id, 0, 0, 1);
+}
+
+static int getint(int s, int level, int name, int *out)
+{
+    socklen_t len = sizeof *out;
+    return getsockopt(s, level, name, out, &len);
+}
+
+static uint64_t netns_cookie(int s)
+{
+    uint64_t c = 0;
+    socklen_t len = sizeof c;
+    if (getsockopt(s, SOL_SOCKET, SO_NETNS_COOKIE, &c, &len) < 0)
+        return 0;
+    return c;
+}
+
+/* The fd's close-on-exec flag in the command (an fd flag, not the file's):
+ * from /proc/PID/fdinfo/FD ("flags:\t0NNN", octal, O_CLOEXEC included). */
+static int fd_cloexec(int pid, int fd)
+{
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/%d/fdinfo/%d", pid, fd);
+    int f = open(path, O_RDONLY | O_CLOEXEC);
+    if (f < 0)
+        return 1;
+    ssize_t n = read(f, buf, sizeof buf - 1);
+    close(f);
+    if (n <= 0)
+        return 1;
+    buf[n] = 0;
+    char *p = strstr(buf, "flags:");
+    if (!p)
+        return 1;
+    unsigned long fl = strtoul(p + 6, NULL, 8);
+    return (fl & O_CLOEXEC) != 0;
+}
+
+static int read_mem(int pid, uint64_t addr, void *buf, size_t len)
+{
+    struct iovec local = {buf, len}, remote = {(void *)(uintptr_t)addr, len};
+    ssize_t n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+    return n == (ssize_t)len ? 0 : -1;
+}
+
+static int write_mem(int pid, uint64_t addr, const void *buf, size_t len)
+{
+    struct iovec local = {(void *)buf, len}, remote = {(void *)(uintptr_t)addr, len};
+    ssize_t n = process_vm_writev(pid, &local, 1, &remote, 1, 0);
+    return n == (ssize_t)len ? 0 : -1;
+}
+
+static int tgid_of(int tid)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%d/status", tid);
+    int f = open(path, O_RDONLY | O_CLOEXEC);
+    if (f < 0)
+        return -1;
+    ssize_t n = read(f, buf, sizeof buf - 1);
+    close(f);
+    if (n <= 0)
+        return -1;
+    buf[n] = 0;
+    char *p = strstr(buf, "\nTgid:");
+    return p ? atoi(p + 6) : -1;
+}
+
+/* A copy of the command's fd, or -1.  The pidfd is opened after the
+ * notification and the id re-checked: the pid cannot have been reused. */
+static int grab_fd(struct handler *h, const struct seccomp_notif *n, int fd)
+{
+    /* n->pid is the calling thread's id: a thread pidfd (PIDFD_THREAD,
+     * Linux 6.9), else the thread group's leader from /proc */
+    int pidfd = (int)syscall(SYS_pidfd_open, n->pid, PIDFD_THREAD);
+    if (pidfd < 0 && errno == EINVAL) {
+        pidfd = (int)syscall(SYS_pidfd_open, n->pid, 0);
+        if (pidfd < 0 && errno == EINVAL)
+            pidfd = (int)syscall(SYS_pidfd_open, tgid_of(n->pid), 0);
+    }
+    if (pidfd < 0)
+        return -1;
+    if (!id_valid(h, n->id)) {
+        close(pidfd);
+        return -1;
+    }
+    int s = (int)syscall(SYS_pidfd_getfd, pidfd, fd, 0);
+    int e = errno;
+    close(pidfd);
+    errno = e;
+    return s;
+}
+
+/* ------------------------------------------------------------------------ */
+/* The decision: where a connect to `dst` goes, on our copy of the address.
+ * Returns 1 (bypass: `host` is where the host socket connects, *lo set for
+ * the gateway alias) or 0 (the namespace's normal path). */
+
+static int in_net4(const struct nsb_config *c, const uint8_t *a)
+{
+    for (int i = 0; i < 4; i++)
+        if ((a[i] & c->mask4[i]) != c->net4[i])
+            return 0;
+    return 1;
+}
+
+static int decide(const struct nsb_config *c, int family, const struct sockaddr_storage *dst,
+                  struct sockaddr_storage *host, socklen_t *hlen, int *lo)
+{
+    *lo = 0;
+    if (family == AF_INET) {
+        const struct sockaddr_in *d = (const struct sockaddr_in *)dst;
+        const uint8_t *a = (const uint8_t *)&d->sin_addr;
+        if (d->sin_port == 0)
+            return 0;
+        struct sockaddr_in *o = (struct sockaddr_in *)host;
+        memset(o, 0, sizeof *o);
+        o->sin_family = AF_INET;
+        o->sin_port = d->sin_port;
+        *hlen = sizeof *o;
+        if (memcmp(a, c->gw4, 4) == 0) {
+            if (!(c->flags & NSB_GATEWAY))
+                return 0;
+            o->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+            *lo = 1;
+            return 1;
+        }
+        if (!(c->flags & NSB_EGRESS) || in_net4(c, a))
+            return 0;
+        /* not: 0/8 this-network, 127/8 the namespace's own loopback,
+         * multicast/broadcast/reserved 224/3 */
+        if (a[0] == 0 || a[0] == 127 || a[0] >= 224)
+            return 0;
+        o->sin_addr = d->sin_addr;
+        return 1;
+    }
+    if (family == AF_INET6 && (c->flags & NSB_IPV6)) {
+        const struct sockaddr_in6 *d = (const struct sockaddr_in6 *)dst;
+        const uint8_t *a = d->sin6_addr.s6_addr;
+        if (d->sin6_port == 0 || d->sin6_scope_id != 0)
+            return 0;
+        struct sockaddr_in6 *o = (struct sockaddr_in6 *)host;
+        memset(o, 0, sizeof *o);
+        o->sin6_family = AF_INET6;
+        o->sin6_port = d->sin6_port;
+        o->sin6_flowinfo = d->sin6_flowinfo;
+        *hlen = sizeof *o;
+        if (memcmp(a, c->gw6, 16) == 0) {
+            if (!(c->flags & NSB_GATEWAY))
+                return 0;
+            o->sin6_addr = in6addr_loopback;
+            *lo = 1;
+            return 1;
+        }
+        if (!(c->flags & NSB_EGRESS) || memcmp(a, c->prefix6, 8) == 0)
+            return 0;
+        /* only global unicast 2000::/3 (no ::1, v4-mapped, ULA, link-local,
+         * multicast) */
+        if ((a[0] & 0xe0) != 0x20)
+            return 0;
+        o->sin6_addr = d->sin6_addr;
+        return 1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+
+/* Options of the command's socket `src` worth keeping on the host socket
+ * `dst`.  Buffer sizes only when the command set them (they differ from a
+ * fresh socket's): a fixed size turns autotuning off. */
+static void copy_options(const struct nsb_config *c, int src, int dst, int family)
+{
+    int v;
+    if (getint(src, IPPROTO_TCP, TCP_NODELAY, &v) == 0 && v)
+        setsockopt(dst, IPPROTO_TCP, TCP_NODELAY, &v, sizeof v);
+    if (getint(src, SOL_SOCKET, SO_SNDBUF, &v) == 0 && v != c->def_sndbuf) {
+        v /= 2; /* the kernel doubles what it is given */
+        setsockopt(dst, SOL_SOCKET, SO_SNDBUF, &v, sizeof v);
+    }
+    if (getint(src, SOL_SOCKET, SO_RCVBUF, &v) == 0 && v != c->def_rcvbuf) {
+        v /= 2;
+        setsockopt(dst, SOL_SOCKET, SO_RCVBUF, &v, sizeof v);
+    }
+    if (getint(src, SOL_SOCKET, SO_KEEPALIVE, &v) == 0 && v) {
+        setsockopt(dst, SOL_SOCKET, SO_KEEPALIVE, &v, sizeof v);
+        static const int kopts[] = {TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT};
+        for (unsigned i = 0; i < 3; i++)
+            if (getint(src, IPPROTO_TCP, kopts[i], &v) == 0)
+                setsockopt(dst, IPPROTO_TCP, kopts[i], &v, sizeof v);
+    }
+    struct linger lg;
+    socklen_t len = sizeof lg;
+    if (getsockopt(src, SOL_SOCKET, SO_LINGER, &lg, &len) == 0 && lg.l_onoff)
+        setsockopt(dst, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    struct timeval tv;
+    static const int topts[] = {SO_SNDTIMEO, SO_RCVTIMEO};
+    for (unsigned i = 0; i < 2; i++) {
+        len = sizeof tv;
+        if (getsockopt(src, SOL_SOCKET, topts[i], &tv, &len) == 0 && (tv.tv_sec || tv.tv_usec))
+            setsockopt(dst, SOL_SOCKET, topts[i], &tv, sizeof tv);
+    }
+    if (getint(src, SOL_SOCKET, SO_OOBINLINE, &v) == 0 && v)
+        setsockopt(dst, SOL_SOCKET, SO_OOBINLINE, &v, sizeof v);
+    if (getint(src, IPPROTO_TCP, TCP_USER_TIMEOUT, &v) == 0 && v)
+        setsockopt(dst, IPPROTO_TCP, TCP_USER_TIMEOUT, &v, sizeof v);
+    if (getint(src, SOL_SOCKET, SO_PRIORITY, &v) == 0 && v)
+        setsockopt(dst, SOL_SOCKET, SO_PRIORITY, &v, sizeof v);
+    if (family == AF_INET) {
+        if (getint(src, IPPROTO_IP, IP_TOS, &v) == 0 && v)
+            setsockopt(dst, IPPROTO_IP, IP_TOS, &v, sizeof v);
+    } else {
+        if (getint(src, IPPROTO_IPV6, IPV6_TCLASS, &v) == 0 && v > 0)
+            setsockopt(dst, IPPROTO_IPV6, IPV6_TCLASS, &v, sizeof v);
+    }
+}
+
+/* The command's socket is one the handler may replace: TCP over IPv4/IPv6
+ * of the given family, unbound (or bound to the wildcard without a port,
+ * IP_BIND_ADDRESS_NO_PORT), not bound to a device, not connected. */
+static int replaceable(int s, int family)
+{
+    int v;
+    if (getint(s, SOL_SOCKET, SO_DOMAIN, &v) < 0 || v != family)
+        return 0;
+    if (getint(s, SOL_SOCKET, SO_TYPE, &v) < 0 || v != SOCK_STREAM)
+        return 0;
+    if (getint(s, SOL_SOCKET, SO_PROTOCOL, &v) < 0 || v != IPPROTO_TCP)
+        return 0;
+    if (getint(s, SOL_SOCKET, SO_BINDTOIFINDEX, &v) < 0 || v != 0)
+        return 0;
+    struct tcp_info ti;
+    socklen_t len = sizeof ti;
+    if (getsockopt(s, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0 || ti.tcpi_state != TCP_CLOSE)
+        return 0;
+    struct sockaddr_storage ss;
+    len = sizeof ss;
+    if (getsockname(s, (struct sockaddr *)&ss, &len) < 0)
+        return 0;
+    if (family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+        return a->sin_port == 0 && a->sin_addr.s_addr == htonl(INADDR_ANY);
+    }
+    struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+    if (a->sin6_port != 0 || memcmp(&a->sin6_addr, &in6addr_any, 16) != 0)
+        return 0;
+    /* v4-mapped destinations are not bypassed; V6ONLY does not matter */
+    return 1;
+}
+
+/* Install `sock` as the command's `fd` and answer `err` (0, EINPROGRESS).
+ * Returns 0 when installed. */
+static int install(struct handler *h, uint64_t id, int fd, int sock, int cloexec,
+                   int nonblock, int err)
+{
+    if (!nonblock) {
+        int fl = fcntl(sock, F_GETFL);
+        if (fl >= 0)
+            fcntl(sock, F_SETFL, fl & ~O_NONBLOCK);
+    }
+    struct seccomp_notif_addfd a;
+    memset(&a, 0, sizeof a);
+    a.id = id;
+    a.flags = SECCOMP_ADDFD_FLAG_SETFD;
+    a.srcfd = (uint32_t)sock;
+    a.newfd = (uint32_t)fd;
+    a.newfd_flags = cloexec ? O_CLOEXEC : 0;
+    if (ioctl(h->lfd, SECCOMP_IOCTL_NOTIF_ADDFD, &a) < 0)
+        return -1; /* interrupted (ESRCH/ENOENT): the syscall restarts or is gone */
+    reply(h, id, 0, err, 0);
+    return 0;
+}
+
+static int sock_error(int s)
+{
+    int e = 0;
+    socklen_t len = sizeof e;
+    if (getsockopt(s, SOL_SOCKET, SO_ERROR, &e, &len) < 0)
+        return errno;
+    return e;
+}
+
+static int connected_now(int s)
+{
+    struct pollfd p = {s, POLLOUT, 0};
+    return poll(&p, 1, 0) == 1;
+}
+
+static void add_pending(struct handler *h, const struct seccomp_notif *n, int slot, int fd,
+                        int sock, int cloexec, int src)
+{
+    if (h->npend == h->cappend) {
+        size_t cap = h->cappend ? h->cappend * 2 : 16;
+        struct pending *p = realloc(h->pend, cap * sizeof *p);
+        if (!p) {
+            close(sock);
+            reply(h, n->id, 0, ENOMEM, 0);
+            slot_free(h, slot);
+            return;
+        }
+        h->pend = p;
+        h->cappend = cap;
+    }
+    struct pending *p = &h->pend[h->npend++];
+    p->id = n->id;
+    p->slot = slot;
+    p->fd = fd;
+    p->sock = sock;
+    p->cloexec = cloexec;
+    p->deadline_ms = 0;
+    p->recheck_ms = now_ms() + 1000;
+    struct timeval tv;
+    socklen_t len = sizeof tv;
+    if (src >= 0 && getsockopt(src, SOL_SOCKET, SO_SNDTIMEO, &tv, &len) == 0 &&
+        (tv.tv_sec || tv.tv_usec))
+        p->deadline_ms = now_ms() + (int64_t)tv.tv_sec * 1000 + (tv.tv_usec + 999) / 1000;
+    h->sh->pending = h->npend;
+}
+
+/* Connect a new host socket for the command's `orig` (its fd `fd`). */
+static void bypass_connect(struct handler *h, const struct seccomp_notif *n, int slot, int fd,
+                           int orig, int family, const struct sockaddr_storage *dst, int lo)
+{
+    int fl = fcntl(orig, F_GETFL);
+    int nonblock = fl >= 0 && (fl & O_NONBLOCK);
+    int cloexec = fd_cloexec(n->pid, fd);
+    int s = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
+    if (s < 0) {
+        int e = errno;
+        h->sh->errors++;
+        reply(h, n->id, 0, e, 0); /* EMFILE, ENOBUFS...: what socket() would say */
+        return;
+    }
+    copy_options(h->cfg, orig, s, family);
+    socklen_t dlen = family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
+    if (lo) {
+        /* The gateway alias reaches the host's loopback and nothing else:
+         * bound to lo, this socket cannot be reconnected anywhere else. */
+        if (setsockopt(s, SOL_SOCKET, SO_BINDTODEVICE, "lo", 3) < 0) {
+            h->sh->errors++;
+            close(s);
+            h->sh->fallback++;
+            cont(h, n->id);
+            return;
+        }
+    } else if ((family == AF_INET && (h->cfg->flags & NSB_OUT4)) ||
+               (family == AF_INET6 && (h->cfg->flags & NSB_OUT6))) {
+        struct sockaddr_storage b;
+        memset(&b, 0, sizeof b);
+        if (family == AF_INET) {
+            struct sockaddr_in *a = (struct sockaddr_in *)&b;
+            a->sin_family = AF_INET;
+            memcpy(&a->sin_addr, h->cfg->outbound4, 4);
+        } else {
+            struct sockaddr_in6 *a = (struct sockaddr_in6 *)&b;
+            a->sin6_family = AF_INET6;
+            memcpy(&a->sin6_addr, h->cfg->outbound6, 16);
+        }
+        int one = 1;
+        setsockopt(s, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+        if (bind(s, (struct sockaddr *)&b, dlen) < 0) {
+            int e = errno;
+            close(s);
+            h->sh->failed++;
+            reply(h, n->id, 0, e, 0);
+            return;
+        }
+    }
+    int rc = connect(s, (const struct sockaddr *)dst, dlen);
+    int err = rc == 0 ? 0 : errno;
+    if (err == EINPROGRESS && connected_now(s))
+        err = sock_error(s), rc = err ? -1 : 0; /* loopback: decided already */
+    else if (rc == 0)
+        err = 0;
+    if (rc == 0 || err == EINPROGRESS) {
+        if (rc == 0 || nonblock) {
+            /* a non-blocking connect says EINPROGRESS, as the kernel does
+             * on loopback; the socket completes (or fails) on its own */
+            if (install(h, n->id, fd, s, cloexec, nonblock, nonblock ? EINPROGRESS : 0) == 0) {
+                h->sh->bypassed++;
+                if (family == AF_INET6)
+                    h->sh->bypassed6++;
+            }
+            close(s);
+            return;
+        }
+        add_pending(h, n, slot, fd, s, cloexec, orig);
+        return;
+    }
+    /* failed at once (refused, unreachable): the command's own socket stays,
+     * unconnected, as after a failed connect; it gets the errno */
+    close(s);
+    h->sh->failed++;
+    reply(h, n->id, 0, err, 0);
+}
+
+static void finish_pending(struct handler *h, size_t i, int timed_out)
+{
+    struct pending p = h->pend[i];
+    h->pend[i] = h->pend[--h->npend];
+    h->sh->pending = h->npend;
+    if (timed_out) {
+        /* SO_SNDTIMEO ran out: connect says EINPROGRESS, the socket goes on */
+        if (install(h, p.id, p.fd, p.sock, p.cloexec, 0, EINPROGRESS) == 0)
+            h->sh->bypassed++;
+    } else {
+        int err = sock_error(p.sock);
+        if (err) {
+            h->sh->failed++;
+            reply(h, p.id, 0, err, 0);
+        } else if (install(h, p.id, p.fd, p.sock, p.cloexec, 0, 0) == 0) {
+            h->sh->bypassed++;
+        }
+    }
+    close(p.sock);
+    slot_free(h, p.slot);
+}
+
+static void on_connect(struct handler *h, const struct seccomp_notif *n, int slot)
+{
+    int fd = (int)n->data.args[0];
+    uint64_t uaddr = n->data.args[1];
+    uint64_t ulen = n->data.args[2];
+    struct sockaddr_storage dst;
+    memset(&dst, 0, sizeof dst);
+    if (ulen < sizeof(sa_family_t) || ulen > sizeof dst) {
+        cont(h, n->id); /* the kernel says EINVAL */
+        return;
+    }
+    size_t want = ulen > sizeof(struct sockaddr_in6) ? sizeof(struct sockaddr_in6) : ulen;
+    if (read_mem((int)n->pid, uaddr, &dst, want) < 0) {
+        cont(h, n->id); /* EFAULT, from the kernel */
+        return;
+    }
+    /* The copy is ours from here on; is it still the same live call? */
+    if (!id_valid(h, n->id))
+        return;
+    int family = dst.ss_family;
+    int orig = grab_fd(h, n, fd);
+    if (orig < 0) {
+        if (errno == EBADF || errno == ESRCH || errno == ENOENT) {
+            cont(h, n->id); /* EBADF from the kernel, or gone */
+        } else {
+            h->sh->errors++; /* EPERM...: we cannot look, the normal path can */
+            h->sh->fallback++;
+            cont(h, n->id);
+        }
+        return;
+    }
+    uint64_t cookie = netns_cookie(orig);
+    struct sockaddr_storage host;
+    socklen_t hlen;
+    int lo;
+    if (cookie == h->cfg->ns_cookie) {
+        if ((family == AF_INET && ulen >= sizeof(struct sockaddr_in)) ||
+            (family == AF_INET6 && ulen >= 24 /* SIN6_LEN_RFC2133 */)) {
+            if (decide(h->cfg, family, &dst, &host, &hlen, &lo) && replaceable(orig, family)) {
+                bypass_connect(h, n, slot, fd, orig, family, &host, lo);
+                close(orig);
+                return;
+            }
+        }
+        h->sh->fallback++;
+        close(orig);
+        cont(h, n->id);
+        return;
+    }
+    if (cookie != h->host_cookie || cookie == 0) {
+        /* a socket of another namespace (one the command made): its own
+         * network decides */
+        close(orig);
+        cont(h, n->id);
+        return;
+    }
+    /* A socket of the host's namespace: one the handler installed (or one the
+     * command inherited).  Never CONTINUE: the kernel would connect it, in
+     * the host's namespace, to whatever the command's memory says then. */
+    int v = 0;
+    if (getint(orig, SOL_SOCKET, SO_PROTOCOL, &v) < 0 || v != IPPROTO_TCP) {
+        close(orig);
+        cont(h, n->id); /* not TCP: the command can sendto() anywhere with it anyway */
+        return;
+    }
+    if (family == AF_UNSPEC) {
+        struct sockaddr sa = {.sa_family = AF_UNSPEC};
+        int rc = connect(orig, &sa, sizeof sa);
+        reply(h, n->id, 0, rc < 0 ? errno : 0, 0);
+        close(orig);
+        return;
+    }
+    struct tcp_info ti;
+    socklen_t len = sizeof ti;
+    int state = getsockopt(orig, IPPROTO_TCP, TCP_INFO, &ti, &len) == 0 ? ti.tcpi_state : -1;
+    int dom = 0;
+    getint(orig, SOL_SOCKET, SO_DOMAIN, &dom);
+    if (state == TCP_CLOSE) {
+        if (dom == family &&
+            ((family == AF_INET && ulen >= sizeof(struct sockaddr_in)) ||
+             (family == AF_INET6 && ulen >= 24)) &&
+            decide(h->cfg, family, &dst, &host, &hlen, &lo)) {
+            bypass_connect(h, n, slot, fd, orig, family, &host, lo);
+        } else {
+            reply(h, n->id, 0, ENETUNREACH, 0);
+        }
+        close(orig);
+        return;
+    }
+    if (state == TCP_SYN_SENT || state == TCP_SYN_RECV) {
+        int fl = fcntl(orig, F_GETFL);
+        if (fl >= 0 && (fl & O_NONBLOCK)) {
+            reply(h, n->id, 0, EALREADY, 0);
+            close(orig);
+            return;
+        }
+        /* a second blocking connect on a connecting socket waits for it;
+         * completion is answered without replacing anything */
+        add_pending(h, n, slot, -1, orig, 0, orig);
+        return;
+    }
+    reply(h, n->id, 0, EISCONN, 0);
+    close(orig);
+}
+
+/* getsockname/getpeername on a bypassed socket: the namespace's view. */
+static void on_name(struct handler *h, const struct seccomp_notif *n, int peer)
+{
+    int fd = (int)n->data.args[0];
+    int s = grab_fd(h, n, fd);
+    if (s < 0) {
+        cont(h, n->id);
+        return;
+    }
+    uint64_t cookie = netns_cookie(s);
+    int v = 0;
+    if (cookie != h->host_cookie || getint(s, SOL_SOCKET, SO_PROTOCOL, &v) < 0 ||
+        v != IPPROTO_TCP || (getint(s, SOL_SOCKET, SO_ACCEPTCONN, &v) == 0 && v)) {
+        close(s);
+        cont(h, n->id);
+        return;
+    }
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof ss);
+    socklen_t slen = sizeof ss;
+    int rc = peer ? getpeername(s, (struct sockaddr *)&ss, &slen)
+                  : getsockname(s, (struct sockaddr *)&ss, &slen);
+    if (rc < 0) {
+        int e = errno;
+        close(s);
+        reply(h, n->id, 0, e, 0);
+        return;
+    }
+    int bound_lo = getint(s, SOL_SOCKET, SO_BINDTOIFINDEX, &v) == 0 && v == 1;
+    close(s);
+    const struct nsb_config *c = h->cfg;
+    if (ss.ss_family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+        if (!peer)
+            memcpy(&a->sin_addr, c->guest4, 4);
+        else if (bound_lo && ((const uint8_t *)&a->sin_addr)[0] == 127)
+            memcpy(&a->sin_addr, c->gw4, 4);
+    } else if (ss.ss_family == AF_INET6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+        if (!peer) {
+            if (c->flags & NSB_GUEST6)
+                memcpy(&a->sin6_addr, c->guest6, 16);
+        } else if (bound_lo && memcmp(&a->sin6_addr, &in6addr_loopback, 16) == 0) {
+            memcpy(&a->sin6_addr, c->gw6, 16);
+        }
+    }
+    /* value-result addrlen, as the kernel does: copy min(len, real), set real */
+    uint32_t ulen;
+    if (read_mem((int)n->pid, n->data.args[2], &ulen, sizeof ulen) < 0 || (int32_t)ulen < 0) {
+        cont(h, n->id); /* EFAULT/EINVAL from the kernel */
+        return;
+    }
+    size_t copy = ulen < slen ? ulen : slen;
+    if (!id_valid(h, n->id))
+        return;
+    if ((copy && write_mem((int)n->pid, n->data.args[1], &ss, copy) < 0) ||
+        write_mem((int)n->pid, n->data.args[2], &slen, sizeof(uint32_t)) < 0) {
+        reply(h, n->id, 0, EFAULT, 0);
+        return;
+    }
+    h->sh->translated++;
+    reply(h, n->id, 0, 0, 0);
+}
+
+/* ------------------------------------------------------------------------ */
+
+int nsb_probe(int listener)
+{
+    struct seccomp_notif_addfd a;
+    memset(&a, 0, sizeof a);
+    a.id = ~(uint64_t)0; /* no such notification */
+    a.flags = SECCOMP_ADDFD_FLAG_SETFD | SECCOMP_ADDFD_FLAG_SEND;
+    a.srcfd = 0;
+    a.newfd = 0;
+    if (ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD, &a) == 0)
+        return 0;
+    return errno == ENOENT ? 0 : errno;
+}
+
+static void answer_leftovers(struct handler *h)
+{
+    for (int i = 0; i < NSB_SLOTS; i++) {
+        uint64_t id = h->sh->inflight[i];
+        if (!id)
+            continue;
+        if (id_valid(h, id)) {
+            reply(h, id, 0, ECONNABORTED, 0);
+            h->sh->aborted++;
+        }
+        slot_free(h, i);
+    }
+}
+
+int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh)
+{
+    struct handler h = {.lfd = listener, .cfg = cfg, .sh = sh};
+    int t = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (t < 0)
+        return -errno;
+    h.host_cookie = netns_cookie(t);
+    close(t);
+    if (!h.host_cookie)
+        return -ENOPROTOOPT;
+    answer_leftovers(&h);
+    struct seccomp_notif_sizes sizes;
+    if (syscall(SYS_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, &sizes) < 0)
+        return -errno;
+    size_t nsz = sizes.seccomp_notif > sizeof(struct seccomp_notif) ? sizes.seccomp_notif
+                                                                      : sizeof(struct seccomp_notif);
+    struct seccomp_notif *n = malloc(nsz);
+    struct pollfd *pfd = NULL;
+    size_t cappfd = 0;
+    if (!n)
+        return -ENOMEM;
+    for (;;) {
+        if (cappfd < h.npend + 1) {
+            cappfd = (h.npend + 1) * 2;
+            struct pollfd *p = realloc(pfd, cappfd * sizeof *p);
+            if (!p)
+                return -ENOMEM;
+            pfd = p;
+        }
+        pfd[0].fd = listener;
+        pfd[0].events = POLLIN;
+        int64_t now = now_ms(), next = -1;
+        for (size_t i = 0; i < h.npend; i++) {
+            pfd[i + 1].fd = h.pend[i].sock;
+            pfd[i + 1].events = POLLOUT;
+            int64_t d = h.pend[i].recheck_ms;
+            if (h.pend[i].deadline_ms && h.pend[i].deadline_ms < d)
+                d = h.pend[i].deadline_ms;
+            if (next < 0 || d < next)
+                next = d;
+        }
+        int timeout = next < 0 ? -1 : next <= now ? 0 : (int)(next - now);
+        int rc = poll(pfd, h.npend + 1, timeout);
+        if (rc < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        now = now_ms();
+        /* pending connects first (from the end: finishing one moves the last) */
+        for (size_t i = h.npend; i-- > 0;) {
+            struct pending *p = &h.pend[i];
+            if (pfd[i + 1].revents) {
+                if (p->fd < 0) { /* a second connect on a connecting socket */
+                    struct pending q = *p;
+                    h.pend[i] = h.pend[--h.npend];
+                    int e = sock_error(q.sock);
+                    reply(&h, q.id, 0, e, 0);
+                    close(q.sock);
+                    slot_free(&h, q.slot);
+                    h.sh->pending = h.npend;
+                } else {
+                    finish_pending(&h, i, 0);
+                }
+            } else if (p->deadline_ms && now >= p->deadline_ms && p->fd >= 0) {
+                finish_pending(&h, i, 1);
+            } else if (now >= p->recheck_ms) {
+                if (!id_valid(&h, p->id)) { /* the command gave up (signal, exit) */
+                    close(p->sock);
+                    slot_free(&h, p->slot);
+                    h.pend[i] = h.pend[--h.npend];
+                    h.sh->pending = h.npend;
+                } else {
+                    p->recheck_ms = now + 1000;
+                }
+            }
+        }
+        if (pfd[0].revents & POLLIN) {
+            memset(n, 0, nsz);
+            if (ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, n) < 0) {
+                if (errno == EINTR || errno == ENOENT)
+                    continue;
+                free(n);
+                return -errno;
+            }
+            h.sh->notifications++;
+            int slot = slot_take(&h, n->id);
+            int nr = n->data.nr;
+            size_t before = h.npend;
+            if (nr == cfg->nr_connect)
+                on_connect(&h, n, slot);
+            else if (nr == cfg->nr_getsockname)
+                on_name(&h, n, 0);
+            else if (nr == cfg->nr_getpeername)
+                on_name(&h, n, 1);
+            else
+                cont(&h, n->id);
+            if (h.npend == before) /* not waiting: answered (or gone) */
+                slot_free(&h, slot);
+        } else if (pfd[0].revents & (POLLHUP | POLLERR | POLLNVAL)) {
+            break; /* no task of the command is left */
+        }
+    }
+    for (size_t i = 0; i < h.npend; i++)
+        close(h.pend[i].sock);
+    free(h.pend);
+    free(pfd);
+    free(n);
+    return 0;
+}

@@ -1,0 +1,60 @@
+/* nsnet socket bypass: the seccomp user-notification handler (bypass.c).
+ * The Python side (nsnet/host/bypass.py) fills struct nsb_config, maps a
+ * struct nsb_shared shared with the supervisor (counters, in-flight ids)
+ * and calls nsb_run() in a process of its own. */
+#ifndef NSNET_BYPASS_H
+#define NSNET_BYPASS_H
+
+#include <stdint.h>
+
+#define NSB_SLOTS 256 /* notifications the handler may hold at once */
+
+/* nsb_config.flags */
+#define NSB_GATEWAY 1 /* gateway alias -> host loopback (bound to lo) */
+#define NSB_EGRESS 2  /* other non-namespace destinations -> as they are */
+#define NSB_IPV6 4    /* the namespace has IPv6 (fd00::/64) */
+#define NSB_OUT4 8    /* egress: bind outbound4 first */
+#define NSB_OUT6 16   /* egress: bind outbound6 first */
+#define NSB_GUEST6 32 /* guest6 is known (getsockname translation) */
+
+struct nsb_config {
+    uint32_t flags;
+    uint8_t net4[4];     /* the namespace's IPv4 network */
+    uint8_t mask4[4];
+    uint8_t gw4[4];      /* gateway alias, e.g. 10.0.2.2 */
+    uint8_t guest4[4];   /* the command's address, e.g. 10.0.2.100 */
+    uint8_t outbound4[4];
+    uint8_t prefix6[16]; /* the namespace's /64 */
+    uint8_t gw6[16];
+    uint8_t guest6[16];
+    uint8_t outbound6[16];
+    uint64_t ns_cookie;  /* SO_NETNS_COOKIE of the command's netns */
+    int32_t def_sndbuf;  /* SO_SNDBUF/SO_RCVBUF of a fresh socket there */
+    int32_t def_rcvbuf;
+    int32_t nr_connect, nr_getsockname, nr_getpeername;
+};
+
+/* Shared with the supervisor (MAP_SHARED): plain counters, written by the
+ * handler only; inflight[] holds the ids of notifications received and
+ * not yet answered, so that a replacement handler can answer them. */
+struct nsb_shared {
+    uint64_t notifications; /* every notification received */
+    uint64_t bypassed;      /* connects answered with a host socket */
+    uint64_t bypassed6;     /* ... of them IPv6 */
+    uint64_t failed;        /* bypassed connects that failed (errno to the caller) */
+    uint64_t fallback;      /* connects let through to the namespace (libslirp path) */
+    uint64_t translated;    /* getsockname/getpeername answered with the namespace's view */
+    uint64_t aborted;       /* in-flight ids a previous handler left, answered ECONNABORTED */
+    uint64_t errors;        /* handler-side failures (pidfd_getfd, socket, ...) */
+    uint64_t pending;       /* blocking connects waiting now */
+    uint64_t inflight[NSB_SLOTS];
+};
+
+/* 0 if this kernel can do what the handler needs on `listener`, else an
+ * errno: EINVAL for no SECCOMP_ADDFD_FLAG_SEND (< 5.14), ENOTTY no ADDFD. */
+int nsb_probe(int listener);
+/* Runs until the listener hangs up (every task of the command is gone):
+ * returns 0, or -errno on a fatal error. */
+int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh);
+
+#endif

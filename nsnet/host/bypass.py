@@ -1,0 +1,260 @@
+"""`nsnet run --bypass`: the socket bypass's notification handler, host side.
+
+The command runs with a seccomp filter (nsnet/bypassfilter.py) whose
+user-notification fd (the listener) comes to nsnet with the child's last
+set-up message.  The supervisor keeps the listener and forks a handler
+process that holds only it and a shared page of counters; the handler's
+loop is C (csrc/bypass.c).  If the handler dies, the supervisor starts
+another on the same listener: the notifications the dead one had taken
+are answered ECONNABORTED (their ids are in the shared page), those that
+came meanwhile wait in the kernel and are handled.  After MAX_RESTARTS
+deaths in RESTART_WINDOW seconds the run ends (exit 125).
+
+What is bypassed, and what falls back, is decided by scope() (which
+classes of destination) and decide() in bypass.c (each connect).
+docs/bypass.md has the whole design; SECURITY.md what it changes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import mmap
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from ..netconfig import NetConfig
+
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+COUNTERS = ("notifications", "bypassed", "bypassed6", "failed", "fallback", "translated",
+            "aborted", "errors", "pending")
+
+
+class BypassError(Exception):
+    """--bypass cannot work here; the message says why and what to do."""
+
+
+def _lib() -> Any:
+    from .. import _bypass_cffi  # type: ignore[attr-defined]
+
+    return _bypass_cffi
+
+
+def scope(net: "NetConfig", policy: Any = None) -> dict[str, bool]:
+    """Which classes of destination the handler may bypass (the one place
+    that applies the network's rules before bypass.c sees a connect):
+
+    gateway: the gateway alias (10.0.2.2, fd00::2) -> the host's loopback,
+             unless --disable-host-loopback or --no-egress;
+    egress:  other addresses outside the namespace, as libslirp would send
+             them, unless --no-egress or --disable-host-loopback (a host
+             socket reconnected by a hostile command could reach the host's
+             loopback; see SECURITY.md).
+    policy:  an egress policy (issue 12) decides per destination and name;
+             until the handler can ask it for each connect, everything it
+             governs falls back to the libslirp path, which enforces it.
+    """
+    open_net = not net.restricted and policy is None
+    return {"gateway": open_net and not net.disable_host_loopback,
+            "egress": open_net and not net.disable_host_loopback}
+
+
+def check_kernel(listener: int) -> None:
+    """BypassError unless the kernel has SECCOMP_IOCTL_NOTIF_ADDFD with
+    SETFD and SEND (Linux 5.14)."""
+    import errno
+
+    err = _lib().lib.nsb_probe(listener)
+    if err == 0:
+        return
+    if err == errno.EINVAL:
+        raise BypassError("--bypass needs SECCOMP_ADDFD_FLAG_SEND (Linux 5.14 or later); "
+                          f"this kernel is {os.uname().release}: run without --bypass")
+    raise BypassError("--bypass needs SECCOMP_IOCTL_NOTIF_ADDFD (Linux 5.14 or later): "
+                      f"{os.strerror(err)} on {os.uname().release}: run without --bypass")
+
+
+def check_access(pid: int) -> None:
+    """BypassError unless this process may copy the command's fds and read
+    its memory (pidfd_getfd, process_vm_readv: ptrace access)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as e:
+        raise BypassError(f"pidfd_open({pid}): {e.strerror}") from None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        fd = libc.syscall(ctypes.c_long(438), ctypes.c_long(pidfd), ctypes.c_long(0),
+                          ctypes.c_long(0))
+        if fd < 0:
+            err = ctypes.get_errno()
+            if err != 9:  # EBADF: no fd 0 there, but access was granted
+                raise BypassError(
+                    f"--bypass cannot reach the command's sockets: pidfd_getfd: "
+                    f"{os.strerror(err)} (ptrace access to the command is needed; "
+                    "check kernel.yama.ptrace_scope and LSM policy)")
+        else:
+            os.close(fd)
+    finally:
+        os.close(pidfd)
+
+
+def _fill_config(cfg: Any, net: "NetConfig", facts: tuple[int, int, int],
+                 guest6: str | None, sc: dict[str, bool], nrs: tuple[int, int, int]) -> None:
+    lib = _lib().lib
+    flags = 0
+    if sc["gateway"]:
+        flags |= lib.NSB_GATEWAY
+    if sc["egress"]:
+        flags |= lib.NSB_EGRESS
+    if net.ipv6:
+        flags |= lib.NSB_IPV6
+    cidr = net.cidr
+    cfg.net4 = list(cidr.network_address.packed)
+    cfg.mask4 = list(cidr.netmask.packed)
+    cfg.gw4 = list(net.gateway.packed)
+    cfg.guest4 = list(net.guest.packed)
+    if net.ipv6:
+        cfg.prefix6 = list(net.prefix6.packed)
+        cfg.gw6 = list(net.gateway6.packed)
+        if guest6:
+            cfg.guest6 = list(ipaddress.IPv6Address(guest6).packed)
+            flags |= lib.NSB_GUEST6
+    if net.outbound_addr:
+        cfg.outbound4 = list(ipaddress.IPv4Address(net.outbound_addr).packed)
+        flags |= lib.NSB_OUT4
+    if net.outbound_addr6:
+        cfg.outbound6 = list(ipaddress.IPv6Address(net.outbound_addr6).packed)
+        flags |= lib.NSB_OUT6
+    cfg.flags = flags
+    cfg.ns_cookie, cfg.def_sndbuf, cfg.def_rcvbuf = facts
+    cfg.nr_connect, cfg.nr_getsockname, cfg.nr_getpeername = nrs
+
+
+class Handler:
+    """The handler process and the listener it works on.  Runs in the
+    supervisor: start(), watch() for the poll loop, stats(), stop()."""
+
+    def __init__(self, listener: int, net: "NetConfig", facts: tuple[int, int, int],
+                 guest6: str | None, policy: Any = None,
+                 on_give_up: Callable[[str], None] | None = None) -> None:
+        from ..bypassfilter import syscall_numbers
+
+        mod = _lib()
+        self.ffi, self.lib = mod.ffi, mod.lib
+        self.listener = listener
+        self.scope = scope(net, policy)
+        self.cfg = self.ffi.new("struct nsb_config *")
+        _fill_config(self.cfg, net, facts, guest6, self.scope, syscall_numbers())
+        size = self.ffi.sizeof("struct nsb_shared")
+        self.shm = mmap.mmap(-1, (size + 4095) // 4096 * 4096,
+                             mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self.shared = self.ffi.cast("struct nsb_shared *", self.ffi.from_buffer(self.shm))
+        self.pid = -1
+        self.pidfd = -1
+        self.deaths: list[float] = []
+        self.restarts = 0
+        self.on_give_up = on_give_up
+        self.gave_up = False
+
+    def start(self) -> None:
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the handler: the listener, the shared page, nothing else
+            code = 70
+            try:
+                self._child()
+                code = 0
+            except BaseException:
+                pass
+            os._exit(code)
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+
+    def _child(self) -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        libc.prctl(15, b"nsnet-bypass", 0, 0, 0)  # PR_SET_NAME
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(s, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        keep = self.listener
+        os.closerange(3, keep)
+        os.closerange(keep + 1, 1 << 20)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        if devnull > 2:
+            os.close(devnull)
+        rc = self.lib.nsb_run(keep, self.cfg, self.shared)
+        if rc < 0:
+            os.write(2, f"nsnet: bypass handler: {os.strerror(-rc)}\n".encode())
+            os._exit(71)
+
+    def on_exit(self, _revents: int = 0) -> None:
+        """The handler died (or finished: the command is gone)."""
+        from .. import log
+
+        if self.pid <= 0:
+            return
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            status = 0
+        os.close(self.pidfd)
+        self.pidfd = -1
+        self.pid = -1
+        if status == 0:  # the listener hung up: every task of the command is gone
+            return
+        now = time.monotonic()
+        self.deaths = [t for t in self.deaths if now - t < RESTART_WINDOW] + [now]
+        why = f"status {os.waitstatus_to_exitcode(status)}"
+        if len(self.deaths) > MAX_RESTARTS:
+            self.gave_up = True
+            self.close_listener()
+            msg = (f"the bypass handler died {len(self.deaths)} times in "
+                   f"{RESTART_WINDOW:g} s (last: {why})")
+            log.get().error(f"{msg}; giving up")
+            if self.on_give_up is not None:
+                self.on_give_up(msg)
+            return
+        log.get().warning(f"the bypass handler exited ({why}); starting another")
+        self.restarts += 1
+        self.start()
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: int(getattr(self.shared, k)) for k in COUNTERS}
+        out.update(handler_pid=self.pid if self.pid > 0 else None, restarts=self.restarts,
+                   scope=dict(self.scope))
+        return out
+
+    def close_listener(self) -> None:
+        if self.listener >= 0:
+            os.close(self.listener)
+            self.listener = -1
+
+    def stop(self) -> None:
+        if self.pid > 0:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+            self.pid = -1
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        self.close_listener()

@@ -1,0 +1,265 @@
+"""Runs inside `nsnet run --bypass` (tests/test_bypass.py): one scenario per
+call, one JSON line on stdout.  Only the addresses it is given."""
+import asyncio
+import errno
+import hashlib
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+
+def out(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def fam(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def stats(path):
+    if not path:
+        return None
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(b'{"execute":"get_stats"}')
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            data += d
+    return json.loads(data)["return"].get("bypass")
+
+
+def echo_once(s, msg=b"ping"):
+    s.sendall(msg)
+    got = b""
+    while len(got) < len(msg):
+        d = s.recv(65536)
+        if not d:
+            break
+        got += d
+    return got == msg
+
+
+def blocking(host, port):
+    s = socket.socket(fam(host), socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    rc = s.connect_ex((host, port))
+    r = dict(rc=rc, peer=list(s.getpeername()[:2]), local=list(s.getsockname()[:2]),
+             nodelay=s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+             cloexec=not os.get_inheritable(s.fileno()), echo=echo_once(s))
+    s.close()
+    return r
+
+
+def nonblocking(host, port):
+    s = socket.socket(fam(host), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    rc = s.connect_ex((host, port))
+    _, w, _ = select.select([], [s], [], 10)
+    err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    again = s.connect_ex((host, port))
+    s.setblocking(True)
+    r = dict(rc=rc, writable=bool(w), so_error=err, again=again,
+             peer=list(s.getpeername()[:2]), echo=echo_once(s))
+    s.close()
+    return r
+
+
+def refused(host, port):
+    s = socket.socket(fam(host), socket.SOCK_STREAM)
+    rc = s.connect_ex((host, port))
+    s.close()
+    s = socket.socket(fam(host), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    rc2 = s.connect_ex((host, port))
+    if rc2 == errno.EINPROGRESS:
+        select.select([], [s], [], 10)
+        rc2 = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    s.close()
+    return dict(blocking=rc, nonblocking=rc2)
+
+
+def timeout(host, port):
+    """The host listener's accept queue is full: connects hang."""
+    t0 = time.monotonic()
+    s = socket.socket(fam(host), socket.SOCK_STREAM)
+    s.settimeout(1.0)  # Python: non-blocking fd + poll
+    try:
+        s.connect((host, port))
+        r1 = "connected"
+    except socket.timeout:
+        r1 = "timeout"
+    except OSError as e:
+        r1 = errno.errorcode.get(e.errno, str(e))
+    s.close()
+    # a blocking fd with SO_SNDTIMEO: connect says EINPROGRESS at the deadline
+    s = socket.socket(fam(host), socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, (1).to_bytes(8, "little") + bytes(8))
+    rc = s.connect_ex((host, port))
+    s.close()
+    return dict(py_timeout=r1, sndtimeo=errno.errorcode.get(rc, rc),
+                seconds=round(time.monotonic() - t0, 2))
+
+
+async def _aio(host, port, n):
+    async def one(i):
+        r, w = await asyncio.open_connection(host, port)
+        msg = f"hello {i}".encode()
+        w.write(msg)
+        await w.drain()
+        got = await r.readexactly(len(msg))
+        w.close()
+        await w.wait_closed()
+        return got == msg
+    return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def aio(host, port, n=20):
+    res = asyncio.run(_aio(host, port, n))
+    return dict(good=sum(res), n=n)
+
+
+def threads(host, port, n=8, each=25):
+    ok = []
+    errs = []
+
+    def work():
+        for _ in range(each):
+            try:
+                with socket.create_connection((host, port), timeout=10) as s:
+                    ok.append(echo_once(s))
+            except OSError as e:
+                errs.append(str(e))
+    ts = [threading.Thread(target=work) for _ in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    return dict(good=sum(ok), n=n * each, errors=errs[:3])
+
+
+def forkexec(host, port):
+    s = socket.create_connection((host, port), timeout=10)
+    code = ("import socket,sys; s=socket.socket(fileno=int(sys.argv[1])); "
+            "s.sendall(b'from-child'); print(s.getpeername()[0])")
+    cp = subprocess.run([sys.executable, "-c", code, str(s.fileno())], pass_fds=[s.fileno()],
+                        capture_output=True, text=True, timeout=30)
+    got = b""
+    s.settimeout(10)
+    while len(got) < 10:
+        d = s.recv(100)
+        if not d:
+            break
+        got += d
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if echo_once(s, b"from-fork") else 1)
+    _, st = os.waitpid(pid, 0)
+    s.close()
+    return dict(child_peer=cp.stdout.strip(), child_rc=cp.returncode, echoed=got.decode(),
+                fork_ok=os.waitstatus_to_exitcode(st) == 0)
+
+
+def many(host, port, n):
+    def nfds():
+        return len(os.listdir("/proc/self/fd"))
+    before = nfds()
+    ok = 0
+    for _ in range(n):
+        with socket.create_connection((host, port), timeout=10) as s:
+            ok += echo_once(s, b"x")
+    return dict(good=ok, n=n, fds_before=before, fds_after=nfds())
+
+
+def transfer(host, port, nbytes):
+    """Send nbytes to an echo server while reading the echo: sha256 both ways."""
+    s = socket.create_connection((host, port), timeout=60)
+    hs, hr = hashlib.sha256(), hashlib.sha256()
+    got = [0]
+
+    def reader():
+        while True:
+            d = s.recv(1 << 20)
+            if not d:
+                return
+            hr.update(d)
+            got[0] += len(d)
+    t = threading.Thread(target=reader)
+    t.start()
+    block = os.urandom(1 << 20)
+    sent = 0
+    t0 = time.monotonic()
+    while sent < nbytes:
+        chunk = block[: min(len(block), nbytes - sent)]
+        # vary the content so that a misordered block changes the digest
+        chunk = sent.to_bytes(8, "little") + chunk[8:]
+        hs.update(chunk)
+        s.sendall(chunk)
+        sent += len(chunk)
+    s.shutdown(socket.SHUT_WR)
+    t.join(600)
+    s.close()
+    secs = time.monotonic() - t0
+    return dict(sent=sent, received=got[0], sha_sent=hs.hexdigest(), sha_received=hr.hexdigest(),
+                gbit=round(sent * 8 / secs / 1e9, 2))
+
+
+def fallback(host, port, inner_port):
+    """Connections the bypass must leave alone."""
+    r = {}
+    # TCP inside the namespace (its own loopback)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", inner_port))
+    srv.listen(4)
+    c = socket.create_connection(("127.0.0.1", inner_port), timeout=10)
+    a, _ = srv.accept()
+    r["inner_peer"] = list(c.getpeername())
+    r["inner_local"] = list(c.getsockname())
+    c.close(), a.close(), srv.close()
+    # bound to the namespace's own address first: libslirp's path
+    s = socket.socket()
+    s.bind(("10.0.2.100", 0))
+    s.settimeout(10)
+    s.connect((host, port))
+    r["bound_echo"] = echo_once(s)
+    r["bound_local"] = s.getsockname()[0]
+    s.close()
+    # UDP connect to the gateway
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.connect((host, port))
+    r["udp_peer"] = list(u.getpeername())
+    u.close()
+    # AF_UNIX
+    x, y = socket.socketpair()
+    x.sendall(b"u")
+    r["unix"] = y.recv(1) == b"u"
+    x.close(), y.close()
+    return r
+
+
+def main():
+    argv = sys.argv[1:]
+    stats_path = None
+    if argv and argv[0].startswith("--stats="):
+        stats_path = argv.pop(0).split("=", 1)[1]
+    what, host, port, *rest = argv
+    port = int(port)
+    fn = globals()[what]
+    try:
+        r = fn(host, port, *(int(x) for x in rest))
+        r["ok"] = True
+    except Exception as e:  # reported, the test decides
+        r = dict(ok=False, error=f"{type(e).__name__}: {e}")
+    r["stats"] = stats(stats_path)
+    out(**r)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""`nsnet run --bypass`: the command's TCP connects to the host get host
+sockets (seccomp user notification; csrc/bypass.c, nsnet/host/bypass.py).
+Every scenario runs tests/bypassprobe.py inside the namespace against a
+server on the host's loopback (reached as 10.0.2.2 / fd00::2)."""
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+import harness
+from harness import NS_PYTHON, api_call, read_line
+
+pytestmark = pytest.mark.timeout(180)
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def probe(base_dir):
+    path = f"{base_dir}/bypassprobe.py"
+    shutil.copy(f"{HERE}/bypassprobe.py", path)
+    os.chmod(path, 0o644)
+    return path
+
+
+def run_probe(user, workdir, probe, args, flags=(), timeout=120):
+    sock = f"{workdir}/api.sock"
+    argv = [harness.nsnet_bin(), "run", "--bypass", f"--api-socket={sock}", *flags, "--",
+            NS_PYTHON, probe, f"--stats={sock}", *[str(a) for a in args]]
+    cp = user.run(argv, timeout=timeout, text=True, capture_output=True)
+    assert cp.returncode == 0, (cp.returncode, cp.stdout, cp.stderr)
+    r = json.loads(cp.stdout.strip().splitlines()[-1])
+    assert r["ok"], r
+    return r
+
+
+def test_blocking_connect(user, workdir, probe, host_server):
+    srv = host_server("echo")
+    r = run_probe(user, workdir, probe, ["blocking", "10.0.2.2", srv.port])
+    assert r["rc"] == 0 and r["echo"] and r["nodelay"] and r["cloexec"]
+    # the namespace's view: the gateway alias and the command's own address
+    assert r["peer"] == ["10.0.2.2", srv.port]
+    assert r["local"][0] == "10.0.2.100"
+    assert r["stats"]["bypassed"] == 1 and r["stats"]["translated"] >= 2
+    assert srv.connections == 1
+
+
+def test_nonblocking_connect(user, workdir, probe, host_server):
+    srv = host_server("echo")
+    r = run_probe(user, workdir, probe, ["nonblocking", "10.0.2.2", srv.port])
+    assert r["rc"] == errno.EINPROGRESS and r["writable"] and r["so_error"] == 0
+    assert r["again"] == errno.EISCONN  # a second connect, as the kernel answers it
+    assert r["peer"] == ["10.0.2.2", srv.port] and r["echo"]
+    assert r["stats"]["bypassed"] == 1
+
+
+def test_refused(user, workdir, probe):
+    port = harness.free_port()
+    r = run_probe(user, workdir, probe, ["refused", "10.0.2.2", port])
+    assert r["blocking"] == errno.ECONNREFUSED
+    assert r["nonblocking"] == errno.ECONNREFUSED
+    assert r["stats"]["failed"] == 2 and r["stats"]["bypassed"] == 0
+
+
+def test_connect_timeouts(user, workdir, probe):
+    """A host listener whose accept queue is full drops SYNs: Python's
+    timeout fires, and a blocking connect with SO_SNDTIMEO says EINPROGRESS."""
+    lst = socket.socket()
+    fillers = []
+    try:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(0)
+        port = lst.getsockname()[1]
+        for _ in range(2):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(("127.0.0.1", port))
+            fillers.append(f)
+        time.sleep(0.2)
+        r = run_probe(user, workdir, probe, ["timeout", "10.0.2.2", port])
+    finally:
+        for f in fillers:
+            f.close()
+        lst.close()
+    assert r["py_timeout"] == "timeout"
+    assert r["sndtimeo"] == "EINPROGRESS"
+    assert r["seconds"] < 30
+
+
+def test_asyncio(user, workdir, probe, host_server):
+    srv = host_server("echo")
+    r = run_probe(user, workdir, probe, ["aio", "10.0.2.2", srv.port, 20])
+    assert r["good"] == r["n"] == 20 and r["stats"]["bypassed"] == 20
+
+
+def test_threads(user, workdir, probe, host_server):
+    srv = host_server("echo")
+    r = run_probe(user, workdir, probe, ["threads", "10.0.2.2", srv.port, 8, 25])
+    assert r["errors"] == [] and r["good"] == r["n"] == 200
+    assert r["stats"]["bypassed"] == 200
+
+
+def test_fork_exec_after_connect(user, workdir, probe, host_server):
+    srv = host_server("echo")
+    r = run_probe(user, workdir, probe, ["forkexec", "10.0.2.2", srv.port])
+    assert r["child_rc"] == 0 and r["child_peer"] == "10.0.2.2"
+    assert r["echoed"] == "from-child" and r["fork_ok"]
+
+
+def test_many_short_connections_fds_stable(user, workdir, probe, host_server):
+    srv = host_server("echo")
+    r = run_probe(user, workdir, probe, ["many", "10.0.2.2", srv.port, 500])
+    assert r["good"] == r["n"] == 500 and r["fds_after"] == r["fds_before"]
+    assert r["stats"]["bypassed"] == 500 and r["stats"]["pending"] == 0
+
+
+@pytest.mark.soak
+def test_many_connections_soak(user, workdir, probe, host_server):
+    srv = host_server("echo")
+    r = run_probe(user, workdir, probe, ["many", "10.0.2.2", srv.port, 10_000], timeout=900)
+    assert r["good"] == r["n"] == 10_000 and r["fds_after"] == r["fds_before"]
+    assert r["stats"]["bypassed"] == 10_000
+
+
+def _transfer(user, workdir, probe, host_server, nbytes, timeout=300):
+    srv = host_server("echo")
+    r = run_probe(user, workdir, probe, ["transfer", "10.0.2.2", srv.port, nbytes],
+                  timeout=timeout)
+    assert r["sent"] == r["received"] == nbytes
+    assert r["sha_sent"] == r["sha_received"]
+    assert r["stats"]["bypassed"] == 1
+
+
+def test_transfer_checksum(user, workdir, probe, host_server):
+    _transfer(user, workdir, probe, host_server, 64 << 20)
+
+
+@pytest.mark.soak
+def test_transfer_1gb(user, workdir, probe, host_server):
+    _transfer(user, workdir, probe, host_server, 1 << 30, timeout=900)
+
+
+def test_ipv6(user, workdir, probe, host_server):
+    srv = host_server("echo", addr="::1")
+    r = run_probe(user, workdir, probe, ["blocking", "fd00::2", srv.port], flags=["-6"])
+    assert r["rc"] == 0 and r["echo"]
+    assert r["peer"] == ["fd00::2", srv.port]
+    assert r["local"][0].startswith("fd00::") and r["local"][0] != "::1"
+    assert r["stats"]["bypassed6"] == 1
+
+
+@pytest.mark.parametrize("flag", ["--disable-host-loopback", "--no-egress"])
+def test_refusals_stay_refusals(user, workdir, probe, host_server, flag):
+    """What the network refuses, the bypass does not open."""
+    srv = host_server("echo")
+    r = run_probe(user, workdir, probe, ["refused", "10.0.2.2", srv.port], flags=[flag])
+    assert r["blocking"] != 0 and r["nonblocking"] != 0
+    assert srv.connections == 0
+    assert r["stats"]["bypassed"] == 0 and r["stats"]["scope"]["gateway"] is False
+
+
+def test_fallback_cases_untouched(user, workdir, probe, host_server):
+    srv = host_server("echo")
+    r = run_probe(user, workdir, probe, ["fallback", "10.0.2.2", srv.port, 18099])
+    assert r["inner_peer"] == ["127.0.0.1", 18099] and r["inner_local"][0] == "127.0.0.1"
+    assert r["bound_echo"] and r["bound_local"] == "10.0.2.100"  # libslirp's path
+    assert r["udp_peer"] == ["10.0.2.2", srv.port] and r["unix"]
+    assert r["stats"]["bypassed"] == 0 and r["stats"]["fallback"] >= 2
+    assert srv.connections == 1
+
+
+def stats(sock):
+    return json.loads(api_call(sock, {"execute": "get_stats"}))["return"]["bypass"]
+
+
+HOLDER = """
+import socket, sys, json
+host, port = sys.argv[1], int(sys.argv[2])
+a = socket.create_connection((host, port), timeout=10)
+print("READY", flush=True)
+sys.stdin.readline()
+a.sendall(b"old"); old = a.recv(3)
+res = []
+for _ in range(5):
+    with socket.create_connection((host, port), timeout=10) as b:
+        b.sendall(b"new"); res.append(b.recv(3) == b"new")
+print(json.dumps({"old": old.decode(), "new": res, "peer": a.getpeername()[0]}), flush=True)
+"""
+
+
+def test_handler_killed(user, workdir, host_server):
+    """SIGKILL the handler: bypassed connections keep working, the
+    supervisor starts another handler, new connects are bypassed again."""
+    srv = host_server("echo")
+    sock = f"{workdir}/api.sock"
+    p = user.popen([harness.nsnet_bin(), "run", "--bypass", f"--api-socket={sock}", "--",
+                    NS_PYTHON, "-c", HOLDER, "10.0.2.2", str(srv.port)],
+                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert read_line(p.stdout, 30).startswith(b"READY")
+        st = stats(sock)
+        assert st["bypassed"] == 1
+        os.kill(st["handler_pid"], signal.SIGKILL)
+        harness.wait_until(
+            lambda: stats(sock)["restarts"] == 1,
+            10, what="a new bypass handler")
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        r = json.loads(read_line(p.stdout, 30))
+        assert r == {"old": "old", "new": [True] * 5, "peer": "10.0.2.2"}
+        st = stats(sock)
+        assert st["bypassed"] == 6
+        assert p.wait(timeout=30) == 0, p.stderr.read()
+    finally:
+        harness.kill_and_reap(p)
+        for f in (p.stdin, p.stdout, p.stderr):
+            f.close()
+
+
+def test_python_api(user, base_dir, host_server):
+    """nsnet.run(..., bypass=True) (the client runs in the test's user)."""
+    srv = host_server("echo")
+    code = ("import nsnet,sys;"
+            f"cp=nsnet.run(['{NS_PYTHON}','-c','import socket;s=socket.create_connection"
+            f"((\\'10.0.2.2\\',{srv.port}));print(s.getpeername()[0])'],bypass=True,"
+            "capture_output=True,text=True,timeout=60);print(cp.stdout.strip(),cp.returncode)")
+    venv_python = os.path.join(os.path.dirname(harness.nsnet_bin()), "python")
+    cp = user.run([venv_python, "-c", code], timeout=90, capture_output=True, text=True)
+    assert cp.stdout.split() == ["10.0.2.2", "0"], (cp.stdout, cp.stderr)
+    assert srv.connections == 1
+
+
+def test_usage_lists_bypass(user):
+    cp = user.run([harness.nsnet_bin(), "run", "--help"], timeout=30, capture_output=True,
+                  text=True)
+    assert "--bypass" in cp.stdout
