@@ -14,7 +14,9 @@ deleted inside the namespace), 4 when poll(2) fails.
 Fault injection (tests, docs/lifecycle.md): when the environment variable
 NSNET_FAULT_FORWARDER_START names a file that exists when a forwarder
 starts, that forwarder reports a start failure and exits 1 (so a test can
-make every restart fail from outside, by creating the file).
+make every restart fail from outside, by creating the file); when the file
+holds the word "hang", the forwarder never gets ready (the supervisor's
+start timeout kills it).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import select
 import socket
 
 TYPE_CHECKING = False
@@ -243,6 +246,10 @@ def main(net: NetConfig, tap_fd: int | None, ctl: socket.socket,
     # SIGPIPE too; the forwarder dies on SIGTERM/SIGKILL.
     fault = os.environ.get(FAULT_START_ENV)
     if fault and os.path.exists(fault):
+        with open(fault) as f:
+            if f.read().strip() == "hang":  # never ready: the start timeout's case
+                while True:
+                    select.select([], [], [])
         _send(ctl, {"event": "failed", "error": f"injected start failure ({FAULT_START_ENV})"})
         return EXIT_SLIRP_FAILED
     linux.raise_fd_limit()  # every guest connection is a host socket
