@@ -772,6 +772,12 @@ class Runner:
 
         watch[h.pidfd] = on_exit
         sup.stats_sources["bypass"] = h.stats
+        # The handler bypasses what its scope says, decided once: a policy
+        # set at run time could not reach the sockets it hands out.
+        sup.policy_blocked_by = ("--bypass: connections that bypass libslirp cannot follow "
+                                 "a policy set at run time; start nsnet run with the policy "
+                                 "(--egress, --allow, --deny) instead"
+                                 if any(h.scope.values()) else None)
 
     def _start_supervisor(self) -> "Supervisor":
         from .ns.helper import Target
