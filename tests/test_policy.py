@@ -264,9 +264,12 @@ def test_set_policy_cuts_or_keeps_established(user, probe, servers, workdir, kee
     a = servers()
     api_path = os.path.join(workdir, "api.sock")
     go = os.path.join(workdir, "go")
-    p = user.popen([harness.nsnet_bin(), "run", f"--api-socket={api_path}", "--", NS_PYTHON,
-                    probe, json.dumps([["hold_tcp", "10.0.2.2", a.port, go],
-                                       ["tcp", "10.0.2.2", a.port]])],
+    # with keep_established, under the forwarder's sandbox and seccomp too:
+    # the policy set at run time is parsed where no module can be read
+    sandbox = ["--enable-sandbox", "--enable-seccomp"] if keep else []
+    p = user.popen([harness.nsnet_bin(), "run", f"--api-socket={api_path}", *sandbox, "--",
+                    NS_PYTHON, probe, json.dumps([["hold_tcp", "10.0.2.2", a.port, go],
+                                                  ["tcp", "10.0.2.2", a.port]])],
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert read_line(p.stdout, 30) == b"CONNECTED\n"

@@ -86,7 +86,8 @@ def _loads(data: bytes) -> Any:
 
 
 def parse_request(data: bytes) -> dict[str, Any]:
-    if len(data) >= request_limit(data):
+    limit = request_limit(data)
+    if len(data) >= limit:
         raise ApiError("too large message")
     try:
         req = _loads(data)
@@ -96,6 +97,8 @@ def parse_request(data: bytes) -> dict[str, Any]:
         raise ApiError("json_object() failed")
     if not isinstance(req.get("execute"), str):
         raise ApiError("no execute found")
+    if limit > MAX_REQUEST and len(data) >= MAX_REQUEST and req["execute"] != "set_policy":
+        raise ApiError("too large message")  # it only mentioned set_policy
     return req
 
 
@@ -199,8 +202,6 @@ def handle(data: bytes, backend: ApiBackend) -> bytes:
         args = req.get("arguments")
         if not isinstance(args, dict):
             args = {}
-        if len(data) >= MAX_REQUEST and execute != "set_policy":
-            raise ApiError("too large message")
         if execute == "add_hostfwd":
             return encode(_add_hostfwd(args, backend))
         if execute == "list_hostfwd":
