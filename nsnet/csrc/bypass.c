@@ -81,6 +81,7 @@ struct pending { /* a blocking connect that has not finished yet */
     int fd;       /* the command's fd number */
     int sock;     /* our host socket, connecting */
     int cloexec;
+    int family;
     int64_t deadline_ms; /* SO_SNDTIMEO of the command's socket, or 0 */
     int64_t recheck_ms;  /* next ID_VALID check */
 };
@@ -454,7 +455,7 @@ static int replaceable(int s, int family)
 /* Install `sock` as the command's `fd` and answer `err` (0, EINPROGRESS).
  * Takes `sock`.  Returns 0 when installed. */
 static int install(struct handler *h, uint64_t id, int fd, int sock, int cloexec,
-                   int nonblock, int err)
+                   int nonblock, int err, int family)
 {
     if (!nonblock) {
         int fl = fcntl(sock, F_GETFL);
@@ -473,6 +474,10 @@ static int install(struct handler *h, uint64_t id, int fd, int sock, int cloexec
         return -1; /* interrupted (ESRCH/ENOENT): the syscall restarts or is gone */
     }
     later(h, sock);
+    /* counted before the reply: what the command does next may read them */
+    h->sh->bypassed++;
+    if (family == AF_INET6)
+        h->sh->bypassed6++;
     reply(h, id, 0, err, 0);
     return 0;
 }
@@ -493,7 +498,7 @@ static int connected_now(int s)
 }
 
 static void add_pending(struct handler *h, const struct seccomp_notif *n, int slot, int fd,
-                        int sock, int cloexec, int src)
+                        int sock, int cloexec, int src, int family)
 {
     if (h->npend == h->cappend) {
         size_t cap = h->cappend ? h->cappend * 2 : 16;
@@ -513,6 +518,7 @@ static void add_pending(struct handler *h, const struct seccomp_notif *n, int sl
     p->fd = fd;
     p->sock = sock;
     p->cloexec = cloexec;
+    p->family = family;
     p->deadline_ms = 0;
     p->recheck_ms = now_ms() + 1000;
     struct timeval tv;
@@ -587,14 +593,10 @@ static void bypass_connect(struct handler *h, const struct seccomp_notif *n, int
         if (rc == 0 || nonblock) {
             /* a non-blocking connect says EINPROGRESS, as the kernel does
              * on loopback; the socket completes (or fails) on its own */
-            if (install(h, n->id, fd, s, cloexec, nonblock, nonblock ? EINPROGRESS : 0) == 0) {
-                h->sh->bypassed++;
-                if (family == AF_INET6)
-                    h->sh->bypassed6++;
-            }
+            install(h, n->id, fd, s, cloexec, nonblock, nonblock ? EINPROGRESS : 0, family);
             return;
         }
-        add_pending(h, n, slot, fd, s, cloexec, orig);
+        add_pending(h, n, slot, fd, s, cloexec, orig, family);
         return;
     }
     /* failed at once (refused, unreachable): the command's own socket stays,
@@ -611,16 +613,15 @@ static void finish_pending(struct handler *h, size_t i, int timed_out)
     h->sh->pending = h->npend;
     if (timed_out) {
         /* SO_SNDTIMEO ran out: connect says EINPROGRESS, the socket goes on */
-        if (install(h, p.id, p.fd, p.sock, p.cloexec, 0, EINPROGRESS) == 0)
-            h->sh->bypassed++;
+        install(h, p.id, p.fd, p.sock, p.cloexec, 0, EINPROGRESS, p.family);
     } else {
         int err = sock_error(p.sock);
         if (err) {
             h->sh->failed++;
             later(h, p.sock);
             reply(h, p.id, 0, err, 0);
-        } else if (install(h, p.id, p.fd, p.sock, p.cloexec, 0, 0) == 0) {
-            h->sh->bypassed++;
+        } else {
+            install(h, p.id, p.fd, p.sock, p.cloexec, 0, 0, p.family);
         }
     }
     slot_free(h, p.slot);
@@ -727,7 +728,7 @@ static void on_connect(struct handler *h, const struct seccomp_notif *n, int slo
         }
         /* a second blocking connect on a connecting socket waits for it;
          * completion is answered without replacing anything */
-        add_pending(h, n, slot, -1, orig, 0, orig);
+        add_pending(h, n, slot, -1, orig, 0, orig, family);
         return;
     }
     later(h, orig);
