@@ -19,7 +19,7 @@ class Forward(namedtuple("Forward", ("proto", "host_addr", "host_port", "guest_a
                                      "guest_port", "mode"), defaults=("slirp",))):
     """One forward: proto "tcp" or "udp"; mode (an nsnet extra) "slirp",
     libslirp's forward and the default, or "splice", the fast path
-    (nsnet/fastpath.py; tcp only)."""
+    (nsnet/supervisor/fastpath.py; tcp only)."""
 
     __slots__ = ()
 
@@ -112,3 +112,25 @@ class ForwardTable:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+LOOPBACK = {4: "127.0.0.1", 6: "::1"}
+
+
+def publish_forward(host_port: int, guest_port: int, proto: str = "tcp",
+                    host_addr: str = "", guest_addr: str = "", *,
+                    default_guest: str, default_guest6: str | None = None) -> Forward:
+    """The Forward to publish a port with: TCP through the fast path
+    (mode "splice"; the guest address defaults to the namespace's
+    loopback), UDP through libslirp (the fast path is TCP only; the guest
+    address defaults to default_guest / default_guest6, the namespace's
+    addresses).  Raises ForwardError naming the bad field.  Put the result
+    in supervisor.Options.initial_forwards (published before ready; a port
+    that cannot be bound fails the set-up), or pass it to
+    Supervisor.api_add_forward once running."""
+    if proto == "tcp":
+        return make_forward(proto, host_port, guest_port, host_addr, guest_addr,
+                            default_guest=LOOPBACK[4], default_guest6=LOOPBACK[6], mode="splice")
+    return make_forward(proto, host_port, guest_port, host_addr, guest_addr,
+                        default_guest=default_guest, default_guest6=default_guest6)
+

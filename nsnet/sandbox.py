@@ -308,7 +308,8 @@ def _preload() -> None:
     import json  # noqa: F401
     import traceback  # noqa: F401
 
-    from . import forwards, slirp  # noqa: F401
+    from . import forwards  # noqa: F401
+    from .host import slirp  # noqa: F401
 
 
 def enter(sandbox: bool, seccomp: bool, forwards: Any = None) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 nsnet accepts on the host side, a connector inside the namespace connects
 to the guest port on the namespace's loopback, and a splice(2) relay moves
-the bytes (nsnet/fastpath.py, csrc/relay.c, docs/fastpath.md).
+the bytes (nsnet/supervisor/fastpath.py, csrc/relay.c, docs/fastpath.md).
 """
 from __future__ import annotations
 

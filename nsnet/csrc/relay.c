@@ -1,5 +1,5 @@
 /* nsnet's fast path for published ports: a splice(2) relay between pairs
- * of connected kernel sockets (see nsnet/fastpath.py, docs/fastpath.md).
+ * of connected kernel sockets (see nsnet/supervisor/fastpath.py, docs/fastpath.md).
  *
  * One relay context owns an epoll instance and any number of connection
  * pairs.  Each pair is an outer socket (the client's connection, accepted

@@ -14,7 +14,7 @@ import pytest
 from nsnet.policy import Policy, PolicyError, parse_rule
 
 try:
-    from nsnet.slirp import c_decide, c_name_allowed, c_policy
+    from nsnet.host.slirp import c_decide, c_name_allowed, c_policy
 except ImportError:  # the cffi extension is not built (source tree)
     c_policy = None
 

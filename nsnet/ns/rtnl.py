@@ -17,7 +17,7 @@ import struct
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:
-    from .netconfig import NetConfig
+    from ..netconfig import NetConfig
 
 RTM_NEWLINK = 16
 RTM_NEWADDR = 20

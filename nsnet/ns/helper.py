@@ -24,9 +24,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Callable
 
-from . import fdpass, linux
-from .children import fork_child
-from .netconfig import NetConfig
+from .. import fdpass, linux
+from ..children import fork_child
+from ..netconfig import NetConfig
 
 
 SIOCGIFHWADDR = 0x8927

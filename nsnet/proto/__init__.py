@@ -1,0 +1,1 @@
+"""Internal protocols between nsnet's processes: one module per protocol."""

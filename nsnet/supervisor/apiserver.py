@@ -1,0 +1,367 @@
+"""The supervisor's API socket: binding it, serving clients in the poll
+loop, and the backend that supervisor/api.py's request handler calls."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import socket
+import stat
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
+    from typing import Any, Callable
+
+from ..forwards import Forward, ForwardError
+from ..netconfig import slaac_address
+from ..ns import helper as helper_ns
+from . import api
+from .errors import SetupError
+
+API_CLIENT_TIMEOUT = 5.0
+API_DRAIN_LIMIT = 1 << 20
+
+
+def _median(values: list[float]) -> float:
+    """statistics.median, without its 3 ms import on the path to ready."""
+    v = sorted(values)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+
+
+class _ApiClient:
+    """One connection to the API socket, until it is answered or expires."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.buf = bytearray()
+        self.answered = False
+        self.drained = 0
+
+
+
+class ApiServer:
+    """Supervisor methods behind the API socket (mixed into
+    supervisor.core.Supervisor)."""
+
+    def _bind_api(self, path: str) -> None:
+        if len(path.encode()) >= 108:
+            raise SetupError(f"API socket path too long ({len(path.encode())} bytes, max 107)")
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise SetupError(f"API socket path {path} exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except ConnectionRefusedError:
+                os.unlink(path)  # stale socket of a dead process
+            except OSError as e:
+                raise SetupError(f"API socket {path}: {e.strerror}") from None
+            else:
+                raise SetupError(f"API socket {path} is in use by another process")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)  # 0600: only the invoking user may talk to it
+        try:
+            sock.bind(path)
+        except OSError as e:
+            sock.close()
+            raise SetupError(f"cannot bind API socket {path}: {e.strerror}") from None
+        finally:
+            os.umask(old)
+        sock.listen(1024)  # bursts of clients wait in the queue, not EAGAIN
+        sock.setblocking(False)
+        st = os.lstat(path)  # never follow a symlink swapped in after bind
+        self.api_sock = sock
+        self.api_ino = (st.st_dev, st.st_ino)
+
+    # -- the API (called by api.handle) -------------------------------------
+
+    @property
+    def default_guest_addr(self) -> str:
+        return str(self.opts.net.guest)
+
+    @property
+    def default_guest_addr6(self) -> str | None:
+        """The namespace's SLAAC address (EUI-64 from the TAP's MAC)."""
+        if not self.opts.net.ipv6 or not self.tap_mac:
+            return None
+        return str(slaac_address(self.opts.net.prefix6, self.tap_mac))
+
+    def api_add_forward(self, fwd: Forward) -> int:
+        if fwd.is_splice:  # the fast path: nsnet/supervisor/fastpath.py
+            self._fastpath().add(fwd)
+            return self.forwards.add(fwd)
+        reply = self._forwarder_request({"op": "add", "forward": fwd.to_dict()})
+        if not reply.get("ok"):
+            raise ForwardError(reply.get("error", "failed"))
+        fid = self.forwards.add(fwd)
+        self.log.debug(f"forward {fid} added: {fwd}")
+        return fid
+
+    def api_remove_forward(self, fid: int) -> None:
+        fwd = self.forwards.get(fid)
+        if fwd is None:
+            raise KeyError(fid)
+        if fwd.is_splice:  # the fast path: nsnet/supervisor/fastpath.py
+            self._fastpath().remove(fwd)
+            self.forwards.remove(fid)
+            return
+        if fid not in self.inactive_forwards:  # else libslirp does not have it
+            reply = self._forwarder_request({"op": "remove", "forward": fwd.to_dict()})
+            if not reply.get("ok"):
+                raise ForwardError(reply.get("error", "failed"))
+        self.inactive_forwards.discard(fid)
+        self.forwards.remove(fid)
+
+    def api_list_forwards(self) -> list[tuple[int, Forward]]:
+        return self.forwards.items()
+
+    def _forwarder_state(self) -> str:
+        if self.fwd is not None:
+            return "running" if self.fwd.ready else "starting"
+        return "restarting" if self.restart_at is not None else "stopped"
+
+    def api_info(self, interface: bool = False) -> dict[str, Any]:
+        from .. import __version__
+        from ..host import slirp
+
+        net = self.opts.net
+        now = time.monotonic()
+        fwd = self.fwd
+        lat = self.restart_latencies_ms
+        info: dict[str, Any] = {
+            "version": __version__,
+            "libslirp": slirp.version(),
+            "supervisor_pid": os.getpid(),
+            "forwarder_pid": fwd.pid if fwd else None,
+            "forwarder_state": self._forwarder_state(),
+            "forwarder_uptime_s": (round(now - fwd.ready_at, 3)
+                                   if fwd is not None and fwd.ready_at is not None else None),
+            "target": {
+                "pid": self.opts.target.pid,
+                "netns": self.opts.target.netns,
+                "userns": self.opts.target.userns,
+                "exit_with_target": self.opts.exit_with_target and self.target_pidfd is not None,
+            },
+            "tap": {"name": self.opts.tapname, "ifindex": self.ifindex,
+                    "mac": ":".join(f"{b:02x}" for b in self.tap_mac) if self.tap_mac else None},
+            "mtu": net.mtu,
+            "cidr": str(net.cidr),
+            "guest": str(net.guest),
+            "gateway": str(net.gateway),
+            "dns": str(net.dns),
+            "ipv6": net.ipv6,
+            "offload": net.offload,
+            "api_socket": self.opts.api_socket,
+            "inactive_forwards": sorted(self.inactive_forwards),
+            "restarts": self.restarts,
+            "restart_latency_ms": {
+                "last": round(lat[-1], 3) if lat else None,
+                "median": round(_median(lat), 3) if lat else None,
+                "max": round(max(lat), 3) if lat else None,
+            },
+            "restart_policy": {"max_restarts": self.opts.max_restarts,
+                               "window_s": self.opts.restart_window,
+                               "recent_failures": len([t for t in self.failures
+                                                       if now - t < self.opts.restart_window])},
+            "last_failure": self.last_failure or None,
+            "uptime_s": round(now - self.started, 3),
+        }
+        if net.ipv6:
+            info.update(gateway6=str(net.gateway6), dns6=str(net.dns6),
+                        prefix6=f"{net.prefix6}/64", guest6=self.default_guest_addr6)
+        if interface:
+            try:
+                info["interface"] = helper_ns.describe_interface(self.opts.target,
+                                                                 self.opts.tapname)
+            except helper_ns.HelperError as e:
+                info["interface"] = {"error": str(e)}
+        return info
+
+    def api_stats(self) -> dict[str, Any]:
+        try:
+            reply = self._forwarder_request({"op": "stats"})
+        except ForwardError as e:
+            raise api.ApiError(f"get_stats: {e}") from None
+        if not reply.get("ok"):
+            raise api.ApiError(f"get_stats: {reply.get('error', 'failed')}")
+        conns = parse_connection_info(reply.get("connections", ""))
+        active = [c for c in conns if c["state"] != "HOST_FORWARD"]
+        n_active = len(active)
+        total = reply.get("connections_total")
+        if isinstance(total, int) and total > len(conns):
+            # The forwarder lists at most STATS_MAX_CONNECTIONS sockets: count the rest.
+            n_active += total - len(conns)
+        out = dict(reply["stats"], forwarder_pid=self.fwd.pid if self.fwd else None,
+                   active_connections=n_active, connections=conns,
+                   restarts=self.restarts)
+        for name, source in self.stats_sources.items():
+            out[name] = source()
+        pstats = reply.get("policy")
+        if isinstance(pstats, dict) and self.policy is not None:
+            out["policy"] = dict(pstats, audit_log_lost=self.policy.audit_lost)
+        if self.fastpath is not None:  # splice forwards: the relay's own counters
+            try:
+                out["fastpath"] = self.fastpath.stats()
+            except ForwardError as e:
+                out["fastpath"] = {"error": str(e)}
+        return out
+
+    def api_get_policy(self) -> dict[str, Any]:
+        if self.policy is None:
+            return {"egress": "allow", "rules": []}
+        return self.policy.get()
+
+    def api_set_policy(self, args: dict[str, Any]) -> None:
+        """Replace the egress policy atomically: the forwarder judges every
+        frame after this by the new one (flows it denies are cut unless
+        keep_established); a forwarder started later gets it at fork."""
+        from .policy import PolicyControl, PolicyControlError
+
+        if self.policy is None:
+            self.policy = PolicyControl(None, self.opts.audit_all)
+            if self.fwd is not None:
+                self.fwd.on_audit = self.policy.on_audit
+        try:
+            pol, keep = self.policy.parse_set(args)
+        except PolicyControlError as e:
+            raise api.ApiError(f"set_policy: {e}") from None
+        try:
+            fwd = self._ready_forwarder()
+        except ForwardError:
+            fwd = None  # restart pending: the next forwarder gets it at fork
+        if fwd is not None:
+            try:
+                self.policy.send(self._forwarder_request, pol, keep)
+            except (PolicyControlError, ForwardError) as e:
+                raise api.ApiError(f"set_policy: {e}") from None
+        self.policy.policy = pol
+        self.log.info(f"egress policy replaced: default {pol.default}, {len(pol.rules)} rules"
+                      + (" (established flows kept)" if keep else ""))
+
+    # -- API socket handling (non-blocking, in the poll loop) --------------
+
+    def _api_accept(self) -> None:
+        assert self.api_sock is not None
+        while True:
+            try:
+                conn, _ = self.api_sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    self.log.warning(f"API: cannot accept: {e.strerror}")
+                return
+            conn.setblocking(False)
+            self.api_clients[conn.fileno()] = _ApiClient(conn, time.monotonic() + API_CLIENT_TIMEOUT)
+
+    def _api_read(self, fd: int) -> None:
+        c = self.api_clients[fd]
+        try:
+            data = c.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._api_close(fd)
+            return
+        if c.answered:
+            c.drained += len(data)
+            if not data or c.drained > API_DRAIN_LIMIT:
+                self._api_close(fd)
+            return
+        c.buf += data
+        eof = not data
+        # (a large set_policy: parse only once it may be whole, not per chunk)
+        if (eof or len(c.buf) >= api.request_limit(bytes(c.buf[:api.MAX_REQUEST]))
+                or ((len(c.buf) < api.MAX_REQUEST or c.buf.rstrip().endswith(b"}"))
+                    and api.is_complete(bytes(c.buf)))):
+            self._api_answer(fd, bytes(c.buf), eof)
+
+    def _api_answer(self, fd: int, request: bytes, eof: bool) -> None:
+        c = self.api_clients[fd]
+        try:
+            reply = api.handle(request, self)
+        except Exception as e:  # a bug must not take the network down
+            self.log.error(f"API: internal error answering {request[:200]!r}: {e!r}")
+            reply = api.error_reply(f"internal error: {e}")
+        c.answered = True
+        try:
+            c.sock.setblocking(True)
+            c.sock.settimeout(1.0)
+            c.sock.sendall(reply)
+            c.sock.shutdown(socket.SHUT_WR)
+            c.sock.setblocking(False)
+        except OSError:
+            self._api_close(fd)
+            return
+        if eof:
+            self._api_close(fd)
+
+    def _api_close(self, fd: int) -> None:
+        c = self.api_clients.pop(fd, None)
+        if c is not None:
+            try:
+                c.sock.close()
+            except OSError:
+                pass
+
+    def _api_expire(self, now: float) -> None:
+        for fd, c in list(self.api_clients.items()):
+            if now >= c.deadline:
+                if not c.answered and c.buf:
+                    self._api_answer(fd, bytes(c.buf), True)
+                self._api_close(fd)
+
+    def _make_api_reader(self, fd: int) -> Callable[[int], None]:
+        def reader(ev: int) -> None:
+            if fd in self.api_clients:
+                self._api_read(fd)
+        return reader
+
+    def _unlink_api(self) -> None:
+        path = self.opts.api_socket
+        if not path or self.api_ino is None:
+            return
+        try:
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == self.api_ino:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+
+def parse_connection_info(text: str) -> list[dict[str, Any]]:
+    """slirp_connection_info()'s table, one dict per socket:
+    {"proto", "state", "fd", "src", "sport", "dst", "dport", "recvq", "sendq"}
+    (the state of a UDP socket is its remaining lifetime, e.g. "236 sec")."""
+
+    def num(v: str) -> int | None:
+        return int(v) if v.lstrip("-").isdigit() else None
+
+    out: list[dict[str, Any]] = []
+    for line in text.splitlines()[1:]:
+        m = _CONN_LINE.match(line)
+        if m is None:
+            continue
+        rest = m.group(3).split()
+        if len(rest) != 7:
+            continue
+        out.append({"proto": m.group(1).lower(), "state": m.group(2), "fd": num(rest[0]),
+                    "src": rest[1], "sport": num(rest[2]), "dst": rest[3],
+                    "dport": num(rest[4]), "recvq": num(rest[5]), "sendq": num(rest[6])})
+    return out
+
+
+_CONN_LINE = re.compile(r"^\s*(\w+)\[([^\]]*)\]\s+(.*)$")
+
+

@@ -1,0 +1,393 @@
+"""The supervisor's handle on the forwarder (nsnet/host/forwarder.py): its
+control socket, spawning it, and the restart policy (docs/lifecycle.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
+    from typing import Any
+
+from .. import fdpass
+from ..children import fork_child
+from ..forwards import ForwardError
+from ..ns import helper as helper_ns
+from ..proto.exitcodes import EXIT_FAILURE, FORWARDER_EXIT_TAP_ERROR
+from .errors import SetupError
+
+FORWARDER_START_TIMEOUT = 10.0
+CONTROL_TIMEOUT = 5.0
+
+# Restart policy (docs/lifecycle.md).  A forwarder that was up and serving
+# for STABLE_S before it died is restarted at once; one that failed to
+# start, or died sooner, is restarted after a back-off that doubles from
+# BACKOFF_FIRST_S up to BACKOFF_MAX_S.  Every death counts towards
+# --max-restarts within --restart-window, however long the forwarder ran.
+STABLE_S = 1.0
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 2.0
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"killed by {name}"
+    return f"exit status {os.WEXITSTATUS(status)}"
+
+
+
+class _Forwarder:
+    """A forwarder child (starting or running), seen from the supervisor."""
+
+    def __init__(self, pid: int, ctl: socket.socket, started: float) -> None:
+        self.pid = pid
+        self.ctl = ctl
+        self.started = started  # when it was spawned
+        self.ready_at: float | None = None  # when it said "ready"
+        self.deadline = started + FORWARDER_START_TIMEOUT
+        self.ctl_eof = False
+        self.seq = 0
+        self.events: list[dict[str, Any]] = []
+        self.status: int | None = None  # wait status once reaped
+        # egress-policy audit records: handled as they come, never queued
+        self.on_audit: Any = None
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except OSError:
+            ctl.close()
+            raise
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_at is not None
+
+    def receive(self, block_until: float | None = None) -> dict[str, Any] | None:
+        """One message from the forwarder, or None (nothing yet, or EOF:
+        then ctl_eof is set).  Waits until block_until at most."""
+        if self.ctl_eof:
+            return None
+        if block_until is not None:
+            left = max(0.0, block_until - time.monotonic())
+            r, _, _ = select.select([self.ctl], [], [], left)
+            if not r:
+                return None
+        try:
+            data = self.ctl.recv(65536, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            self.ctl_eof = True
+            return None
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            msg = {"event": "garbage"}
+        if isinstance(msg, dict) and msg.get("event") == "audit":
+            if self.on_audit is not None:
+                self.on_audit(msg)
+            return None
+        return msg if isinstance(msg, dict) else {"event": "garbage"}
+
+    def drain(self) -> None:
+        """Keep every event still queued (what it said before dying)."""
+        while True:
+            msg = self.receive()
+            if msg is None:
+                return
+            self.events.append(msg)
+
+    def request(self, msg: dict[str, Any], timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
+        """One request/reply round trip over the control socket."""
+        self.seq += 1
+        msg = dict(msg, seq=self.seq)
+        self.ctl.send(json.dumps(msg).encode())
+        deadline = time.monotonic() + timeout
+        while True:
+            if time.monotonic() >= deadline:
+                raise TimeoutError("forwarder did not answer")
+            reply = self.receive(block_until=deadline)
+            if reply is None:
+                if self.ctl_eof:
+                    raise ConnectionError("forwarder hung up")
+                continue
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if reply.get("reply_to") == self.seq:
+                return reply
+
+    def error_text(self) -> str:
+        return "; ".join(str(e["error"]) for e in self.events if e.get("error"))
+
+    def tap_error(self) -> str | None:
+        for e in self.events:
+            if e.get("event") == "tap_error":
+                return str(e.get("error"))
+        if (self.status is not None and os.WIFEXITED(self.status)
+                and os.WEXITSTATUS(self.status) == FORWARDER_EXIT_TAP_ERROR):
+            return "forwarder exit status 3"
+        return None
+
+    def close(self) -> None:
+        for closer in (self.ctl.close, lambda: os.close(self.pidfd)):
+            try:
+                closer()
+            except OSError:
+                pass
+
+
+
+class ForwarderControl:
+    """Supervisor methods that spawn, watch and restart the forwarder
+    (mixed into supervisor.core.Supervisor)."""
+
+    # -- the forwarder: spawning -------------------------------------------
+
+    def _spawn_forwarder(self, with_tap: bool = True) -> _Forwarder:
+        """Fork a forwarder; raises OSError if the fork or its sockets fail.
+        with_tap False: it gets the TAP later over its control socket
+        (see _start_first_forwarder)."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        tap_fd = self.tap_fd if with_tap else None
+        policy = self.policy.forwarder_arg() if self.policy is not None else None
+
+        def forwarder() -> int:
+            # The first forwarder imports its code itself, before any
+            # sandboxing: libslirp's cffi module then loads while the
+            # namespace helper makes the TAP.  Later ones inherit it
+            # (signal_ready imports it into the supervisor).
+            from ..host import forwarder as helper_host
+
+            return helper_host.main(self.opts.net, tap_fd, child,
+                                    self.forwards.libslirp_items(),
+                                    sandbox=self.opts.sandbox, seccomp=self.opts.seccomp,
+                                    policy=policy)
+
+        keep = [child.fileno()] if tap_fd is None else [tap_fd, child.fileno()]
+        try:
+            pid = fork_child("nsnet-forwarder", forwarder, keep)
+        except OSError:
+            parent.close()
+            child.close()
+            raise
+        child.close()
+        try:
+            fwd = _Forwarder(pid, parent, time.monotonic())
+            if self.policy is not None:
+                fwd.on_audit = self.policy.on_audit
+            return fwd
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
+
+    def _start_first_forwarder(self, helper: helper_ns.TapHelper) -> None:
+        """The first start is synchronous and must succeed (exit 1 if not,
+        as slirp4netns exits 1 when slirp_new fails).  It overlaps the
+        namespace helper: the forwarder sets libslirp up while the helper
+        makes the TAP, and gets the TAP when it is there."""
+        try:
+            fwd = self._spawn_forwarder(with_tap=False)
+        except OSError as e:
+            raise SetupError(f"cannot start the forwarder: {e.strerror or e}") from None
+        try:
+            self.tap_fd, self.ifindex, self.tap_mac = helper.result()
+        except helper_ns.HelperError as e:
+            self._stop_forwarder(fwd)
+            raise SetupError(str(e)) from None
+        try:
+            fdpass.send_fds(fwd.ctl, {"op": "tap"}, [self.tap_fd])
+        except OSError:
+            pass  # it has failed already: its message or exit says why
+        fwd.deadline = time.monotonic() + FORWARDER_START_TIMEOUT
+        while not fwd.ready and not fwd.ctl_eof and time.monotonic() < fwd.deadline:
+            msg = fwd.receive(block_until=fwd.deadline)
+            if msg is None:
+                continue
+            self._on_forwarder_message(fwd, msg)
+            if msg.get("event") == "failed":
+                break
+        if not fwd.ready:
+            self._stop_forwarder(fwd)
+            why = fwd.error_text() or (
+                _describe_status(fwd.status) if fwd.status is not None else "no answer")
+            raise SetupError(f"forwarder failed to start ({why})")
+        self.fwd = fwd
+
+    def _on_forwarder_message(self, fwd: _Forwarder, msg: dict[str, Any]) -> None:
+        fwd.events.append(msg)
+        if msg.get("event") != "ready" or fwd.ready:
+            return
+        fwd.ready_at = time.monotonic()
+        failed = msg.get("failed_forwards", [])
+        self.inactive_forwards = set(failed)
+        for fid in failed:
+            f = self.forwards.get(fid)
+            self.log.warning(f"port forward {fid} ({f}) could not be re-added")
+        if fwd is not self.fwd or self.outage_since is None:
+            return  # the first forwarder
+        ms = (fwd.ready_at - self.outage_since) * 1000
+        self.outage_since = None
+        self.restart_latencies_ms.append(ms)
+        self.restarts += 1
+        self.log.info(
+            f"forwarder restarted (pid {fwd.pid}, {ms:.1f} ms after the last one died, "
+            f"{len(self.forwards) - len(failed)} of {len(self.forwards)} forwards re-added, "
+            f"restart {self.restarts})",
+            extra={"fields": {"event": "forwarder_restarted", "forwarder_pid": fwd.pid,
+                              "restart_ms": round(ms, 3), "restarts": self.restarts,
+                              "forwards": len(self.forwards),
+                              "forwards_failed": len(failed)}})
+        self.notify.send(f"STATUS=network ready on {self.opts.tapname}; forwarder restarted "
+                         f"({self.restarts} restarts, last took {ms:.0f} ms)")
+
+    def _stop_forwarder(self, fwd: _Forwarder, grace: float = 1.0) -> None:
+        """Stop a forwarder (SIGTERM, then SIGKILL), reap it, close its fds."""
+        if fwd.status is None:
+            try:
+                os.kill(fwd.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            r, _, _ = select.select([fwd.pidfd], [], [], grace)
+            if not r:
+                try:
+                    os.kill(fwd.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                select.select([fwd.pidfd], [], [], 5.0)
+            self._reap(fwd)
+        fwd.drain()
+        fwd.close()
+
+    def _reap(self, fwd: _Forwarder) -> None:
+        try:
+            _, fwd.status = os.waitpid(fwd.pid, 0)
+        except ChildProcessError:
+            fwd.status = 0
+
+    # -- the forwarder: deaths and restarts ---------------------------------
+
+    def _on_forwarder_exit(self) -> None:
+        fwd = self.fwd
+        assert fwd is not None
+        self.fwd = None
+        now = time.monotonic()
+        self._reap(fwd)
+        fwd.drain()
+        fwd.close()
+        how = _describe_status(fwd.status or 0)
+        tap = fwd.tap_error()
+        if tap is not None:
+            self._finish(EXIT_FAILURE,
+                         f"TAP {self.opts.tapname} failed ({tap}): the interface is gone "
+                         "from the namespace")
+            return
+        if self.outage_since is None:
+            self.outage_since = now
+        if fwd.ready:
+            lived = now - fwd.ready_at  # type: ignore[operator]
+            why = f"forwarder (pid {fwd.pid}) died ({how}) after {lived:.1f} s"
+            if fwd.error_text():
+                why += f": {fwd.error_text()}"
+            quick = lived < STABLE_S
+        else:
+            detail = fwd.error_text() or how
+            why = f"forwarder (pid {fwd.pid}) failed to start ({detail})"
+            quick = True
+        self._on_failure(why, quick, now)
+
+    def _on_failure(self, why: str, quick: bool, now: float) -> None:
+        """Count a failure; give up, or schedule the next start."""
+        window = self.opts.restart_window
+        self.failures = [t for t in self.failures if now - t < window] + [now]
+        self.last_failure = why
+        if len(self.failures) > self.opts.max_restarts:
+            self._finish(EXIT_FAILURE,
+                         f"forwarder failed {len(self.failures)} times within {window:g} s "
+                         f"(--max-restarts={self.opts.max_restarts}); giving up; "
+                         f"last failure: {why}")
+            return
+        if quick:
+            delay = 0.0 if self.quick_failures == 0 else min(
+                BACKOFF_FIRST_S * 2 ** (self.quick_failures - 1), BACKOFF_MAX_S)
+            self.quick_failures += 1
+        else:
+            delay = 0.0
+            self.quick_failures = 0
+        self.log.warning(f"{why}; restarting" + (f" in {delay * 1000:.0f} ms" if delay else ""),
+                         extra={"fields": {"event": "forwarder_failed", "reason": why,
+                                           "restart_delay_ms": round(delay * 1000, 1)}})
+        self.restart_at = now + delay
+
+    def _restart_forwarder(self) -> None:
+        self.restart_at = None
+        try:
+            self.fwd = self._spawn_forwarder()
+        except OSError as e:
+            self._on_failure(f"cannot start a forwarder: {e.strerror or e}", True,
+                             time.monotonic())
+
+    def _on_forwarder_readable(self) -> None:
+        fwd = self.fwd
+        if fwd is None:
+            return
+        msg = fwd.receive()
+        if msg is not None:
+            self._on_forwarder_message(fwd, msg)
+
+    def _check_start_timeout(self, now: float) -> None:
+        fwd = self.fwd
+        if fwd is not None and not fwd.ready and now >= fwd.deadline:
+            fwd.events.append({"event": "failed", "error": "not ready within "
+                               f"{FORWARDER_START_TIMEOUT:g} s"})
+            try:
+                os.kill(fwd.pid, signal.SIGKILL)  # its pidfd reports the death
+            except ProcessLookupError:
+                pass
+            fwd.deadline = float("inf")
+
+    def _ready_forwarder(self) -> _Forwarder:
+        """The running forwarder for an API request.  If one is starting,
+        wait for it (bounded): a request during a restart is answered once
+        the new forwarder is up."""
+        fwd = self.fwd
+        if fwd is None:
+            raise ForwardError("forwarder not running (restart pending)")
+        while not fwd.ready and not fwd.ctl_eof and time.monotonic() < fwd.deadline:
+            msg = fwd.receive(block_until=min(fwd.deadline, time.monotonic() + CONTROL_TIMEOUT))
+            if msg is not None:
+                self._on_forwarder_message(fwd, msg)
+        if not fwd.ready:
+            raise ForwardError("forwarder not running (starting)")
+        return fwd
+
+    def _forwarder_request(self, msg: dict[str, Any]) -> dict[str, Any]:
+        fwd = self._ready_forwarder()
+        try:
+            return fwd.request(msg)
+        except TimeoutError:
+            # Its loop answers between turns of at most a second: it hangs.
+            # Kill it; its pidfd brings the restart.
+            self.log.warning(f"forwarder (pid {fwd.pid}) did not answer within "
+                             f"{CONTROL_TIMEOUT:g} s; killing it")
+            fwd.events.append({"event": "failed", "error": "hung (no answer)"})
+            try:
+                os.kill(fwd.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            raise ForwardError("forwarder: did not answer") from None
+        except (OSError, ValueError) as e:
+            raise ForwardError(f"forwarder: {e}") from None
+
