@@ -548,26 +548,32 @@ class Popen(subprocess.Popen[Any], _Controls):
         self._workdir: str | None = None
         self.api_socket: str | None = None
         self._ready_r: int | None = None
+        self._error_r: int | None = None
         self._ready = False
-        ready_w = None
+        ready_w = error_w = None
         if api:
             self._workdir = _private_dir()
             if kwargs.get("user") is not None:  # nsnet runs as that user: its directory
                 _give_dir(self._workdir, kwargs["user"])
             self.api_socket = os.path.join(self._workdir, "api.sock")
             self._ready_r, ready_w = os.pipe()
-            flags += [f"--api-socket={self.api_socket}", f"--ready-fd={ready_w}"]
-            kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), ready_w)
+            # nsnet run's error, for wait_ready() (stderr is the caller's).
+            self._error_r, error_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            flags += [f"--api-socket={self.api_socket}", f"--ready-fd={ready_w}",
+                      f"--error-fd={error_w}"]
+            kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), ready_w, error_w)
         argv = [*(command or nsnet_command()), "run", *flags, "--", *self.command]
         try:
             super().__init__(argv, **kwargs)
         except BaseException:
             _close_fd(self._ready_r)
+            _close_fd(self._error_r)
             if self._workdir:
                 _remove_dir(self._workdir)
             raise
         finally:
             _close_fd(ready_w)
+            _close_fd(error_w)
         if self._workdir is not None:
             self._cleanup = weakref.finalize(self, _remove_dir, self._workdir)
 
@@ -587,8 +593,25 @@ class Popen(subprocess.Popen[Any], _Controls):
                 code = self.wait(CLOSE_TIMEOUT)
             except subprocess.TimeoutExpired:
                 code = None
-            raise StartError(f"nsnet run exited (status {code}) before the network was ready")
+            why = self._error_text()
+            raise StartError(f"nsnet run exited (status {code}) before the network was ready"
+                             + (f": {why}" if why else ""))
         self._ready = True
+        _close_fd(self._error_r)
+        self._error_r = None
+
+    def _error_text(self) -> str:
+        """What nsnet run wrote on --error-fd (non-blocking: its helpers may
+        still hold the pipe open)."""
+        if self._error_r is None:
+            return ""
+        try:
+            data = os.read(self._error_r, 65536)
+        except OSError:
+            data = b""
+        _close_fd(self._error_r)
+        self._error_r = None
+        return data.decode(errors="replace").strip()
 
     def _api_path(self) -> str:
         if self.api_socket is None:
@@ -607,7 +630,8 @@ class Popen(subprocess.Popen[Any], _Controls):
             super().__exit__(*exc)
         finally:
             _close_fd(self._ready_r)
-            self._ready_r = None
+            _close_fd(self._error_r)
+            self._ready_r = self._error_r = None
             if self._workdir is not None:
                 self._cleanup()
 

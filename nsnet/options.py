@@ -203,6 +203,9 @@ TABLE: list[Opt] = [
              "namespace only"),
     Opt("tapname", arg="NAME", default="tap0", fronts=(RUN,), api="tapname",
         help="the name of the TAP in COMMAND's namespace (default {default})"),
+    Opt("error-fd", arg="FD", conv=nonneg_int("error-fd"), fronts=(RUN,),
+        help="write the error that stops nsnet to FD too (one line;\n"
+             "for programs that leave stderr to COMMAND)"),
     Opt("bypass", fronts=(RUN,), api="bypass",
         help="COMMAND's TCP connects to the host (the gateway\n"
              "alias) and beyond get sockets connected in the\n"
