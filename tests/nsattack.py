@@ -167,6 +167,7 @@ def main():
     seconds = float(sys.argv[3]) if len(sys.argv) > 3 else 120.0
     seen = {}      # pid -> record
     dead = set()   # pids checked and gone or not nsnet
+    young = {}     # pid -> when first seen, not nsnet's (yet)
     last = ME
 
     def probe(pid):
@@ -174,8 +175,14 @@ def main():
         if rec is None:
             who = ident(pid)
             if who is None:
-                dead.add(pid)
+                # Not (yet) nsnet's: a child that execs a fresh interpreter
+                # names itself a moment later.  Look again for 2 s.
+                first = young.setdefault(pid, time.monotonic())
+                if time.monotonic() - first > 2 or not os.path.exists(f"/proc/{pid}"):
+                    dead.add(pid)
+                    young.pop(pid, None)
                 return False
+            young.pop(pid, None)
             rec = seen[pid] = {"comm": who[0], "cmd": who[1], "results": {}, "tries": 0,
                                "ppid": ppid(pid)}
         if not os.path.exists(f"/proc/{pid}"):
@@ -221,7 +228,7 @@ def main():
                     probe(pid)
         if turn % 20 == 0:
             last = scan(last)
-        for pid in list(seen):
+        for pid in list(seen) + list(young):
             if pid not in dead:
                 probe(pid)
     with open(out + ".tmp", "w") as f:

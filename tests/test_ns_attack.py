@@ -155,6 +155,26 @@ def check_host_view(seen: dict[int, dict], target_pid: int) -> None:
     assert not holders, f"host-side children holding the target's namespace fds: {holders}"
 
 
+def check_connector(root_pid: int) -> None:
+    """From the host: the live connector is undumpable, has an empty root,
+    no capability (bounding set included), NO_NEW_PRIVS, stdin/stdout on
+    /dev/null, and besides stderr only sockets."""
+    pids = [p for p in harness.descendants(root_pid)
+            if Path(f"/proc/{p}/comm").read_text().strip() == "nsnet-connect"]
+    assert len(pids) == 1, pids
+    pid = pids[0]
+    assert os.listdir(f"/proc/{pid}/root/") == []
+    status = dict(line.split(":\t", 1) for line in
+                  Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+    for field in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[field], 16) == 0, (field, status[field])
+    assert status["NoNewPrivs"].strip() == "1"
+    fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    assert fds[0] == fds[1] == "/dev/null", fds
+    others = {fd: link for fd, link in fds.items() if fd > 2 and not link.startswith("socket:")}
+    assert not others, fds
+
+
 # ---------------------------------------------------------------------------
 
 
@@ -195,6 +215,7 @@ def test_attach_namespace_root_cannot_take_over_nsnet(user, ns, workdir, start_f
                                               "arguments": {"interface": True}}, timeout=30))
             assert info["return"]["interface"]["ifname"] == "tap0", info
         time.sleep(0.3)  # the connector lives on: a few more turns at it
+        check_connector(fwd.pid)
         report = att.finish(fwd.pid)
         seen = host.stop()
         assert harness.tcp_send("127.0.0.1", port, b"pong") == b"pong"
@@ -240,6 +261,7 @@ def test_run_command_cannot_take_over_nsnet(user, workdir, base_dir):
                                           "arguments": {"interface": True}}, timeout=30))
         assert info["return"]["interface"]["ifname"] == "tap0", info
         time.sleep(0.3)
+        check_connector(proc.pid)
         report = att.finish(proc.pid)
         assert proc.wait(timeout=30) == 0, proc.stderr.read()
         seen = host.stop()
