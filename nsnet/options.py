@@ -302,6 +302,9 @@ TABLE: list[Opt] = [
     Opt("log-format", arg="FORMAT", conv=choice("log-format", *LOG_FORMATS), default="text",
         api="log_format",
         help="text or json (default={default})"),
+    Opt("name", arg="NAME", api="name",
+        help="name this instance for nsnet ctl --instance and nsnet ps;\n"
+             "without -a, its API socket goes in the registry"),
     Opt("quiet", short=None, dest="log_level", value="warning", fronts=(ATTACH, RUN),
         help="no start-up and ready lines: only warnings and errors\n"
              "(the same as --log-level=warning)"),

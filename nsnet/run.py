@@ -131,6 +131,8 @@ class RunOptions:
     max_restarts: int = 5
     restart_window: float = 60.0
     error_fd: int | None = None
+    name: str | None = None
+    registry_socket: bool = False
     bypass: bool = False
 
 
@@ -164,6 +166,17 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     ro.publish_mode = v["publish_mode"]
     ro.dns = v["dns"]
     ro.api_socket = v["api_socket"]
+    ro.name = v["name"]
+    if ro.name is not None:
+        from . import registry
+
+        try:
+            sock = registry.claim_name(ro.name)
+            if ro.api_socket is None:
+                ro.api_socket = O.socket_path(sock)
+                ro.registry_socket = True
+        except (registry.RegistryError, O.OptionError) as e:
+            raise UsageError(str(e)) from None
     if ro.api_socket is not None:
         from .diag import DiagError, check_socket_dir
 
@@ -548,6 +561,7 @@ class Runner:
         import time
 
         self.t0 = time.monotonic()
+        self.entry = None
         self.bypass_listener = -1
         self.bypass_facts = b""
         self.bypass: "Handler | None" = None
@@ -704,6 +718,8 @@ class Runner:
                 self.bypass.stop()
             elif self.bypass_listener >= 0:
                 os.close(self.bypass_listener)
+            if self.entry is not None:
+                self.entry.remove()
             if sup is not None:
                 sup.teardown()
             if self.child > 0:
@@ -802,6 +818,16 @@ class Runner:
             f"{self.opts.argv[0]}", extra={"fields": {"event": "ready", "ms": round(ms, 3),
                                                       "tap": self.opts.tapname,
                                                       "command": self.opts.argv}})
+        from . import registry
+
+        self.entry = registry.Entry(
+            name=self.opts.name, kind="run", target=f"pid {self.child}",
+            tapname=self.opts.tapname, api_socket=self.opts.api_socket,
+            command=self.opts.argv, registry_socket=self.opts.registry_socket)
+        try:
+            self.entry.add()
+        except (OSError, registry.RegistryError) as e:
+            log.get("nsnet").warning(f"not listed by nsnet ps: {e}")
         self.go_sent = True
         try:
             self.send(b"G")
