@@ -187,12 +187,19 @@ def _add_forward(path: str, args: list[str], as_json: bool) -> int:
             arguments["mode"] = mode
         try:
             reply = _call(path, "add_hostfwd", arguments)
-        except CtlError:
+        except CtlError as e:
             for fid in added:  # a range is all or nothing
                 try:
                     _call(path, "remove_hostfwd", {"id": fid})
                 except CtlError:
                     pass
+            if "slirp_add_hostfwd failed" in str(e) and spec.host_port:
+                from .portspec import port_in_use
+
+                if port_in_use(spec.proto, spec.host_addr, spec.host_port):
+                    raise CtlError(f"cannot forward {spec}: {spec.host_addr or '0.0.0.0'}:"
+                                   f"{spec.host_port}/{spec.proto} is already in use "
+                                   "(EADDRINUSE)") from None
             raise
         added.append(int(reply["return"]["id"]))
         replies.append(reply)

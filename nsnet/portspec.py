@@ -59,41 +59,13 @@ def check_addr(text: str, what: str) -> str:
 
 
 def parse(spec: str) -> PortSpec:
-    """Parse ``[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]``."""
-    if not isinstance(spec, str):
-        raise PortSpecError(f"a port spec is a string, not {type(spec).__name__}")
-    body, slash, proto = spec.partition("/")
-    proto = proto.lower() if slash else "tcp"
-    if proto not in ("tcp", "udp"):
-        raise PortSpecError(f"{spec!r}: protocol must be tcp or udp, not {proto!r}")
-    host_addr = ""
-    if body.startswith("["):
-        end = body.find("]")
-        if end < 0 or body[end + 1:end + 2] != ":":
-            raise PortSpecError(f"{spec!r}: expected [IPv6]:HOST_PORT:GUEST_PORT")
-        host_addr = body[1:end]
-        if ":" not in host_addr:
-            raise PortSpecError(f"{spec!r}: brackets are for IPv6 addresses only")
-        rest = body[end + 2:].split(":")
-        if len(rest) != 2:
-            raise PortSpecError(f"{spec!r}: expected [IPv6]:HOST_PORT:GUEST_PORT")
-    else:
-        parts = body.split(":")
-        if len(parts) == 3:
-            host_addr, rest = parts[0], parts[1:]
-            if not host_addr:
-                raise PortSpecError(f"{spec!r}: empty host address")
-        elif len(parts) == 2:
-            rest = parts
-        else:
-            raise PortSpecError(f"{spec!r}: expected [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] "
-                                "(an IPv6 host address goes in brackets)")
-    try:
-        addr = check_addr(host_addr, "host address")
-    except PortSpecError as e:
-        raise PortSpecError(f"{spec!r}: {e}") from None
-    return PortSpec(proto, addr, _port(rest[0], "host port", spec),
-                    _port(rest[1], "guest port", spec))
+    """Parse ``[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]``: one forward, both
+    ports given (parse_many takes ranges and kernel-chosen host ports)."""
+    specs = parse_many(spec) if not isinstance(spec, str) or ":" in spec else []
+    if len(specs) != 1 or specs[0].host_port == 0:
+        raise PortSpecError(f"{spec!r}: expected [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] "
+                            "(an IPv6 host address goes in brackets)")
+    return specs[0]
 
 
 def port_in_use(proto: str, host_addr: str, host_port: int) -> bool:
@@ -120,6 +92,8 @@ def _port_range(text: str, what: str, spec: str, allow_zero: bool = False) -> li
     if text == "" and allow_zero:
         return [0]
     lo, dash, hi = text.partition("-")
+    if not lo:
+        return [_port(text, what, spec)]  # refused, with the whole text
     first = _port(lo, what, spec)
     if not dash:
         return [first]

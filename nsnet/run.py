@@ -146,7 +146,7 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     from .getopt_long import GetoptError
     from .netconfig import ConfigError, NetConfig, check_mtu, check_tapname, parse_cidr
     from .portspec import PortSpecError
-    from .portspec import parse as parse_spec
+    from .portspec import parse_many
 
     try:
         # POSIX mode: options end at COMMAND, whose own options stay its own.
@@ -160,7 +160,7 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     ro = RunOptions(argv=[], net=NetConfig())
     for text in v["publish"]:  # type: ignore[union-attr]
         try:
-            ro.publish.append(parse_spec(text))
+            ro.publish += parse_many(text)
         except PortSpecError as e:
             raise UsageError(f"--publish {e}") from None
     ro.publish_mode = v["publish_mode"]
@@ -536,12 +536,23 @@ def publish(sup: "Supervisor", specs: list["PortSpec"], mode: str) -> None:
         except ForwardError as e:
             raise RunError(f"cannot publish {spec}: bad {e}") from None
         try:
-            sup.api_add_forward(fwd)
+            fid = sup.api_add_forward(fwd)
         except ForwardError as e:
             why = str(e)
-            if port_in_use(fwd.proto, fwd.host_addr, fwd.host_port):
+            if fwd.host_port and port_in_use(fwd.proto, fwd.host_addr, fwd.host_port):
                 why = "address already in use"
             raise RunError(f"cannot publish {spec}: {why}") from None
+        if spec.host_port == 0:  # the kernel picked it: the user needs to know
+            got = sup.forwards.get(fid)
+            if got is not None:
+                host = f"[{got.host_addr}]" if ":" in got.host_addr else got.host_addr
+                from . import log
+
+                log.fail(PROG, f"published {host}:{got.host_port} -> port "
+                               f"{got.guest_port}/{got.proto}",
+                         {"event": "published", "level": "info", "host_addr": got.host_addr,
+                          "host_port": got.host_port, "guest_port": got.guest_port,
+                          "proto": got.proto})
 
 
 class Runner:

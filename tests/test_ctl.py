@@ -149,3 +149,43 @@ def test_ctl_errors(user, xdg, workdir):
         cp = nsnet(user, xdg, "ctl", "--socket", dead, *args)
         assert cp.returncode == 2 and msg in cp.stderr, cp.stderr
     assert "Traceback" not in cp.stderr
+
+
+def test_ctl_port_syntax(user, ns, xdg, procs):
+    """Docker/Podman port syntax: kernel-chosen host port (printed and
+    listed), ranges (all or nothing), /udp."""
+    start(user, xdg, procs, "--name", "ports", "-c", ns.pid, "tap0")
+    cp = nsnet(user, xdg, "ctl", "add-forward", "127.0.0.1::8080")
+    assert cp.returncode == 0, cp.stderr
+    port = int(cp.stdout.split("127.0.0.1:")[1].split("/")[0])
+    assert cp.stdout == f"forward 1: 127.0.0.1:{port}/tcp -> guest port 8080\n" and port > 0
+    listed = json.loads(nsnet(user, xdg, "ctl", "list-forwards", "--json").stdout)["entries"]
+    assert [e["host_port"] for e in listed] == [port]
+    srv = ns.start_server("tcp-serve", "0.0.0.0", 8080, "echo", 1)
+    assert tcp_send("127.0.0.1", port, b"kernel's pick") == b"kernel's pick"
+    srv.result()
+    base = free_port()  # base+1 is very likely free too
+    cp = nsnet(user, xdg, "ctl", "add-forward", f"127.0.0.1:{base}-{base + 1}:9000-9001/udp")
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.splitlines() == [
+        f"forward 2: 127.0.0.1:{base}/udp -> guest port 9000",
+        f"forward 3: 127.0.0.1:{base + 1}/udp -> guest port 9001"]
+    # a range whose second port is taken: nothing of it stays
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        cp = nsnet(user, xdg, "ctl", "add-forward", f"127.0.0.1:{taken - 1}-{taken}:80-81")
+        assert cp.returncode == 1 and "already in use (EADDRINUSE)" in cp.stderr, cp.stderr
+    listed = json.loads(nsnet(user, xdg, "ctl", "list-forwards", "--json").stdout)["entries"]
+    assert [e["id"] for e in listed] == [1, 2, 3]
+
+
+def test_run_publish_kernel_chosen_port(user):
+    cp = user.run([harness.nsnet_bin(), "run", "-p", "127.0.0.1::8080", "-p", "9090/udp", "--",
+                   "true"], timeout=60, text=True)
+    assert cp.returncode == 0, cp.stderr
+    lines = cp.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("nsnet run: published 127.0.0.1:")
+    assert lines[0].endswith(" -> port 8080/tcp") and lines[1].endswith(" -> port 9090/udp")
+    assert lines[1].startswith("nsnet run: published 0.0.0.0:")
