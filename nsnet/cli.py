@@ -166,6 +166,13 @@ def parse(argv: list[str]):
     except DiagError as e:
         raise BadOption(str(e)) from None
 
+    from .policy import PolicyError, from_options
+
+    try:
+        policy = from_options(v["egress"], v["policy_rules"], v["policy_file"])
+    except PolicyError as e:
+        raise BadOption(str(e)) from None
+
     out4 = resolve_outbound(v["outbound4"], 4) if v["outbound4"] else None
     out6 = resolve_outbound(v["outbound6"], 6) if v["outbound6"] else None
 
@@ -198,6 +205,9 @@ def parse(argv: list[str]):
         pidfile=v["pidfile"],
         sandbox=v["sandbox"],
         seccomp=v["seccomp"],
+        policy=policy,
+        audit_all=v["audit"] == "all",
+        audit_log=v["audit_log"],
     )
     opts.name = v["name"]  # nsnet ps, nsnet ctl --instance (the registry: cli.main)
     return opts

@@ -40,7 +40,7 @@ import socket
 import struct
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from .netconfig import NetConfig
@@ -130,6 +130,9 @@ class RunOptions:
     seccomp: bool = False
     max_restarts: int = 5
     restart_window: float = 60.0
+    policy: Any = None  # policy.Policy
+    audit_all: bool = False
+    audit_log: str | None = None
     error_fd: int | None = None
     name: str | None = None
     registry_socket: bool = False
@@ -200,6 +203,14 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     ro.seccomp = v["seccomp"]
     ro.max_restarts = v["max_restarts"]
     ro.restart_window = float(v["restart_window"])
+    from .policy import PolicyError, from_options
+
+    try:
+        ro.policy = from_options(v["egress"], v["policy_rules"], v["policy_file"])
+    except PolicyError as e:
+        raise UsageError(str(e)) from None
+    ro.audit_all = v["audit"] == "all"
+    ro.audit_log = v["audit_log"]
     ro.bypass = v["bypass"]
     if v["dns"] and v["disable_dns"]:
         raise UsageError("--dns names the built-in DNS, which --disable-dns turns off: "
@@ -771,7 +782,7 @@ class Runner:
             check_kernel(self.bypass_listener)
             check_access(self.child)
             h = Handler(self.bypass_listener, self.opts.net, unpack_facts(self.bypass_facts),
-                        sup.default_guest_addr6,
+                        sup.default_guest_addr6, policy=self.opts.policy,
                         on_give_up=lambda why: sup._finish(EXIT_SETUP, why))
         except BypassError as e:
             raise RunError(str(e)) from None
@@ -805,7 +816,8 @@ class Runner:
                         exit_with_target=True, pidfile=o.pidfile, sandbox=o.sandbox,
                         seccomp=o.seccomp, max_restarts=o.max_restarts,
                         restart_window=o.restart_window, on_ready=self._release,
-                        watch_fds={self.sigfd: self.on_signals})
+                        watch_fds={self.sigfd: self.on_signals}, policy=o.policy,
+                        audit_all=o.audit_all, audit_log=o.audit_log)
         sup = Supervisor(sopts)
         try:
             sup.setup()
