@@ -31,6 +31,13 @@ def _median(values: list[float]) -> float:
     return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
 
 
+def _fwd_text(f: Forward) -> str:
+    def addr(a: str, p: int) -> str:
+        return f"[{a}]:{p}" if ":" in a else f"{a}:{p}"
+    return (f"{addr(f.host_addr, f.host_port)} -> {addr(f.guest_addr, f.guest_port)}/{f.proto}"
+            + (" (splice)" if f.is_splice else ""))
+
+
 class _ApiClient:
     """One connection to the API socket, until it is answered or expires."""
 
@@ -97,14 +104,45 @@ class ApiServer:
         return str(slaac_address(self.opts.net.prefix6, self.tap_mac))
 
     def api_add_forward(self, fwd: Forward) -> int:
+        if fwd.host_port == 0:  # the kernel picks; a race with another binder: try again
+            from ..forwards import pick_host_port
+
+            for attempt in range(4):
+                try:
+                    picked = pick_host_port(fwd)
+                except OSError as e:
+                    self.log.warning(f"forward {fwd.proto} {fwd.host_addr}:0 failed: "
+                                     f"cannot pick a port: {e.strerror}")
+                    raise ForwardError(f"cannot pick a port: {e.strerror}") from None
+                try:
+                    return self._add_forward(picked)
+                except ForwardError:
+                    if attempt == 3:
+                        raise
+        return self._add_forward(fwd)
+
+    def _add_forward(self, fwd: Forward) -> int:
         if fwd.is_splice:  # the fast path: nsnet/supervisor/fastpath.py
-            self._fastpath().add(fwd)
-            return self.forwards.add(fwd)
+            try:
+                self._fastpath().add(fwd)
+            except ForwardError as e:
+                self.log.warning(f"forward {_fwd_text(fwd)} failed: {e}")
+                raise
+            fid = self.forwards.add(fwd)
+            self.log.debug(f"forward {fid} added: {_fwd_text(fwd)}",
+                           extra={"fields": {"event": "forward_added", "id": fid,
+                                             **fwd.to_dict()}})
+            return fid
         reply = self._forwarder_request({"op": "add", "forward": fwd.to_dict()})
         if not reply.get("ok"):
-            raise ForwardError(reply.get("error", "failed"))
+            why = reply.get("error", "failed")
+            self.log.warning(f"forward {_fwd_text(fwd)} failed: {why}",
+                             extra={"fields": {"event": "forward_failed", "error": why,
+                                               **fwd.to_dict()}})
+            raise ForwardError(why)
         fid = self.forwards.add(fwd)
-        self.log.debug(f"forward {fid} added: {fwd}")
+        self.log.debug(f"forward {fid} added: {_fwd_text(fwd)}",
+                       extra={"fields": {"event": "forward_added", "id": fid, **fwd.to_dict()}})
         return fid
 
     def api_remove_forward(self, fid: int) -> None:
@@ -121,6 +159,8 @@ class ApiServer:
                 raise ForwardError(reply.get("error", "failed"))
         self.inactive_forwards.discard(fid)
         self.forwards.remove(fid)
+        self.log.debug(f"forward {fid} removed: {_fwd_text(fwd)}",
+                       extra={"fields": {"event": "forward_removed", "id": fid}})
 
     def api_list_forwards(self) -> list[tuple[int, Forward]]:
         return self.forwards.items()
@@ -181,7 +221,7 @@ class ApiServer:
                         prefix6=f"{net.prefix6}/64", guest6=self.default_guest_addr6)
         if interface:
             try:
-                info["interface"] = helper_ns.describe_interface(self.opts.target,
+                info["interface"] = helper_ns.describe_interface(self.nsfds,
                                                                  self.opts.tapname)
             except helper_ns.HelperError as e:
                 info["interface"] = {"error": str(e)}
