@@ -316,18 +316,6 @@ def test_no_listener_on_guest_port(fnet, guest):
     echo_check(good, 100_000)
 
 
-def refused_through(port: int) -> bool:
-    """The forward does not reach a server: the client sees the connection
-    closed (or reset) without an answer."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            s.settimeout(10)
-            s.sendall(b"hello")
-            return s.recv(10) == b""
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-
-
 def test_loopback_only_server_stays_private(fnet, guest, ns):
     """Issue 11 item 3: a default splice forward connects to the guest's
     TAP address, as libslirp's forwards do: a server bound only to the
@@ -340,7 +328,7 @@ def test_loopback_only_server_stays_private(fnet, guest, ns):
     added(api, p_private, private.port)
     added(api, p_public, public.port)
     for _ in range(3):
-        assert refused_through(p_private)
+        assert harness.refused_through(p_private)
     echo_check(p_public, 10_000)
     added(api, p_named, private.port, guest_addr="127.0.0.1")
     echo_check(p_named, 10_000)
