@@ -60,8 +60,8 @@ STOP_GRACE = 5.0  # SIGTERM to SIGKILL when nsnet has to stop COMMAND
 # knows):
 #   "splice"  TCP through the fast path (nsnet/supervisor/fastpath.py: the host side
 #             accepts, a connector inside connects to the port on the
-#             namespace's loopback, splice(2) in between; the server sees a
-#             loopback peer); UDP through libslirp.  The default.
+#             namespace's TAP address, splice(2) in between; the server sees
+#             that address as peer); UDP through libslirp.  The default.
 #   "slirp"   everything through libslirp's host forwards (the kind the
 #             slirp4netns API adds; the server sees the gateway as peer).
 PUBLISH_MODES = ("splice", "slirp")
