@@ -563,22 +563,23 @@ def as_user(user):
 
 def test_python_api(user, probe, servers, workdir):
     import nsnet
+    from nsnet.client import Popen, run  # (nsnet.run is the submodule once imported)
 
     a, b = servers(), servers()
     steps = [["tcp", "10.0.2.2", a.port], ["tcp", "10.0.2.2", b.port]]
     # two lists: the default's own action (deny) first, so the deny rule
     # carves b out of the allowed /24
-    cp = nsnet.run([NS_PYTHON, probe, json.dumps(steps)], egress="deny",
+    cp = run([NS_PYTHON, probe, json.dumps(steps)], egress="deny",
                    allow=["10.0.2.0/24"], deny=[f"tcp:10.0.2.2:{b.port}"],
                    capture_output=True, timeout=60, **as_user(user))
     assert cp.returncode == 0, cp.stderr
     res = json.loads(cp.stdout.decode().strip().splitlines()[-1])
     assert [r["result"] for r in res] == ["ok", "ECONNREFUSED"]
     with pytest.raises(TypeError, match="list of rules"):
-        nsnet.run(["true"], allow="10.0.2.2")
+        run(["true"], allow="10.0.2.2")
 
     go = os.path.join(workdir, "go")
-    with nsnet.Popen([NS_PYTHON, probe, json.dumps([["hold_tcp", "10.0.2.2", a.port, go],
+    with Popen([NS_PYTHON, probe, json.dumps([["hold_tcp", "10.0.2.2", a.port, go],
                                                     ["tcp", "10.0.2.2", b.port]])],
                      stdout=subprocess.PIPE, **as_user(user)) as p:
         p.wait_ready()
