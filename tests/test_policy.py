@@ -621,3 +621,23 @@ def test_bypass_obeys_the_policy(user, probe, servers, workdir):
                         ["tcp", "10.0.2.2", a.port]])
     assert "set_policy: --bypass" in res[0]["result"]["error"]["desc"]
     assert res[1]["result"] == "ok"
+
+
+def test_audit_flood_is_bounded(user, probe, servers, workdir):
+    """A namespace that opens denied flows in a loop gets them all refused,
+    but at most 500 audit records a second (bursts of 1,024) are written;
+    the rest are counted, and the API keeps answering."""
+    b = servers()
+    api_path = os.path.join(workdir, "api.sock")
+    audit = os.path.join(workdir, "audit.log")
+    res, _ = run_probe(user, probe, ["--egress=deny", f"--api-socket={api_path}",
+                                     f"--audit-log={audit}"],
+                       [["retry_tcp", "10.0.2.2", b.port, 4000],
+                        ["api", api_path, {"execute": "get_stats"}]], timeout=120)
+    assert res[0]["result"] == ["ECONNREFUSED"]
+    pol = res[1]["result"]["return"]["policy"]
+    lines = sum(1 for _ in open(audit))
+    assert pol["flows_denied"] == 4000
+    assert pol["audit_lost"] > 0
+    assert lines + pol["audit_lost"] == 4000
+    assert b.connections == 0
