@@ -116,7 +116,9 @@ def _child(tapname: str, net: NetConfig, configure: bool, sock: socket.socket) -
     try:
         tapfd = linux.open_tap(tapname, vnet_hdr=net.offload, mtu=net.mtu)
     except OSError as e:
-        print(f"cannot open TAP {tapname!r} (/dev/net/tun): {e.strerror}", file=sys.stderr)
+        from ..diag import tap_error
+
+        print(tap_error(tapname, e), file=sys.stderr)
         return 1
     if configure:
         try:
