@@ -750,10 +750,11 @@ class Runner:
         # When COMMAND is a shell that takes the terminal's foreground, nsnet
         # is in a background group: its warnings must not stop it (TOSTOP).
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-        # While the child unshares, load what the next steps need (the
-        # forwarder, forked later, inherits the libslirp binding loaded).
+        # While the child unshares, load what the next steps need.  Not the
+        # libslirp binding: the namespace helpers forked before ready must
+        # never have it mapped (nsnet/ns/helper.py); the forwarder loads it
+        # itself after its fork, and the supervisor after ready.
         from . import supervisor  # noqa: F401
-        from .host import forwarder  # noqa: F401
         sup = None
         try:
             try:

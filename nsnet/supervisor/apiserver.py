@@ -221,7 +221,7 @@ class ApiServer:
                         prefix6=f"{net.prefix6}/64", guest6=self.default_guest_addr6)
         if interface:
             try:
-                info["interface"] = helper_ns.describe_interface(self.opts.target,
+                info["interface"] = helper_ns.describe_interface(self.nsfds,
                                                                  self.opts.tapname)
             except helper_ns.HelperError as e:
                 info["interface"] = {"error": str(e)}
