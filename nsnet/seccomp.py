@@ -24,6 +24,7 @@ the forwarder, then makes one syscall):
 
     python -m nsnet.seccomp list
     python -m nsnet.seccomp check [--no-sandbox] SYSCALL[:ARG0,ARG1,...]...
+        (an argument s:TEXT is a pointer to the string TEXT, e.g. a path)
     python -m nsnet.seccomp derive STRACE_FILES...   (strace -ff output)
 """
 
@@ -47,7 +48,8 @@ ALLOWLIST: tuple[str, ...] = (
     "sendto", "recvfrom",
     "recvmsg",  # MSG_ERRQUEUE on UDP/ICMP sockets
     "shutdown", "close", "fcntl", "ioctl",
-    # libslirp re-reads /etc/resolv.conf (DNS forwarding) through stdio
+    # libslirp re-reads /etc/resolv.conf (DNS forwarding) through stdio:
+    # read-only opens only (see RESTRICTED)
     "openat", "newfstatat", "fstat",
     # glib: random numbers
     "getrandom",
@@ -68,6 +70,11 @@ _AF_INET, _AF_INET6 = 2, 10
 _FIONREAD, _FIONBIO = 0x541B, 0x5421
 _F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL = 1, 2, 3, 4
 _PROT_EXEC = 4
+# openat's flags that write or create: the access mode (O_WRONLY, O_RDWR),
+# O_CREAT, O_TRUNC and O_TMPFILE's own bit.  O_APPEND only matters with a
+# write access mode.
+_O_ACCMODE, _O_CREAT, _O_TRUNC, _O_TMPFILE_BIT = 0o3, 0o100, 0o1000, 0o20000000
+OPEN_WRITE_FLAGS = _O_ACCMODE | _O_CREAT | _O_TRUNC | _O_TMPFILE_BIT
 RESTRICTED: dict[str, list[list[tuple]]] = {
     # IPv4/IPv6 only: no netlink, packet, unix, vsock... sockets
     "socket": [[(0, "eq", _AF_INET)], [(0, "eq", _AF_INET6)]],
@@ -76,6 +83,10 @@ RESTRICTED: dict[str, list[list[tuple]]] = {
     "fcntl": [[(1, "eq", c)] for c in (_F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL)],
     # no executable memory (mprotect is not allowed at all)
     "mmap": [[(2, "masked_eq", _PROT_EXEC, 0)]],
+    # read-only: O_RDONLY and none of O_CREAT, O_TRUNC, O_TMPFILE (a
+    # compromised forwarder without the sandbox could otherwise truncate
+    # or create the user's files)
+    "openat": [[(2, "masked_eq", OPEN_WRITE_FLAGS, 0)]],
 }
 
 
@@ -177,7 +188,12 @@ def _raw_syscall(nr: int, args=()) -> tuple[int, int]:
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
-    a = [ctypes.c_long(x) for x in (list(args) + [0] * 6)[:6]]
+    # An argument given as a str is passed as a pointer to that C string
+    # (a path for openat); integers as they are.
+    bufs = [ctypes.create_string_buffer(x.encode()) for x in args if isinstance(x, str)]
+    it = iter(bufs)
+    a = [ctypes.c_long(ctypes.addressof(next(it))) if isinstance(x, str) else ctypes.c_long(x)
+         for x in (list(args) + [0] * 6)[:6]]
     rc = libc.syscall(ctypes.c_long(nr), *a)
     return rc, ctypes.get_errno()
 
@@ -185,7 +201,7 @@ def _raw_syscall(nr: int, args=()) -> tuple[int, int]:
 def check(syscall_name: str, sandbox: bool = True, args=()) -> dict:
     """Fork a child that enters the forwarder's sandbox (unless
     sandbox=False) and seccomp filter, then makes `syscall_name` with
-    `args` (integers; missing ones are 0).  Returns how the child ended: {"outcome": "refused",
+    `args` (integers, or str for a pointer to that C string; missing ones are 0).  Returns how the child ended: {"outcome": "refused",
     "signal": "SIGSYS"} or {"outcome": "allowed", "rc": N, "errno": E}."""
     from . import sandbox as sandbox_mod
 
@@ -292,10 +308,12 @@ def main(argv: list[str]) -> int:
         return 0
     if len(argv) >= 2 and argv[0] == "check":
         sandbox = "--no-sandbox" not in argv
-        # SYSCALL or SYSCALL:ARG0,ARG1,... (integers, 0x... allowed)
+        # SYSCALL or SYSCALL:ARG0,ARG1,... (integers, 0x... and 0o...
+        # allowed; s:TEXT passes a pointer to the C string TEXT, a path)
         for spec in [a for a in argv[1:] if not a.startswith("--")]:
             name, _, rest = spec.partition(":")
-            args = [int(x, 0) for x in rest.split(",")] if rest else []
+            args = [x[2:] if x.startswith("s:") else int(x, 0)
+                    for x in rest.split(",")] if rest else []
             print(json.dumps(check(name, sandbox=sandbox, args=args)), flush=True)
         return 0
     print(__doc__, file=sys.stderr)
