@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from .fastpath import FastPath
     from .forwarder import _Forwarder
 
-from .. import log, sdnotify
+from .. import children, log, sdnotify
 from ..forwards import Forward, ForwardError, ForwardTable
 from ..netconfig import NetConfig
 from ..ns import helper as helper_ns
@@ -133,6 +133,7 @@ class Supervisor(ForwarderControl, ApiServer):
         self.notify = sdnotify.Notifier.from_env()
         self.ready = False
         self.pidfile_written = False
+        self.log_pipe: int | None = None  # children's stderr when ours is a terminal
         self.fastpath: FastPath | None = None  # splice forwards, from the first one on
         # get_stats sections of other parts (nsnet run --bypass: "bypass")
         self.stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -142,6 +143,9 @@ class Supervisor(ForwarderControl, ApiServer):
     def setup(self) -> None:
         o = self.opts
         self._install_signals()
+        # Children never get the terminal: their log lines come through
+        # this pipe when stderr is one (children.py).
+        self.log_pipe = children.open_log_pipe()
         if o.target.pid is not None:
             try:
                 self.target_pidfd = os.pidfd_open(o.target.pid)
@@ -268,6 +272,8 @@ class Supervisor(ForwarderControl, ApiServer):
                 handlers[fd] = fn
 
             watch(self.sigpipe_r, POLL_IN, lambda ev: self._drain_signals())
+            if self.log_pipe is not None:
+                watch(self.log_pipe, POLL_IN, lambda ev: children.copy_log())
             for fd, fn in o.watch_fds.items():
                 watch(fd, POLL_IN, fn)
             if o.exit_fd is not None:
@@ -351,6 +357,8 @@ class Supervisor(ForwarderControl, ApiServer):
             self.api_sock = None
             self._unlink_api()
         self._remove_pidfile()
+        children.close_log_pipe()  # what the children said last
+        self.log_pipe = None
         if self.sigpipe_w >= 0:
             signal.set_wakeup_fd(-1)
         for fd in (self.tap_fd, self.target_pidfd, self.sigpipe_r, self.sigpipe_w,
