@@ -22,13 +22,32 @@ from . import helper as helper_ns
 CONNECT_TIMEOUT = 10.0    # connector: connect() to the guest port
 
 
-def connector_main(target: helper_ns.Target, sock: socket.socket) -> int:
+def confine(seccomp: bool) -> str | None:
+    """--enable-seccomp: the connector's own allowlist (profile
+    "connector" in nsnet/seccomp.py: TCP sockets, connect, the socket to
+    the relay; no files).  Returns why it failed, or None."""
+    if not seccomp:
+        return None
+    from .. import seccomp as seccomp_mod
+
+    try:
+        seccomp_mod.install("connector")
+    except seccomp_mod.SeccompError as e:
+        return f"seccomp: {e}"
+    return None
+
+
+def connector_main(target: helper_ns.Target, sock: socket.socket, seccomp: bool = False) -> int:
     """Join the namespaces, say ready, then answer {"tag","addr","port"}
     requests with {"tag","ok":true} plus the connected fd, or
     {"tag","ok":false,"error"}.  Connects are non-blocking: a slow guest
     port does not hold up the others.  Exits 0 when its peer hangs up."""
     if not helper_ns.enter_namespaces(target):
         send_json(sock, {"event": "failed", "error": "cannot join the target's namespaces"})
+        return 1
+    why = confine(seccomp)
+    if why is not None:
+        send_json(sock, {"event": "failed", "error": why})
         return 1
     send_json(sock, {"event": "ready", "pid": os.getpid()})
     poller = select.poll()

@@ -143,6 +143,8 @@ class Supervisor(ForwarderControl, ApiServer):
     def setup(self) -> None:
         o = self.opts
         self._install_signals()
+        if o.sandbox:
+            self._confine()
         # Children never get the terminal: their log lines come through
         # this pipe when stderr is one (children.py).
         self.log_pipe = children.open_log_pipe()
@@ -173,13 +175,24 @@ class Supervisor(ForwarderControl, ApiServer):
         if o.pidfile:
             self._write_pidfile(o.pidfile)
 
+    def _confine(self) -> None:
+        """--enable-sandbox: the supervisor too, as far as its job allows
+        (nsnet/sandbox.py confine_supervisor; SECURITY.md)."""
+        from .. import sandbox
+
+        try:
+            done = sandbox.confine_supervisor([self.opts.api_socket, self.opts.pidfile])
+        except sandbox.SandboxError as e:
+            raise SetupError(str(e)) from None
+        self.log.debug(f"supervisor confined: {done}")
+
     def _fastpath(self) -> FastPath:
         """The fast path (nsnet/supervisor/fastpath.py), imported and created when the
         first splice forward needs it: not on the path to ready."""
         if self.fastpath is None:
             from .fastpath import FastPath
 
-            self.fastpath = FastPath(self.opts.target)
+            self.fastpath = FastPath(self.opts.target, self.opts.sandbox, self.opts.seccomp)
         return self.fastpath
 
     def _install_signals(self) -> None:

@@ -92,8 +92,13 @@ class FastPath:
     """The supervisor's handle on the fast path: nothing runs until the
     first splice forward is added."""
 
-    def __init__(self, target: helper_ns.Target) -> None:
+    def __init__(self, target: helper_ns.Target, sandbox: bool = False,
+                 seccomp: bool = False) -> None:
         self.target = target
+        # --enable-sandbox / --enable-seccomp confine the relay and the
+        # connector too (nsnet/sandbox.py, nsnet/seccomp.py profiles)
+        self.sandbox = sandbox
+        self.seccomp = seccomp
         self.log = log.get("nsnet.fastpath")
         self.forwards: list[Forward] = []
         self.relay: _Child | None = None
@@ -218,8 +223,9 @@ class FastPath:
 
     def _start_connector(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        target = self.target
-        pid = fork_child("nsnet-connect", lambda: connector_main(target, theirs), [theirs.fileno()])
+        target, seccomp = self.target, self.seccomp
+        pid = fork_child("nsnet-connect", lambda: connector_main(target, theirs, seccomp),
+                         [theirs.fileno()])
         theirs.close()
         child = _Child(pid, mine)
         mine.settimeout(START_TIMEOUT)
@@ -240,7 +246,9 @@ class FastPath:
 
     def _start_relay(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = fork_child("nsnet-relay", lambda: relay_main(theirs), [theirs.fileno()])
+        sandbox, seccomp = self.sandbox, self.seccomp
+        pid = fork_child("nsnet-relay", lambda: relay_main(theirs, sandbox, seccomp),
+                         [theirs.fileno()])
         theirs.close()
         self.relay = _Child(pid, mine)
 
