@@ -294,6 +294,12 @@ def test_relay_and_connector_confined(ns, user, sandboxed_splice):
         assert int(st[field], 16) in (0, 1 << CAP_NET_BIND_SERVICE), (field, st[field])
     if not user.is_root:  # a private user namespace, as the forwarder's
         assert ns_of(relay, "user") not in (ns_of(fwd.pid, "user"), ns_of(ns.pid, "user"))
+    # The connector (issue 11 item 1, nsnet/ns/helper.py): no capability,
+    # an empty root, whatever the flags; its filter comes on top.
+    st = status(kids["nsnet-connect"])
+    for field in ("CapEff", "CapPrm", "CapBnd"):
+        assert int(st[field], 16) == 0, (field, st[field])
+    assert os.listdir(f"/proc/{kids['nsnet-connect']}/root") == []
     assert ns_of(relay, "mnt") != ns_of(fwd.pid, "mnt")
     assert ns_of(relay, "net") == ns_of(fwd.pid, "net")
     assert os.listdir(f"/proc/{relay}/root") == []
