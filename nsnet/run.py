@@ -60,8 +60,8 @@ STOP_GRACE = 5.0  # SIGTERM to SIGKILL when nsnet has to stop COMMAND
 # knows):
 #   "splice"  TCP through the fast path (nsnet/supervisor/fastpath.py: the host side
 #             accepts, a connector inside connects to the port on the
-#             namespace's loopback, splice(2) in between; the server sees a
-#             loopback peer); UDP through libslirp.  The default.
+#             namespace's TAP address, splice(2) in between; the server sees
+#             that address as peer); UDP through libslirp.  The default.
 #   "slirp"   everything through libslirp's host forwards (the kind the
 #             slirp4netns API adds; the server sees the gateway as peer).
 PUBLISH_MODES = ("splice", "slirp")
@@ -800,6 +800,12 @@ class Runner:
 
         watch[h.pidfd] = on_exit
         sup.stats_sources["bypass"] = h.stats
+        # The handler bypasses what its scope says, decided once: a policy
+        # set at run time could not reach the sockets it hands out.
+        sup.policy_blocked_by = ("--bypass: connections that bypass libslirp cannot follow "
+                                 "a policy set at run time; start nsnet run with the policy "
+                                 "(--egress, --allow, --deny) instead"
+                                 if any(h.scope.values()) else None)
 
     def _start_supervisor(self) -> "Supervisor":
         from .ns.helper import Target
