@@ -155,6 +155,8 @@ def fork_child(name: str, main: Callable[[], int], keep: Iterable[int] = ()) -> 
         detach_stdio()
         _close_fds_except(keep)
         code = main()
+    except BrokenPipeError:
+        pass  # the supervisor gave up on this child first; it says why
     except BaseException as e:
         try:
             from . import log

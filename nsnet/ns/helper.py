@@ -189,7 +189,9 @@ def _tap(ns: NsFds, sock: socket.socket, tapname: str, net: NetConfig,
     try:
         tapfd = linux.open_tap(tapname, vnet_hdr=net.offload, mtu=net.mtu)
     except OSError as e:
-        print(f"cannot open TAP {tapname!r} (/dev/net/tun): {e.strerror}", file=sys.stderr)
+        from ..diag import tap_error
+
+        print(tap_error(tapname, e), file=sys.stderr)
         return 1
     if configure:
         try:
