@@ -147,7 +147,8 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     """RunOptions, or None for --help. Raises UsageError."""
     from . import options as O
     from .getopt_long import GetoptError
-    from .netconfig import ConfigError, NetConfig, check_mtu, check_tapname, parse_cidr
+    from .netconfig import (ConfigError, NetConfig, check_mtu, check_tapname, parse_cidr,
+                            parse_cidr6)
     from .portspec import PortSpecError
     from .portspec import parse_many
 
@@ -215,12 +216,15 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     if v["dns"] and v["disable_dns"]:
         raise UsageError("--dns names the built-in DNS, which --disable-dns turns off: "
                          "give one of them")
+    if v["cidr6"] and not v["ipv6"]:
+        raise UsageError("--cidr6 needs -6 (--enable-ipv6)")
     try:
         ro.tapname = check_tapname(v["tapname"])
         net = NetConfig(cidr=parse_cidr(v["cidr"]), mtu=check_mtu(v["mtu"]), ipv6=v["ipv6"],
                         disable_host_loopback=v["disable_host_loopback"],
                         restricted=v["no_egress"], offload=v["offload"],
-                        disable_dns=v["disable_dns"])
+                        disable_dns=v["disable_dns"],
+                        cidr6=parse_cidr6(v["cidr6"]) if v["cidr6"] else None)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     if v["outbound4"] or v["outbound6"]:
