@@ -59,6 +59,8 @@ def fork_child(name: str, main: Callable[[], int], keep: Iterable[int] = ()) -> 
         _reset_signals()
         _close_fds_except(keep)
         code = main()
+    except BrokenPipeError:
+        pass  # the supervisor gave up on this child first; it says why
     except BaseException as e:
         try:
             from . import log

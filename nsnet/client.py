@@ -159,8 +159,8 @@ class _Controls:
 
         ``add_forward("127.0.0.1:8080:80/tcp")`` or ``add_forward(8080, 80,
         host_addr="127.0.0.1")``.  host_addr "" means every address
-        (0.0.0.0); guest_addr "" the namespace's own address (with
-        mode="splice", nsnet's TCP fast path, its loopback).  Raises
+        (0.0.0.0); guest_addr "" the namespace's own address (in both
+        modes; "127.0.0.1" or "::1" for a service on its loopback).  Raises
         ForwardError for a malformed spec, PortInUse if the host port is
         taken."""
         ps = to_portspec(spec, guest_port, proto=proto, host_addr=host_addr,
@@ -185,7 +185,9 @@ class _Controls:
             if "bad arguments." in desc:
                 what = desc.rsplit("bad arguments.", 1)[1]
                 hint = ""
-                if what == "guest_addr" and ":" in ps.host_addr and not ps.guest_addr:
+                if ":" in ps.host_addr and not ps.guest_addr and (
+                        what == "guest_addr" or "needs IPv6" in what):
+                    what = what.split(":")[0]
                     hint = " (an IPv6 host address needs IPv6 enabled: ipv6=True)"
                 raise ForwardError(f"cannot forward {ps}: bad {what}{hint}") from None
             raise
@@ -217,8 +219,37 @@ class _Controls:
 
     def stats(self) -> dict[str, Any]:
         """get_stats: frames and bytes each way, drops, active connections;
-        with a splice forward, the fast path's counters under "fastpath"."""
+        with a splice forward, the fast path's counters under "fastpath";
+        with an egress policy, its counters under "policy"."""
         return dict(self._call("get_stats")["return"])
+
+    def policy(self) -> dict[str, Any]:
+        """The egress policy in force, in its JSON form
+        ({"egress": "allow"|"deny", "rules": [...]}, docs/policy.md)."""
+        return dict(self._call("get_policy")["return"])
+
+    def set_policy(self, policy: "dict[str, Any] | None" = None, *, egress: str | None = None,
+                   allow: Iterable[str] = (), deny: Iterable[str] = (),
+                   keep_established: bool = False) -> None:
+        """Replace the egress policy atomically: a JSON-form dict, or
+        egress= with allow=/deny= rule lists (as nsnet.run takes them).
+        Flows the new policy denies are cut unless keep_established.
+        Raises PolicyError for a bad policy (checked here first)."""
+        from .policy import Policy, PolicyError
+
+        if policy is not None and (egress is not None or allow or deny):
+            raise TypeError("give a policy dict or egress/allow/deny, not both")
+        if policy is None:
+            pol = Policy.from_args(egress or "allow", allow=list(allow), deny=list(deny))
+        elif isinstance(policy, Policy):
+            pol = policy
+        else:
+            pol = Policy.parse_json(policy)
+        args = dict(pol.to_json(), keep_established=bool(keep_established))
+        try:
+            self._call("set_policy", args)
+        except ApiError as e:
+            raise PolicyError(str(e)) from None
 
 
 # --------------------------------------------------------------------------
@@ -376,6 +407,22 @@ _A = O.api_keywords(O.ATTACH)
 _R = O.api_keywords(O.RUN)
 
 
+def _policy_order(options: dict[str, Any]) -> dict[str, Any]:
+    """allow= and deny= lists become --allow/--deny flags; rules are
+    checked in flag order, and with two separate lists the rules of the
+    default's own action come first (they can only be exceptions to the
+    others: policy.Policy.from_args)."""
+    if "allow" in options and "deny" in options:
+        first = "deny" if options.get("egress") == "deny" else "allow"
+        second = "allow" if first == "deny" else "deny"
+        rest = {k: v for k, v in options.items() if k not in ("allow", "deny")}
+        options = {**rest, first: options[first], second: options[second]}
+    for key in ("allow", "deny"):
+        if isinstance(options.get(key), str):
+            raise TypeError(f"{key}= is a list of rules, not a string")
+    return options
+
+
 def _target_args(target: "int | str | os.PathLike[str]",
                  userns: "str | os.PathLike[str] | None") -> tuple["int | str", list[str]]:
     if isinstance(target, bool):
@@ -438,7 +485,7 @@ def attach(target: "int | str | os.PathLike[str]", *,
         no_egress=no_egress, disable_dns=disable_dns, macaddress=macaddress,
         outbound_addr=outbound_addr, outbound_addr6=outbound_addr6, offload=offload,
         enable_sandbox=enable_sandbox, enable_seccomp=enable_seccomp,
-        exit_with_target=exit_with_target, log_level=log_level, **options))
+        exit_with_target=exit_with_target, log_level=log_level, **_policy_order(options)))
     tgt, target_args = _target_args(target, userns)
 
     workdir = _private_dir()
@@ -509,7 +556,7 @@ def run_flags(*, publish: Iterable["str | PortSpec"] = (), mtu: int = _R["mtu"],
         publish=[str(to_portspec(p)) for p in publish], mtu=mtu, cidr=cidr, ipv6=ipv6,
         disable_host_loopback=disable_host_loopback, no_egress=no_egress, dns=dns,
         map_user=map_user, offload=offload, log_level=log_level, publish_mode=publish_mode,
-        **options))
+        **_policy_order(options)))
 
 
 class Popen(subprocess.Popen[Any], _Controls):

@@ -61,8 +61,8 @@ def make_forward(
         h = ipaddress.ip_address(host_addr)
     except ValueError:
         raise ForwardError("host_addr") from None
-    if not _is_port(host_port):
-        raise ForwardError("host_port")
+    if not (_is_port(host_port) or host_port == 0 and not isinstance(host_port, bool)):
+        raise ForwardError("host_port")  # 0: the kernel picks (pick_host_port)
     if not guest_addr:
         guest_addr = default_guest if h.version == 4 else (default_guest6 or "")
     try:
@@ -78,6 +78,20 @@ def make_forward(
 
 def _is_port(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
+
+
+def pick_host_port(fwd: Forward) -> Forward:
+    """fwd with host port 0 replaced by a port the kernel picks: bind port 0
+    on the host address, read the port, release it (the forwarder binds it
+    right after; api_add_forward tries again if another process took it)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in fwd.host_addr else socket.AF_INET
+    kind = socket.SOCK_DGRAM if fwd.is_udp else socket.SOCK_STREAM
+    with socket.socket(family, kind) as s:
+        s.bind((fwd.host_addr, 0))
+        port = s.getsockname()[1]
+    return fwd._replace(host_port=port)
 
 
 class ForwardTable:
@@ -114,23 +128,22 @@ class ForwardTable:
         return len(self._entries)
 
 
-LOOPBACK = {4: "127.0.0.1", 6: "::1"}
-
-
 def publish_forward(host_port: int, guest_port: int, proto: str = "tcp",
                     host_addr: str = "", guest_addr: str = "", *,
                     default_guest: str, default_guest6: str | None = None) -> Forward:
     """The Forward to publish a port with: TCP through the fast path
-    (mode "splice"; the guest address defaults to the namespace's
-    loopback), UDP through libslirp (the fast path is TCP only; the guest
-    address defaults to default_guest / default_guest6, the namespace's
-    addresses).  Raises ForwardError naming the bad field.  Put the result
+    (mode "splice"), UDP through libslirp (the fast path is TCP only).
+    Either way the guest address defaults to default_guest /
+    default_guest6, the namespace's addresses on the TAP, as libslirp's
+    forwards do: a service bound only to the namespace's loopback stays
+    private unless guest_addr names 127.0.0.1 / ::1.  Raises ForwardError naming the bad field.  Put the result
     in supervisor.Options.initial_forwards (published before ready; a port
     that cannot be bound fails the set-up), or pass it to
     Supervisor.api_add_forward once running."""
     if proto == "tcp":
         return make_forward(proto, host_port, guest_port, host_addr, guest_addr,
-                            default_guest=LOOPBACK[4], default_guest6=LOOPBACK[6], mode="splice")
+                            default_guest=default_guest, default_guest6=default_guest6,
+                            mode="splice")
     return make_forward(proto, host_port, guest_port, host_addr, guest_addr,
                         default_guest=default_guest, default_guest6=default_guest6)
 

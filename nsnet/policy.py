@@ -59,8 +59,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # not at run time: typing costs ~7 ms (the forwarder imports this)
+    from typing import Any, Iterable
+
+from .errors import PolicyError  # an NsnetError and a ValueError
 
 ALLOW = "allow"
 DENY = "deny"
@@ -76,9 +79,6 @@ DNS_FORWARDER_RULE = "(built-in DNS forwarder)"
 
 _LABEL_RE = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 
-
-class PolicyError(ValueError):
-    """A rule or policy that cannot be used; the message says which and why."""
 
 
 def normalize_name(name: str) -> str:
@@ -122,18 +122,37 @@ def _parse_ports(text: Any, what: str) -> tuple[int, int]:
     return lo, hi
 
 
-@dataclass(frozen=True)
 class Rule:
-    """One rule.  Exactly one of net (an address or CIDR), name (exact) or
-    suffix (``*.suffix``: stored without ``*.``) is set."""
+    """One rule (immutable).  Exactly one of net (an address or CIDR), name
+    (exact) or suffix (``*.suffix``: stored without ``*.``) is set.  A plain
+    class, not a dataclass: the forwarder imports this module before its
+    sandbox, on the path to ready, where dataclasses cost ~10 ms."""
 
-    action: str
-    protos: int = ALL_PROTOS  # bit set of PROTO_BITS
-    net: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
-    name: str | None = None
-    suffix: str | None = None
-    port_lo: int = 0
-    port_hi: int = 65535
+    __slots__ = ("action", "protos", "net", "name", "suffix", "port_lo", "port_hi")
+    _FIELDS = __slots__
+
+    def __init__(self, action: str, protos: int = ALL_PROTOS,
+                 net: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None,
+                 name: str | None = None, suffix: str | None = None,
+                 port_lo: int = 0, port_hi: int = 65535) -> None:
+        for k, v in (("action", action), ("protos", protos), ("net", net), ("name", name),
+                     ("suffix", suffix), ("port_lo", port_lo), ("port_hi", port_hi)):
+            object.__setattr__(self, k, v)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("Rule is immutable")
+
+    def _key(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, k) for k in self._FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Rule) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"Rule({self.action} {self.text()})"
 
     @property
     def all_ports(self) -> bool:
@@ -288,11 +307,22 @@ def rule_from_json(obj: Any, i: int) -> Rule:
     return Rule(action=action, protos=protos, port_lo=lo, port_hi=hi, **spec)
 
 
-class Decision(NamedTuple):
-    action: str                 # "allow" or "deny"
-    rule_index: int | None      # the deciding rule, None: the default
-    rule: Rule | None
-    final: bool                 # independent of DNS-learned names
+class Decision(tuple):
+    """(action, rule_index, rule, final): action "allow" or "deny";
+    rule_index the deciding rule (None: the default); rule the Rule (or
+    None); final True when the decision does not depend on DNS-learned
+    names (no name rule for this proto comes before the deciding rule)."""
+
+    __slots__ = ()
+
+    def __new__(cls, action: str, rule_index: int | None, rule: Rule | None,
+                final: bool) -> "Decision":
+        return tuple.__new__(cls, (action, rule_index, rule, final))
+
+    action = property(lambda self: self[0])
+    rule_index = property(lambda self: self[1])
+    rule = property(lambda self: self[2])
+    final = property(lambda self: self[3])
 
     @property
     def allowed(self) -> bool:
@@ -523,3 +553,18 @@ class Policy:
 
 def open_policy() -> Policy:
     return Policy(ALLOW, [])
+
+
+# ---- command-line options (rows of nsnet/options.py) ------------------------
+
+def from_options(egress: str | None, ordered: Iterable[tuple[str, str]],
+                 file: str | None) -> Policy | None:
+    """The policy of --egress, --allow/--deny (in command-line order) and
+    --policy=FILE: the file's rules first, then --allow/--deny; --egress
+    replaces the file's default.  None when none of them was given."""
+    ordered = list(ordered)
+    if file is None and egress is None and not ordered:
+        return None
+    base = Policy.load(file) if file else Policy()
+    rules = list(base.rules) + [parse_rule(t, a) for a, t in ordered]
+    return Policy(egress or base.default, rules)

@@ -40,7 +40,7 @@ import socket
 import struct
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from .netconfig import NetConfig
@@ -60,8 +60,8 @@ STOP_GRACE = 5.0  # SIGTERM to SIGKILL when nsnet has to stop COMMAND
 # knows):
 #   "splice"  TCP through the fast path (nsnet/supervisor/fastpath.py: the host side
 #             accepts, a connector inside connects to the port on the
-#             namespace's loopback, splice(2) in between; the server sees a
-#             loopback peer); UDP through libslirp.  The default.
+#             namespace's TAP address, splice(2) in between; the server sees
+#             that address as peer); UDP through libslirp.  The default.
 #   "slirp"   everything through libslirp's host forwards (the kind the
 #             slirp4netns API adds; the server sees the gateway as peer).
 PUBLISH_MODES = ("splice", "slirp")
@@ -130,7 +130,12 @@ class RunOptions:
     seccomp: bool = False
     max_restarts: int = 5
     restart_window: float = 60.0
+    policy: Any = None  # policy.Policy
+    audit_all: bool = False
+    audit_log: str | None = None
     error_fd: int | None = None
+    name: str | None = None
+    registry_socket: bool = False
     bypass: bool = False
 
 
@@ -144,7 +149,7 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     from .getopt_long import GetoptError
     from .netconfig import ConfigError, NetConfig, check_mtu, check_tapname, parse_cidr
     from .portspec import PortSpecError
-    from .portspec import parse as parse_spec
+    from .portspec import parse_many
 
     try:
         # POSIX mode: options end at COMMAND, whose own options stay its own.
@@ -158,12 +163,23 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     ro = RunOptions(argv=[], net=NetConfig())
     for text in v["publish"]:  # type: ignore[union-attr]
         try:
-            ro.publish.append(parse_spec(text))
+            ro.publish += parse_many(text)
         except PortSpecError as e:
             raise UsageError(f"--publish {e}") from None
     ro.publish_mode = v["publish_mode"]
     ro.dns = v["dns"]
     ro.api_socket = v["api_socket"]
+    ro.name = v["name"]
+    if ro.name is not None:
+        from . import registry
+
+        try:
+            sock = registry.claim_name(ro.name)
+            if ro.api_socket is None:
+                ro.api_socket = O.socket_path(sock)
+                ro.registry_socket = True
+        except (registry.RegistryError, O.OptionError) as e:
+            raise UsageError(str(e)) from None
     if ro.api_socket is not None:
         from .diag import DiagError, check_socket_dir
 
@@ -187,6 +203,14 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     ro.seccomp = v["seccomp"]
     ro.max_restarts = v["max_restarts"]
     ro.restart_window = float(v["restart_window"])
+    from .policy import PolicyError, from_options
+
+    try:
+        ro.policy = from_options(v["egress"], v["policy_rules"], v["policy_file"])
+    except PolicyError as e:
+        raise UsageError(str(e)) from None
+    ro.audit_all = v["audit"] == "all"
+    ro.audit_log = v["audit_log"]
     ro.bypass = v["bypass"]
     if v["dns"] and v["disable_dns"]:
         raise UsageError("--dns names the built-in DNS, which --disable-dns turns off: "
@@ -335,6 +359,50 @@ def _newidmap(tool: str, pid: int, outer: int, rng: tuple[int, int]) -> None:
 # The child (becomes COMMAND)
 # --------------------------------------------------------------------------
 
+IPV6_WAIT = 10.0  # seconds -6 waits for the SLAAC address before COMMAND starts
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
+
+
+def _ipv6_sysctls(tapname: str) -> None:
+    """No duplicate-address detection on the TAP (only libslirp is on that
+    link) and an immediate router solicitation: the SLAAC address is usable
+    as soon as libslirp's router advertisement arrives.  Best effort."""
+    for name, value in (("accept_dad", "0"), ("router_solicitation_delay", "0")):
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{tapname}/{name}", "w") as f:
+                f.write(value)
+        except OSError:
+            pass
+
+
+def _ipv6_ready(tapname: str) -> bool:
+    """A global IPv6 address on tapname that is no longer tentative
+    (/proc/net/if_inet6 of this network namespace)."""
+    try:
+        with open("/proc/net/if_inet6") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 6 and parts[5] == tapname and int(parts[3], 16) == 0 and \
+                not int(parts[4], 16) & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+            return True
+    return False
+
+
+def _wait_ipv6(tapname: str, timeout: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not _ipv6_ready(tapname):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def _resolv_conf(net: "NetConfig") -> bytes:
     lines = ["# nsnet run --dns: the built-in DNS of nsnet's virtual network,",
              "# which forwards queries to the host's resolver.",
@@ -443,10 +511,16 @@ class _Child:
             self.expect(b"C")
             from .ns import rtnl
 
+            if r.opts.net.ipv6:
+                _ipv6_sysctls(r.opts.tapname)
             try:
                 rtnl.configure(r.opts.tapname, r.opts.net)
             except OSError as e:
                 self.fail(f"cannot configure the network: {e}")
+            if r.opts.net.ipv6 and not _wait_ipv6(r.opts.tapname, IPV6_WAIT):
+                os.write(2, f"{PROG}: warning: no usable IPv6 address on "
+                            f"{r.opts.tapname} after {IPV6_WAIT:g} s; starting "
+                            f"{r.opts.argv[0]} anyway\n".encode())
             if r.opts.bypass:
                 self.send_bypass_listener()
             else:
@@ -523,12 +597,23 @@ def publish(sup: "Supervisor", specs: list["PortSpec"], mode: str) -> None:
         except ForwardError as e:
             raise RunError(f"cannot publish {spec}: bad {e}") from None
         try:
-            sup.api_add_forward(fwd)
+            fid = sup.api_add_forward(fwd)
         except ForwardError as e:
             why = str(e)
-            if port_in_use(fwd.proto, fwd.host_addr, fwd.host_port):
+            if fwd.host_port and port_in_use(fwd.proto, fwd.host_addr, fwd.host_port):
                 why = "address already in use"
             raise RunError(f"cannot publish {spec}: {why}") from None
+        if spec.host_port == 0:  # the kernel picked it: the user needs to know
+            got = sup.forwards.get(fid)
+            if got is not None:
+                host = f"[{got.host_addr}]" if ":" in got.host_addr else got.host_addr
+                from . import log
+
+                log.fail(PROG, f"published {host}:{got.host_port} -> port "
+                               f"{got.guest_port}/{got.proto}",
+                         {"event": "published", "level": "info", "host_addr": got.host_addr,
+                          "host_port": got.host_port, "guest_port": got.guest_port,
+                          "proto": got.proto})
 
 
 class Runner:
@@ -548,6 +633,7 @@ class Runner:
         import time
 
         self.t0 = time.monotonic()
+        self.entry = None
         self.bypass_listener = -1
         self.bypass_facts = b""
         self.bypass: "Handler | None" = None
@@ -664,10 +750,11 @@ class Runner:
         # When COMMAND is a shell that takes the terminal's foreground, nsnet
         # is in a background group: its warnings must not stop it (TOSTOP).
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-        # While the child unshares, load what the next steps need (the
-        # forwarder, forked later, inherits the libslirp binding loaded).
+        # While the child unshares, load what the next steps need.  Not the
+        # libslirp binding: the namespace helpers forked before ready must
+        # never have it mapped (nsnet/ns/helper.py); the forwarder loads it
+        # itself after its fork, and the supervisor after ready.
         from . import supervisor  # noqa: F401
-        from .host import forwarder  # noqa: F401
         sup = None
         try:
             try:
@@ -704,6 +791,8 @@ class Runner:
                 self.bypass.stop()
             elif self.bypass_listener >= 0:
                 os.close(self.bypass_listener)
+            if self.entry is not None:
+                self.entry.remove()
             if sup is not None:
                 sup.teardown()
             if self.child > 0:
@@ -744,7 +833,7 @@ class Runner:
             check_kernel(self.bypass_listener)
             check_access(self.child)
             h = Handler(self.bypass_listener, self.opts.net, unpack_facts(self.bypass_facts),
-                        sup.default_guest_addr6,
+                        sup.default_guest_addr6, policy=self.opts.policy,
                         on_give_up=lambda why: sup._finish(EXIT_SETUP, why))
         except BypassError as e:
             raise RunError(str(e)) from None
@@ -761,6 +850,12 @@ class Runner:
 
         watch[h.pidfd] = on_exit
         sup.stats_sources["bypass"] = h.stats
+        # The handler bypasses what its scope says, decided once: a policy
+        # set at run time could not reach the sockets it hands out.
+        sup.policy_blocked_by = ("--bypass: connections that bypass libslirp cannot follow "
+                                 "a policy set at run time; start nsnet run with the policy "
+                                 "(--egress, --allow, --deny) instead"
+                                 if any(h.scope.values()) else None)
 
     def _start_supervisor(self) -> "Supervisor":
         from .ns.helper import Target
@@ -778,7 +873,8 @@ class Runner:
                         exit_with_target=True, pidfile=o.pidfile, sandbox=o.sandbox,
                         seccomp=o.seccomp, max_restarts=o.max_restarts,
                         restart_window=o.restart_window, on_ready=self._release,
-                        watch_fds={self.sigfd: self.on_signals})
+                        watch_fds={self.sigfd: self.on_signals}, policy=o.policy,
+                        audit_all=o.audit_all, audit_log=o.audit_log)
         sup = Supervisor(sopts)
         try:
             sup.setup()
@@ -802,6 +898,16 @@ class Runner:
             f"{self.opts.argv[0]}", extra={"fields": {"event": "ready", "ms": round(ms, 3),
                                                       "tap": self.opts.tapname,
                                                       "command": self.opts.argv}})
+        from . import registry
+
+        self.entry = registry.Entry(
+            name=self.opts.name, kind="run", target=f"pid {self.child}",
+            tapname=self.opts.tapname, api_socket=self.opts.api_socket,
+            command=self.opts.argv, registry_socket=self.opts.registry_socket)
+        try:
+            self.entry.add()
+        except (OSError, registry.RegistryError) as e:
+            log.get("nsnet").warning(f"not listed by nsnet ps: {e}")
         self.go_sent = True
         try:
             self.send(b"G")

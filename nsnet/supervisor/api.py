@@ -6,7 +6,7 @@ compact JSON reply to EOF.  This module turns request bytes into reply
 bytes; the supervisor owns the socket and the state behind it.
 
 slirp4netns commands: add_hostfwd, list_hostfwd, remove_hostfwd.
-nsnet adds get_info and get_stats.
+nsnet adds get_info, get_stats, get_policy and set_policy (docs/policy.md).
 """
 
 from __future__ import annotations
@@ -21,6 +21,16 @@ if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
 from ..forwards import Forward, ForwardError, make_forward
 
 MAX_REQUEST = 4096  # a request of this many bytes or more is refused
+# ... except set_policy (a policy of thousands of rules), when its
+# "execute" comes within the first MAX_REQUEST bytes.
+MAX_POLICY_REQUEST = 8 << 20
+
+
+def request_limit(data: bytes) -> int:
+    """The size from which a request (its first bytes given) is refused."""
+    if b'"set_policy"' in data[:MAX_REQUEST]:
+        return MAX_POLICY_REQUEST
+    return MAX_REQUEST
 
 
 class ApiError(Exception):
@@ -39,6 +49,10 @@ if TYPE_CHECKING:
         def api_info(self, interface: bool = False) -> dict[str, Any]: ...
 
         def api_stats(self) -> dict[str, Any]: ...
+
+        def api_get_policy(self) -> dict[str, Any]: ...
+
+        def api_set_policy(self, args: dict[str, Any]) -> None: ...
 
         @property
         def default_guest_addr(self) -> str: ...
@@ -72,7 +86,8 @@ def _loads(data: bytes) -> Any:
 
 
 def parse_request(data: bytes) -> dict[str, Any]:
-    if len(data) >= MAX_REQUEST:
+    limit = request_limit(data)
+    if len(data) >= limit:
         raise ApiError("too large message")
     try:
         req = _loads(data)
@@ -82,6 +97,8 @@ def parse_request(data: bytes) -> dict[str, Any]:
         raise ApiError("json_object() failed")
     if not isinstance(req.get("execute"), str):
         raise ApiError("no execute found")
+    if limit > MAX_REQUEST and len(data) >= MAX_REQUEST and req["execute"] != "set_policy":
+        raise ApiError("too large message")  # it only mentioned set_policy
     return req
 
 
@@ -108,19 +125,21 @@ def _number(value: Any) -> int | None:
 
 def _add_hostfwd(args: dict[str, Any], backend: ApiBackend) -> Any:
     proto = args.get("proto")
-    if not isinstance(proto, str):
+    # slirp4netns 1.2.0 checks the value of proto before any other field.
+    if proto not in ("tcp", "udp"):
         raise ApiError("add_hostfwd: bad arguments.proto")
-    # nsnet extra "mode": "splice" is the fast path (docs/fastpath.md): it
-    # connects to the guest port on the namespace's loopback by default.
+    # nsnet extra "mode": "splice" is the fast path (docs/fastpath.md).  Both
+    # modes connect to the guest's TAP address by default (issue 11 item 3:
+    # a loopback-only service stays private); the namespace's loopback only
+    # when guest_addr names it.
     mode = args.get("mode")
     mode = "slirp" if mode in (None, "") else mode
     if mode not in ("slirp", "splice"):
         raise ApiError("add_hostfwd: bad arguments.mode")
     if mode == "splice" and proto == "udp":
         raise ApiError("add_hostfwd: bad arguments.mode: splice is for tcp only")
-    defaults = ({"default_guest": "127.0.0.1", "default_guest6": "::1"} if mode == "splice" else
-                {"default_guest": backend.default_guest_addr,
-                 "default_guest6": backend.default_guest_addr6})
+    defaults = {"default_guest": backend.default_guest_addr,
+                "default_guest6": backend.default_guest_addr6}
     fields: dict[str, Any] = {}
     for name in ("host_addr", "guest_addr"):
         value = args.get(name, "")
@@ -137,11 +156,19 @@ def _add_hostfwd(args: dict[str, Any], backend: ApiBackend) -> Any:
     try:
         fwd = make_forward(proto, mode=mode, **defaults, **fields)
     except ForwardError as e:
+        if (str(e) == "guest_addr" and not fields["guest_addr"]
+                and ":" in fields["host_addr"] and defaults["default_guest6"] is None):
+            # not the guest address's fault: there is no IPv6 in the namespace
+            raise ApiError("add_hostfwd: bad arguments.host_addr: an IPv6 host address "
+                           "needs IPv6 in the namespace (start nsnet with -6)") from None
         raise ApiError(f"add_hostfwd: bad arguments.{e}") from None
     try:
         fid = backend.api_add_forward(fwd)
     except ForwardError:
         raise ApiError("add_hostfwd: slirp_add_hostfwd failed") from None
+    if fwd.host_port == 0:  # nsnet: the kernel picked the port; say which
+        port = next((f.host_port for i, f in backend.api_list_forwards() if i == fid), 0)
+        return {"return": {"id": fid, "host_port": port}}
     return {"return": {"id": fid}}
 
 
@@ -196,6 +223,14 @@ def handle(data: bytes, backend: ApiBackend) -> bytes:
             return encode({"return": backend.api_info(interface=args.get("interface") is True)})
         if execute == "get_stats":
             return encode({"return": backend.api_stats()})
+        if execute == "get_policy":
+            return encode({"return": backend.api_get_policy()})
+        if execute == "set_policy":
+            if not isinstance(req.get("arguments"), dict):
+                raise ApiError('set_policy: arguments must be the policy, '
+                               '{"egress":"allow"|"deny","rules":[...]}')
+            backend.api_set_policy(args)
+            return encode({"return": {}})
         raise ApiError("unknown execute")
     except ApiError as e:
         return error_reply(str(e))
