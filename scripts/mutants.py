@@ -60,6 +60,28 @@ class Mutant:
     line: int = 0
 
 
+def test_args(value: str) -> list[str]:
+    """pytest arguments of a `test:` line.  Quotes group words (shlex); an
+    unquoted -k expression takes every word up to the next option or path
+    (`-k a and b` is `-k "a and b"`)."""
+    words = shlex.split(value)
+    out: list[str] = []
+    i = 0
+    while i < len(words):
+        w = words[i]
+        out.append(w)
+        i += 1
+        if w in ("-k", "-m") and i < len(words):
+            expr = [words[i]]
+            i += 1
+            while i < len(words) and not words[i].startswith("-") and \
+                    not (REPO / words[i].split("::")[0]).exists():
+                expr.append(words[i])
+                i += 1
+            out.append(" ".join(expr))
+    return out
+
+
 def parse_list(path: Path) -> list[Mutant]:
     out: list[Mutant] = []
     cur: Mutant | None = None
@@ -85,7 +107,7 @@ def parse_list(path: Path) -> list[Mutant]:
         elif key == "to":
             cur.new = value
         elif key == "test":
-            cur.tests.append(shlex.split(value))
+            cur.tests.append(test_args(value))
         elif key == "why":
             cur.why = value
         elif key == "survives":
