@@ -211,10 +211,10 @@ def _interface(ns: NsFds, sock: socket.socket, tapname: str) -> int:
     return _describe(tapname, sock)
 
 
-def _connector(ns: NsFds, sock: socket.socket) -> int:
+def _connector(ns: NsFds, sock: socket.socket, seccomp: bool = False) -> int:
     from .connector import connector_main
 
-    return connector_main(ns, sock)
+    return connector_main(ns, sock, seccomp)
 
 
 # What spawn() can start after an exec (their arguments are JSON): the TAP
