@@ -42,6 +42,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NoReturn
 
+from .proto import run as handshake  # the parent <-> child handshake's bytes
+
 if TYPE_CHECKING:
     from .netconfig import NetConfig
     from .portspec import PortSpec
@@ -542,8 +544,9 @@ class Runner:
             msg = self.sock.recv(65536)
         except socket.timeout:
             raise RunError(f"{step}: no answer from the child in {SETUP_TIMEOUT:g} s") from None
-        if msg.startswith(b"E"):
-            raise RunError(msg[1:].decode(errors="replace"))
+        text = handshake.error_text(msg)  # proto/run.py: bounded, printable
+        if text is not None:
+            raise RunError(text)
         if msg != want:
             raise RunError(f"{step}: the child exited ({self._reap_now()})")
         sig = self.pending_signal()
@@ -706,8 +709,9 @@ class Runner:
             os.close(fd)
         if fds:
             self.bypass_listener = fds[0]
-        if msg.startswith(b"E"):
-            raise RunError(msg[1:].decode(errors="replace"))
+        text = handshake.error_text(msg)
+        if text is not None:
+            raise RunError(text)
         if not msg.startswith(b"c") or len(msg) != 1 + FACTS_SIZE or not fds:
             raise RunError(f"network configuration: the child exited ({self._reap_now()})")
         self.bypass_facts = msg[1:]
