@@ -12,13 +12,14 @@ import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
-    from typing import Any, Callable
+    from typing import Any, Callable, Generator
 
 from ..forwards import Forward, ForwardError
 from ..netconfig import slaac_address
 from ..ns import helper as helper_ns
 from . import api
 from .errors import SetupError
+from .tasks import run_task, wait
 
 API_CLIENT_TIMEOUT = 5.0
 API_DRAIN_LIMIT = 1 << 20
@@ -39,6 +40,7 @@ class _ApiClient:
         self.deadline = deadline
         self.buf = bytearray()
         self.answered = False
+        self.waiting = False  # its answer waits for a child
         self.drained = 0
 
 
@@ -96,31 +98,37 @@ class ApiServer:
             return None
         return str(slaac_address(self.opts.net.prefix6, self.tap_mac))
 
-    def api_add_forward(self, fwd: Forward) -> int:
+    # The api_* methods that ask a child are tasks (supervisor/tasks.py):
+    # they yield the child's reply Future and the loop goes on meanwhile.
+
+    def api_add_forward(self, fwd: Forward) -> Generator[Any, Any, int]:
         if fwd.is_splice:  # the fast path: nsnet/supervisor/fastpath.py
-            self._fastpath().add(fwd)
+            yield from wait(self._fastpath().add(fwd))
             return self.forwards.add(fwd)
-        reply = self._forwarder_request({"op": "add", "forward": fwd.to_dict()})
+        reply = yield from wait(self._forwarder_request({"op": "add", "forward": fwd.to_dict()}))
         if not reply.get("ok"):
             raise ForwardError(reply.get("error", "failed"))
         fid = self.forwards.add(fwd)
         self.log.debug(f"forward {fid} added: {fwd}")
         return fid
 
-    def api_remove_forward(self, fid: int) -> None:
+    def api_remove_forward(self, fid: int) -> Generator[Any, Any, None]:
         fwd = self.forwards.get(fid)
         if fwd is None:
             raise KeyError(fid)
         if fwd.is_splice:  # the fast path: nsnet/supervisor/fastpath.py
-            self._fastpath().remove(fwd)
-            self.forwards.remove(fid)
+            yield from wait(self._fastpath().remove(fwd))
+            if self.forwards.get(fid) is fwd:
+                self.forwards.remove(fid)
             return
         if fid not in self.inactive_forwards:  # else libslirp does not have it
-            reply = self._forwarder_request({"op": "remove", "forward": fwd.to_dict()})
+            reply = yield from wait(self._forwarder_request({"op": "remove",
+                                                             "forward": fwd.to_dict()}))
             if not reply.get("ok"):
                 raise ForwardError(reply.get("error", "failed"))
         self.inactive_forwards.discard(fid)
-        self.forwards.remove(fid)
+        if self.forwards.get(fid) is fwd:  # not removed by another client meanwhile
+            self.forwards.remove(fid)
 
     def api_list_forwards(self) -> list[tuple[int, Forward]]:
         return self.forwards.items()
@@ -130,7 +138,9 @@ class ApiServer:
             return "running" if self.fwd.ready else "starting"
         return "restarting" if self.restart_at is not None else "stopped"
 
-    def api_info(self, interface: bool = False) -> dict[str, Any]:
+    def api_info(self, interface: bool = False) -> Any:
+        """The info dict; with interface, a task that adds what the
+        interface helper reports (supervisor/interface.py)."""
         from .. import __version__
         from ..host import slirp
 
@@ -180,16 +190,27 @@ class ApiServer:
             info.update(gateway6=str(net.gateway6), dns6=str(net.dns6),
                         prefix6=f"{net.prefix6}/64", guest6=self.default_guest_addr6)
         if interface:
-            try:
-                info["interface"] = helper_ns.describe_interface(self.opts.target,
-                                                                 self.opts.tapname)
-            except helper_ns.HelperError as e:
-                info["interface"] = {"error": str(e)}
+            return self._add_interface(info)
         return info
 
-    def api_stats(self) -> dict[str, Any]:
+    def _add_interface(self, info: dict[str, Any]) -> Generator[Any, Any, dict[str, Any]]:
+        from .interface import InterfaceQuery
+
         try:
-            reply = self._forwarder_request({"op": "stats"})
+            query = InterfaceQuery(self.opts.target, self.opts.tapname)
+        except (OSError, helper_ns.HelperError) as e:
+            info["interface"] = {"error": f"cannot start the namespace helper: {e}"}
+            return info
+        self.io_sources.append(query)
+        try:
+            info["interface"] = yield query.future
+        except helper_ns.HelperError as e:
+            info["interface"] = {"error": str(e)}
+        return info
+
+    def api_stats(self) -> Generator[Any, Any, dict[str, Any]]:
+        try:
+            reply = yield from wait(self._forwarder_request({"op": "stats"}))
         except ForwardError as e:
             raise api.ApiError(f"get_stats: {e}") from None
         if not reply.get("ok"):
@@ -208,7 +229,7 @@ class ApiServer:
             out[name] = source()
         if self.fastpath is not None:  # splice forwards: the relay's own counters
             try:
-                out["fastpath"] = self.fastpath.stats()
+                out["fastpath"] = yield from wait(self.fastpath.stats())
             except ForwardError as e:
                 out["fastpath"] = {"error": str(e)}
         return out
@@ -249,13 +270,30 @@ class ApiServer:
             self._api_answer(fd, bytes(c.buf), eof)
 
     def _api_answer(self, fd: int, request: bytes, eof: bool) -> None:
+        """Start answering: the request runs as a task (api.handle_task);
+        one that waits for a child leaves the client waiting (not read,
+        not expired: the child's deadline bounds it) and the loop serves
+        the others.  The reply goes out when the task ends."""
         c = self.api_clients[fd]
-        try:
-            reply = api.handle(request, self)
-        except Exception as e:  # a bug must not take the network down
-            self.log.error(f"API: internal error answering {request[:200]!r}: {e!r}")
-            reply = api.error_reply(f"internal error: {e}")
         c.answered = True
+        c.waiting = True
+
+        def done(reply: bytes | None, error: BaseException | None) -> None:
+            if error is not None:  # a bug must not take the network down
+                self.log.error(f"API: internal error answering {request[:200]!r}: {error!r}")
+                reply = api.error_reply(f"internal error: {error}")
+            c.waiting = False
+            if self.api_clients.get(fd) is c:  # still connected (and not a reused fd)
+                self._api_send(fd, c, reply or b"", eof)
+            else:
+                c.sock.close()
+
+        try:
+            run_task(api.handle_task(request, self), done)
+        except Exception as e:  # noqa: BLE001
+            done(None, e)
+
+    def _api_send(self, fd: int, c: _ApiClient, reply: bytes, eof: bool) -> None:
         try:
             c.sock.setblocking(True)
             c.sock.settimeout(1.0)
@@ -270,7 +308,7 @@ class ApiServer:
 
     def _api_close(self, fd: int) -> None:
         c = self.api_clients.pop(fd, None)
-        if c is not None:
+        if c is not None:  # a waiting one's task ends later and finds it gone
             try:
                 c.sock.close()
             except OSError:
@@ -278,9 +316,11 @@ class ApiServer:
 
     def _api_expire(self, now: float) -> None:
         for fd, c in list(self.api_clients.items()):
-            if now >= c.deadline:
+            if now >= c.deadline and not c.waiting:
                 if not c.answered and c.buf:
-                    self._api_answer(fd, bytes(c.buf), True)
+                    self._api_answer(fd, bytes(c.buf), True)  # closes it once answered
+                    if c.waiting:
+                        continue
                 self._api_close(fd)
 
     def _make_api_reader(self, fd: int) -> Callable[[int], None]:

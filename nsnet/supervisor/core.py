@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from .apiserver import _ApiClient
     from .fastpath import FastPath
     from .forwarder import _Forwarder
+    from .interface import InterfaceQuery
 
 from .. import log, sdnotify
 from ..forwards import Forward, ForwardError, ForwardTable
@@ -136,6 +137,8 @@ class Supervisor(ForwarderControl, ApiServer):
         self.fastpath: FastPath | None = None  # splice forwards, from the first one on
         # get_stats sections of other parts (nsnet run --bypass: "bypass")
         self.stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
+        # Children answering requests in the loop (supervisor/interface.py)
+        self.io_sources: list[InterfaceQuery] = []
 
     # -- set-up ------------------------------------------------------------
 
@@ -279,14 +282,18 @@ class Supervisor(ForwarderControl, ApiServer):
             fwd = self.fwd
             if fwd is not None:
                 watch(fwd.pidfd, POLL_IN, lambda ev: self._on_forwarder_exit())
-                if not fwd.ready and not fwd.ctl_eof:
+                if not fwd.ctl_eof and not fwd.broken:  # replies and events, checked
                     watch(fwd.ctl.fileno(), POLL_IN, lambda ev: self._on_forwarder_readable())
             if self.api_sock is not None:
                 watch(self.api_sock.fileno(), POLL_IN, lambda ev: self._api_accept())
-            for fd in self.api_clients:
-                watch(fd, POLL_IN, self._make_api_reader(fd))
+            for fd, client in self.api_clients.items():
+                if not client.waiting:  # one waiting for a child is not read meanwhile
+                    watch(fd, POLL_IN, self._make_api_reader(fd))
             if self.fastpath is not None:
                 for fd, events, fn in self.fastpath.watch():  # relay/connector deaths
+                    watch(fd, events, fn)
+            for src in self.io_sources:  # children answering requests (interface.py)
+                for fd, events, fn in src.watch():
                     watch(fd, events, fn)
 
             deadlines = [c.deadline for c in self.api_clients.values()]
@@ -296,6 +303,9 @@ class Supervisor(ForwarderControl, ApiServer):
                 deadlines.append(self.restart_at)
             if fwd is not None and not fwd.ready:
                 deadlines.append(fwd.deadline)
+            if fwd is not None and fwd.next_deadline() is not None:
+                deadlines.append(fwd.next_deadline())  # type: ignore[arg-type]
+            deadlines += self._pending_deadlines()
             timeout_ms = None
             if deadlines:
                 timeout_ms = max(0.0, min(deadlines) - time.monotonic()) * 1000
@@ -314,12 +324,29 @@ class Supervisor(ForwarderControl, ApiServer):
             now = time.monotonic()
             self._api_expire(now)
             self._check_start_timeout(now)
+            self._check_pending(now)
             if self.restart_at is not None and now >= self.restart_at and self.fwd is None:
                 self._restart_forwarder()
             if next_ping is not None and now >= next_ping:
                 self.notify.send("WATCHDOG=1")
                 next_ping = now + watchdog  # type: ignore[operator]
         return self.exit_code  # type: ignore[return-value]
+
+    def _pending_deadlines(self) -> list[float]:
+        """Deadlines of requests to children other than the forwarder."""
+        out = [d for d in (src.deadline() for src in self.io_sources) if d is not None]
+        if self.fastpath is not None:
+            d = self.fastpath.deadline()
+            if d is not None:
+                out.append(d)
+        return out
+
+    def _check_pending(self, now: float) -> None:
+        for src in list(self.io_sources):
+            src.check(now)
+        self.io_sources = [src for src in self.io_sources if not src.finished]
+        if self.fastpath is not None:
+            self.fastpath.check(now)
 
     def _drain_signals(self) -> None:
         try:
@@ -344,6 +371,9 @@ class Supervisor(ForwarderControl, ApiServer):
         self.restart_at = None
         if self.fastpath is not None:
             self.fastpath.close()
+        for src in self.io_sources:
+            src.close()
+        self.io_sources = []
         for fd in list(self.api_clients):
             self._api_close(fd)
         if self.api_sock is not None:
