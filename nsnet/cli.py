@@ -138,24 +138,38 @@ def parse(argv: list[str]):
     except ConfigError as e:
         raise BadOption(str(e)) from None
 
-    if netns_type == "pid":
-        try:
-            pid = int(args[0], 10)
-        except ValueError:
-            raise BadOption(f"PID must be a positive integer, not {args[0]!r} "
-                            "(use --netns-type=path for a path)") from None
-        if pid <= 0:
-            raise BadOption(f"PID must be a positive integer, not {args[0]!r}")
-        if userns_path is not None:
-            raise BadOption("--userns-path requires --netns-type=path")
-        target = Target.from_pid(pid)
-    else:
-        if not os.path.exists(args[0]):
-            raise BadOption("existing path expected when --netns-type=path: "
-                            "No such file or directory")
-        if userns_path is not None and not os.path.exists(userns_path):
-            raise BadOption(f"userns path doesn't exist: {userns_path}")
-        target = Target.from_path(args[0], userns_path)
+    from .diag import DiagError, check_ns_file, check_socket_dir
+
+    try:
+        if netns_type == "pid":
+            try:
+                pid = int(args[0], 10)
+            except ValueError:
+                raise BadOption(f"PID must be a positive integer, not {args[0]!r} "
+                                "(use --netns-type=path for a path)") from None
+            if pid <= 0:
+                raise BadOption(f"PID must be a positive integer, not {args[0]!r}")
+            target = Target.from_pid(pid)
+            if userns_path is not None:
+                # slirp4netns 1.2.0: joins that user namespace instead of the PID's.
+                check_ns_file(userns_path, "user", "--userns-path")
+                target = target._replace(userns=userns_path)
+        else:
+            check_ns_file(args[0], "net", "--netns-type=path")
+            if userns_path is not None:
+                check_ns_file(userns_path, "user", "--userns-path")
+            target = Target.from_path(args[0], userns_path)
+        if api_socket is not None:
+            check_socket_dir(api_socket)
+    except DiagError as e:
+        raise BadOption(str(e)) from None
+
+    from .policy import PolicyError, from_options
+
+    try:
+        policy = from_options(v["egress"], v["policy_rules"], v["policy_file"])
+    except PolicyError as e:
+        raise BadOption(str(e)) from None
 
     out4 = resolve_outbound(v["outbound4"], 4) if v["outbound4"] else None
     out6 = resolve_outbound(v["outbound6"], 6) if v["outbound6"] else None
@@ -189,7 +203,16 @@ def parse(argv: list[str]):
         pidfile=v["pidfile"],
         sandbox=v["sandbox"],
         seccomp=v["seccomp"],
+        policy=policy,
+        audit_all=v["audit"] == "all",
+        audit_log=v["audit_log"],
     )
+
+
+def _describe_target(target) -> str:
+    if target.pid is not None:
+        return f"pid {target.pid}"
+    return f"netns {target.netns}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,21 +221,42 @@ def main(argv: list[str] | None = None) -> int:
         from .run import main as run_main
 
         return run_main(argv[1:])
+    from . import log
+
+    if log.wants_json(argv):
+        log.setup("info", "json")
     try:
         opts = parse(argv)
     except UsageError as e:
         if e.args and e.args[0]:
-            print(f"{PROG}: {e.args[0]}", file=sys.stderr)
+            log.fail(PROG, e.args[0])
         sys.stdout.write(usage())
         sys.stdout.flush()
         return EXIT_FAILURE
     except BadOption as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
+        log.fail(PROG, str(e))
         return EXIT_FAILURE
     if isinstance(opts, int):
         return opts
+    import time
+
+    from . import diag
     from .supervisor import run
 
+    t0 = time.monotonic()
+    logger = log.get("nsnet")
+    line, fields = diag.start_line(opts.net, target=_describe_target(opts.target),
+                                   tapname=opts.tapname, api_socket=opts.api_socket)
+    logger.info(line, extra={"fields": fields})
+
+    def ready(sup) -> None:
+        ms = (time.monotonic() - t0) * 1000
+        logger.info(f"ready in {ms:.1f} ms: {opts.tapname} in {_describe_target(opts.target)}"
+                    + (" configured" if opts.configure else ""),
+                    extra={"fields": {"event": "ready", "ms": round(ms, 3),
+                                      "tap": opts.tapname}})
+
+    opts.on_ready = ready
     return run(opts)
 
 

@@ -40,7 +40,7 @@ import socket
 import struct
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .proto import run as handshake  # the parent <-> child handshake's bytes
 
@@ -132,6 +132,10 @@ class RunOptions:
     seccomp: bool = False
     max_restarts: int = 5
     restart_window: float = 60.0
+    policy: Any = None  # policy.Policy
+    audit_all: bool = False
+    audit_log: str | None = None
+    error_fd: int | None = None
     bypass: bool = False
 
 
@@ -165,12 +169,21 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     ro.publish_mode = v["publish_mode"]
     ro.dns = v["dns"]
     ro.api_socket = v["api_socket"]
-    if v["ready_fd"] is not None:
-        ro.ready_fd = v["ready_fd"]
+    if ro.api_socket is not None:
+        from .diag import DiagError, check_socket_dir
+
         try:
-            os.fstat(ro.ready_fd)
-        except OSError:
-            raise UsageError(f"--ready-fd: fd {ro.ready_fd} is not open") from None
+            check_socket_dir(ro.api_socket)
+        except DiagError as e:
+            raise UsageError(str(e)) from None
+    for name in ("ready_fd", "error_fd"):
+        if v[name] is not None:
+            setattr(ro, name, v[name])
+            try:
+                os.fstat(v[name])  # type: ignore[arg-type]
+            except OSError:
+                raise UsageError(f"--{name.replace('_', '-')}: fd {v[name]} is not open"
+                                 ) from None
     ro.map_mode = v["map_user"]
     ro.log_level = v["log_level"]
     ro.log_format = v["log_format"]
@@ -179,6 +192,14 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     ro.seccomp = v["seccomp"]
     ro.max_restarts = v["max_restarts"]
     ro.restart_window = float(v["restart_window"])
+    from .policy import PolicyError, from_options
+
+    try:
+        ro.policy = from_options(v["egress"], v["policy_rules"], v["policy_file"])
+    except PolicyError as e:
+        raise UsageError(str(e)) from None
+    ro.audit_all = v["audit"] == "all"
+    ro.audit_log = v["audit_log"]
     ro.bypass = v["bypass"]
     if v["dns"] and v["disable_dns"]:
         raise UsageError("--dns names the built-in DNS, which --disable-dns turns off: "
@@ -309,6 +330,13 @@ def _newidmap(tool: str, pid: int, outer: int, rng: tuple[int, int]) -> None:
                             stderr=subprocess.PIPE, timeout=SETUP_TIMEOUT)
     except FileNotFoundError:
         raise RunError(f"--map-subids needs {tool} (Debian: apt-get install uidmap)") from None
+    except OSError as e:
+        from .diag import why
+
+        path = getattr(e, "filename", None) or tool
+        raise RunError(f"--map-subids: cannot run {path}: {why(e)}; {tool} must be "
+                       "executable by you (and setuid root, or have cap_setuid/cap_setgid "
+                       "file capabilities)") from None
     except subprocess.TimeoutExpired:
         raise RunError(f"{tool} did not finish in {SETUP_TIMEOUT:g} s") from None
     if cp.returncode != 0:
@@ -462,9 +490,11 @@ class _Child:
 
     def exec(self) -> NoReturn:
         r = self.r
-        if r.opts.ready_fd is not None:
+        for fd in (r.opts.ready_fd, r.opts.error_fd):
+            if fd is None:
+                continue
             try:
-                os.close(r.opts.ready_fd)
+                os.close(fd)
             except OSError:
                 pass
         # Python ignores SIGPIPE and SIGXFSZ; ignored signals survive exec.
@@ -528,6 +558,9 @@ class Runner:
         self.sock: socket.socket | None = None
         self.unblock_in_children = False
         self.go_sent = False
+        import time
+
+        self.t0 = time.monotonic()
         self.bypass_listener = -1
         self.bypass_facts = b""
         self.bypass: "Handler | None" = None
@@ -671,13 +704,12 @@ class Runner:
                 self._stop_child()
                 return 128 + e.signo
             except RunError as e:
-                print(f"{PROG}: {e}", file=sys.stderr)
+                _fail(str(e))
                 self._stop_child()
                 return EXIT_SETUP
             sup.loop()
             if self._child_running():
-                print(f"{PROG}: network lost: {sup.exit_reason}; stopping "
-                      f"{self.opts.argv[0]}", file=sys.stderr)
+                _fail(f"network lost: {sup.exit_reason}; stopping {self.opts.argv[0]}")
                 self._stop_child()
                 return EXIT_SETUP
             return self._child_status()
@@ -727,7 +759,7 @@ class Runner:
             check_kernel(self.bypass_listener)
             check_access(self.child)
             h = Handler(self.bypass_listener, self.opts.net, unpack_facts(self.bypass_facts),
-                        sup.default_guest_addr6,
+                        sup.default_guest_addr6, policy=self.opts.policy,
                         on_give_up=lambda why: sup._finish(EXIT_SETUP, why))
         except BypassError as e:
             raise RunError(str(e)) from None
@@ -749,13 +781,20 @@ class Runner:
         from .ns.helper import Target
         from .supervisor import Options, SetupError, Supervisor
 
+        from . import diag, log
+
         o = self.opts
+        line, fields = diag.start_line(o.net, target=f"pid {self.child}", tapname=o.tapname,
+                                       api_socket=o.api_socket,
+                                       extra={"publish": [str(p) for p in o.publish]})
+        log.get("nsnet").info(line, extra={"fields": fields})
         sopts = Options(target=Target.from_pid(self.child), tapname=o.tapname, net=o.net,
                         configure=False, ready_fd=o.ready_fd, api_socket=o.api_socket,
                         exit_with_target=True, pidfile=o.pidfile, sandbox=o.sandbox,
                         seccomp=o.seccomp, max_restarts=o.max_restarts,
                         restart_window=o.restart_window, on_ready=self._release,
-                        watch_fds={self.sigfd: self.on_signals})
+                        watch_fds={self.sigfd: self.on_signals}, policy=o.policy,
+                        audit_all=o.audit_all, audit_log=o.audit_log)
         sup = Supervisor(sopts)
         try:
             sup.setup()
@@ -769,6 +808,16 @@ class Runner:
 
     def _release(self, _sup: "Supervisor") -> None:
         """The network is ready: let the child exec COMMAND."""
+        import time
+
+        from . import log
+
+        ms = (time.monotonic() - self.t0) * 1000
+        log.get("nsnet").info(
+            f"ready in {ms:.1f} ms: {self.opts.tapname} configured; starting "
+            f"{self.opts.argv[0]}", extra={"fields": {"event": "ready", "ms": round(ms, 3),
+                                                      "tap": self.opts.tapname,
+                                                      "command": self.opts.argv}})
         self.go_sent = True
         try:
             self.send(b"G")
@@ -817,26 +866,50 @@ class _Interrupted(RunError):
         self.signo = signo
 
 
+_error_fd: int | None = None
+
+
+def _fail(msg: str) -> None:
+    """nsnet run's last words: on stderr (a JSON line with
+    --log-format=json), and on --error-fd for a program that keeps stderr
+    for COMMAND (the Python API's Popen)."""
+    global _error_fd
+    from . import log
+
+    log.fail(PROG, msg)
+    if _error_fd is not None:
+        try:
+            os.write(_error_fd, msg.encode(errors="replace") + b"\n")
+            os.close(_error_fd)
+        except OSError:
+            pass
+        _error_fd = None
+
+
 def main(argv: list[str]) -> int:
+    global _error_fd
+    from . import log
+
+    if log.wants_json(argv):
+        log.setup("warning", "json")
     try:
         opts = parse_args(argv)
     except UsageError as e:
-        print(f"{PROG}: {e}\nTry 'nsnet run --help'.", file=sys.stderr)
+        _fail(f"{e}" if log.wants_json(argv) else f"{e}\nTry 'nsnet run --help'.")
         return EXIT_SETUP
     if opts is None:
         sys.stdout.write(usage())
         sys.stdout.flush()
         return 0
-    from . import log
-
+    _error_fd = opts.error_fd
     log.setup(opts.log_level, opts.log_format)
     try:
         find_command(opts.argv[0])
     except _ExecError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
+        _fail(str(e))
         return e.code
     try:
         return Runner(opts).run()
     except RunError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
+        _fail(str(e))
         return EXIT_SETUP

@@ -93,6 +93,15 @@ class Int:
         return v
 
 
+class Num:
+    """A finite JSON number (an integer too, not a boolean)."""
+
+    def __call__(self, v: Any, where: str) -> float:
+        if type(v) not in (int, float) or v != v or v in (float("inf"), float("-inf")):
+            raise ProtocolError(f"{where}: {_kind(v)}, not a number")
+        return v  # type: ignore[no-any-return]
+
+
 class Str:
     def __init__(self, max_len: int = 1024, choices: tuple[str, ...] | None = None) -> None:
         self.max_len, self.choices = max_len, choices

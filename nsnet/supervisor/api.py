@@ -6,7 +6,7 @@ compact JSON reply to EOF.  This module turns request bytes into reply
 bytes; the supervisor owns the socket and the state behind it.
 
 slirp4netns commands: add_hostfwd, list_hostfwd, remove_hostfwd.
-nsnet adds get_info and get_stats.
+nsnet adds get_info, get_stats, get_policy and set_policy (docs/policy.md).
 """
 
 from __future__ import annotations
@@ -22,6 +22,16 @@ from ..forwards import Forward, ForwardError, make_forward
 from .tasks import run_sync, wait
 
 MAX_REQUEST = 4096  # a request of this many bytes or more is refused
+# ... except set_policy (a policy of thousands of rules), when its
+# "execute" comes within the first MAX_REQUEST bytes.
+MAX_POLICY_REQUEST = 8 << 20
+
+
+def request_limit(data: bytes) -> int:
+    """The size from which a request (its first bytes given) is refused."""
+    if b'"set_policy"' in data[:MAX_REQUEST]:
+        return MAX_POLICY_REQUEST
+    return MAX_REQUEST
 
 
 class ApiError(Exception):
@@ -40,6 +50,10 @@ if TYPE_CHECKING:
         def api_info(self, interface: bool = False) -> dict[str, Any]: ...
 
         def api_stats(self) -> dict[str, Any]: ...
+
+        def api_get_policy(self) -> dict[str, Any]: ...
+
+        def api_set_policy(self, args: dict[str, Any]) -> None: ...
 
         @property
         def default_guest_addr(self) -> str: ...
@@ -73,7 +87,7 @@ def _loads(data: bytes) -> Any:
 
 
 def parse_request(data: bytes) -> dict[str, Any]:
-    if len(data) >= MAX_REQUEST:
+    if len(data) >= request_limit(data):
         raise ApiError("too large message")
     try:
         req = _loads(data)
@@ -194,6 +208,8 @@ def handle_task(data: bytes, backend: ApiBackend) -> Generator[Any, Any, bytes]:
         args = req.get("arguments")
         if not isinstance(args, dict):
             args = {}
+        if len(data) >= MAX_REQUEST and execute != "set_policy":
+            raise ApiError("too large message")
         if execute == "add_hostfwd":
             return encode((yield from _add_hostfwd(args, backend)))
         if execute == "list_hostfwd":
@@ -206,6 +222,14 @@ def handle_task(data: bytes, backend: ApiBackend) -> Generator[Any, Any, bytes]:
             return encode({"return": (yield from wait(info))})
         if execute == "get_stats":
             return encode({"return": (yield from wait(backend.api_stats()))})
+        if execute == "get_policy":
+            return encode({"return": backend.api_get_policy()})
+        if execute == "set_policy":
+            if not isinstance(req.get("arguments"), dict):
+                raise ApiError('set_policy: arguments must be the policy, '
+                               '{"egress":"allow"|"deny","rules":[...]}')
+            yield from wait(backend.api_set_policy(args))
+            return encode({"return": {}})
         raise ApiError("unknown execute")
     except ApiError as e:
         return error_reply(str(e))

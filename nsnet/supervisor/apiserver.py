@@ -227,12 +227,44 @@ class ApiServer:
                    restarts=self.restarts)
         for name, source in self.stats_sources.items():
             out[name] = source()
+        pstats = reply.get("policy")
+        if isinstance(pstats, dict) and self.policy is not None:
+            out["policy"] = dict(pstats, audit_log_lost=self.policy.audit_lost)
         if self.fastpath is not None:  # splice forwards: the relay's own counters
             try:
                 out["fastpath"] = yield from wait(self.fastpath.stats())
             except ForwardError as e:
                 out["fastpath"] = {"error": str(e)}
         return out
+
+    def api_get_policy(self) -> dict[str, Any]:
+        if self.policy is None:
+            return {"egress": "allow", "rules": []}
+        return self.policy.get()
+
+    def api_set_policy(self, args: dict[str, Any]) -> Generator[Any, Any, None]:
+        """Replace the egress policy atomically: the forwarder judges every
+        frame after this by the new one (flows it denies are cut unless
+        keep_established); a forwarder started later gets it at fork."""
+        from .policy import PolicyControl, PolicyControlError
+
+        if self.policy is None:
+            self.policy = PolicyControl(None, self.opts.audit_all)
+            if self.fwd is not None:
+                self.fwd.on_audit = self.policy.on_audit
+        try:
+            pol, keep = self.policy.parse_set(args)
+        except PolicyControlError as e:
+            raise api.ApiError(f"set_policy: {e}") from None
+        fwd = self.fwd  # None: restart pending: the next forwarder gets it at fork
+        if fwd is not None and not fwd.broken:  # (a starting one: sent once it is ready)
+            try:
+                yield from self.policy.send(self._forwarder_request, pol, keep)
+            except (PolicyControlError, ForwardError) as e:
+                raise api.ApiError(f"set_policy: {e}") from None
+        self.policy.policy = pol
+        self.log.info(f"egress policy replaced: default {pol.default}, {len(pol.rules)} rules"
+                      + (" (established flows kept)" if keep else ""))
 
     # -- API socket handling (non-blocking, in the poll loop) --------------
 
@@ -266,7 +298,10 @@ class ApiServer:
             return
         c.buf += data
         eof = not data
-        if eof or len(c.buf) >= api.MAX_REQUEST or api.is_complete(bytes(c.buf)):
+        # (a large set_policy: parse only once it may be whole, not per chunk)
+        if (eof or len(c.buf) >= api.request_limit(bytes(c.buf[:api.MAX_REQUEST]))
+                or ((len(c.buf) < api.MAX_REQUEST or c.buf.rstrip().endswith(b"}"))
+                    and api.is_complete(bytes(c.buf)))):
             self._api_answer(fd, bytes(c.buf), eof)
 
     def _api_answer(self, fd: int, request: bytes, eof: bool) -> None:

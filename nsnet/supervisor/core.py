@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from .fastpath import FastPath
     from .forwarder import _Forwarder
     from .interface import InterfaceQuery
+    from .policy import PolicyControl
 
 from .. import log, sdnotify
 from ..forwards import Forward, ForwardError, ForwardTable
@@ -83,6 +84,9 @@ class Options:
         initial_forwards: list[Forward] | None = None,
         on_ready: Callable[[Supervisor], None] | None = None,
         watch_fds: dict[int, Callable[[int], None]] | None = None,
+        policy: Any = None,
+        audit_all: bool = False,
+        audit_log: str | None = None,
     ) -> None:
         self.target = target
         self.tapname = tapname
@@ -100,6 +104,10 @@ class Options:
         self.initial_forwards = initial_forwards if initial_forwards is not None else []
         self.on_ready = on_ready
         self.watch_fds = watch_fds if watch_fds is not None else {}
+        # the egress policy (nsnet/policy.py: a Policy or None), its audit
+        self.policy = policy
+        self.audit_all = audit_all
+        self.audit_log = audit_log
 
 
 
@@ -135,6 +143,7 @@ class Supervisor(ForwarderControl, ApiServer):
         self.ready = False
         self.pidfile_written = False
         self.fastpath: FastPath | None = None  # splice forwards, from the first one on
+        self.policy: PolicyControl | None = None  # the egress policy (policy.py)
         # get_stats sections of other parts (nsnet run --bypass: "bypass")
         self.stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
         # Children answering requests in the loop (supervisor/interface.py)
@@ -144,6 +153,13 @@ class Supervisor(ForwarderControl, ApiServer):
 
     def setup(self) -> None:
         o = self.opts
+        if o.policy is not None or o.audit_all or o.audit_log:
+            from .policy import PolicyControl, PolicyControlError
+
+            try:
+                self.policy = PolicyControl(o.policy, o.audit_all, o.audit_log)
+            except PolicyControlError as e:
+                raise SetupError(str(e)) from None
         self._install_signals()
         if o.target.pid is not None:
             try:
@@ -366,6 +382,8 @@ class Supervisor(ForwarderControl, ApiServer):
         if self.ready:
             self.notify.send(f"STOPPING=1\nSTATUS=stopping: {self.exit_reason or 'set-up failed'}")
         if self.fwd is not None:
+            if self.policy is not None and self.fwd.ready and not self.fwd.ctl_eof:
+                self._flush_forwarder(self.fwd, 0.5)  # the audit records of the last moments
             self._stop_forwarder(self.fwd)
             self.fwd = None
         self.restart_at = None
@@ -381,6 +399,8 @@ class Supervisor(ForwarderControl, ApiServer):
             self.api_sock = None
             self._unlink_api()
         self._remove_pidfile()
+        if self.policy is not None:
+            self.policy.close()
         if self.sigpipe_w >= 0:
             signal.set_wakeup_fd(-1)
         for fd in (self.tap_fd, self.target_pidfd, self.sigpipe_r, self.sigpipe_w,

@@ -72,6 +72,8 @@ class _Forwarder:
         self.pending: dict[int, tuple[str, Future, float]] = {}  # seq -> (op, reply, deadline)
         self.queued: list[tuple[dict[str, Any], Future, float]] = []  # until it is ready
         self.status: int | None = None  # wait status once reaped
+        # egress-policy audit records: handled as they come, never queued
+        self.on_audit: Any = None
         try:
             self.pidfd = os.pidfd_open(pid)
         except OSError:
@@ -104,7 +106,10 @@ class _Forwarder:
             return None
         try:
             msg = proto.parse_message(data)
-            if "event" in msg:
+            if msg.get("event") == "audit":  # a stream: handled as it comes, never kept
+                if self.on_audit is not None:
+                    self.on_audit(msg)
+            elif "event" in msg:
                 self._count_event(msg)
             else:
                 self._match_reply(msg)
@@ -229,6 +234,7 @@ class ForwarderControl:
         (see _start_first_forwarder)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         tap_fd = self.tap_fd if with_tap else None
+        policy = self.policy.forwarder_arg() if self.policy is not None else None
 
         def forwarder() -> int:
             # The first forwarder imports its code itself, before any
@@ -239,7 +245,8 @@ class ForwarderControl:
 
             return helper_host.main(self.opts.net, tap_fd, child,
                                     self.forwards.libslirp_items(),
-                                    sandbox=self.opts.sandbox, seccomp=self.opts.seccomp)
+                                    sandbox=self.opts.sandbox, seccomp=self.opts.seccomp,
+                                    policy=policy)
 
         keep = [child.fileno()] if tap_fd is None else [tap_fd, child.fileno()]
         try:
@@ -250,7 +257,10 @@ class ForwarderControl:
             raise
         child.close()
         try:
-            return _Forwarder(pid, parent, time.monotonic())
+            fwd = _Forwarder(pid, parent, time.monotonic())
+            if self.policy is not None:
+                fwd.on_audit = self.policy.on_audit
+            return fwd
         except OSError:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
@@ -346,6 +356,21 @@ class ForwarderControl:
         fwd.drain()
         fwd.fail_all("forwarder: stopped")
         fwd.close()
+
+    def _flush_forwarder(self, fwd: _Forwarder, timeout: float) -> None:
+        """Teardown only (the loop is over): a ping, and what the forwarder
+        sends before its reply (audit records) handled, for timeout at most."""
+        fut = fwd.submit({"op": "ping"}, timeout)
+        deadline = time.monotonic() + timeout
+        while not fut.done and not fwd.ctl_eof and not fwd.broken:
+            if time.monotonic() >= deadline:
+                return
+            try:
+                msg = fwd.receive(block_until=deadline)
+                if msg is not None:
+                    self._on_forwarder_message(fwd, msg)
+            except ProtocolError:
+                return
 
     def _reap(self, fwd: _Forwarder) -> None:
         try:

@@ -9,10 +9,7 @@ import pytest
 
 import api_cases as C
 
-try:  # the supervisor's API module (nsnet/supervisor/api.py after the layout move)
-    from nsnet.supervisor import api
-except ImportError:
-    from nsnet import api
+from nsnet.supervisor import api
 from nsnet.forwards import ForwardError, ForwardTable
 
 
