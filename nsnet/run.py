@@ -536,7 +536,7 @@ def publish(sup: "Supervisor", specs: list["PortSpec"], mode: str) -> None:
         except ForwardError as e:
             raise RunError(f"cannot publish {spec}: bad {e}") from None
         try:
-            sup.api_add_forward(fwd)
+            sup.run_blocking(sup.api_add_forward(fwd))  # set-up: before the loop
         except ForwardError as e:
             why = str(e)
             if port_in_use(fwd.proto, fwd.host_addr, fwd.host_port):

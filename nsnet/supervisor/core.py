@@ -295,32 +295,19 @@ class Supervisor(ForwarderControl, ApiServer):
             if self.target_pidfd is not None and o.exit_with_target:
                 watch(self.target_pidfd, POLL_IN,
                       lambda ev: self._finish(EXIT_OK, f"target PID {o.target.pid} exited"))
-            fwd = self.fwd
-            if fwd is not None:
-                watch(fwd.pidfd, POLL_IN, lambda ev: self._on_forwarder_exit())
-                if not fwd.ctl_eof and not fwd.broken:  # replies and events, checked
-                    watch(fwd.ctl.fileno(), POLL_IN, lambda ev: self._on_forwarder_readable())
             if self.api_sock is not None:
                 watch(self.api_sock.fileno(), POLL_IN, lambda ev: self._api_accept())
             for fd, client in self.api_clients.items():
                 if not client.waiting:  # one waiting for a child is not read meanwhile
                     watch(fd, POLL_IN, self._make_api_reader(fd))
-            if self.fastpath is not None:
-                for fd, events, fn in self.fastpath.watch():  # relay/connector deaths
-                    watch(fd, events, fn)
-            for src in self.io_sources:  # children answering requests (interface.py)
-                for fd, events, fn in src.watch():
-                    watch(fd, events, fn)
+            for fd, events, fn in self._child_watchers():
+                watch(fd, events, fn)
 
             deadlines = [c.deadline for c in self.api_clients.values()]
             if next_ping is not None:
                 deadlines.append(next_ping)
             if self.restart_at is not None:
                 deadlines.append(self.restart_at)
-            if fwd is not None and not fwd.ready:
-                deadlines.append(fwd.deadline)
-            if fwd is not None and fwd.next_deadline() is not None:
-                deadlines.append(fwd.next_deadline())  # type: ignore[arg-type]
             deadlines += self._pending_deadlines()
             timeout_ms = None
             if deadlines:
@@ -348,9 +335,58 @@ class Supervisor(ForwarderControl, ApiServer):
                 next_ping = now + watchdog  # type: ignore[operator]
         return self.exit_code  # type: ignore[return-value]
 
+    def _child_watchers(self) -> list[tuple[int, int, Callable[[int], None]]]:
+        """(fd, events, handler): the children's deaths, replies and events."""
+        out: list[tuple[int, int, Callable[[int], None]]] = []
+        fwd = self.fwd
+        if fwd is not None:
+            out.append((fwd.pidfd, POLL_IN, lambda ev: self._on_forwarder_exit()))
+            if not fwd.ctl_eof and not fwd.broken:  # replies and events, checked
+                out.append((fwd.ctl.fileno(), POLL_IN, lambda ev: self._on_forwarder_readable()))
+        if self.fastpath is not None:  # relay/connector: deaths, replies
+            out += self.fastpath.watch()
+        for src in self.io_sources:  # children answering requests (interface.py)
+            out += src.watch()
+        return out
+
+    def run_blocking(self, task: Any, timeout: float = 30.0) -> Any:
+        """Set-up only (loop() does not run yet; nsnet run's --publish): run
+        a task (e.g. api_add_forward) to its end, serving the children it
+        waits for.  Its result, or its exception."""
+        from .tasks import run_task
+
+        out: list[tuple[Any, BaseException | None]] = []
+        run_task(task, lambda v, e: out.append((v, e)))
+        give_up = time.monotonic() + timeout
+        while not out and time.monotonic() < give_up:
+            poller = select.poll()
+            handlers = {}
+            for fd, events, fn in self._child_watchers():
+                poller.register(fd, events)
+                handlers[fd] = fn
+            deadlines = [give_up] + self._pending_deadlines()
+            timeout_ms = max(0.0, min(deadlines) - time.monotonic()) * 1000
+            for fd, ev in poller.poll(timeout_ms):
+                if not out and fd in handlers:
+                    handlers[fd](ev)
+            now = time.monotonic()
+            self._check_start_timeout(now)
+            self._check_pending(now)
+        if not out:
+            raise ForwardError(f"no answer from nsnet's children in {timeout:g} s")
+        value, error = out[0]
+        if error is not None:
+            raise error
+        return value
+
     def _pending_deadlines(self) -> list[float]:
-        """Deadlines of requests to children other than the forwarder."""
+        """Deadlines of requests to children, of a forwarder's start."""
         out = [d for d in (src.deadline() for src in self.io_sources) if d is not None]
+        fwd = self.fwd
+        if fwd is not None and not fwd.ready:
+            out.append(fwd.deadline)
+        if fwd is not None and fwd.next_deadline() is not None:
+            out.append(fwd.next_deadline())  # type: ignore[arg-type]
         if self.fastpath is not None:
             d = self.fastpath.deadline()
             if d is not None:

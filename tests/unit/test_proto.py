@@ -270,3 +270,30 @@ def test_oversized_seqpacket_message_is_refused():
         data = b.recv(wire.MAX_MSG + 1)  # the receivers read one byte more than allowed
         with pytest.raises(ProtocolError, match="bytes"):
             fw.parse_message(data)
+
+
+AUDIT = {"event": "audit", "records": [
+    {"time": 12.5, "proto": "tcp", "src": "10.0.2.100", "dst": "192.0.2.1", "action": "deny",
+     "rule": 0, "sport": 40000, "dport": 443, "name": "x.test", "rule_text": "deny x.test"},
+    {"time": 13, "proto": "icmp", "src": "10.0.2.100", "dst": "192.0.2.1", "action": "allow",
+     "rule": None, "rule_text": "default allow"}]}
+
+
+def test_forwarder_policy_messages():
+    assert fw.parse_message(enc(AUDIT)) == AUDIT
+    for bad in (dict(AUDIT, records={"0": AUDIT["records"][0]}),
+                dict(AUDIT, records=[dict(AUDIT["records"][0], time="12.5")]),
+                dict(AUDIT, records=[dict(AUDIT["records"][0], rule=-1)]),
+                dict(AUDIT, records=[dict(AUDIT["records"][0], action="maybe")]),
+                dict(AUDIT, records=AUDIT["records"][:1] * (fw.MAX_AUDIT + 1))):
+        with pytest.raises(ProtocolError):
+            fw.parse_message(enc(bad))
+    with pytest.raises(ProtocolError):  # NaN is not JSON, a fortiori not a time
+        fw.parse_message(enc(AUDIT).replace(b"12.5", b"NaN"))
+    assert fw.parse_message(enc(dict(STATS, policy={"flows_denied": 2})))["policy"]
+    assert fw.parse_request(enc({"op": "policy_part", "index": 0, "data": "{", "seq": 4}))
+    assert fw.parse_request(enc({"op": "policy", "last_part": "}", "parts": 2,
+                                 "keep_established": False, "audit_all": True, "seq": 5}))
+    with pytest.raises(ProtocolError):
+        fw.parse_request(enc({"op": "policy", "last_part": "}", "parts": "2",
+                              "keep_established": False, "audit_all": True, "seq": 5}))

@@ -247,3 +247,22 @@ def test_api_task_child_error_becomes_an_error_reply():
     reply = api.handle(json.dumps({"execute": "add_hostfwd", "arguments": {
         "proto": "tcp", "host_port": 8080, "guest_port": 80}}).encode(), be)
     assert reply == b'{"error":{"desc":"bad request: add_hostfwd: slirp_add_hostfwd failed"}}'
+
+
+def test_audit_events_are_a_stream_not_counted(link, child):
+    """Egress-policy audit events: handed on as they come, never kept, so
+    many of them are no flood; a malformed one is a protocol error."""
+    sup, fwd, theirs = link
+    become_ready(sup, fwd, theirs)
+    seen = []
+    fwd.on_audit = seen.append
+    record = {"time": 1.5, "proto": "udp", "src": "10.0.2.100", "dst": "10.0.2.3",
+              "action": "allow", "rule": None, "sport": 5353, "dport": 53}
+    for _ in range(3 * fwproto.MAX_EVENTS):
+        send(theirs, {"event": "audit", "records": [record]})
+        sup._on_forwarder_readable()
+    assert len(seen) == 3 * fwproto.MAX_EVENTS and not fwd.broken
+    assert len(fwd.events) == 1  # ready
+    send(theirs, {"event": "audit", "records": [dict(record, dport="53")]})
+    sup._on_forwarder_readable()
+    assert fwd.broken and killed(child)
