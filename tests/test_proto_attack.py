@@ -241,3 +241,35 @@ def test_forged_connector_reply_does_not_crash_the_relay(fnet, guest):  # noqa: 
     wait_until(lambda: fp._echo_ok(port), 15, what="the forward through the new connector")
     assert fwd.alive()
     assert "the connector broke its protocol" in fwd.log()
+
+
+@pytest.mark.parametrize("user", ["unpriv"], indirect=True)
+def test_stopped_relay_does_not_block_the_loop(fnet, guest):  # noqa: F811
+    """The fast path's relay stopped: a get_stats waits for its counters
+    (5 s, then the relay is killed and replaced) while another client's
+    list_hostfwd is answered at once."""
+    fwd, apipath = fnet
+    srv = guest("echo")
+    port = free_port()
+    fp.added(apipath, port, srv.port)
+    fp.echo_check(port, 10_000)
+    relay = fp.children(fwd.pid)["nsnet-relay"]
+    os.kill(relay, signal.SIGSTOP)
+    try:
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.update(json.loads(
+            api_call(apipath, {"execute": "get_stats"}, timeout=30))))
+        t.start()
+        time.sleep(0.3)  # get_stats is in: the supervisor waits for the relay
+        entries = json.loads(api_call(apipath, {"execute": "list_hostfwd"}))["entries"]
+        assert [e["host_port"] for e in entries] == [port]
+        assert t.is_alive(), "get_stats was answered before list_hostfwd: not concurrent"
+        t.join(30)
+        assert "did not answer" in result["return"]["fastpath"]["error"], result
+        wait_until(lambda: fp.children(fwd.pid).get("nsnet-relay", relay) != relay, 15,
+                   what="a new relay")
+        wait_until(lambda: fp._echo_ok(port), 15, what="the forward after the relay's restart")
+    finally:
+        if fp.alive(relay):
+            os.kill(relay, signal.SIGCONT)
+    assert fwd.alive()
