@@ -27,6 +27,8 @@ EXIT_FAILURE = 1
 USAGE_HEAD = f"""\
 Usage: {PROG} [OPTION]... PID|PATH [TAPNAME]
        {PROG} run [OPTION]... -- COMMAND [ARG]...
+       {PROG} ctl [--socket PATH | --instance NAME] COMMAND [ARG]... [--json]
+       {PROG} ps [--json]
 User-mode networking for unprivileged network namespaces.
 
 """
@@ -189,7 +191,7 @@ def parse(argv: list[str]):
     from . import log
 
     log.setup(v["log_level"], v["log_format"])
-    return Options(
+    opts = Options(
         target=target,
         tapname=tapname,
         net=net,
@@ -207,6 +209,8 @@ def parse(argv: list[str]):
         audit_all=v["audit"] == "all",
         audit_log=v["audit_log"],
     )
+    opts.name = v["name"]  # nsnet ps, nsnet ctl --instance (the registry: cli.main)
+    return opts
 
 
 def _describe_target(target) -> str:
@@ -221,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         from .run import main as run_main
 
         return run_main(argv[1:])
+    if argv and argv[0] in ("ctl", "ps"):
+        from . import ctl
+
+        return ctl.ctl_main(argv[1:]) if argv[0] == "ctl" else ctl.ps_main(argv[1:])
     from . import log
 
     if log.wants_json(argv):
@@ -240,11 +248,16 @@ def main(argv: list[str] | None = None) -> int:
         return opts
     import time
 
-    from . import diag
+    from . import diag, registry
     from .supervisor import run
 
     t0 = time.monotonic()
     logger = log.get("nsnet")
+    try:
+        entry = _registry_entry(opts, opts.name, "attach", None)
+    except (registry.RegistryError, O.OptionError) as e:
+        log.fail(PROG, str(e))
+        return EXIT_FAILURE
     line, fields = diag.start_line(opts.net, target=_describe_target(opts.target),
                                    tapname=opts.tapname, api_socket=opts.api_socket)
     logger.info(line, extra={"fields": fields})
@@ -255,9 +268,40 @@ def main(argv: list[str] | None = None) -> int:
                     + (" configured" if opts.configure else ""),
                     extra={"fields": {"event": "ready", "ms": round(ms, 3),
                                       "tap": opts.tapname}})
+        _registry_add(entry)
 
     opts.on_ready = ready
-    return run(opts)
+    try:
+        return run(opts)
+    finally:
+        entry.remove()
+
+
+def _registry_entry(opts, name: str | None, kind: str, command: list[str] | None):
+    """This instance's registry entry (nsnet ps); a named instance without
+    an API socket gets one in the registry.  RegistryError for a bad or
+    taken name."""
+    from . import registry
+
+    own_socket = False
+    if name is not None:
+        sock = registry.claim_name(name)
+        if opts.api_socket is None:
+            O.socket_path(sock)
+            opts.api_socket = sock
+            own_socket = True
+    return registry.Entry(name=name, kind=kind, target=_describe_target(opts.target),
+                          tapname=opts.tapname, api_socket=opts.api_socket,
+                          command=command, registry_socket=own_socket)
+
+
+def _registry_add(entry) -> None:
+    from . import log, registry
+
+    try:
+        entry.add()
+    except (OSError, registry.RegistryError) as e:
+        log.get("nsnet").warning(f"not listed by nsnet ps: {e}")
 
 
 def entry() -> None:

@@ -185,7 +185,9 @@ class _Controls:
             if "bad arguments." in desc:
                 what = desc.rsplit("bad arguments.", 1)[1]
                 hint = ""
-                if what == "guest_addr" and ":" in ps.host_addr and not ps.guest_addr:
+                if ":" in ps.host_addr and not ps.guest_addr and (
+                        what == "guest_addr" or "needs IPv6" in what):
+                    what = what.split(":")[0]
                     hint = " (an IPv6 host address needs IPv6 enabled: ipv6=True)"
                 raise ForwardError(f"cannot forward {ps}: bad {what}{hint}") from None
             raise

@@ -315,6 +315,9 @@ TABLE: list[Opt] = [
     Opt("log-format", arg="FORMAT", conv=choice("log-format", *LOG_FORMATS), default="text",
         api="log_format",
         help="text or json (default={default})"),
+    Opt("name", arg="NAME", api="name",
+        help="name this instance for nsnet ctl --instance and nsnet ps;\n"
+             "without -a, its API socket goes in the registry"),
     # ---- the egress policy (nsnet/policy.py, docs/policy.md) ---------------
     Opt("egress", arg="allow|deny", conv=choice("--egress", "allow", "deny"), api="egress",
         help="what a flow no rule matches gets (default allow)"),

@@ -136,6 +136,8 @@ class RunOptions:
     audit_all: bool = False
     audit_log: str | None = None
     error_fd: int | None = None
+    name: str | None = None
+    registry_socket: bool = False
     bypass: bool = False
 
 
@@ -149,7 +151,7 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     from .getopt_long import GetoptError
     from .netconfig import ConfigError, NetConfig, check_mtu, check_tapname, parse_cidr
     from .portspec import PortSpecError
-    from .portspec import parse as parse_spec
+    from .portspec import parse_many
 
     try:
         # POSIX mode: options end at COMMAND, whose own options stay its own.
@@ -163,12 +165,23 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     ro = RunOptions(argv=[], net=NetConfig())
     for text in v["publish"]:  # type: ignore[union-attr]
         try:
-            ro.publish.append(parse_spec(text))
+            ro.publish += parse_many(text)
         except PortSpecError as e:
             raise UsageError(f"--publish {e}") from None
     ro.publish_mode = v["publish_mode"]
     ro.dns = v["dns"]
     ro.api_socket = v["api_socket"]
+    ro.name = v["name"]
+    if ro.name is not None:
+        from . import registry
+
+        try:
+            sock = registry.claim_name(ro.name)
+            if ro.api_socket is None:
+                ro.api_socket = O.socket_path(sock)
+                ro.registry_socket = True
+        except (registry.RegistryError, O.OptionError) as e:
+            raise UsageError(str(e)) from None
     if ro.api_socket is not None:
         from .diag import DiagError, check_socket_dir
 
@@ -536,12 +549,23 @@ def publish(sup: "Supervisor", specs: list["PortSpec"], mode: str) -> None:
         except ForwardError as e:
             raise RunError(f"cannot publish {spec}: bad {e}") from None
         try:
-            sup.run_blocking(sup.api_add_forward(fwd))  # set-up: before the loop
+            fid = sup.run_blocking(sup.api_add_forward(fwd))  # set-up: before the loop
         except ForwardError as e:
             why = str(e)
-            if port_in_use(fwd.proto, fwd.host_addr, fwd.host_port):
+            if fwd.host_port and port_in_use(fwd.proto, fwd.host_addr, fwd.host_port):
                 why = "address already in use"
             raise RunError(f"cannot publish {spec}: {why}") from None
+        if spec.host_port == 0:  # the kernel picked it: the user needs to know
+            got = sup.forwards.get(fid)
+            if got is not None:
+                host = f"[{got.host_addr}]" if ":" in got.host_addr else got.host_addr
+                from . import log
+
+                log.fail(PROG, f"published {host}:{got.host_port} -> port "
+                               f"{got.guest_port}/{got.proto}",
+                         {"event": "published", "level": "info", "host_addr": got.host_addr,
+                          "host_port": got.host_port, "guest_port": got.guest_port,
+                          "proto": got.proto})
 
 
 class Runner:
@@ -561,6 +585,7 @@ class Runner:
         import time
 
         self.t0 = time.monotonic()
+        self.entry = None
         self.bypass_listener = -1
         self.bypass_facts = b""
         self.bypass: "Handler | None" = None
@@ -678,10 +703,11 @@ class Runner:
         # When COMMAND is a shell that takes the terminal's foreground, nsnet
         # is in a background group: its warnings must not stop it (TOSTOP).
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-        # While the child unshares, load what the next steps need (the
-        # forwarder, forked later, inherits the libslirp binding loaded).
+        # While the child unshares, load what the next steps need.  Not the
+        # libslirp binding: the namespace helpers forked before ready must
+        # never have it mapped (nsnet/ns/helper.py); the forwarder loads it
+        # itself after its fork, and the supervisor after ready.
         from . import supervisor  # noqa: F401
-        from .host import forwarder  # noqa: F401
         sup = None
         try:
             try:
@@ -718,6 +744,8 @@ class Runner:
                 self.bypass.stop()
             elif self.bypass_listener >= 0:
                 os.close(self.bypass_listener)
+            if self.entry is not None:
+                self.entry.remove()
             if sup is not None:
                 sup.teardown()
             if self.child > 0:
@@ -818,6 +846,16 @@ class Runner:
             f"{self.opts.argv[0]}", extra={"fields": {"event": "ready", "ms": round(ms, 3),
                                                       "tap": self.opts.tapname,
                                                       "command": self.opts.argv}})
+        from . import registry
+
+        self.entry = registry.Entry(
+            name=self.opts.name, kind="run", target=f"pid {self.child}",
+            tapname=self.opts.tapname, api_socket=self.opts.api_socket,
+            command=self.opts.argv, registry_socket=self.opts.registry_socket)
+        try:
+            self.entry.add()
+        except (OSError, registry.RegistryError) as e:
+            log.get("nsnet").warning(f"not listed by nsnet ps: {e}")
         self.go_sent = True
         try:
             self.send(b"G")

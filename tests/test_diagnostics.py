@@ -146,3 +146,27 @@ def test_userns_path_in_pid_mode(impl, ns, start_fwd):
     fwd = start_fwd(impl, ["-c", f"--userns-path={ns.user_path}", ns.pid, "tap0"])
     assert fwd.alive()
     assert ns.link("tap0")["addr_info"][0]["local"] == "10.0.2.100"
+
+
+@nsnet_only
+@unpriv_only
+def test_libslirp_forward_failure_says_why(impl, ns, connect):
+    """The API reply stays slirp4netns's ("slirp_add_hostfwd failed"); the
+    log says why, with libslirp's errno: port in use, permission."""
+    from harness import api_call
+
+    net = connect()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        req = {"execute": "add_hostfwd", "arguments": {"proto": "tcp", "host_addr": "127.0.0.1",
+                                                       "host_port": port, "guest_port": 80}}
+        assert b"slirp_add_hostfwd failed" in api_call(net.api, req)
+    req["arguments"]["host_port"] = 80  # below ip_unprivileged_port_start, as nsnet-test
+    assert b"slirp_add_hostfwd failed" in api_call(net.api, req)
+    log = net.fwd.log()
+    assert f"127.0.0.1:{port} -> 10.0.2.100:80/tcp failed: slirp_add_hostfwd failed: " \
+           "Address already in use (EADDRINUSE)" in log, log
+    assert "127.0.0.1:80 -> 10.0.2.100:80/tcp failed: slirp_add_hostfwd failed: " \
+           "Permission denied (EACCES)" in log, log

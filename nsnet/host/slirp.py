@@ -322,7 +322,11 @@ class Slirp:
                 flags |= lib.SLIRP_HOSTFWD_V6ONLY
             rc = lib.slirp_add_hostxfwd(self._slirp, hsa, hlen, gsa, glen, flags)
         if rc < 0:
-            raise SlirpError("slirp_add_hostfwd failed")
+            # libslirp keeps the errno of the socket()/bind()/listen() that
+            # failed (tcp_listen, udp_listen): say why.
+            code = ffi.errno
+            why = f": {os.strerror(code)} ({errno.errorcode.get(code, code)})" if code else ""
+            raise SlirpError(f"slirp_add_hostfwd failed{why}")
 
     def remove_hostfwd(self, is_udp: bool, host_addr: str, host_port: int) -> None:
         h = ipaddress.ip_address(host_addr)

@@ -123,7 +123,8 @@ def _number(value: Any) -> int | None:
 
 def _add_hostfwd(args: dict[str, Any], backend: ApiBackend) -> Generator[Any, Any, Any]:
     proto = args.get("proto")
-    if not isinstance(proto, str):
+    # slirp4netns 1.2.0 checks the value of proto before any other field.
+    if proto not in ("tcp", "udp"):
         raise ApiError("add_hostfwd: bad arguments.proto")
     # nsnet extra "mode": "splice" is the fast path (docs/fastpath.md): it
     # connects to the guest port on the namespace's loopback by default.
@@ -152,11 +153,19 @@ def _add_hostfwd(args: dict[str, Any], backend: ApiBackend) -> Generator[Any, An
     try:
         fwd = make_forward(proto, mode=mode, **defaults, **fields)
     except ForwardError as e:
+        if (str(e) == "guest_addr" and not fields["guest_addr"]
+                and ":" in fields["host_addr"] and defaults["default_guest6"] is None):
+            # not the guest address's fault: there is no IPv6 in the namespace
+            raise ApiError("add_hostfwd: bad arguments.host_addr: an IPv6 host address "
+                           "needs IPv6 in the namespace (start nsnet with -6)") from None
         raise ApiError(f"add_hostfwd: bad arguments.{e}") from None
     try:
         fid = yield from wait(backend.api_add_forward(fwd))
     except ForwardError:
         raise ApiError("add_hostfwd: slirp_add_hostfwd failed") from None
+    if fwd.host_port == 0:  # nsnet: the kernel picked the port; say which
+        port = next((f.host_port for i, f in backend.api_list_forwards() if i == fid), 0)
+        return {"return": {"id": fid, "host_port": port}}
     return {"return": {"id": fid}}
 
 

@@ -32,6 +32,13 @@ def _median(values: list[float]) -> float:
     return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
 
 
+def _fwd_text(f: Forward) -> str:
+    def addr(a: str, p: int) -> str:
+        return f"[{a}]:{p}" if ":" in a else f"{a}:{p}"
+    return (f"{addr(f.host_addr, f.host_port)} -> {addr(f.guest_addr, f.guest_port)}/{f.proto}"
+            + (" (splice)" if f.is_splice else ""))
+
+
 class _ApiClient:
     """One connection to the API socket, until it is answered or expires."""
 
@@ -102,14 +109,45 @@ class ApiServer:
     # they yield the child's reply Future and the loop goes on meanwhile.
 
     def api_add_forward(self, fwd: Forward) -> Generator[Any, Any, int]:
+        if fwd.host_port == 0:  # the kernel picks; a race with another binder: try again
+            from ..forwards import pick_host_port
+
+            for attempt in range(4):
+                try:
+                    picked = pick_host_port(fwd)
+                except OSError as e:
+                    self.log.warning(f"forward {fwd.proto} {fwd.host_addr}:0 failed: "
+                                     f"cannot pick a port: {e.strerror}")
+                    raise ForwardError(f"cannot pick a port: {e.strerror}") from None
+                try:
+                    return (yield from self._add_forward(picked))
+                except ForwardError:
+                    if attempt == 3:
+                        raise
+        return (yield from self._add_forward(fwd))
+
+    def _add_forward(self, fwd: Forward) -> Generator[Any, Any, int]:
         if fwd.is_splice:  # the fast path: nsnet/supervisor/fastpath.py
-            yield from wait(self._fastpath().add(fwd))
-            return self.forwards.add(fwd)
+            try:
+                yield from wait(self._fastpath().add(fwd))
+            except ForwardError as e:
+                self.log.warning(f"forward {_fwd_text(fwd)} failed: {e}")
+                raise
+            fid = self.forwards.add(fwd)
+            self.log.debug(f"forward {fid} added: {_fwd_text(fwd)}",
+                           extra={"fields": {"event": "forward_added", "id": fid,
+                                             **fwd.to_dict()}})
+            return fid
         reply = yield from wait(self._forwarder_request({"op": "add", "forward": fwd.to_dict()}))
         if not reply.get("ok"):
-            raise ForwardError(reply.get("error", "failed"))
+            why = reply.get("error", "failed")
+            self.log.warning(f"forward {_fwd_text(fwd)} failed: {why}",
+                             extra={"fields": {"event": "forward_failed", "error": why,
+                                               **fwd.to_dict()}})
+            raise ForwardError(why)
         fid = self.forwards.add(fwd)
-        self.log.debug(f"forward {fid} added: {fwd}")
+        self.log.debug(f"forward {fid} added: {_fwd_text(fwd)}",
+                       extra={"fields": {"event": "forward_added", "id": fid, **fwd.to_dict()}})
         return fid
 
     def api_remove_forward(self, fid: int) -> Generator[Any, Any, None]:
@@ -129,6 +167,8 @@ class ApiServer:
         self.inactive_forwards.discard(fid)
         if self.forwards.get(fid) is fwd:  # not removed by another client meanwhile
             self.forwards.remove(fid)
+        self.log.debug(f"forward {fid} removed: {_fwd_text(fwd)}",
+                       extra={"fields": {"event": "forward_removed", "id": fid}})
 
     def api_list_forwards(self) -> list[tuple[int, Forward]]:
         return self.forwards.items()
@@ -197,7 +237,7 @@ class ApiServer:
         from .interface import InterfaceQuery
 
         try:
-            query = InterfaceQuery(self.opts.target, self.opts.tapname)
+            query = InterfaceQuery(self.nsfds, self.opts.tapname)
         except (OSError, helper_ns.HelperError) as e:
             info["interface"] = {"error": f"cannot start the namespace helper: {e}"}
             return info

@@ -133,6 +133,7 @@ class Supervisor(ForwarderControl, ApiServer):
         self.api_ino: tuple[int, int] | None = None
         self.api_clients: dict[int, _ApiClient] = {}
         self.target_pidfd: int | None = None
+        self.nsfds: helper_ns.NsFds | None = None  # the target's namespace files
         self.sigpipe_r = -1
         self.sigpipe_w = -1
         self.pending_signal: int | None = None
@@ -168,10 +169,17 @@ class Supervisor(ForwarderControl, ApiServer):
                 raise SetupError(f"target PID {o.target.pid} does not exist") from None
             except OSError:
                 self.target_pidfd = None  # e.g. not permitted: namespaces decide
+        # The target's namespace files, opened once: every namespace-side
+        # child joins through these fds, never through /proc/PID again.
+        try:
+            self.nsfds = helper_ns.open_namespaces(o.target)
+        except helper_ns.HelperError as e:
+            raise SetupError(str(e)) from None
         # The namespace helper creates the TAP while this process binds the
         # API socket and starts the forwarder, which loads libslirp, sets it
-        # up and then waits for the TAP.
-        helper = helper_ns.TapHelper(o.target, o.tapname, o.net, o.configure)
+        # up and then waits for the TAP.  (This process has not loaded the
+        # libslirp binding yet: the helper is a plain fork of it.)
+        helper = helper_ns.TapHelper(self.nsfds, o.tapname, o.net, o.configure)
         try:
             if o.api_socket:
                 self._bind_api(o.api_socket)
@@ -194,7 +202,7 @@ class Supervisor(ForwarderControl, ApiServer):
         if self.fastpath is None:
             from .fastpath import FastPath
 
-            self.fastpath = FastPath(self.opts.target)
+            self.fastpath = FastPath(self.nsfds)
         return self.fastpath
 
     def _install_signals(self) -> None:
@@ -435,6 +443,8 @@ class Supervisor(ForwarderControl, ApiServer):
             self.api_sock = None
             self._unlink_api()
         self._remove_pidfile()
+        if self.nsfds is not None:
+            self.nsfds.close()
         if self.policy is not None:
             self.policy.close()
         if self.sigpipe_w >= 0:

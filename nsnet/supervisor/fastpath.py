@@ -19,7 +19,10 @@ Processes (all forked from the supervisor, all with PR_SET_PDEATHSIG):
   turns of the C loop.  It does not depend on the libslirp forwarder: a
   forwarder restart leaves it and its connections alone.
 - the connector ("nsnet-connect"): joins the target's namespaces once
-  (helper_ns.enter_namespaces) and stays there, answering connect requests.
+  (helper_ns.spawn: non-dumpable first, through the namespace fds the
+  supervisor opened at start, never with libslirp mapped), moves to an
+  empty root, drops every capability, and stays there, answering connect
+  requests.
 
 The supervisor owns a FastPath object: it starts both children on the first
 splice forward, restarts them when they die (the listeners are re-created;
@@ -45,11 +48,10 @@ from ..children import fork_child
 from ..forwards import Forward, ForwardError
 from ..host.relay import relay_main
 from ..ns import helper as helper_ns
-from ..ns.connector import connector_main
 from ..proto import fastpath as proto
 from ..proto.fastpath import NO_SUCH_FORWARD
 from ..proto.wire import MAX_MSG, ProtocolError
-from .tasks import Future, run_task, wait
+from .tasks import Future, run_task
 
 START_TIMEOUT = 10.0      # connector: namespaces joined
 REQUEST_TIMEOUT = 5.0     # supervisor <-> relay round trip
@@ -127,8 +129,8 @@ class FastPath:
     the relay's replies, its death or a deadline settle; the supervisor
     polls watch(), and calls check(now) by deadline()."""
 
-    def __init__(self, target: helper_ns.Target) -> None:
-        self.target = target
+    def __init__(self, ns: helper_ns.NsFds) -> None:
+        self.ns = ns  # the target's namespace fds (the supervisor's; kept)
         self.log = log.get("nsnet.fastpath")
         self.forwards: list[Forward] = []
         self.relay: _Child | None = None
@@ -343,10 +345,8 @@ class FastPath:
 
     def _start_connector(self) -> Generator[Any, Any, None]:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        target = self.target
-        try:
-            pid = fork_child("nsnet-connect", lambda: connector_main(target, theirs),
-                             [theirs.fileno()])
+        try:  # non-dumpable, empty root, no capability, no libslirp: ns/helper.py
+            pid = helper_ns.spawn("nsnet-connect", "connector", self.ns, theirs, {})
         except OSError as e:
             mine.close()
             raise ForwardError(f"connector: cannot start: {e.strerror or e}") from None

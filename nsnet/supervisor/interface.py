@@ -30,11 +30,11 @@ INTERFACE_TIMEOUT = 10.0
 
 
 class InterfaceQuery:
-    def __init__(self, target: helper_ns.Target, tapname: str,
+    def __init__(self, ns: helper_ns.NsFds, tapname: str,
                  timeout: float = INTERFACE_TIMEOUT) -> None:
         self.future = Future()
         self.deadline_at = time.monotonic() + timeout
-        self.pid, self.sock = helper_ns.start_describe(target, tapname)
+        self.pid, self.sock = helper_ns.start_describe(ns, tapname)
         self.sock.setblocking(False)
         self.finished = False
         try:
