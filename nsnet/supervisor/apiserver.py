@@ -288,6 +288,9 @@ class ApiServer:
         keep_established); a forwarder started later gets it at fork."""
         from .policy import PolicyControl, PolicyControlError
 
+        blocked = getattr(self, "policy_blocked_by", None)
+        if blocked:
+            raise api.ApiError(f"set_policy: {blocked}")
         if self.policy is None:
             self.policy = PolicyControl(None, self.opts.audit_all)
             if self.fwd is not None:
@@ -357,9 +360,15 @@ class ApiServer:
             if error is not None:  # a bug must not take the network down
                 self.log.error(f"API: internal error answering {request[:200]!r}: {error!r}")
                 reply = api.error_reply(f"internal error: {error}")
+            reply = reply or b""
+            if self.log.isEnabledFor("debug"):
+                text = request[:300].decode(errors="replace").strip()
+                self.log.debug(f"API: {text} -> {reply[:300].decode(errors='replace')}",
+                               extra={"fields": {"event": "api_request", "request": text,
+                                                 "ok": not reply.startswith(b'{"error"')}})
             c.waiting = False
             if self.api_clients.get(fd) is c:  # still connected (and not a reused fd)
-                self._api_send(fd, c, reply or b"", eof)
+                self._api_send(fd, c, reply, eof)
             else:
                 c.sock.close()
 
