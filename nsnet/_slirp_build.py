@@ -212,6 +212,7 @@ void nsnet_filter_set_policy(struct nsnet_filter *f, struct nsnet_policy *p,
                              int keep_established, int audit_all);
 void nsnet_filter_set_udp_forward(struct nsnet_filter *f, unsigned port, int on);
 void nsnet_filter_get_stats(struct nsnet_filter *f, struct nsnet_filter_stats *out);
+int nsnet_filter_audit_pending(struct nsnet_filter *f);
 int nsnet_filter_audit_pop(struct nsnet_filter *f, struct nsnet_pol_event *out, int max);
 const char *nsnet_filter_learned(struct nsnet_filter *f, int family, const uint8_t *addr);
 """

@@ -27,6 +27,8 @@ EXIT_FAILURE = 1
 USAGE_HEAD = f"""\
 Usage: {PROG} [OPTION]... PID|PATH [TAPNAME]
        {PROG} run [OPTION]... -- COMMAND [ARG]...
+       {PROG} ctl [--socket PATH | --instance NAME] COMMAND [ARG]... [--json]
+       {PROG} ps [--json]
 User-mode networking for unprivileged network namespaces.
 
 """
@@ -138,24 +140,38 @@ def parse(argv: list[str]):
     except ConfigError as e:
         raise BadOption(str(e)) from None
 
-    if netns_type == "pid":
-        try:
-            pid = int(args[0], 10)
-        except ValueError:
-            raise BadOption(f"PID must be a positive integer, not {args[0]!r} "
-                            "(use --netns-type=path for a path)") from None
-        if pid <= 0:
-            raise BadOption(f"PID must be a positive integer, not {args[0]!r}")
-        if userns_path is not None:
-            raise BadOption("--userns-path requires --netns-type=path")
-        target = Target.from_pid(pid)
-    else:
-        if not os.path.exists(args[0]):
-            raise BadOption("existing path expected when --netns-type=path: "
-                            "No such file or directory")
-        if userns_path is not None and not os.path.exists(userns_path):
-            raise BadOption(f"userns path doesn't exist: {userns_path}")
-        target = Target.from_path(args[0], userns_path)
+    from .diag import DiagError, check_ns_file, check_socket_dir
+
+    try:
+        if netns_type == "pid":
+            try:
+                pid = int(args[0], 10)
+            except ValueError:
+                raise BadOption(f"PID must be a positive integer, not {args[0]!r} "
+                                "(use --netns-type=path for a path)") from None
+            if pid <= 0:
+                raise BadOption(f"PID must be a positive integer, not {args[0]!r}")
+            target = Target.from_pid(pid)
+            if userns_path is not None:
+                # slirp4netns 1.2.0: joins that user namespace instead of the PID's.
+                check_ns_file(userns_path, "user", "--userns-path")
+                target = target._replace(userns=userns_path)
+        else:
+            check_ns_file(args[0], "net", "--netns-type=path")
+            if userns_path is not None:
+                check_ns_file(userns_path, "user", "--userns-path")
+            target = Target.from_path(args[0], userns_path)
+        if api_socket is not None:
+            check_socket_dir(api_socket)
+    except DiagError as e:
+        raise BadOption(str(e)) from None
+
+    from .policy import PolicyError, from_options
+
+    try:
+        policy = from_options(v["egress"], v["policy_rules"], v["policy_file"])
+    except PolicyError as e:
+        raise BadOption(str(e)) from None
 
     out4 = resolve_outbound(v["outbound4"], 4) if v["outbound4"] else None
     out6 = resolve_outbound(v["outbound6"], 6) if v["outbound6"] else None
@@ -175,7 +191,7 @@ def parse(argv: list[str]):
     from . import log
 
     log.setup(v["log_level"], v["log_format"])
-    return Options(
+    opts = Options(
         target=target,
         tapname=tapname,
         net=net,
@@ -189,7 +205,18 @@ def parse(argv: list[str]):
         pidfile=v["pidfile"],
         sandbox=v["sandbox"],
         seccomp=v["seccomp"],
+        policy=policy,
+        audit_all=v["audit"] == "all",
+        audit_log=v["audit_log"],
     )
+    opts.name = v["name"]  # nsnet ps, nsnet ctl --instance (the registry: cli.main)
+    return opts
+
+
+def _describe_target(target) -> str:
+    if target.pid is not None:
+        return f"pid {target.pid}"
+    return f"netns {target.netns}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,22 +225,83 @@ def main(argv: list[str] | None = None) -> int:
         from .run import main as run_main
 
         return run_main(argv[1:])
+    if argv and argv[0] in ("ctl", "ps"):
+        from . import ctl
+
+        return ctl.ctl_main(argv[1:]) if argv[0] == "ctl" else ctl.ps_main(argv[1:])
+    from . import log
+
+    if log.wants_json(argv):
+        log.setup("info", "json")
     try:
         opts = parse(argv)
     except UsageError as e:
         if e.args and e.args[0]:
-            print(f"{PROG}: {e.args[0]}", file=sys.stderr)
+            log.fail(PROG, e.args[0])
         sys.stdout.write(usage())
         sys.stdout.flush()
         return EXIT_FAILURE
     except BadOption as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
+        log.fail(PROG, str(e))
         return EXIT_FAILURE
     if isinstance(opts, int):
         return opts
+    import time
+
+    from . import diag, registry
     from .supervisor import run
 
-    return run(opts)
+    t0 = time.monotonic()
+    logger = log.get("nsnet")
+    try:
+        entry = _registry_entry(opts, opts.name, "attach", None)
+    except (registry.RegistryError, O.OptionError) as e:
+        log.fail(PROG, str(e))
+        return EXIT_FAILURE
+    line, fields = diag.start_line(opts.net, target=_describe_target(opts.target),
+                                   tapname=opts.tapname, api_socket=opts.api_socket)
+    logger.info(line, extra={"fields": fields})
+
+    def ready(sup) -> None:
+        ms = (time.monotonic() - t0) * 1000
+        logger.info(f"ready in {ms:.1f} ms: {opts.tapname} in {_describe_target(opts.target)}"
+                    + (" configured" if opts.configure else ""),
+                    extra={"fields": {"event": "ready", "ms": round(ms, 3),
+                                      "tap": opts.tapname}})
+        _registry_add(entry)
+
+    opts.on_ready = ready
+    try:
+        return run(opts)
+    finally:
+        entry.remove()
+
+
+def _registry_entry(opts, name: str | None, kind: str, command: list[str] | None):
+    """This instance's registry entry (nsnet ps); a named instance without
+    an API socket gets one in the registry.  RegistryError for a bad or
+    taken name."""
+    from . import registry
+
+    own_socket = False
+    if name is not None:
+        sock = registry.claim_name(name)
+        if opts.api_socket is None:
+            O.socket_path(sock)
+            opts.api_socket = sock
+            own_socket = True
+    return registry.Entry(name=name, kind=kind, target=_describe_target(opts.target),
+                          tapname=opts.tapname, api_socket=opts.api_socket,
+                          command=command, registry_socket=own_socket)
+
+
+def _registry_add(entry) -> None:
+    from . import log, registry
+
+    try:
+        entry.add()
+    except (OSError, registry.RegistryError) as e:
+        log.get("nsnet").warning(f"not listed by nsnet ps: {e}")
 
 
 def entry() -> None:

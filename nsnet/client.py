@@ -185,7 +185,9 @@ class _Controls:
             if "bad arguments." in desc:
                 what = desc.rsplit("bad arguments.", 1)[1]
                 hint = ""
-                if what == "guest_addr" and ":" in ps.host_addr and not ps.guest_addr:
+                if ":" in ps.host_addr and not ps.guest_addr and (
+                        what == "guest_addr" or "needs IPv6" in what):
+                    what = what.split(":")[0]
                     hint = " (an IPv6 host address needs IPv6 enabled: ipv6=True)"
                 raise ForwardError(f"cannot forward {ps}: bad {what}{hint}") from None
             raise
@@ -217,8 +219,37 @@ class _Controls:
 
     def stats(self) -> dict[str, Any]:
         """get_stats: frames and bytes each way, drops, active connections;
-        with a splice forward, the fast path's counters under "fastpath"."""
+        with a splice forward, the fast path's counters under "fastpath";
+        with an egress policy, its counters under "policy"."""
         return dict(self._call("get_stats")["return"])
+
+    def policy(self) -> dict[str, Any]:
+        """The egress policy in force, in its JSON form
+        ({"egress": "allow"|"deny", "rules": [...]}, docs/policy.md)."""
+        return dict(self._call("get_policy")["return"])
+
+    def set_policy(self, policy: "dict[str, Any] | None" = None, *, egress: str | None = None,
+                   allow: Iterable[str] = (), deny: Iterable[str] = (),
+                   keep_established: bool = False) -> None:
+        """Replace the egress policy atomically: a JSON-form dict, or
+        egress= with allow=/deny= rule lists (as nsnet.run takes them).
+        Flows the new policy denies are cut unless keep_established.
+        Raises PolicyError for a bad policy (checked here first)."""
+        from .policy import Policy, PolicyError
+
+        if policy is not None and (egress is not None or allow or deny):
+            raise TypeError("give a policy dict or egress/allow/deny, not both")
+        if policy is None:
+            pol = Policy.from_args(egress or "allow", allow=list(allow), deny=list(deny))
+        elif isinstance(policy, Policy):
+            pol = policy
+        else:
+            pol = Policy.parse_json(policy)
+        args = dict(pol.to_json(), keep_established=bool(keep_established))
+        try:
+            self._call("set_policy", args)
+        except ApiError as e:
+            raise PolicyError(str(e)) from None
 
 
 # --------------------------------------------------------------------------
@@ -376,6 +407,22 @@ _A = O.api_keywords(O.ATTACH)
 _R = O.api_keywords(O.RUN)
 
 
+def _policy_order(options: dict[str, Any]) -> dict[str, Any]:
+    """allow= and deny= lists become --allow/--deny flags; rules are
+    checked in flag order, and with two separate lists the rules of the
+    default's own action come first (they can only be exceptions to the
+    others: policy.Policy.from_args)."""
+    if "allow" in options and "deny" in options:
+        first = "deny" if options.get("egress") == "deny" else "allow"
+        second = "allow" if first == "deny" else "deny"
+        rest = {k: v for k, v in options.items() if k not in ("allow", "deny")}
+        options = {**rest, first: options[first], second: options[second]}
+    for key in ("allow", "deny"):
+        if isinstance(options.get(key), str):
+            raise TypeError(f"{key}= is a list of rules, not a string")
+    return options
+
+
 def _target_args(target: "int | str | os.PathLike[str]",
                  userns: "str | os.PathLike[str] | None") -> tuple["int | str", list[str]]:
     if isinstance(target, bool):
@@ -438,7 +485,7 @@ def attach(target: "int | str | os.PathLike[str]", *,
         no_egress=no_egress, disable_dns=disable_dns, macaddress=macaddress,
         outbound_addr=outbound_addr, outbound_addr6=outbound_addr6, offload=offload,
         enable_sandbox=enable_sandbox, enable_seccomp=enable_seccomp,
-        exit_with_target=exit_with_target, log_level=log_level, **options))
+        exit_with_target=exit_with_target, log_level=log_level, **_policy_order(options)))
     tgt, target_args = _target_args(target, userns)
 
     workdir = _private_dir()
@@ -509,7 +556,7 @@ def run_flags(*, publish: Iterable["str | PortSpec"] = (), mtu: int = _R["mtu"],
         publish=[str(to_portspec(p)) for p in publish], mtu=mtu, cidr=cidr, ipv6=ipv6,
         disable_host_loopback=disable_host_loopback, no_egress=no_egress, dns=dns,
         map_user=map_user, offload=offload, log_level=log_level, publish_mode=publish_mode,
-        **options))
+        **_policy_order(options)))
 
 
 class Popen(subprocess.Popen[Any], _Controls):
@@ -548,26 +595,32 @@ class Popen(subprocess.Popen[Any], _Controls):
         self._workdir: str | None = None
         self.api_socket: str | None = None
         self._ready_r: int | None = None
+        self._error_r: int | None = None
         self._ready = False
-        ready_w = None
+        ready_w = error_w = None
         if api:
             self._workdir = _private_dir()
             if kwargs.get("user") is not None:  # nsnet runs as that user: its directory
                 _give_dir(self._workdir, kwargs["user"])
             self.api_socket = os.path.join(self._workdir, "api.sock")
             self._ready_r, ready_w = os.pipe()
-            flags += [f"--api-socket={self.api_socket}", f"--ready-fd={ready_w}"]
-            kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), ready_w)
+            # nsnet run's error, for wait_ready() (stderr is the caller's).
+            self._error_r, error_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            flags += [f"--api-socket={self.api_socket}", f"--ready-fd={ready_w}",
+                      f"--error-fd={error_w}"]
+            kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), ready_w, error_w)
         argv = [*(command or nsnet_command()), "run", *flags, "--", *self.command]
         try:
             super().__init__(argv, **kwargs)
         except BaseException:
             _close_fd(self._ready_r)
+            _close_fd(self._error_r)
             if self._workdir:
                 _remove_dir(self._workdir)
             raise
         finally:
             _close_fd(ready_w)
+            _close_fd(error_w)
         if self._workdir is not None:
             self._cleanup = weakref.finalize(self, _remove_dir, self._workdir)
 
@@ -587,8 +640,25 @@ class Popen(subprocess.Popen[Any], _Controls):
                 code = self.wait(CLOSE_TIMEOUT)
             except subprocess.TimeoutExpired:
                 code = None
-            raise StartError(f"nsnet run exited (status {code}) before the network was ready")
+            why = self._error_text()
+            raise StartError(f"nsnet run exited (status {code}) before the network was ready"
+                             + (f": {why}" if why else ""))
         self._ready = True
+        _close_fd(self._error_r)
+        self._error_r = None
+
+    def _error_text(self) -> str:
+        """What nsnet run wrote on --error-fd (non-blocking: its helpers may
+        still hold the pipe open)."""
+        if self._error_r is None:
+            return ""
+        try:
+            data = os.read(self._error_r, 65536)
+        except OSError:
+            data = b""
+        _close_fd(self._error_r)
+        self._error_r = None
+        return data.decode(errors="replace").strip()
 
     def _api_path(self) -> str:
         if self.api_socket is None:
@@ -607,7 +677,8 @@ class Popen(subprocess.Popen[Any], _Controls):
             super().__exit__(*exc)
         finally:
             _close_fd(self._ready_r)
-            self._ready_r = None
+            _close_fd(self._error_r)
+            self._ready_r = self._error_r = None
             if self._workdir is not None:
                 self._cleanup()
 

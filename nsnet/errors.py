@@ -6,8 +6,9 @@ and so on).  This module imports nothing, so ``import nsnet`` stays cheap.
     ├── StartError           nsnet could not set up (message has its stderr)
     ├── NotRunning           the handle is closed, or nsnet has exited
     ├── ApiError             the API socket answered an error not covered below
-    └── ForwardError         a port forward spec is invalid or was refused
-        └── PortInUse        the host address and port are already taken
+    ├── ForwardError         a port forward spec is invalid or was refused
+    │   └── PortInUse        the host address and port are already taken
+    └── PolicyError          an egress policy or rule is invalid or was refused
 """
 
 
@@ -40,3 +41,8 @@ class ForwardError(NsnetError, ValueError):
 
 class PortInUse(ForwardError):
     """The host address and port of a forward are already in use."""
+
+
+class PolicyError(NsnetError, ValueError):
+    """An egress policy or rule that cannot be used (nsnet/policy.py); the
+    message says which rule and why."""

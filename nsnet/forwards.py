@@ -61,8 +61,8 @@ def make_forward(
         h = ipaddress.ip_address(host_addr)
     except ValueError:
         raise ForwardError("host_addr") from None
-    if not _is_port(host_port):
-        raise ForwardError("host_port")
+    if not (_is_port(host_port) or host_port == 0 and not isinstance(host_port, bool)):
+        raise ForwardError("host_port")  # 0: the kernel picks (pick_host_port)
     if not guest_addr:
         guest_addr = default_guest if h.version == 4 else (default_guest6 or "")
     try:
@@ -78,6 +78,20 @@ def make_forward(
 
 def _is_port(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
+
+
+def pick_host_port(fwd: Forward) -> Forward:
+    """fwd with host port 0 replaced by a port the kernel picks: bind port 0
+    on the host address, read the port, release it (the forwarder binds it
+    right after; api_add_forward tries again if another process took it)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in fwd.host_addr else socket.AF_INET
+    kind = socket.SOCK_DGRAM if fwd.is_udp else socket.SOCK_STREAM
+    with socket.socket(family, kind) as s:
+        s.bind((fwd.host_addr, 0))
+        port = s.getsockname()[1]
+    return fwd._replace(host_port=port)
 
 
 class ForwardTable:

@@ -15,6 +15,7 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_NAME = 15
 PR_SET_NO_NEW_PRIVS = 38
 
@@ -44,6 +45,39 @@ def setns(fd: int, nstype: int) -> None:
 def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
     """Have the kernel send sig to this process when its parent dies."""
     _check(lib.nsnet_prctl(PR_SET_PDEATHSIG, sig), "prctl(PR_SET_PDEATHSIG)")
+
+
+def set_undumpable() -> None:
+    """PR_SET_DUMPABLE 0: no ptrace, no /proc/PID/{mem,environ,fd,root,...}
+    for anyone without CAP_SYS_PTRACE over the user namespace this process
+    was created (or last exec'd) in, even after it joins another one.
+    Before the first setns of every namespace-side process (issue 11)."""
+    _check(lib.nsnet_prctl(PR_SET_DUMPABLE, 0), "prctl(PR_SET_DUMPABLE)")
+
+
+def drop_capabilities() -> None:
+    """NO_NEW_PRIVS, ambient and bounding sets cleared (as far as allowed),
+    effective/permitted/inheritable emptied: for good."""
+    _check(lib.nsnet_drop_caps(), "capset")
+
+
+# Where the empty root's tmpfs is mounted (only in the caller's own, new
+# mount namespace); the first that is a directory.
+EMPTY_ROOT_BASES = ("/tmp", "/run", "/mnt", "/var/tmp", "/dev")
+
+
+def empty_root() -> None:
+    """Leave the host's filesystem for good: a new mount namespace whose
+    root is an empty read-only tmpfs, the old root detached.  Raises
+    OSError naming the step that failed."""
+    base = next((b for b in EMPTY_ROOT_BASES
+                 if os.path.isdir(b) and not os.path.islink(b)), None)
+    if base is None:
+        raise OSError(0, "no directory to mount the empty root on")
+    step = ffi.new("const char **")
+    if lib.nsnet_empty_root(base.encode(), step) != 0:
+        err = ffi.errno
+        raise OSError(err, f"{ffi.string(step[0]).decode()}: {os.strerror(err)}")
 
 
 def set_no_new_privs() -> None:

@@ -48,19 +48,11 @@ class Logger:
 
             msg = f"{msg}\n{traceback.format_exc().rstrip()}"
         if _json:
-            out = {"time": round(time.time(), 6), "level": level, "pid": os.getpid(),
-                   "msg": msg}
-            out.update((extra or {}).get("fields") or {})
-            line = json.dumps(out, separators=(",", ":"))
+            _write(_json_line(level, msg, (extra or {}).get("fields")))
         elif _RANK[level] >= _RANK["warning"]:
-            line = f"nsnet: {level}: {msg}"
+            _write(f"nsnet: {level}: {msg}")
         else:
-            line = f"nsnet: {msg}"
-        try:
-            sys.stderr.write(line + "\n")
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass  # stderr closed or gone: nothing to tell anyone
+            _write(f"nsnet: {msg}")
 
     def debug(self, msg: str, *, exc_info: bool = False, extra: dict | None = None) -> None:
         self._emit("debug", msg, exc_info, extra)
@@ -81,3 +73,39 @@ def get(name: str = "nsnet") -> Logger:
 
 def monotonic_ms() -> float:
     return time.monotonic() * 1000.0
+
+
+def wants_json(argv: list[str]) -> bool:
+    """Whether a command line asks for --log-format=json, read before it is
+    parsed (so that an error in parsing it is a JSON line too)."""
+    for i, word in enumerate(argv):
+        if word == "--":
+            break
+        if word in ("--log-format=json", "--log-f=json", "--log-fo=json") or (
+                word.startswith("--log-f") and "--log-format".startswith(word)
+                and argv[i + 1:i + 2] == ["json"]):
+            return True
+    return False
+
+
+def fail(prog: str, msg: str, fields: dict | None = None) -> None:
+    """A front end's last words: "PROG: MSG" on stderr, or a JSON error
+    line with --log-format=json."""
+    if _json:
+        _write(_json_line("error", msg, {"event": "error", **(fields or {})}))
+    else:
+        _write(f"{prog}: {msg}")
+
+
+def _json_line(level: str, msg: str, fields: dict | None) -> str:
+    out = {"time": round(time.time(), 6), "level": level, "pid": os.getpid(), "msg": msg}
+    out.update(fields or {})
+    return json.dumps(out, separators=(",", ":"))
+
+
+def _write(line: str) -> None:
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # stderr closed or gone: nothing to tell anyone

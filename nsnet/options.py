@@ -91,6 +91,19 @@ def text(value: str) -> str:
     return value
 
 
+def policy_rule(action: str):
+    """--allow/--deny RULE -> (action, RULE), checked (nsnet/policy.py)."""
+    def conv(value: str) -> tuple[str, str]:
+        from .policy import PolicyError, parse_rule
+
+        try:
+            parse_rule(value, action)
+        except PolicyError as e:
+            raise OptionError(str(e)) from None
+        return (action, value)
+    return conv
+
+
 def socket_path(value: str) -> str:
     """A path for a unix socket: 1 to SUN_PATH_MAX-1 bytes."""
     n = len(value.encode())
@@ -203,6 +216,9 @@ TABLE: list[Opt] = [
              "namespace only"),
     Opt("tapname", arg="NAME", default="tap0", fronts=(RUN,), api="tapname",
         help="the name of the TAP in COMMAND's namespace (default {default})"),
+    Opt("error-fd", arg="FD", conv=nonneg_int("error-fd"), fronts=(RUN,),
+        help="write the error that stops nsnet to FD too (one line;\n"
+             "for programs that leave stderr to COMMAND)"),
     Opt("bypass", fronts=(RUN,), api="bypass",
         help="COMMAND's TCP connects to the host (the gateway\n"
              "alias) and beyond get sockets connected in the\n"
@@ -303,6 +319,25 @@ TABLE: list[Opt] = [
     Opt("log-format", arg="FORMAT", conv=choice("log-format", *LOG_FORMATS), default="text",
         api="log_format",
         help="text or json (default={default})"),
+    Opt("name", arg="NAME", api="name",
+        help="name this instance for nsnet ctl --instance and nsnet ps;\n"
+             "without -a, its API socket goes in the registry"),
+    # ---- the egress policy (nsnet/policy.py, docs/policy.md) ---------------
+    Opt("egress", arg="allow|deny", conv=choice("--egress", "allow", "deny"), api="egress",
+        help="what a flow no rule matches gets (default allow)"),
+    Opt("allow", arg="RULE", conv=policy_rule("allow"), dest="policy_rules", multi=True,
+        api="allow",
+        help="allow [PROTO:]DEST[:PORTS] (repeatable; rules in order,\n"
+             "first match wins): tcp:10.0.2.2:8000, '*.example.org:443'"),
+    Opt("deny", arg="RULE", conv=policy_rule("deny"), dest="policy_rules", multi=True,
+        api="deny", help="deny [PROTO:]DEST[:PORTS] (repeatable, see --allow)"),
+    Opt("policy", arg="FILE", dest="policy_file", api="policy_file", complete="file",
+        help="the policy in JSON ({\"egress\":..,\"rules\":[..]}); --allow and\n"
+             "--deny come after its rules, --egress replaces its default"),
+    Opt("audit", arg="deny|all", conv=choice("--audit", "deny", "all"), default="deny",
+        api="audit", help="log denied flows (default), or every flow"),
+    Opt("audit-log", arg="FILE", api="audit_log", complete="file",
+        help="also append the audit records (JSON lines) to FILE"),
     Opt("quiet", short=None, dest="log_level", value="warning", fronts=(ATTACH, RUN),
         help="no start-up and ready lines: only warnings and errors\n"
              "(the same as --log-level=warning)"),

@@ -62,6 +62,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple
 
+from .errors import PolicyError  # an NsnetError and a ValueError
+
 ALLOW = "allow"
 DENY = "deny"
 ACTIONS = (ALLOW, DENY)
@@ -76,9 +78,6 @@ DNS_FORWARDER_RULE = "(built-in DNS forwarder)"
 
 _LABEL_RE = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 
-
-class PolicyError(ValueError):
-    """A rule or policy that cannot be used; the message says which and why."""
 
 
 def normalize_name(name: str) -> str:
@@ -523,3 +522,18 @@ class Policy:
 
 def open_policy() -> Policy:
     return Policy(ALLOW, [])
+
+
+# ---- command-line options (rows of nsnet/options.py) ------------------------
+
+def from_options(egress: str | None, ordered: Iterable[tuple[str, str]],
+                 file: str | None) -> Policy | None:
+    """The policy of --egress, --allow/--deny (in command-line order) and
+    --policy=FILE: the file's rules first, then --allow/--deny; --egress
+    replaces the file's default.  None when none of them was given."""
+    ordered = list(ordered)
+    if file is None and egress is None and not ordered:
+        return None
+    base = Policy.load(file) if file else Policy()
+    rules = list(base.rules) + [parse_rule(t, a) for a, t in ordered]
+    return Policy(egress or base.default, rules)

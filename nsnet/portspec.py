@@ -29,7 +29,8 @@ class PortSpec:
         if host and ":" in host:
             host = f"[{host}]"
         prefix = f"{host}:" if host else ""
-        return f"{prefix}{self.host_port}:{self.guest_port}/{self.proto}"
+        hport = self.host_port or ""  # 0: the kernel picks (parse_many's "::")
+        return f"{prefix}{hport}:{self.guest_port}/{self.proto}"
 
 
 def check_port(value: object, what: str) -> int:
@@ -58,41 +59,13 @@ def check_addr(text: str, what: str) -> str:
 
 
 def parse(spec: str) -> PortSpec:
-    """Parse ``[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]``."""
-    if not isinstance(spec, str):
-        raise PortSpecError(f"a port spec is a string, not {type(spec).__name__}")
-    body, slash, proto = spec.partition("/")
-    proto = proto.lower() if slash else "tcp"
-    if proto not in ("tcp", "udp"):
-        raise PortSpecError(f"{spec!r}: protocol must be tcp or udp, not {proto!r}")
-    host_addr = ""
-    if body.startswith("["):
-        end = body.find("]")
-        if end < 0 or body[end + 1:end + 2] != ":":
-            raise PortSpecError(f"{spec!r}: expected [IPv6]:HOST_PORT:GUEST_PORT")
-        host_addr = body[1:end]
-        if ":" not in host_addr:
-            raise PortSpecError(f"{spec!r}: brackets are for IPv6 addresses only")
-        rest = body[end + 2:].split(":")
-        if len(rest) != 2:
-            raise PortSpecError(f"{spec!r}: expected [IPv6]:HOST_PORT:GUEST_PORT")
-    else:
-        parts = body.split(":")
-        if len(parts) == 3:
-            host_addr, rest = parts[0], parts[1:]
-            if not host_addr:
-                raise PortSpecError(f"{spec!r}: empty host address")
-        elif len(parts) == 2:
-            rest = parts
-        else:
-            raise PortSpecError(f"{spec!r}: expected [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] "
-                                "(an IPv6 host address goes in brackets)")
-    try:
-        addr = check_addr(host_addr, "host address")
-    except PortSpecError as e:
-        raise PortSpecError(f"{spec!r}: {e}") from None
-    return PortSpec(proto, addr, _port(rest[0], "host port", spec),
-                    _port(rest[1], "guest port", spec))
+    """Parse ``[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]``: one forward, both
+    ports given (parse_many takes ranges and kernel-chosen host ports)."""
+    specs = parse_many(spec) if not isinstance(spec, str) or ":" in spec else []
+    if len(specs) != 1 or specs[0].host_port == 0:
+        raise PortSpecError(f"{spec!r}: expected [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] "
+                            "(an IPv6 host address goes in brackets)")
+    return specs[0]
 
 
 def port_in_use(proto: str, host_addr: str, host_port: int) -> bool:
@@ -112,3 +85,73 @@ def port_in_use(proto: str, host_addr: str, host_port: int) -> bool:
         except OSError as e:
             return e.errno == errno.EADDRINUSE
     return False
+
+
+def _port_range(text: str, what: str, spec: str, allow_zero: bool = False) -> list[int]:
+    """"8080" or "8000-8002" -> the ports; "" (allow_zero) -> [0]."""
+    if text == "" and allow_zero:
+        return [0]
+    lo, dash, hi = text.partition("-")
+    if not lo:
+        return [_port(text, what, spec)]  # refused, with the whole text
+    first = _port(lo, what, spec)
+    if not dash:
+        return [first]
+    last = _port(hi, what, spec)
+    if last < first:
+        raise PortSpecError(f"{spec!r}: {what} range {text} runs backwards")
+    return list(range(first, last + 1))
+
+
+def parse_many(spec: str) -> list[PortSpec]:
+    """The -p syntax as Docker and Podman users type it, one spec or more:
+
+        [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]   as parse()
+        8000-8002:8000-8002                         a range (same lengths)
+        127.0.0.1::80, [::1]::80, :80               the kernel picks the host port
+        8080, 8000-8002                             a bare guest port: the kernel
+                                                    picks the host port (docker -p 80)
+
+    Host port 0 means "the kernel picks" (add_hostfwd replies with it)."""
+    if not isinstance(spec, str):
+        raise PortSpecError(f"a port spec is a string, not {type(spec).__name__}")
+    body, slash, proto = spec.partition("/")
+    proto = proto.lower() if slash else "tcp"
+    if proto not in ("tcp", "udp"):
+        raise PortSpecError(f"{spec!r}: protocol must be tcp or udp, not {proto!r}")
+    host_addr = ""
+    if body.startswith("["):
+        end = body.find("]")
+        if end < 0 or body[end + 1:end + 2] != ":":
+            raise PortSpecError(f"{spec!r}: expected [IPv6]:HOST_PORT:GUEST_PORT")
+        host_addr = body[1:end]
+        if ":" not in host_addr:
+            raise PortSpecError(f"{spec!r}: brackets are for IPv6 addresses only")
+        parts = body[end + 2:].split(":")
+        if len(parts) != 2:
+            raise PortSpecError(f"{spec!r}: expected [IPv6]:HOST_PORT:GUEST_PORT")
+    else:
+        parts = body.split(":")
+        if len(parts) == 3:
+            host_addr, parts = parts[0], parts[1:]
+            if not host_addr:
+                raise PortSpecError(f"{spec!r}: empty host address")
+        elif len(parts) == 1:
+            parts = ["", parts[0]]
+        elif len(parts) != 2:
+            raise PortSpecError(f"{spec!r}: expected [HOST_IP:][HOST_PORT]:GUEST_PORT"
+                                "[/tcp|/udp] (an IPv6 host address goes in brackets)")
+    try:
+        addr = check_addr(host_addr, "host address")
+    except PortSpecError as e:
+        raise PortSpecError(f"{spec!r}: {e}") from None
+    guests = _port_range(parts[1], "guest port", spec)
+    hosts = _port_range(parts[0], "host port", spec, allow_zero=True)
+    if hosts == [0]:
+        hosts = [0] * len(guests)
+    if len(hosts) != len(guests):
+        raise PortSpecError(f"{spec!r}: the host and guest port ranges must have the same "
+                            f"length ({len(hosts)} and {len(guests)})")
+    if len(guests) > 1024:
+        raise PortSpecError(f"{spec!r}: at most 1024 ports in a range")
+    return [PortSpec(proto, addr, h, g) for h, g in zip(hosts, guests)]

@@ -39,7 +39,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from .netconfig import NetConfig
@@ -131,6 +131,12 @@ class RunOptions:
     seccomp: bool = False
     max_restarts: int = 5
     restart_window: float = 60.0
+    policy: Any = None  # policy.Policy
+    audit_all: bool = False
+    audit_log: str | None = None
+    error_fd: int | None = None
+    name: str | None = None
+    registry_socket: bool = False
     bypass: bool = False
     share_pid: bool = False
 
@@ -145,7 +151,7 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     from .getopt_long import GetoptError
     from .netconfig import ConfigError, NetConfig, check_mtu, check_tapname, parse_cidr
     from .portspec import PortSpecError
-    from .portspec import parse as parse_spec
+    from .portspec import parse_many
 
     try:
         # POSIX mode: options end at COMMAND, whose own options stay its own.
@@ -159,18 +165,38 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     ro = RunOptions(argv=[], net=NetConfig())
     for text in v["publish"]:  # type: ignore[union-attr]
         try:
-            ro.publish.append(parse_spec(text))
+            ro.publish += parse_many(text)
         except PortSpecError as e:
             raise UsageError(f"--publish {e}") from None
     ro.publish_mode = v["publish_mode"]
     ro.dns = v["dns"]
     ro.api_socket = v["api_socket"]
-    if v["ready_fd"] is not None:
-        ro.ready_fd = v["ready_fd"]
+    ro.name = v["name"]
+    if ro.name is not None:
+        from . import registry
+
         try:
-            os.fstat(ro.ready_fd)
-        except OSError:
-            raise UsageError(f"--ready-fd: fd {ro.ready_fd} is not open") from None
+            sock = registry.claim_name(ro.name)
+            if ro.api_socket is None:
+                ro.api_socket = O.socket_path(sock)
+                ro.registry_socket = True
+        except (registry.RegistryError, O.OptionError) as e:
+            raise UsageError(str(e)) from None
+    if ro.api_socket is not None:
+        from .diag import DiagError, check_socket_dir
+
+        try:
+            check_socket_dir(ro.api_socket)
+        except DiagError as e:
+            raise UsageError(str(e)) from None
+    for name in ("ready_fd", "error_fd"):
+        if v[name] is not None:
+            setattr(ro, name, v[name])
+            try:
+                os.fstat(v[name])  # type: ignore[arg-type]
+            except OSError:
+                raise UsageError(f"--{name.replace('_', '-')}: fd {v[name]} is not open"
+                                 ) from None
     ro.map_mode = v["map_user"]
     ro.log_level = v["log_level"]
     ro.log_format = v["log_format"]
@@ -179,6 +205,14 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     ro.seccomp = v["seccomp"]
     ro.max_restarts = v["max_restarts"]
     ro.restart_window = float(v["restart_window"])
+    from .policy import PolicyError, from_options
+
+    try:
+        ro.policy = from_options(v["egress"], v["policy_rules"], v["policy_file"])
+    except PolicyError as e:
+        raise UsageError(str(e)) from None
+    ro.audit_all = v["audit"] == "all"
+    ro.audit_log = v["audit_log"]
     ro.bypass = v["bypass"]
     ro.share_pid = v["share_pid"]
     if v["dns"] and v["disable_dns"]:
@@ -317,6 +351,13 @@ def _newidmap(tool: str, pid: int, outer: int, rng: tuple[int, int]) -> None:
                             stderr=subprocess.PIPE, timeout=SETUP_TIMEOUT)
     except FileNotFoundError:
         raise RunError(f"--map-subids needs {tool} (Debian: apt-get install uidmap)") from None
+    except OSError as e:
+        from .diag import why
+
+        path = getattr(e, "filename", None) or tool
+        raise RunError(f"--map-subids: cannot run {path}: {why(e)}; {tool} must be "
+                       "executable by you (and setuid root, or have cap_setuid/cap_setgid "
+                       "file capabilities)") from None
     except subprocess.TimeoutExpired:
         raise RunError(f"{tool} did not finish in {SETUP_TIMEOUT:g} s") from None
     if cp.returncode != 0:
@@ -503,9 +544,11 @@ class _Child:
 
     def exec(self) -> NoReturn:
         r = self.r
-        if r.opts.ready_fd is not None:
+        for fd in (r.opts.ready_fd, r.opts.error_fd):
+            if fd is None:
+                continue
             try:
-                os.close(r.opts.ready_fd)
+                os.close(fd)
             except OSError:
                 pass
         if not r.opts.share_pid:
@@ -562,12 +605,23 @@ def publish(sup: "Supervisor", specs: list["PortSpec"], mode: str) -> None:
         except ForwardError as e:
             raise RunError(f"cannot publish {spec}: bad {e}") from None
         try:
-            sup.api_add_forward(fwd)
+            fid = sup.api_add_forward(fwd)
         except ForwardError as e:
             why = str(e)
-            if port_in_use(fwd.proto, fwd.host_addr, fwd.host_port):
+            if fwd.host_port and port_in_use(fwd.proto, fwd.host_addr, fwd.host_port):
                 why = "address already in use"
             raise RunError(f"cannot publish {spec}: {why}") from None
+        if spec.host_port == 0:  # the kernel picked it: the user needs to know
+            got = sup.forwards.get(fid)
+            if got is not None:
+                host = f"[{got.host_addr}]" if ":" in got.host_addr else got.host_addr
+                from . import log
+
+                log.fail(PROG, f"published {host}:{got.host_port} -> port "
+                               f"{got.guest_port}/{got.proto}",
+                         {"event": "published", "level": "info", "host_addr": got.host_addr,
+                          "host_port": got.host_port, "guest_port": got.guest_port,
+                          "proto": got.proto})
 
 
 class Runner:
@@ -588,6 +642,10 @@ class Runner:
         self.sock: socket.socket | None = None
         self.unblock_in_children = False
         self.go_sent = False
+        import time
+
+        self.t0 = time.monotonic()
+        self.entry = None
         self.bypass_listener = -1
         self.bypass_facts = b""
         self.bypass: "Handler | None" = None
@@ -679,10 +737,11 @@ class Runner:
         # When COMMAND is a shell that takes the terminal's foreground, nsnet
         # is in a background group: its warnings must not stop it (TOSTOP).
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-        # While the child unshares, load what the next steps need (the
-        # forwarder, forked later, inherits the libslirp binding loaded).
+        # While the child unshares, load what the next steps need.  Not the
+        # libslirp binding: the namespace helpers forked before ready must
+        # never have it mapped (nsnet/ns/helper.py); the forwarder loads it
+        # itself after its fork, and the supervisor after ready.
         from . import supervisor  # noqa: F401
-        from .host import forwarder  # noqa: F401
         sup = None
         try:
             try:
@@ -707,13 +766,12 @@ class Runner:
                 self._stop_child()
                 return 128 + e.signo
             except RunError as e:
-                print(f"{PROG}: {e}", file=sys.stderr)
+                _fail(str(e))
                 self._stop_child()
                 return EXIT_SETUP
             sup.loop()
             if self._child_running():
-                print(f"{PROG}: network lost: {sup.exit_reason}; stopping "
-                      f"{self.opts.argv[0]}", file=sys.stderr)
+                _fail(f"network lost: {sup.exit_reason}; stopping {self.opts.argv[0]}")
                 self._stop_child()
                 return EXIT_SETUP
             return self._child_status()
@@ -722,6 +780,8 @@ class Runner:
                 self.bypass.stop()
             elif self.bypass_listener >= 0:
                 os.close(self.bypass_listener)
+            if self.entry is not None:
+                self.entry.remove()
             if sup is not None:
                 sup.teardown()
             if self.child > 0:
@@ -780,7 +840,7 @@ class Runner:
             check_kernel(self.bypass_listener)
             check_access(self.cmd)
             h = Handler(self.bypass_listener, self.opts.net, unpack_facts(self.bypass_facts),
-                        sup.default_guest_addr6,
+                        sup.default_guest_addr6, policy=self.opts.policy,
                         on_give_up=lambda why: sup._finish(EXIT_SETUP, why))
         except BypassError as e:
             raise RunError(str(e)) from None
@@ -802,13 +862,20 @@ class Runner:
         from .ns.helper import Target
         from .supervisor import Options, SetupError, Supervisor
 
+        from . import diag, log
+
         o = self.opts
+        line, fields = diag.start_line(o.net, target=f"pid {self.cmd}", tapname=o.tapname,
+                                       api_socket=o.api_socket,
+                                       extra={"publish": [str(p) for p in o.publish]})
+        log.get("nsnet").info(line, extra={"fields": fields})
         sopts = Options(target=Target.from_pid(self.cmd), tapname=o.tapname, net=o.net,
                         configure=False, ready_fd=o.ready_fd, api_socket=o.api_socket,
                         exit_with_target=True, pidfile=o.pidfile, sandbox=o.sandbox,
                         seccomp=o.seccomp, max_restarts=o.max_restarts,
                         restart_window=o.restart_window, on_ready=self._release,
-                        watch_fds={self.sigfd: self.on_signals})
+                        watch_fds={self.sigfd: self.on_signals}, policy=o.policy,
+                        audit_all=o.audit_all, audit_log=o.audit_log)
         sup = Supervisor(sopts)
         try:
             sup.setup()
@@ -822,6 +889,26 @@ class Runner:
 
     def _release(self, _sup: "Supervisor") -> None:
         """The network is ready: let the child exec COMMAND."""
+        import time
+
+        from . import log
+
+        ms = (time.monotonic() - self.t0) * 1000
+        log.get("nsnet").info(
+            f"ready in {ms:.1f} ms: {self.opts.tapname} configured; starting "
+            f"{self.opts.argv[0]}", extra={"fields": {"event": "ready", "ms": round(ms, 3),
+                                                      "tap": self.opts.tapname,
+                                                      "command": self.opts.argv}})
+        from . import registry
+
+        self.entry = registry.Entry(
+            name=self.opts.name, kind="run", target=f"pid {self.cmd}",
+            tapname=self.opts.tapname, api_socket=self.opts.api_socket,
+            command=self.opts.argv, registry_socket=self.opts.registry_socket)
+        try:
+            self.entry.add()
+        except (OSError, registry.RegistryError) as e:
+            log.get("nsnet").warning(f"not listed by nsnet ps: {e}")
         self.go_sent = True
         try:
             self.send(b"G")
@@ -880,26 +967,50 @@ class _Interrupted(RunError):
         self.signo = signo
 
 
+_error_fd: int | None = None
+
+
+def _fail(msg: str) -> None:
+    """nsnet run's last words: on stderr (a JSON line with
+    --log-format=json), and on --error-fd for a program that keeps stderr
+    for COMMAND (the Python API's Popen)."""
+    global _error_fd
+    from . import log
+
+    log.fail(PROG, msg)
+    if _error_fd is not None:
+        try:
+            os.write(_error_fd, msg.encode(errors="replace") + b"\n")
+            os.close(_error_fd)
+        except OSError:
+            pass
+        _error_fd = None
+
+
 def main(argv: list[str]) -> int:
+    global _error_fd
+    from . import log
+
+    if log.wants_json(argv):
+        log.setup("warning", "json")
     try:
         opts = parse_args(argv)
     except UsageError as e:
-        print(f"{PROG}: {e}\nTry 'nsnet run --help'.", file=sys.stderr)
+        _fail(f"{e}" if log.wants_json(argv) else f"{e}\nTry 'nsnet run --help'.")
         return EXIT_SETUP
     if opts is None:
         sys.stdout.write(usage())
         sys.stdout.flush()
         return 0
-    from . import log
-
+    _error_fd = opts.error_fd
     log.setup(opts.log_level, opts.log_format)
     try:
         find_command(opts.argv[0])
     except _ExecError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
+        _fail(str(e))
         return e.code
     try:
         return Runner(opts).run()
     except RunError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
+        _fail(str(e))
         return EXIT_SETUP

@@ -60,12 +60,15 @@ STATELESS_ERRORS = [
     ("5000 bytes", LIST + b" " * (5000 - len(LIST)), TOO_LARGE),
     ("proto unknown", add(proto="sctp"), BAD_PROTO),
     ("proto upper-case", add(proto="TCP"), BAD_PROTO),
+    # slirp4netns checks the value of proto before any other field
+    ("proto bad, nothing else", b'{"execute":"add_hostfwd","arguments":{"proto":"bad"}}',
+     BAD_PROTO),
+    ("proto bad, bad ports", add(proto="bad", host_port="x", guest_port=None), BAD_PROTO),
     ("host_addr not an address", add(host_addr="bogus"), BAD_HOST_ADDR),
     ("host_port a string", add(host_port="18080"), BAD_HOST_PORT),
     ("host_port missing",
      b'{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"127.0.0.1","guest_port":80}}',
      BAD_HOST_PORT),
-    ("host_port 0", add(host_port=0), BAD_HOST_PORT),
     ("guest_addr not an address", add(guest_addr="bogus"), BAD_GUEST_ADDR),
     ("guest_port a string", add(guest_port="80"), BAD_GUEST_PORT),
     ("guest_port missing",
@@ -79,6 +82,13 @@ STATELESS_ERRORS = [
     ("remove id true", remove(True), BAD_ID),
     ("remove without id", b'{"execute":"remove_hostfwd","arguments":{}}', BAD_ID),
     ("remove without arguments", b'{"execute":"remove_hostfwd"}', BAD_ID),
+]
+
+# Where nsnet differs on purpose (README, differences): slirp4netns refuses
+# host_port 0; nsnet lets the kernel pick the port and replies with it,
+# {"return":{"id":N,"host_port":P}}.
+SLIRP4NETNS_ONLY = [
+    ("host_port 0", add(host_port=0), BAD_HOST_PORT),
 ]
 
 # Accepted variants of list_hostfwd (state-independent when nothing was added).

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -70,6 +69,9 @@ def pytest_configure(config):
                         "a private network namespace with `unshare --net`), or inside a "
                         "network namespace that has only `lo`", returncode=3)
         _reexec_isolated(config)  # does not return
+    problem = harness.build_mismatch()
+    if problem:
+        pytest.exit(f"refusing to mix two builds: {problem}", returncode=3)
     config.addinivalue_line("markers", "soak: heavy load/soak/fuzz case, run with -m soak")
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=10)
     _assert_isolated()
@@ -95,6 +97,36 @@ def pytest_sessionfinish(session, exitstatus):
     harness.reap_orphans()
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """nsnet's tests and slirp4netns reference runs, counted apart: a
+    reference run passing says nothing about nsnet."""
+    counts = {"nsnet": {}, "reference": {}}
+    seen = {}
+    for key in ("passed", "failed", "error", "skipped", "xfailed", "xpassed"):
+        for rep in terminalreporter.stats.get(key, []):
+            side = dict(getattr(rep, "user_properties", ())).get("side")
+            if side is None:
+                continue
+            # one outcome per test: a failure at any phase wins over a pass
+            seen.setdefault((rep.nodeid, side), set()).add(key)
+    for (_, side), keys in seen.items():
+        for key in ("error", "failed", "xpassed", "xfailed", "skipped", "passed"):
+            if key in keys:
+                counts[side][key] = counts[side].get(key, 0) + 1
+                break
+    if not seen:
+        return
+
+    def fmt(c):
+        return ", ".join(f"{c.get(k, 0)} {k}" for k in ("passed", "failed", "error", "skipped")
+                         if c.get(k) or k in ("passed", "failed"))
+
+    terminalreporter.write_sep("-", "nsnet and its reference")
+    terminalreporter.write_line(f"nsnet tests: {fmt(counts['nsnet'])}; "
+                                f"slirp4netns reference runs (not nsnet): "
+                                f"{fmt(counts['reference'])}")
+
+
 def pytest_report_header(config):
     return [f"nsnet e2e: netns {harness.own_ns('net')} (isolated, lo only); "
             f"nsnet binary {harness.nsnet_bin()}; slirp4netns {harness.SLIRP4NETNS_BIN}"]
@@ -104,10 +136,23 @@ def pytest_report_header(config):
 # Failure reports: attach forwarder logs
 # --------------------------------------------------------------------------
 
+def _side(item) -> str:
+    """'reference' for a run of slirp4netns alone (the `impl` parameter is
+    slirp4netns, or only the slirp4netns_impl fixture is used), else 'nsnet'."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and callspec.params.get("impl") == "slirp4netns":
+        return "reference"
+    names = getattr(item, "fixturenames", ())
+    if "slirp4netns_impl" in names and "nsnet_impl" not in names and "impl" not in names:
+        return "reference"
+    return "nsnet"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
+    report.user_properties.append(("side", _side(item)))
     if report.failed:
         for fwd in getattr(item, "_forwarders", []):
             report.sections.append(
@@ -120,21 +165,22 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(autouse=True)
 def no_leftover_processes():
-    """After each test (and all its fixtures), report anything it left running.
+    """After each test (and all its fixtures), fail it if it left anything running.
 
     The pytest process is a child subreaper, so a forwarder's helper that
-    outlives its SIGKILLed parent is re-parented here: it is killed by PID and
-    reported as a warning naming it."""
+    outlives its SIGKILLed parent is re-parented here: it is killed by PID,
+    and the test that leaked it errors at teardown, naming it."""
     yield
     # Orphans still dying (e.g. from a parent-death signal) get a moment.
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + 2.0
     while harness.child_pids() and time.monotonic() < deadline:
         harness.reap_zombies()
         time.sleep(0.02)
     left = {pid: harness.cmdline(pid) for pid in harness.child_pids()}
     harness.reap_orphans()
     if left:
-        warnings.warn(f"processes left running after the test (now killed): {left}")
+        pytest.fail(f"processes left running after the test (now killed): {left}",
+                    pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,9 @@ slirp4netns) started with a ready-fd pipe, real sockets on 127.0.0.1/::1 of
 the isolated test netns (see conftest.py).  Every process started here is
 killed by PID and reaped; every wait has a deadline.
 
-The test process never imports nsnet: it only runs the installed CLI.
+The harness never imports nsnet; the tests that do (the Python API, the
+offload constants) import the build under test: conftest.py refuses to run
+when the pytest process's nsnet, NSNET_VENV and NSNET_BIN disagree.
 """
 from __future__ import annotations
 
@@ -29,7 +31,20 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-VENV = os.environ.get("NSNET_VENV", "/opt/nsnet/venv")
+
+
+def _venv() -> str:
+    """The venv of the build under test: NSNET_VENV, else the venv NSNET_BIN
+    lives in (<venv>/bin/nsnet), else /opt/nsnet/venv."""
+    if os.environ.get("NSNET_VENV"):
+        return os.environ["NSNET_VENV"]
+    binary = os.environ.get("NSNET_BIN")
+    if binary and os.path.exists(os.path.join(os.path.dirname(binary), "python")):
+        return os.path.dirname(os.path.dirname(os.path.abspath(binary)))
+    return "/opt/nsnet/venv"
+
+
+VENV = _venv()
 SLIRP4NETNS_BIN = os.environ.get("SLIRP4NETNS_BIN", "/usr/bin/slirp4netns")
 TEST_USER = "nsnet-test"
 # Interpreter for helper scripts run inside namespaces: must be executable by
@@ -40,6 +55,30 @@ SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 def nsnet_bin() -> str:
     return os.environ.get("NSNET_BIN") or f"{VENV}/bin/nsnet"
+
+
+def build_mismatch() -> str | None:
+    """Why the suite would test two builds at once, or None.
+
+    Some tests run the `nsnet` binary (NSNET_BIN), others the package in the
+    venv (`import nsnet` in this process, `$VENV/bin/python -m nsnet...`):
+    both must be the same build.  NSNET_MIXED_BUILDS=1 allows a binary that
+    is not $VENV/bin/nsnet (a wrapper script), knowingly."""
+    import importlib.util
+
+    venv = os.path.realpath(VENV)
+    spec = importlib.util.find_spec("nsnet")
+    origin = os.path.realpath(spec.origin) if spec and spec.origin else None
+    if origin is None or not origin.startswith(venv + os.sep):
+        return (f"this pytest imports nsnet from {origin}, not from the build under test "
+                f"{VENV} (NSNET_VENV/NSNET_BIN): run {VENV}/bin/pytest")
+    binary = os.path.realpath(nsnet_bin())
+    if binary != os.path.realpath(f"{VENV}/bin/nsnet") and \
+            os.environ.get("NSNET_MIXED_BUILDS") != "1":
+        return (f"NSNET_BIN={nsnet_bin()} is not {VENV}/bin/nsnet: the tests that import "
+                "nsnet or run the venv's python would test another build; set NSNET_VENV to "
+                "that binary's venv (or NSNET_MIXED_BUILDS=1 for a wrapper script)")
+    return None
 
 
 def impl_bin(name: str) -> str:
@@ -632,6 +671,7 @@ class HostServer:
         self.port = self.sock.getsockname()[1]
         self.sock.settimeout(0.2)
         self.connections = 0
+        self.peers: list[tuple] = []  # the source (address, port, ...) of each connection/datagram
         self.results: list[dict] = []
         self.errors: list[BaseException] = []
         self._stop = threading.Event()
@@ -648,11 +688,12 @@ class HostServer:
     def _accept_loop(self):
         while not self._stop.is_set():
             try:
-                conn, _ = self.sock.accept()
+                conn, peer = self.sock.accept()
             except socket.timeout:
                 continue
             except OSError:
                 return
+            self.peers.append(peer)
             self.connections += 1
             t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
             t.start()
@@ -687,6 +728,7 @@ class HostServer:
                 continue
             except OSError:
                 return
+            self.peers.append(peer)
             self.connections += 1
             self.sock.sendto(data, peer)
 

@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from api_cases import (ADD_FAILED, BAD_HOST_PORT, BAD_GUEST_PORT, BAD_ID, BAD_PROTO, LIST,
-                       LIST_VARIANTS, STATELESS_ERRORS, add, entry, list_reply, remove)
+                       LIST_VARIANTS, SLIRP4NETNS_ONLY, STATELESS_ERRORS, add, entry, list_reply,
+                       remove)
 from harness import (api_call, free_port, free_ports, nsnet_only, payload, sha256, tcp_send,
                      udp_roundtrip, unpriv_only)
 
@@ -69,6 +70,26 @@ def test_error_replies_byte_exact(connect):
             break
     assert not mismatches, "\n".join(mismatches)
     assert_alive(net)
+
+
+@unpriv_only
+def test_host_port_0(connect):
+    """slirp4netns refuses host_port 0; nsnet lets the kernel pick the port,
+    replies with it and lists it, and the forward works."""
+    net = connect()
+    if net.impl.name == "slirp4netns":
+        for what, request, expected in SLIRP4NETNS_ONLY:
+            assert api_call(net.api, request) == expected, what
+        return
+    reply = json.loads(api_call(net.api, add("tcp", "127.0.0.1", 0, 8080)))
+    port = reply["return"]["host_port"]
+    assert reply == {"return": {"id": 1, "host_port": port}} and 1 <= port <= 65535
+    assert json.loads(api_call(net.api, LIST))["entries"][0]["host_port"] == port
+    srv = net.ns.start_server("tcp-serve", "0.0.0.0", 8080, "echo", 1)
+    assert tcp_send("127.0.0.1", port, b"picked") == b"picked"
+    srv.result()
+    reply = json.loads(api_call(net.api, add("udp", "127.0.0.1", 0, 5353)))
+    assert reply["return"]["id"] == 2 and reply["return"]["host_port"] > 0
 
 
 @unpriv_only

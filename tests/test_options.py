@@ -1,10 +1,9 @@
 """Command-line options that change what the namespace sees or how the process behaves."""
 import os
-import time
 
 import pytest
 
-from harness import api_call, free_port, tcp_send
+from harness import api_call, free_port, tcp_send, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -95,10 +94,19 @@ def test_ipv6_slaac_and_gateway(connect, host_server):
     assert r["sha_received"] == r["sha_sent"] and r["received"] == 50_000
 
 
-def test_no_ipv6_without_flag(connect):
+def test_no_ipv6_without_flag(connect, host_server):
     net = connect()
     net.ns.wait_dad()
-    time.sleep(1)  # router advertisements would have arrived by now
+
+    def solicits():
+        out = net.ns.run(["cat", "/proc/net/snmp6"], text=True).stdout
+        return int(dict(ln.split() for ln in out.splitlines())["Icmp6OutRouterSolicits"])
+
+    wait_until(lambda: solicits() >= 1, 20, interval=0.1, what="a router solicitation sent")
+    # A round trip through the forwarder after the solicitation: an answer
+    # to it would have been on the TAP before this connection's.
+    srv = host_server("echo")
+    assert net.ns.client("connect", "10.0.2.2", srv.port)["ok"] is True
     assert not [a for a in net.ns.addrs("tap0", "inet6") if a.get("scope") == "global"]
 
 
@@ -153,7 +161,10 @@ def test_exit_fd(connect):
 def test_exit_fd_data_does_not_stop(connect):
     net = connect(exit_fd=True)
     os.write(net.fwd.exit_w, b"x")
-    time.sleep(0.5)
+    # Two API round trips: the second is answered by a later turn of the
+    # loop than the one that saw the exit-fd readable.
+    for _ in range(2):
+        assert b"entries" in api_call(net.api, {"execute": "list_hostfwd"})
     assert net.fwd.alive()
     net.fwd.close_exit_fd()
     assert net.fwd.wait_exit(5) == 0

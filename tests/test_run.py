@@ -15,7 +15,7 @@ import pytest
 
 import harness
 from harness import (NS_PYTHON, HarnessError, api_call, free_port, kill_and_reap, read_line,
-                     tcp_send, udp_roundtrip)
+                     tcp_send, udp_roundtrip, wait_until)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -207,7 +207,8 @@ def test_signal_forwarded_once(user, procs, sig):
 def test_signal_kills_command(user, procs):
     p = nsnet_popen(user, ["--", "sleep", "60"])
     procs.append(p)
-    time.sleep(0.5)  # let it reach sleep (an earlier signal is fine too)
+    wait_until(lambda: any(harness.cmdline(c)[:1] == ["sleep"]
+                           for c in harness.descendants(p.pid)), 30, what="COMMAND started")
     os.kill(p.pid, signal.SIGTERM)
     assert p.wait(timeout=30) == 128 + signal.SIGTERM
     assert_nothing_left()
@@ -260,6 +261,24 @@ class Pty:
     def send(self, data: bytes) -> None:
         os.write(self.master, data)
 
+    def wait_foreground(self, comm: str, timeout: float = 20) -> int:
+        """Wait until a process named comm, started under this terminal,
+        runs (or sleeps) as the terminal's foreground process group; its PID."""
+        def found():
+            fg = os.tcgetpgrp(self.master)
+            for pid in harness.descendants(self.proc.pid):
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        stat = f.read()
+                except OSError:
+                    continue
+                name = stat[stat.index("(") + 1:stat.rindex(")")]
+                state, _ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+                if name == comm and int(pgrp) == fg and state in "RS":
+                    return pid
+            return None
+        return wait_until(found, timeout, what=f"{comm} in the terminal's foreground")
+
     def close(self):
         kill_and_reap(self.proc)
         os.close(self.master)
@@ -289,18 +308,18 @@ def test_interactive_shell_on_a_terminal(user, terminal):
     # Ctrl-C interrupts the foreground job, not the shell nor nsnet.
     t.send(b"sleep 60\n")
     t.expect(b"sleep 60")
-    time.sleep(0.3)
+    t.wait_foreground("sleep")
     t.send(b"\x03")
     t.expect(b"PROMPT$ ")
     # Job control: Ctrl-Z stops the job, fg resumes it.
     t.send(b"sleep 60\n")
     t.expect(b"sleep 60")
-    time.sleep(0.3)
+    t.wait_foreground("sleep")
     t.send(b"\x1a")
     assert b"Stopped" in t.expect(b"PROMPT$ ")
     t.send(b"fg\n")
     t.expect(b"sleep 60")
-    time.sleep(0.3)
+    t.wait_foreground("sleep")  # running again (not T), in the foreground
     t.send(b"\x03")
     t.expect(b"PROMPT$ ")
     t.send(b"exit 5\n")

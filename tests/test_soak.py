@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from harness import (NS_PYTHON, add_hostfwd, api_call, free_port, payload, read_line,
-                     tcp_send)
+                     tcp_send, wait_until)
 
 GW = "10.0.2.2"
 SHORT_SECONDS = float(os.environ.get("NSNET_SOAK_SHORT_SECONDS", "20"))
@@ -126,6 +126,24 @@ class HostLoad:
         self.proc.stderr.close()
 
 
+def fds_settle(pid: int, baseline: int, slack: int = 2, timeout: float = 60) -> int:
+    """Wait until pid holds at most baseline+slack fds again (libslirp frees a
+    closed connection's socket after its TCP timers, up to 2*MSL = 10 s);
+    return the count.  Fails if it never does: a leak."""
+    last = [0]
+
+    def settled():
+        last[0] = proc_sample(pid)[1]
+        return last[0] <= baseline + slack
+
+    try:
+        wait_until(settled, timeout, interval=0.5, what="fds back to baseline")
+    except AssertionError:
+        raise AssertionError(f"pid {pid}: {last[0]} fds {timeout} s after the load, "
+                             f"baseline {baseline} (+{slack})") from None
+    return last[0]
+
+
 def conn_counts():
     return [pytest.param(200, id="200"), pytest.param(1000, id="1000", marks=pytest.mark.soak)]
 
@@ -135,6 +153,7 @@ def test_concurrent_connections_ns_to_host(connect, nsload, n, record_property):
     net = connect(*FLAGS)
     fwd = info(net.api)["forwarder_pid"]
     server = HostLoad(nsload, "serve", "127.0.0.1", 0, n)
+    baseline = proc_sample(fwd)[1]
     sampler = Sampler(net.fwd.pid, fwd, 0.2)
     try:
         cp = net.ns.run([NS_PYTHON, nsload, "client", GW, server.port, n, CONN_BYTES, 64, 2],
@@ -149,6 +168,7 @@ def test_concurrent_connections_ns_to_host(connect, nsload, n, record_property):
     assert client["peak_open"] == n and client["verified"] == n
     assert served["served"] == n and served["peak_open"] == n
     assert sampler.peak_fwd_fds() >= n  # the forwarder held them all at once
+    fds_settle(fwd, baseline)  # ... and let them all go
     assert info(net.api)["forwarder_pid"] == fwd and info(net.api)["restarts"] == 0
 
 
@@ -165,6 +185,7 @@ def test_concurrent_connections_via_port_forward(connect, nsload, n, record_prop
         guest_port = int(line.split()[1])
         host_port = free_port()
         assert add_hostfwd(net.api, "tcp", host_port, guest_port) == b'{"return":{"id":1}}'
+        baseline = proc_sample(fwd)[1]  # with the forward's listening socket
         # libslirp listens with a backlog of 1: connect in waves of 16.
         client = HostLoad(nsload, "client", "127.0.0.1", host_port, n, CONN_BYTES, 16, 2)
         try:
@@ -184,6 +205,7 @@ def test_concurrent_connections_via_port_forward(connect, nsload, n, record_prop
     assert res["peak_open"] == n and res["verified"] == n
     assert served["served"] == n and served["peak_open"] == n
     assert sampler.peak_fwd_fds() >= n
+    fds_settle(fwd, baseline)
     assert info(net.api)["forwarder_pid"] == fwd and info(net.api)["restarts"] == 0
 
 
@@ -201,6 +223,16 @@ def trend(samples, col: int, warmup: float) -> dict:
         slope = statistics.linear_regression(xs, ys).slope * 60
     return {"from_s": body[0][0], "first": first, "last": last, "min": min(ys),
             "max": max(ys), "slope_per_min": round(slope, 2)}
+
+
+def halves(samples, col: int) -> tuple[int, int]:
+    """Growth of column col over the first and over the second half of the
+    run (samples nearest to the start, the middle and the end)."""
+    if len(samples) < 3:
+        return (0, 0)
+    t_mid = (samples[0][0] + samples[-1][0]) / 2
+    mid = min(samples, key=lambda x: abs(x[0] - t_mid))
+    return (mid[col] - samples[0][col], samples[-1][col] - mid[col])
 
 
 @pytest.mark.parametrize("seconds", [pytest.param(SHORT_SECONDS, id="short"),
@@ -304,9 +336,14 @@ def test_mixed_traffic_soak(connect, host_server, nsload, seconds, record_proper
     s = sampler.samples
     long_run = seconds >= 2 * WARMUP_SECONDS
     warmup = WARMUP_SECONDS if long_run else 0
+    # Once the load stops, the forwarder lets go of every socket but the one
+    # UDP flow's (libslirp keeps it 240 s) within its TCP timers.
+    fds_after = fds_settle(fwd, s[0][4], slack=2) if s else None
     report = {"seconds": seconds, "samples": len(s), **counts, "failures": failures,
               "supervisor_rss_kb": trend(s, 1, warmup), "supervisor_fds": trend(s, 2, warmup),
-              "forwarder_rss_kb": trend(s, 3, warmup), "forwarder_fds": trend(s, 4, warmup)}
+              "forwarder_rss_kb": trend(s, 3, warmup), "forwarder_fds": trend(s, 4, warmup),
+              "forwarder_fds_after_load": fds_after,
+              "forwarder_rss_growth_kb_by_half": halves(s, 3)}
     print("\nsoak: " + json.dumps(report))
     record_property("soak", report)
     with open(f"/tmp/nsnet-soak-{int(seconds)}s.json", "w") as f:
@@ -319,6 +356,11 @@ def test_mixed_traffic_soak(connect, host_server, nsload, seconds, record_proper
         assert report[f"{who}_rss_kb"]["max"] < 256 * 1024, report[f"{who}_rss_kb"]
         assert report[f"{who}_fds"]["max"] < 4000, report[f"{who}_fds"]
     assert report["supervisor_fds"]["max"] <= report["supervisor_fds"]["min"] + 8
+    # Memory: the same load in both halves of the run.  A leak grows in the
+    # second as in the first; libslirp's working set (mbufs, socket buffers,
+    # the allocator's arenas) is reached in the first and stays.
+    first_half, second_half = report["forwarder_rss_growth_kb_by_half"]
+    assert second_half <= max(first_half / 2, 4096), report["forwarder_rss_growth_kb_by_half"]
     if long_run:
         # No growth trend in the steady state: the last quarter is not above
         # the first by more than allocator noise, for memory and for fds.

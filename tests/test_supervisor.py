@@ -373,7 +373,7 @@ def test_forwarder_that_fails_at_every_start_gives_up(attach, ns, client_loop, w
     fault = os.path.join(workdir, "fault")
     net = attach(wrapped(NSNET_FAULT_FORWARDER_START=fault), ns,
                  "--max-restarts", 3, "--restart-window", 60)
-    loop = client_loop(net.ns)
+    client_loop(net.ns)  # traffic flows before the event
     first = info(net.api)["forwarder_pid"]
     open(fault, "w").close()  # from now on every forwarder start fails
     os.kill(first, signal.SIGKILL)
@@ -384,7 +384,6 @@ def test_forwarder_that_fails_at_every_start_gives_up(attach, ns, client_loop, w
     assert log.count("failed to start") >= 3, log
     assert "restarting in" in log, log  # backed off
     assert not os.path.exists(net.api)
-    assert loop.ok_count() > 0
 
 
 @pytest.mark.parametrize("user", ["unpriv"], indirect=True)
@@ -393,7 +392,7 @@ def test_forwarder_cannot_be_forked_gives_up(connect, client_loop, user):
     supervisor by its own user (who already runs more processes), so fork()
     fails with EAGAIN at every restart."""
     net = connect("--max-restarts", 2)
-    loop = client_loop(net.ns)
+    client_loop(net.ns)  # traffic flows before the event
     first = info(net.api)["forwarder_pid"]
     user.run(["prlimit", f"--pid={net.fwd.pid}", "--nproc=1:1"], check=True)
     os.kill(first, signal.SIGKILL)
@@ -403,7 +402,6 @@ def test_forwarder_cannot_be_forked_gives_up(connect, client_loop, user):
         "cannot start a forwarder: Resource temporarily unavailable" in log, log
     assert not os.path.exists(net.api)
     assert_gone([first])
-    assert loop.ok_count() > 0
 
 
 # --------------------------------------------------------------------------
@@ -412,7 +410,7 @@ def test_forwarder_cannot_be_forked_gives_up(connect, client_loop, user):
 
 def test_target_exit_tears_down(connect, client_loop, user):
     net = connect("--log-format=json")
-    loop = client_loop(net.ns)
+    client_loop(net.ns)  # traffic flows before the event
     kids = [c.pid for c in children(net.fwd.pid)]
     assert len(kids) == 1
     t_kill = time.monotonic()
@@ -426,7 +424,6 @@ def test_target_exit_tears_down(connect, client_loop, user):
     assert len(exits) == 1, entries
     assert exits[0]["exit_code"] == 0
     assert exits[0]["reason"] == f"target PID {net.ns.pid} exited"
-    assert loop.ok_count() > 0
     report(f"{user.name} target kill -> supervisor exit", [(t_exit - t_kill) * 1000])
     report(f"{user.name} supervisor's own teardown", [exits[0]["teardown_ms"]])
 
@@ -449,14 +446,13 @@ def test_ignore_target_exit_keeps_running(connect, ns_echo, make_ns):
 
 def test_exit_fd_closed(connect, client_loop, user):
     net = connect(exit_fd=True)
-    loop = client_loop(net.ns)
+    client_loop(net.ns)  # traffic flows before the event
     kids = [c.pid for c in children(net.fwd.pid)]
     net.fwd.close_exit_fd()
     assert net.fwd.wait_exit(15) == 0
     assert_gone(kids)
     assert not os.path.exists(net.api)
     assert "exiting: exit-fd closed (exit 0)" in net.fwd.log()
-    assert loop.ok_count() > 0
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
@@ -464,7 +460,7 @@ def test_exit_fd_closed(connect, client_loop, user):
 def test_termination_signal(connect, client_loop, user, sig, workdir):
     pidfile = os.path.join(workdir, "nsnet.pid")
     net = connect("--pidfile", pidfile)
-    loop = client_loop(net.ns)
+    client_loop(net.ns)  # traffic flows before the event
     with open(pidfile) as f:
         assert f.read() == f"{net.fwd.pid}\n"
     kids = [c.pid for c in children(net.fwd.pid)]
@@ -475,12 +471,11 @@ def test_termination_signal(connect, client_loop, user, sig, workdir):
     assert not os.path.exists(pidfile)
     log = net.fwd.log()
     assert f"exiting: received {sig.name} (exit 0)" in log, log
-    assert loop.ok_count() > 0
 
 
 def test_tap_deleted_in_namespace(connect, client_loop, user):
     net = connect()
-    loop = client_loop(net.ns)
+    client_loop(net.ns)  # traffic flows before the event
     kids = [c.pid for c in children(net.fwd.pid)]
     net.ns.run(["ip", "link", "del", "tap0"])
     assert net.fwd.wait_exit(15) == 1
@@ -489,7 +484,6 @@ def test_tap_deleted_in_namespace(connect, client_loop, user):
     log = net.fwd.log()
     assert "TAP tap0 failed (" in log and "the interface is gone from the namespace" in log, log
     assert "restarting" not in log, log  # no restart loop, no busy loop
-    assert loop.ok_count() > 0
 
 
 @pytest.mark.parametrize("stopped", [False, True], ids=["running", "stopped"])
@@ -524,7 +518,8 @@ def test_supervisor_kill9_takes_children(connect, client_loop, user, start_fwd, 
     assert os.path.exists(net.api)
     again = start_fwd(net.impl, ["--configure", "--api-socket", net.api, net.ns.pid, "tap0"])
     assert info(net.api)["supervisor_pid"] == again.pid
-    assert loop.ok_count() > 0
+    # ... and carries the namespace's traffic (a connection begun after it was ready)
+    loop.first_ok_after(time.monotonic(), timeout=15)
 
 
 # --------------------------------------------------------------------------
@@ -587,7 +582,7 @@ def test_sd_notify(attach, ns, client_loop, wrapped, workdir, user):
 
 def test_get_info_and_stats(connect, client_loop, ns_echo):
     net = connect("--mtu", 4000)
-    loop = client_loop(net.ns)
+    client_loop(net.ns)  # traffic flows before the event
     i = info(net.api)
     assert i["supervisor_pid"] == net.fwd.pid
     assert i["forwarder_pid"] in [c.pid for c in children(net.fwd.pid)]
@@ -609,8 +604,9 @@ def test_get_info_and_stats(connect, client_loop, ns_echo):
         s = api(net.api, "get_stats")["return"]
         assert s["rx_frames"] > 0 and s["tx_frames"] > 0
         assert s["rx_bytes"] > s["rx_frames"] * 40 and s["tx_bytes"] > s["tx_frames"] * 40
-        for k in ("rx_dropped_invalid", "rx_dropped_ignored", "tx_dropped"):
-            assert s[k] >= 0
+        # nothing invalid was sent; every counter is a count
+        assert s["rx_dropped_invalid"] == 0 and s["tx_dropped"] == 0, s
+        assert isinstance(s["rx_dropped_ignored"], int)
         assert s["active_connections"] >= 1
         assert "fastpath" not in s  # only once a splice forward was added
         states = {(c["proto"], c["state"]) for c in s["connections"]}
@@ -619,10 +615,25 @@ def test_get_info_and_stats(connect, client_loop, ns_echo):
                 "sport": port, "dst": "10.0.2.100", "dport": guest_port} \
             in [{k: c[k] for k in ("proto", "state", "src", "sport", "dst", "dport")}
                 for c in s["connections"]], s["connections"]
-    assert loop.ok_count() > 0
     # unknown commands keep slirp4netns's error
     assert api_call(net.api, {"execute": "get_infos"}) == \
         b'{"error":{"desc":"bad request: unknown execute"}}'
+
+
+def task_ids(pid: int) -> list[int]:
+    return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+
+
+def wakeups(pid: int) -> int:
+    """Voluntary context switches of every thread of pid (psutil counts the
+    main thread's only)."""
+    total = 0
+    for tid in task_ids(pid):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
 
 
 @pytest.mark.parametrize("user", ["unpriv"], indirect=True)
@@ -630,10 +641,12 @@ def test_idle_supervisor_does_not_poll(connect):
     """No polling sleeps: an idle supervisor (no traffic, no watchdog)
     does not wake up at all."""
     net = connect()
-    proc = psutil.Process(net.fwd.pid)
     info(net.api)  # settle: the API client is closed
-    time.sleep(0.2)
-    before = proc.num_ctx_switches()
-    time.sleep(1.0)
-    after = proc.num_ctx_switches()
-    assert after.voluntary - before.voluntary <= 1, (before, after)
+    # Wait until every thread of the supervisor sleeps (the API client is gone).
+    wait_until(lambda: all(t.status() == psutil.STATUS_SLEEPING
+                           for t in map(psutil.Process, task_ids(net.fwd.pid))), 5,
+               what="supervisor asleep")
+    before = wakeups(net.fwd.pid)
+    time.sleep(4.0)  # a 1 s poll timeout would show 4 wake-ups; HEAD shows 0
+    after = wakeups(net.fwd.pid)
+    assert after - before == 0, (before, after)

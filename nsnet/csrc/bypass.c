@@ -515,10 +515,15 @@ static void bypass_connect(struct handler *h, const struct seccomp_notif *n, int
         if (rc == 0 || nonblock) {
             /* a non-blocking connect says EINPROGRESS, as the kernel does
              * on loopback; the socket completes (or fails) on its own */
-            if (install(h, n->id, fd, s, cloexec, nonblock, nonblock ? EINPROGRESS : 0) == 0) {
-                h->sh->bypassed++;
+            /* counted before the reply: once connect returns in the
+             * command, get_stats already shows it */
+            h->sh->bypassed++;
+            if (family == AF_INET6)
+                h->sh->bypassed6++;
+            if (install(h, n->id, fd, s, cloexec, nonblock, nonblock ? EINPROGRESS : 0) != 0) {
+                h->sh->bypassed--;
                 if (family == AF_INET6)
-                    h->sh->bypassed6++;
+                    h->sh->bypassed6--;
             }
             close(s);
             return;
@@ -540,15 +545,18 @@ static void finish_pending(struct handler *h, size_t i, int timed_out)
     h->sh->pending = h->npend;
     if (timed_out) {
         /* SO_SNDTIMEO ran out: connect says EINPROGRESS, the socket goes on */
-        if (install(h, p.id, p.fd, p.sock, p.cloexec, 0, EINPROGRESS) == 0)
-            h->sh->bypassed++;
+        h->sh->bypassed++; /* before the reply, as above */
+        if (install(h, p.id, p.fd, p.sock, p.cloexec, 0, EINPROGRESS) != 0)
+            h->sh->bypassed--;
     } else {
         int err = sock_error(p.sock);
         if (err) {
             h->sh->failed++;
             reply(h, p.id, 0, err, 0);
-        } else if (install(h, p.id, p.fd, p.sock, p.cloexec, 0, 0) == 0) {
-            h->sh->bypassed++;
+        } else {
+            h->sh->bypassed++; /* before the reply, as above */
+            if (install(h, p.id, p.fd, p.sock, p.cloexec, 0, 0) != 0)
+                h->sh->bypassed--;
         }
     }
     close(p.sock);

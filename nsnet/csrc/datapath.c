@@ -435,6 +435,10 @@ int nsnet_dp_run(struct nsnet_dp *dp, int budget_ms)
         t = next_timer_ms(dp);
         if (t >= 0 && t - now < wait)
             wait = t - now;
+        /* Audit records wait at most 100 ms for Python. */
+        if (dp->filter && nsnet_filter_audit_pending(dp->filter) &&
+            dp->events_ms + 100 - now < wait)
+            wait = dp->events_ms + 100 - now;
         if (wait < 0)
             wait = 0;
 

@@ -893,6 +893,40 @@ static int tcp_dns_ok(struct nsnet_filter *f, const uint8_t *d, size_t len)
 
 /* ---- the hooks ---- */
 
+/* Without a policy only connection openings are tracked (so that a policy
+ * set later knows which connections are inbound and which were
+ * established before it): a cheap look at the TCP flags, or at the UDP
+ * port of a published forward, before any parsing. */
+static int worth_parsing_without_policy(const struct nsnet_filter *f, const uint8_t *frame,
+                                        size_t len)
+{
+    const uint8_t *l4;
+    int proto;
+    if (len < ETH_HLEN + 40)
+        return 0;
+    if (frame[12] == 0x08 && frame[13] == 0x00) {
+        size_t ihl = (size_t)(frame[ETH_HLEN] & 0x0f) * 4;
+        if (ihl < 20 || len < ETH_HLEN + ihl + 20)
+            return 0;
+        proto = frame[ETH_HLEN + 9];
+        l4 = frame + ETH_HLEN + ihl;
+    } else if (frame[12] == 0x86 && frame[13] == 0xdd) {
+        if (len < ETH_HLEN + 40 + 20)
+            return 0;
+        proto = frame[ETH_HLEN + 6];
+        l4 = frame + ETH_HLEN + 40;
+    } else {
+        return 0;
+    }
+    if (proto == 6)
+        return (l4[13] & (TH_SYN | TH_ACK)) == TH_SYN;
+    if (proto == 17) {
+        unsigned dport = rd16(l4 + 2);
+        return (f->udp_fwd[dport / 8] >> (dport % 8)) & 1;
+    }
+    return 0;
+}
+
 static int deny_packet(struct nsnet_filter *f)
 {
     f->st.packets_denied++;
@@ -969,8 +1003,18 @@ int nsnet_filter_rx(struct nsnet_filter *f, uint8_t *frame, size_t len,
     int32_t rule;
     const char *name;
     int action, deny_default;
-    if (!f->pol)
+    if (!f->pol) {
+        /* Remember connections opened before any policy (TCP SYNs only). */
+        if (worth_parsing_without_policy(f, frame, len) && parse(frame, len, &p) &&
+            p.proto == 6) {
+            fl = flow_insert(f, &p.k);
+            fl->flags = FL_VALID;
+            fl->action = NSNET_POL_ALLOW;
+            fl->rule = -1;
+            fl->last_ms = mono_ms();
+        }
         return 1;
+    }
     if (!parse(frame, len, &p))
         return 1;
     deny_default = nsnet_policy_default(f->pol) == NSNET_POL_DENY;
@@ -1015,8 +1059,20 @@ int nsnet_filter_rx(struct nsnet_filter *f, uint8_t *frame, size_t len,
                 send_rst_to_ns(frame, &p, to_ns, opaque);
             return deny_packet(f);
         }
-        if (!fl || (fl->flags & FL_INBOUND))
-            return 1; /* libslirp resets segments of connections it has not */
+        if (fl && (fl->flags & FL_INBOUND))
+            return 1;
+        if (!fl) {
+            /* A segment of a connection nsnet has not seen open (its entry
+             * was evicted, or it is a stray libslirp will reset): judge it
+             * now, like a SYN. */
+            action = judge(f, &p.k, &rule, &name);
+            fl = flow_insert(f, &p.k);
+            fl->action = (uint8_t)action;
+            fl->rule = rule;
+            fl->last_ms = mono_ms();
+            if (action == NSNET_POL_DENY)
+                f->st.flows_cut++;
+        }
         if (fl->action == NSNET_POL_ALLOW)
             return 1;
         if (!(p.tflags & TH_RST)) {
@@ -1049,17 +1105,17 @@ void nsnet_filter_tx(struct nsnet_filter *f, const uint8_t *frame, size_t len)
 {
     struct pkt p;
     struct flow_key rk;
-    if (!f->pol)
+    if (!f->pol && !worth_parsing_without_policy(f, frame, len))
         return;
     if (!parse((uint8_t *)frame, len, &p) || p.proto < 0)
         return;
-    if (p.proto == 17 && p.k.sport == 53 && is_dns_addr(f, p.family, p.k.src)) {
+    if (f->pol && p.proto == 17 && p.k.sport == 53 && is_dns_addr(f, p.family, p.k.src)) {
         size_t mlen = rd16(p.l4 + 4);
         if (mlen >= 8 && mlen <= p.l4len)
             dns_learn(f, p.l4 + 8, mlen - 8);
         return;
     }
-    if (p.proto == 6 && p.k.sport == 53 && is_dns_addr(f, p.family, p.k.src)) {
+    if (f->pol && p.proto == 6 && p.k.sport == 53 && is_dns_addr(f, p.family, p.k.src)) {
         size_t doff = (size_t)(p.l4[12] >> 4) * 4;
         size_t dlen = p.l4len > doff ? p.l4len - doff : 0;
         const uint8_t *d = p.l4 + doff;

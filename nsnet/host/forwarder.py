@@ -14,7 +14,9 @@ deleted inside the namespace), 4 when poll(2) fails.
 Fault injection (tests, docs/lifecycle.md): when the environment variable
 NSNET_FAULT_FORWARDER_START names a file that exists when a forwarder
 starts, that forwarder reports a start failure and exits 1 (so a test can
-make every restart fail from outside, by creating the file).
+make every restart fail from outside, by creating the file); when the file
+holds the word "hang", the forwarder never gets ready (the supervisor's
+start timeout kills it).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import select
 import socket
 
 TYPE_CHECKING = False
@@ -46,6 +49,8 @@ FAULT_START_ENV = "NSNET_FAULT_FORWARDER_START"
 TURN_BUDGET_MS = 1000
 # Sockets listed in a stats reply (a hostile namespace can open thousands).
 STATS_MAX_CONNECTIONS = 512
+# Egress-policy audit records per control message (one SEQPACKET message).
+AUDIT_BATCH = 128
 
 
 def _send(ctl: socket.socket, msg: dict[str, Any]) -> None:
@@ -96,8 +101,46 @@ class Forwarder:
         self.net = net
         self.ctl = ctl
         self.slirp = Slirp(net, tap_fd, ctl.fileno())
+        self.policy: Any = None  # policy.Policy in force
+        self._policy_parts: list[str] = []
+
+    def set_policy(self, req: dict[str, Any]) -> None:
+        """Enforce a policy from the next frame on.  At start: {"policy":
+        its JSON form, "audit_all": bool}.  From the supervisor's
+        set_policy: {"op": "policy", "last_part": text, "parts": n,
+        "keep_established": bool, "audit_all": bool}, after n-1
+        "policy_part" requests (one control message is at most 64 KiB)."""
+        from ..policy import Policy
+
+        self.send_audit()  # records of the old policy name its rules
+        if "policy" in req:
+            pol = Policy.parse_json(req["policy"])
+        else:
+            parts = self._policy_parts + [req.get("last_part", "")]
+            self._policy_parts = []
+            if len(parts) != req.get("parts"):
+                raise ValueError("policy parts missing")
+            pol = Policy.parse_json("".join(parts))
+        self.policy = pol
+        self.slirp.set_policy(pol, keep_established=bool(req.get("keep_established")),
+                              audit_all=bool(req.get("audit_all")))
+
+    def send_audit(self) -> None:
+        rules = self.policy.rules if self.policy is not None else []
+        while True:
+            records = self.slirp.audit_records(AUDIT_BATCH)
+            if not records:
+                return
+            for r in records:
+                i = r.get("rule")
+                r["rule_text"] = (f"{rules[i].action} {rules[i].text()}"
+                                  if i is not None and 0 <= i < len(rules)
+                                  else f"default {r['action']}")
+            _send(self.ctl, {"event": "audit", "records": records})
 
     def add(self, fwd: Forward) -> None:
+        if fwd.is_udp:
+            self.slirp.set_udp_forward(fwd.guest_port, True)
         lowest = _lowest_free_fd()
         self.slirp.add_hostfwd(fwd.is_udp, fwd.host_addr, fwd.host_port,
                                fwd.guest_addr, fwd.guest_port)
@@ -113,17 +156,30 @@ class Forwarder:
             if op == "remove":
                 f = Forward(**req["forward"])
                 self.slirp.remove_hostfwd(f.is_udp, f.host_addr, f.host_port)
+                if f.is_udp:
+                    self.slirp.set_udp_forward(f.guest_port, False)
+                return {"ok": True}
+            if op == "policy_part":
+                if req.get("index") == 0:
+                    self._policy_parts = []
+                if req.get("index") != len(self._policy_parts):
+                    raise ValueError("policy part out of order")
+                self._policy_parts.append(str(req["data"]))
+                return {"ok": True}
+            if op == "policy":
+                self.set_policy(req)
                 return {"ok": True}
             if op == "stats":
                 # One SEQPACKET message must hold the reply: list at most
                 # STATS_MAX_CONNECTIONS sockets, count them all.
                 lines = self.slirp.connection_info().splitlines()
                 return {"ok": True, "stats": self.slirp.stats(),
+                        "policy": self.slirp.policy_stats(),
                         "connections": "\n".join(lines[:1 + STATS_MAX_CONNECTIONS]),
                         "connections_total": max(0, len(lines) - 1)}
             if op == "ping":
                 return {"ok": True}
-        except (SlirpError, KeyError, TypeError, ValueError) as e:
+        except (SlirpError, KeyError, TypeError, ValueError) as e:  # PolicyError too
             return {"ok": False, "error": str(e)}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
@@ -132,6 +188,8 @@ class Forwarder:
         self.ctl.setblocking(False)
         while True:
             rc = self.slirp.run(TURN_BUDGET_MS)
+            if self.policy is not None:
+                self.send_audit()  # RUN_EVENTS, or what a turn left
             if rc == RUN_CONTROL:
                 while True:
                     try:
@@ -176,16 +234,22 @@ def _receive_tap(ctl: socket.socket) -> int | None:
 
 def main(net: NetConfig, tap_fd: int | None, ctl: socket.socket,
          forwards: list[tuple[int, Forward]], sandbox: bool = False,
-         seccomp: bool = False) -> int:
+         seccomp: bool = False, policy: dict[str, Any] | None = None) -> int:
     """Entry point in the forked forwarder process.  tap_fd None: the TAP
     comes over ctl once the namespace helper has made it (the first
-    forwarder sets libslirp up meanwhile)."""
+    forwarder sets libslirp up meanwhile).  policy: {"policy": the egress
+    policy's JSON form, "audit_all": bool} (the supervisor's current one:
+    a restarted forwarder enforces what its predecessor did)."""
     # fork_child (children.py) has set PR_SET_PDEATHSIG, the process name,
     # and the signals: terminal signals go to the whole process group, so
     # SIGINT and SIGHUP are ignored (the supervisor decides what happens),
     # SIGPIPE too; the forwarder dies on SIGTERM/SIGKILL.
     fault = os.environ.get(FAULT_START_ENV)
     if fault and os.path.exists(fault):
+        with open(fault) as f:
+            if f.read().strip() == "hang":  # never ready: the start timeout's case
+                while True:
+                    select.select([], [], [])
         _send(ctl, {"event": "failed", "error": f"injected start failure ({FAULT_START_ENV})"})
         return EXIT_SLIRP_FAILED
     linux.raise_fd_limit()  # every guest connection is a host socket
@@ -194,6 +258,13 @@ def main(net: NetConfig, tap_fd: int | None, ctl: socket.socket,
     except SlirpError as e:
         _send(ctl, {"event": "failed", "error": str(e)})
         return EXIT_SLIRP_FAILED
+    if policy is not None:
+        # Before the TAP: no frame passes unjudged.
+        try:
+            fw.set_policy(policy)
+        except (SlirpError, ValueError) as e:
+            _send(ctl, {"event": "failed", "error": f"egress policy: {e}"})
+            return EXIT_SLIRP_FAILED
     if tap_fd is None:
         tap_fd = _receive_tap(ctl)
         if tap_fd is None:

@@ -214,6 +214,10 @@ class Slirp:
         self._dp = dp
         self._slirp = lib.nsnet_dp_slirp(dp)
         self._stats = ffi.new("struct nsnet_stats *")
+        # The egress-policy filter exists from the start: it remembers which
+        # connections are inbound (port forwards) and which were open
+        # before a policy is set at run time (csrc/filter.c).
+        self._flt = self._filter()
 
     def set_tap(self, tap_fd: int) -> None:
         """The TAP, for a Slirp made with tap_fd -1; before the first run()."""
@@ -247,32 +251,26 @@ class Slirp:
         """Enforce pol (a policy.Policy; None or an open policy: nothing
         is checked) from the next frame on."""
         if pol is None or (pol.is_open and not audit_all):
-            if getattr(self, "_has_filter", False):
-                lib.nsnet_filter_set_policy(self._filter(), ffi.NULL, 0, 0)
+            lib.nsnet_filter_set_policy(self._flt, ffi.NULL, 0, 0)
             return
-        f = self._filter()
-        self._has_filter = True
-        lib.nsnet_filter_set_policy(f, c_policy(pol), int(keep_established), int(audit_all))
+        lib.nsnet_filter_set_policy(self._flt, c_policy(pol), int(keep_established),
+                                    int(audit_all))
 
     def set_udp_forward(self, guest_port: int, on: bool) -> None:
         """Datagrams to a published UDP guest port open inbound flows."""
-        if getattr(self, "_has_filter", False) or on:
-            lib.nsnet_filter_set_udp_forward(self._filter(), guest_port, int(on))
-            self._has_filter = True
+        lib.nsnet_filter_set_udp_forward(self._flt, guest_port, int(on))
 
     def policy_stats(self) -> dict[str, int]:
-        if not getattr(self, "_has_filter", False):
-            return {name: 0 for name in POLICY_STATS_FIELDS}
         st = ffi.new("struct nsnet_filter_stats *")
-        lib.nsnet_filter_get_stats(self._filter(), st)
+        lib.nsnet_filter_get_stats(self._flt, st)
         return {name: int(getattr(st, name)) for name in POLICY_STATS_FIELDS}
 
     def audit_records(self, max_records: int = 256) -> list[dict[str, Any]]:
         """Pop the waiting audit records (see csrc/policy.h)."""
-        if not getattr(self, "_has_filter", False):
+        if not lib.nsnet_filter_audit_pending(self._flt):
             return []
         buf = ffi.new("struct nsnet_pol_event[]", max_records)
-        n = lib.nsnet_filter_audit_pop(self._filter(), buf, max_records)
+        n = lib.nsnet_filter_audit_pop(self._flt, buf, max_records)
         out = []
         for i in range(n):
             e = buf[i]
@@ -296,10 +294,8 @@ class Slirp:
         return out
 
     def learned_name(self, ip: str) -> str:
-        if not getattr(self, "_has_filter", False):
-            return ""
         a = ipaddress.ip_address(ip)
-        return ffi.string(lib.nsnet_filter_learned(self._filter(), a.version,
+        return ffi.string(lib.nsnet_filter_learned(self._flt, a.version,
                                                    a.packed.ljust(16, b"\0"))).decode()
 
     def last_guest_error(self) -> str:
@@ -326,7 +322,11 @@ class Slirp:
                 flags |= lib.SLIRP_HOSTFWD_V6ONLY
             rc = lib.slirp_add_hostxfwd(self._slirp, hsa, hlen, gsa, glen, flags)
         if rc < 0:
-            raise SlirpError("slirp_add_hostfwd failed")
+            # libslirp keeps the errno of the socket()/bind()/listen() that
+            # failed (tcp_listen, udp_listen): say why.
+            code = ffi.errno
+            why = f": {os.strerror(code)} ({errno.errorcode.get(code, code)})" if code else ""
+            raise SlirpError(f"slirp_add_hostfwd failed{why}")
 
     def remove_hostfwd(self, is_udp: bool, host_addr: str, host_port: int) -> None:
         h = ipaddress.ip_address(host_addr)

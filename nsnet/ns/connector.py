@@ -15,20 +15,40 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Any
 
-from .. import fdpass
+from .. import fdpass, linux
 from ..proto.fastpath import family, send_json
 from . import helper as helper_ns
 
 CONNECT_TIMEOUT = 10.0    # connector: connect() to the guest port
 
 
-def connector_main(target: helper_ns.Target, sock: socket.socket) -> int:
-    """Join the namespaces, say ready, then answer {"tag","addr","port"}
+def _confine() -> str:
+    """Inside the namespaces, before serving: an empty root (it lives on in
+    the target's user namespace, and needs no file: only socket() and
+    connect() in the target's netns) and no capability.  "" or why not."""
+    import encodings.idna  # noqa: F401  (socket addresses; nothing to import from later)
+
+    try:
+        linux.empty_root()
+    except OSError as e:
+        return f"cannot leave the host's filesystem: {e.strerror}"
+    if not helper_ns.drop_capabilities():
+        return "cannot drop capabilities"
+    return ""
+
+
+def connector_main(ns: helper_ns.NsFds, sock: socket.socket) -> int:
+    """Join the namespaces (non-dumpable first), move to an empty root,
+    drop every capability, say ready, then answer {"tag","addr","port"}
     requests with {"tag","ok":true} plus the connected fd, or
     {"tag","ok":false,"error"}.  Connects are non-blocking: a slow guest
     port does not hold up the others.  Exits 0 when its peer hangs up."""
-    if not helper_ns.enter_namespaces(target):
+    if not helper_ns.enter_namespaces(ns):
         send_json(sock, {"event": "failed", "error": "cannot join the target's namespaces"})
+        return 1
+    why = _confine()
+    if why:
+        send_json(sock, {"event": "failed", "error": why})
         return 1
     send_json(sock, {"event": "ready", "pid": os.getpid()})
     poller = select.poll()

@@ -1,9 +1,30 @@
-"""The namespace helper: a short-lived child that joins the target's user
-and network namespaces, opens (or attaches to) the TAP device, configures
-it with pyroute2 when asked, hands the TAP fd to the host side over
-SCM_RIGHTS, and exits.
+"""The namespace helpers: short-lived children that join the target's user
+and network namespaces; the TAP helper opens (or attaches to) the TAP
+device, configures it when asked, hands the TAP fd to the host side over
+SCM_RIGHTS, and exits; the interface helper reports the TAP as the
+namespace sees it (get_info "interface").  spawn() also starts the fast
+path's connector (connector.py).
 
-It is forked from the single-threaded supervisor, so setns(CLONE_NEWUSER)
+Every process that enters the target's namespaces is reachable by the
+namespace's root, who holds every capability there, CAP_SYS_PTRACE
+included.  So each one (issue 11):
+- is made non-dumpable before its first setns (linux.set_undumpable):
+  the kernel then asks for CAP_SYS_PTRACE over the user namespace the
+  process was created in (the host's), which the namespace's root lacks:
+  no ptrace, pidfd_getfd, /proc/PID/{mem,environ,fd,root,cwd,maps};
+- enters through namespace fds the supervisor opened once at start
+  (NsFds), never through /proc/PID again (the PID may have been reused),
+  and closes them once inside;
+- holds only its socket back, stdin/stdout on /dev/null and stderr (the
+  log);
+- drops every capability once its namespace work is done;
+- never has libslirp or glib mapped: it is forked from the supervisor
+  while the supervisor has not loaded the libslirp binding (before ready),
+  and after that it execs a fresh interpreter before it does anything
+  else (spawn(); the exec happens in the host's user namespace, before
+  the process becomes undumpable and joins the target's).
+
+Each is forked from the single-threaded supervisor, so setns(CLONE_NEWUSER)
 is allowed, and it always leaves with os._exit: nothing of the parent's
 Python state (atexit handlers, buffered files) runs twice.
 """
@@ -12,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import select
 import signal
@@ -79,40 +101,91 @@ def _mac(tapname: str) -> str | None:
     return ifr[18:24].hex()
 
 
-def enter_namespaces(target: Target) -> bool:
-    """Join the target's user (if any) and network namespaces; False, with
-    the reason printed on stderr, if that failed.  Only in a freshly forked,
+class NsFds:
+    """The target's namespace files, opened once at start (open_namespaces)
+    and kept by the supervisor, so that every later helper joins the same
+    namespaces even if the target PID exits and the PID is reused.  Only
+    namespace-side children get them (spawn() names them; fork_child
+    closes every other fd, so the forwarder and the relay never hold
+    them)."""
+
+    __slots__ = ("net", "user")
+
+    def __init__(self, net: int, user: int | None) -> None:
+        self.net = net
+        self.user = user
+
+    def fds(self) -> list[int]:
+        return [fd for fd in (self.net, self.user) if fd is not None and fd >= 0]
+
+    def close(self) -> None:
+        for fd in self.fds():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.net, self.user = -1, None
+
+
+def open_namespaces(target: Target) -> NsFds:
+    """Open the target's network (and user) namespace files.  Raises
+    HelperError saying which file and the errno's text."""
+    fds: list[int] = []
+    try:
+        for path in (target.netns, target.userns):
+            if path:
+                fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as e:
+        for fd in fds:
+            os.close(fd)
+        raise HelperError(f"cannot open {e.filename}: {e.strerror}") from None
+    return NsFds(fds[0], fds[1] if len(fds) > 1 else None)
+
+
+def enter_namespaces(ns: NsFds) -> bool:
+    """Become non-dumpable, then join the target's user (if any) and
+    network namespaces through ns, and close ns; False, with the reason
+    printed on stderr, if that failed.  Only in a freshly forked,
     single-threaded child (also used by the fast path's connector)."""
     try:
-        netfd = os.open(target.netns, os.O_RDONLY | os.O_CLOEXEC)
+        linux.set_undumpable()  # before anything in the namespace can see us
     except OSError as e:
-        print(f"{target.netns}: {e.strerror}", file=sys.stderr)
+        print(f"{e}", file=sys.stderr)
         return False
-    if target.userns:
+    if ns.user is not None:
         try:
-            userfd = os.open(target.userns, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            print(f"{target.userns}: {e.strerror}", file=sys.stderr)
-            return False
-        try:
-            linux.setns(userfd, linux.CLONE_NEWUSER)
+            linux.setns(ns.user, linux.CLONE_NEWUSER)
         except OSError as e:
             # Already in that user namespace (EINVAL), or the caller has
             # privilege in the network namespace anyway: go on, as
             # slirp4netns does; setns(net) below says if it matters.
             if e.errno not in (errno.EINVAL, errno.EPERM):
                 print(f"setns(user): {e.strerror}", file=sys.stderr)
-        os.close(userfd)
     try:
-        linux.setns(netfd, linux.CLONE_NEWNET)
+        linux.setns(ns.net, linux.CLONE_NEWNET)
     except OSError as e:
-        print(f"setns(net) {target.netns}: {e.strerror}", file=sys.stderr)
+        print(f"setns(net): {e.strerror}", file=sys.stderr)
         return False
-    os.close(netfd)
+    finally:
+        ns.close()
     return True
 
 
-def _child(tapname: str, net: NetConfig, configure: bool, sock: socket.socket) -> int:
+def drop_capabilities() -> bool:
+    """Every capability given up (the namespace work is done); False, with
+    the reason on stderr, if that failed."""
+    try:
+        linux.drop_capabilities()
+    except OSError as e:
+        print(f"cannot drop capabilities: {e.strerror}", file=sys.stderr)
+        return False
+    return True
+
+
+def _tap(ns: NsFds, sock: socket.socket, tapname: str, net: NetConfig,
+         configure: bool) -> int:
+    if not enter_namespaces(ns):
+        return 1
     try:
         tapfd = linux.open_tap(tapname, vnet_hdr=net.offload, mtu=net.mtu)
     except OSError as e:
@@ -124,21 +197,109 @@ def _child(tapname: str, net: NetConfig, configure: bool, sock: socket.socket) -
         except OSError as e:
             print(f"cannot configure {tapname}: {e}", file=sys.stderr)
             return 1
+    if not drop_capabilities():
+        return 1
     fdpass.send_fds(sock, {"ifindex": _ifindex(tapname), "mac": _mac(tapname)}, [tapfd])
     return 0
 
 
-def _start_in_namespaces(target: Target,
-                         body: Callable[[socket.socket], int]) -> tuple[int, socket.socket]:
-    """Fork a child that enters the target's namespaces and runs body(sock);
-    return its PID and the parent's end of the socket."""
-    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+def _interface(ns: NsFds, sock: socket.socket, tapname: str) -> int:
+    if not enter_namespaces(ns) or not drop_capabilities():
+        return 1
+    return _describe(tapname, sock)
 
-    def helper() -> int:
-        return body(child_sock) if enter_namespaces(target) else 1
 
+def _connector(ns: NsFds, sock: socket.socket) -> int:
+    from .connector import connector_main
+
+    return connector_main(ns, sock)
+
+
+# What spawn() can start after an exec (their arguments are JSON): the TAP
+# helper is not among them, it runs before the supervisor loads libslirp.
+_EXEC_KINDS = {"interface": _interface, "connector": _connector}
+
+# The fresh interpreter's first code: import nsnet from where this copy
+# lives, then _exec_main(argv).
+_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+         "from nsnet.ns.helper import _exec_main; _exec_main(sys.argv[2:])")
+
+
+def _libslirp_loaded() -> bool:
+    """The libslirp binding (and with it libslirp and glib) is mapped in
+    this process: the supervisor loads it after ready (get_info's version,
+    the forwarder's code preloaded for restarts)."""
+    return "nsnet._slirp_cffi" in sys.modules
+
+
+def _quiet_stdio() -> None:
+    """stdin and stdout on /dev/null (stderr stays: it is the log)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    if null > 2:
+        os.close(null)
+
+
+def spawn(name: str, kind: str, ns: NsFds, sock: socket.socket, args: dict,
+          body: Callable[[], int] | None = None) -> int:
+    """Start a namespace-side child named `name` that keeps only `sock`,
+    the namespace fds and stderr.  While this process has not loaded the
+    libslirp binding, the child is a plain fork that runs body() (or the
+    kind's function); afterwards it execs a fresh interpreter that runs
+    _EXEC_KINDS[kind](ns, sock, **args).  Returns its PID."""
+    keep = [sock.fileno(), *ns.fds()]
+    if body is not None and not _libslirp_loaded():
+        run = body
+    elif not _libslirp_loaded():
+        def run() -> int:
+            return _EXEC_KINDS[kind](ns, sock, **args)
+    else:
+        def run() -> int:
+            for fd in keep:
+                os.set_inheritable(fd, True)
+            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            os.execv(sys.executable, [
+                sys.executable, "-I", "-c", _BOOT, root, name, kind, json.dumps(args),
+                str(sock.fileno()), str(ns.net), str(-1 if ns.user is None else ns.user)])
+
+    def child() -> int:
+        _quiet_stdio()
+        return run()
+
+    return fork_child(name, child, keep)
+
+
+def _exec_main(argv: list[str]) -> None:
+    """A fresh interpreter started by spawn(): run the kind and exit."""
+    code = 1
     try:
-        pid = fork_child("nsnet-nshelper", helper, [child_sock.fileno()])
+        name, kind, args, sockfd, netfd, userfd = argv
+        linux.set_process_name(name)
+        ns = NsFds(int(netfd), None if int(userfd) < 0 else int(userfd))
+        for fd in ns.fds():
+            os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=int(sockfd))
+        sock.set_inheritable(False)
+        code = _EXEC_KINDS[kind](ns, sock, **json.loads(args))
+    except BaseException as e:
+        print(f"nsnet {argv[:2]}: {e!r}", file=sys.stderr)
+    finally:
+        try:
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _start_in_namespaces(name: str, kind: str, ns: NsFds, args: dict,
+                         body: Callable[[socket.socket], int] | None = None,
+                         ) -> tuple[int, socket.socket]:
+    """Spawn a namespace-side child (spawn()) with a socket back; return its
+    PID and the parent's end of the socket."""
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        pid = spawn(name, kind, ns, child_sock, args,
+                    None if body is None else (lambda: body(child_sock)))
     except BaseException:
         parent_sock.close()
         raise
@@ -160,11 +321,11 @@ def _receive(sock: socket.socket, timeout: float) -> tuple[dict | None, list[int
         sock.close()
 
 
-def _in_namespaces(target: Target, body: Callable[[socket.socket], int],
+def _in_namespaces(name: str, kind: str, ns: NsFds, args: dict,
                    timeout: float) -> tuple[dict | None, list[int], int]:
-    """Run body(sock) in a child inside the target's namespaces; return (its
+    """Run a kind in a child inside the target's namespaces; return (its
     message, the fds it sent, its exit status)."""
-    pid, sock = _start_in_namespaces(target, body)
+    pid, sock = _start_in_namespaces(name, kind, ns, args)
     msg, fds = _receive(sock, timeout)
     return msg, fds, _reap(pid, timeout)
 
@@ -173,18 +334,20 @@ class TapHelper:
     """The helper that creates the TAP, started: the caller can do other
     set-up while it works, then take the TAP with result().
 
-        helper = TapHelper(target, tapname, net, configure)
+        helper = TapHelper(nsfds, tapname, net, configure)
         ...                       # runs in parallel with the helper
         fd, ifindex, mac = helper.result()
         ...
         helper.reap()             # once the helper is of no more use
     """
 
-    def __init__(self, target: Target, tapname: str, net: NetConfig, configure: bool,
+    def __init__(self, ns: NsFds, tapname: str, net: NetConfig, configure: bool,
                  timeout: float = 30.0) -> None:
         self.timeout = timeout
+        # Forked, never exec'd: the supervisor has not loaded libslirp yet.
         pid, self._sock = _start_in_namespaces(
-            target, lambda sock: _child(tapname, net, configure, sock))
+            "nsnet-nshelper", "tap", ns, {},
+            lambda sock: _tap(ns, sock, tapname, net, configure))
         self.pid: int | None = pid
 
     def result(self) -> tuple[int, int, bytes | None]:
@@ -244,10 +407,11 @@ def _describe(tapname: str, sock: socket.socket) -> int:
     return 0
 
 
-def describe_interface(target: Target, tapname: str, timeout: float = 10.0) -> dict:
+def describe_interface(ns: NsFds, tapname: str, timeout: float = 10.0) -> dict:
     """Report the TAP's state inside the namespace (for the API's get_info
     with "interface": true). Raises HelperError when it cannot be read."""
-    msg, fds, status = _in_namespaces(target, lambda sock: _describe(tapname, sock), timeout)
+    msg, fds, status = _in_namespaces("nsnet-nshelper", "interface", ns,
+                                      {"tapname": tapname}, timeout)
     for fd in fds:
         os.close(fd)
     if msg is None or status != 0:

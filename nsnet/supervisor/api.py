@@ -6,7 +6,7 @@ compact JSON reply to EOF.  This module turns request bytes into reply
 bytes; the supervisor owns the socket and the state behind it.
 
 slirp4netns commands: add_hostfwd, list_hostfwd, remove_hostfwd.
-nsnet adds get_info and get_stats.
+nsnet adds get_info, get_stats, get_policy and set_policy (docs/policy.md).
 """
 
 from __future__ import annotations
@@ -21,6 +21,16 @@ if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
 from ..forwards import Forward, ForwardError, make_forward
 
 MAX_REQUEST = 4096  # a request of this many bytes or more is refused
+# ... except set_policy (a policy of thousands of rules), when its
+# "execute" comes within the first MAX_REQUEST bytes.
+MAX_POLICY_REQUEST = 8 << 20
+
+
+def request_limit(data: bytes) -> int:
+    """The size from which a request (its first bytes given) is refused."""
+    if b'"set_policy"' in data[:MAX_REQUEST]:
+        return MAX_POLICY_REQUEST
+    return MAX_REQUEST
 
 
 class ApiError(Exception):
@@ -39,6 +49,10 @@ if TYPE_CHECKING:
         def api_info(self, interface: bool = False) -> dict[str, Any]: ...
 
         def api_stats(self) -> dict[str, Any]: ...
+
+        def api_get_policy(self) -> dict[str, Any]: ...
+
+        def api_set_policy(self, args: dict[str, Any]) -> None: ...
 
         @property
         def default_guest_addr(self) -> str: ...
@@ -72,7 +86,7 @@ def _loads(data: bytes) -> Any:
 
 
 def parse_request(data: bytes) -> dict[str, Any]:
-    if len(data) >= MAX_REQUEST:
+    if len(data) >= request_limit(data):
         raise ApiError("too large message")
     try:
         req = _loads(data)
@@ -108,7 +122,8 @@ def _number(value: Any) -> int | None:
 
 def _add_hostfwd(args: dict[str, Any], backend: ApiBackend) -> Any:
     proto = args.get("proto")
-    if not isinstance(proto, str):
+    # slirp4netns 1.2.0 checks the value of proto before any other field.
+    if proto not in ("tcp", "udp"):
         raise ApiError("add_hostfwd: bad arguments.proto")
     # nsnet extra "mode": "splice" is the fast path (docs/fastpath.md): it
     # connects to the guest port on the namespace's loopback by default.
@@ -137,11 +152,19 @@ def _add_hostfwd(args: dict[str, Any], backend: ApiBackend) -> Any:
     try:
         fwd = make_forward(proto, mode=mode, **defaults, **fields)
     except ForwardError as e:
+        if (str(e) == "guest_addr" and not fields["guest_addr"]
+                and ":" in fields["host_addr"] and defaults["default_guest6"] is None):
+            # not the guest address's fault: there is no IPv6 in the namespace
+            raise ApiError("add_hostfwd: bad arguments.host_addr: an IPv6 host address "
+                           "needs IPv6 in the namespace (start nsnet with -6)") from None
         raise ApiError(f"add_hostfwd: bad arguments.{e}") from None
     try:
         fid = backend.api_add_forward(fwd)
     except ForwardError:
         raise ApiError("add_hostfwd: slirp_add_hostfwd failed") from None
+    if fwd.host_port == 0:  # nsnet: the kernel picked the port; say which
+        port = next((f.host_port for i, f in backend.api_list_forwards() if i == fid), 0)
+        return {"return": {"id": fid, "host_port": port}}
     return {"return": {"id": fid}}
 
 
@@ -185,6 +208,8 @@ def handle(data: bytes, backend: ApiBackend) -> bytes:
         args = req.get("arguments")
         if not isinstance(args, dict):
             args = {}
+        if len(data) >= MAX_REQUEST and execute != "set_policy":
+            raise ApiError("too large message")
         if execute == "add_hostfwd":
             return encode(_add_hostfwd(args, backend))
         if execute == "list_hostfwd":
@@ -196,6 +221,14 @@ def handle(data: bytes, backend: ApiBackend) -> bytes:
             return encode({"return": backend.api_info(interface=args.get("interface") is True)})
         if execute == "get_stats":
             return encode({"return": backend.api_stats()})
+        if execute == "get_policy":
+            return encode({"return": backend.api_get_policy()})
+        if execute == "set_policy":
+            if not isinstance(req.get("arguments"), dict):
+                raise ApiError('set_policy: arguments must be the policy, '
+                               '{"egress":"allow"|"deny","rules":[...]}')
+            backend.api_set_policy(args)
+            return encode({"return": {}})
         raise ApiError("unknown execute")
     except ApiError as e:
         return error_reply(str(e))

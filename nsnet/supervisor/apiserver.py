@@ -41,6 +41,13 @@ def _median(values: list[float]) -> float:
     return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
 
 
+def _fwd_text(f: Forward) -> str:
+    def addr(a: str, p: int) -> str:
+        return f"[{a}]:{p}" if ":" in a else f"{a}:{p}"
+    return (f"{addr(f.host_addr, f.host_port)} -> {addr(f.guest_addr, f.guest_port)}/{f.proto}"
+            + (" (splice)" if f.is_splice else ""))
+
+
 class _ApiClient:
     """One connection to the API socket, until it is answered or expires."""
 
@@ -112,14 +119,45 @@ class ApiServer:
         return str(slaac_address(self.opts.net.prefix6, self.tap_mac))
 
     def api_add_forward(self, fwd: Forward) -> int:
+        if fwd.host_port == 0:  # the kernel picks; a race with another binder: try again
+            from ..forwards import pick_host_port
+
+            for attempt in range(4):
+                try:
+                    picked = pick_host_port(fwd)
+                except OSError as e:
+                    self.log.warning(f"forward {fwd.proto} {fwd.host_addr}:0 failed: "
+                                     f"cannot pick a port: {e.strerror}")
+                    raise ForwardError(f"cannot pick a port: {e.strerror}") from None
+                try:
+                    return self._add_forward(picked)
+                except ForwardError:
+                    if attempt == 3:
+                        raise
+        return self._add_forward(fwd)
+
+    def _add_forward(self, fwd: Forward) -> int:
         if fwd.is_splice:  # the fast path: nsnet/supervisor/fastpath.py
-            self._fastpath().add(fwd)
-            return self.forwards.add(fwd)
+            try:
+                self._fastpath().add(fwd)
+            except ForwardError as e:
+                self.log.warning(f"forward {_fwd_text(fwd)} failed: {e}")
+                raise
+            fid = self.forwards.add(fwd)
+            self.log.debug(f"forward {fid} added: {_fwd_text(fwd)}",
+                           extra={"fields": {"event": "forward_added", "id": fid,
+                                             **fwd.to_dict()}})
+            return fid
         reply = self._forwarder_request({"op": "add", "forward": fwd.to_dict()})
         if not reply.get("ok"):
-            raise ForwardError(reply.get("error", "failed"))
+            why = reply.get("error", "failed")
+            self.log.warning(f"forward {_fwd_text(fwd)} failed: {why}",
+                             extra={"fields": {"event": "forward_failed", "error": why,
+                                               **fwd.to_dict()}})
+            raise ForwardError(why)
         fid = self.forwards.add(fwd)
-        self.log.debug(f"forward {fid} added: {fwd}")
+        self.log.debug(f"forward {fid} added: {_fwd_text(fwd)}",
+                       extra={"fields": {"event": "forward_added", "id": fid, **fwd.to_dict()}})
         return fid
 
     def api_remove_forward(self, fid: int) -> None:
@@ -136,6 +174,8 @@ class ApiServer:
                 raise ForwardError(reply.get("error", "failed"))
         self.inactive_forwards.discard(fid)
         self.forwards.remove(fid)
+        self.log.debug(f"forward {fid} removed: {_fwd_text(fwd)}",
+                       extra={"fields": {"event": "forward_removed", "id": fid}})
 
     def api_list_forwards(self) -> list[tuple[int, Forward]]:
         return self.forwards.items()
@@ -196,7 +236,7 @@ class ApiServer:
                         prefix6=f"{net.prefix6}/64", guest6=self.default_guest_addr6)
         if interface:
             try:
-                info["interface"] = helper_ns.describe_interface(self.opts.target,
+                info["interface"] = helper_ns.describe_interface(self.nsfds,
                                                                  self.opts.tapname)
             except helper_ns.HelperError as e:
                 info["interface"] = {"error": str(e)}
@@ -221,12 +261,47 @@ class ApiServer:
                    restarts=self.restarts)
         for name, source in self.stats_sources.items():
             out[name] = source()
+        pstats = reply.get("policy")
+        if isinstance(pstats, dict) and self.policy is not None:
+            out["policy"] = dict(pstats, audit_log_lost=self.policy.audit_lost)
         if self.fastpath is not None:  # splice forwards: the relay's own counters
             try:
                 out["fastpath"] = self.fastpath.stats()
             except ForwardError as e:
                 out["fastpath"] = {"error": str(e)}
         return out
+
+    def api_get_policy(self) -> dict[str, Any]:
+        if self.policy is None:
+            return {"egress": "allow", "rules": []}
+        return self.policy.get()
+
+    def api_set_policy(self, args: dict[str, Any]) -> None:
+        """Replace the egress policy atomically: the forwarder judges every
+        frame after this by the new one (flows it denies are cut unless
+        keep_established); a forwarder started later gets it at fork."""
+        from .policy import PolicyControl, PolicyControlError
+
+        if self.policy is None:
+            self.policy = PolicyControl(None, self.opts.audit_all)
+            if self.fwd is not None:
+                self.fwd.on_audit = self.policy.on_audit
+        try:
+            pol, keep = self.policy.parse_set(args)
+        except PolicyControlError as e:
+            raise api.ApiError(f"set_policy: {e}") from None
+        try:
+            fwd = self._ready_forwarder()
+        except ForwardError:
+            fwd = None  # restart pending: the next forwarder gets it at fork
+        if fwd is not None:
+            try:
+                self.policy.send(self._forwarder_request, pol, keep)
+            except (PolicyControlError, ForwardError) as e:
+                raise api.ApiError(f"set_policy: {e}") from None
+        self.policy.policy = pol
+        self.log.info(f"egress policy replaced: default {pol.default}, {len(pol.rules)} rules"
+                      + (" (established flows kept)" if keep else ""))
 
     # -- API socket handling (non-blocking, in the poll loop) --------------
 
@@ -281,7 +356,10 @@ class ApiServer:
             return
         c.buf += data
         eof = not data
-        if eof or len(c.buf) >= api.MAX_REQUEST or api.is_complete(bytes(c.buf)):
+        # (a large set_policy: parse only once it may be whole, not per chunk)
+        if (eof or len(c.buf) >= api.request_limit(bytes(c.buf[:api.MAX_REQUEST]))
+                or ((len(c.buf) < api.MAX_REQUEST or c.buf.rstrip().endswith(b"}"))
+                    and api.is_complete(bytes(c.buf)))):
             self._api_answer(fd, bytes(c.buf), eof)
 
     def _api_answer(self, fd: int, request: bytes, eof: bool) -> None:

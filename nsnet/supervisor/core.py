@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from .peercheck import PeerCheck
     from .fastpath import FastPath
     from .forwarder import _Forwarder
+    from .policy import PolicyControl
 
 from .. import linux, log, sdnotify
 from ..forwards import Forward, ForwardError, ForwardTable
@@ -84,6 +85,9 @@ class Options:
         initial_forwards: list[Forward] | None = None,
         on_ready: Callable[[Supervisor], None] | None = None,
         watch_fds: dict[int, Callable[[int], None]] | None = None,
+        policy: Any = None,
+        audit_all: bool = False,
+        audit_log: str | None = None,
     ) -> None:
         self.target = target
         self.tapname = tapname
@@ -101,6 +105,10 @@ class Options:
         self.initial_forwards = initial_forwards if initial_forwards is not None else []
         self.on_ready = on_ready
         self.watch_fds = watch_fds if watch_fds is not None else {}
+        # the egress policy (nsnet/policy.py: a Policy or None), its audit
+        self.policy = policy
+        self.audit_all = audit_all
+        self.audit_log = audit_log
 
 
 
@@ -128,6 +136,7 @@ class Supervisor(ForwarderControl, ApiServer):
         self.api_paused_until: float | None = None  # out of fds: listener not polled
         self.peer_check: PeerCheck | None = None  # set with the API socket
         self.target_pidfd: int | None = None
+        self.nsfds: helper_ns.NsFds | None = None  # the target's namespace files
         self.sigpipe_r = -1
         self.sigpipe_w = -1
         self.pending_signal: int | None = None
@@ -138,6 +147,7 @@ class Supervisor(ForwarderControl, ApiServer):
         self.ready = False
         self.pidfile_written = False
         self.fastpath: FastPath | None = None  # splice forwards, from the first one on
+        self.policy: PolicyControl | None = None  # the egress policy (policy.py)
         # get_stats sections of other parts (nsnet run --bypass: "bypass")
         self.stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
 
@@ -145,6 +155,13 @@ class Supervisor(ForwarderControl, ApiServer):
 
     def setup(self) -> None:
         o = self.opts
+        if o.policy is not None or o.audit_all or o.audit_log:
+            from .policy import PolicyControl, PolicyControlError
+
+            try:
+                self.policy = PolicyControl(o.policy, o.audit_all, o.audit_log)
+            except PolicyControlError as e:
+                raise SetupError(str(e)) from None
         self._install_signals()
         # Every API client and splice connection holds fds: the soft limit
         # up to the hard one (the forwarder and relay raise theirs too).
@@ -156,10 +173,17 @@ class Supervisor(ForwarderControl, ApiServer):
                 raise SetupError(f"target PID {o.target.pid} does not exist") from None
             except OSError:
                 self.target_pidfd = None  # e.g. not permitted: namespaces decide
+        # The target's namespace files, opened once: every namespace-side
+        # child joins through these fds, never through /proc/PID again.
+        try:
+            self.nsfds = helper_ns.open_namespaces(o.target)
+        except helper_ns.HelperError as e:
+            raise SetupError(str(e)) from None
         # The namespace helper creates the TAP while this process binds the
         # API socket and starts the forwarder, which loads libslirp, sets it
-        # up and then waits for the TAP.
-        helper = helper_ns.TapHelper(o.target, o.tapname, o.net, o.configure)
+        # up and then waits for the TAP.  (This process has not loaded the
+        # libslirp binding yet: the helper is a plain fork of it.)
+        helper = helper_ns.TapHelper(self.nsfds, o.tapname, o.net, o.configure)
         try:
             if o.api_socket:
                 self._bind_api(o.api_socket)
@@ -182,7 +206,7 @@ class Supervisor(ForwarderControl, ApiServer):
         if self.fastpath is None:
             from .fastpath import FastPath
 
-            self.fastpath = FastPath(self.opts.target)
+            self.fastpath = FastPath(self.nsfds)
         return self.fastpath
 
     def _install_signals(self) -> None:
@@ -367,6 +391,11 @@ class Supervisor(ForwarderControl, ApiServer):
         if self.ready:
             self.notify.send(f"STOPPING=1\nSTATUS=stopping: {self.exit_reason or 'set-up failed'}")
         if self.fwd is not None:
+            if self.policy is not None and self.fwd.ready and not self.fwd.ctl_eof:
+                try:  # the audit records of the last moments come first
+                    self.fwd.request({"op": "ping"}, timeout=0.5)
+                except (OSError, TimeoutError, ConnectionError):
+                    pass
             self._stop_forwarder(self.fwd)
             self.fwd = None
         self.restart_at = None
@@ -379,6 +408,10 @@ class Supervisor(ForwarderControl, ApiServer):
             self.api_sock = None
             self._unlink_api()
         self._remove_pidfile()
+        if self.nsfds is not None:
+            self.nsfds.close()
+        if self.policy is not None:
+            self.policy.close()
         if self.sigpipe_w >= 0:
             signal.set_wakeup_fd(-1)
         for fd in (self.tap_fd, self.target_pidfd, self.sigpipe_r, self.sigpipe_w,

@@ -19,7 +19,10 @@ Processes (all forked from the supervisor, all with PR_SET_PDEATHSIG):
   turns of the C loop.  It does not depend on the libslirp forwarder: a
   forwarder restart leaves it and its connections alone.
 - the connector ("nsnet-connect"): joins the target's namespaces once
-  (helper_ns.enter_namespaces) and stays there, answering connect requests.
+  (helper_ns.spawn: non-dumpable first, through the namespace fds the
+  supervisor opened at start, never with libslirp mapped), moves to an
+  empty root, drops every capability, and stays there, answering connect
+  requests.
 
 The supervisor owns a FastPath object: it starts both children on the first
 splice forward, restarts them when they die (the listeners are re-created;
@@ -46,7 +49,6 @@ from ..children import fork_child
 from ..forwards import Forward, ForwardError
 from ..host.relay import relay_main
 from ..ns import helper as helper_ns
-from ..ns.connector import connector_main
 from ..proto.fastpath import NO_SUCH_FORWARD, send_json
 
 START_TIMEOUT = 10.0      # connector: namespaces joined
@@ -92,8 +94,8 @@ class FastPath:
     """The supervisor's handle on the fast path: nothing runs until the
     first splice forward is added."""
 
-    def __init__(self, target: helper_ns.Target) -> None:
-        self.target = target
+    def __init__(self, ns: helper_ns.NsFds) -> None:
+        self.ns = ns  # the target's namespace fds (the supervisor's; kept)
         self.log = log.get("nsnet.fastpath")
         self.forwards: list[Forward] = []
         self.relay: _Child | None = None
@@ -218,9 +220,13 @@ class FastPath:
 
     def _start_connector(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        target = self.target
-        pid = fork_child("nsnet-connect", lambda: connector_main(target, theirs), [theirs.fileno()])
-        theirs.close()
+        try:  # non-dumpable, empty root, no capability, no libslirp: ns/helper.py
+            pid = helper_ns.spawn("nsnet-connect", "connector", self.ns, theirs, {})
+        except OSError as e:
+            mine.close()
+            raise ForwardError(f"connector: cannot start: {e.strerror}") from None
+        finally:
+            theirs.close()
         child = _Child(pid, mine)
         mine.settimeout(START_TIMEOUT)
         try:

@@ -59,6 +59,8 @@ class _Forwarder:
         self.seq = 0
         self.events: list[dict[str, Any]] = []
         self.status: int | None = None  # wait status once reaped
+        # egress-policy audit records: handled as they come, never queued
+        self.on_audit: Any = None
         try:
             self.pidfd = os.pidfd_open(pid)
         except OSError:
@@ -92,6 +94,10 @@ class _Forwarder:
             msg = json.loads(data)
         except ValueError:
             msg = {"event": "garbage"}
+        if isinstance(msg, dict) and msg.get("event") == "audit":
+            if self.on_audit is not None:
+                self.on_audit(msg)
+            return None
         return msg if isinstance(msg, dict) else {"event": "garbage"}
 
     def drain(self) -> None:
@@ -155,6 +161,7 @@ class ForwarderControl:
         (see _start_first_forwarder)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         tap_fd = self.tap_fd if with_tap else None
+        policy = self.policy.forwarder_arg() if self.policy is not None else None
 
         def forwarder() -> int:
             # The first forwarder imports its code itself, before any
@@ -165,7 +172,8 @@ class ForwarderControl:
 
             return helper_host.main(self.opts.net, tap_fd, child,
                                     self.forwards.libslirp_items(),
-                                    sandbox=self.opts.sandbox, seccomp=self.opts.seccomp)
+                                    sandbox=self.opts.sandbox, seccomp=self.opts.seccomp,
+                                    policy=policy)
 
         keep = [child.fileno()] if tap_fd is None else [tap_fd, child.fileno()]
         try:
@@ -176,7 +184,10 @@ class ForwarderControl:
             raise
         child.close()
         try:
-            return _Forwarder(pid, parent, time.monotonic())
+            fwd = _Forwarder(pid, parent, time.monotonic())
+            if self.policy is not None:
+                fwd.on_audit = self.policy.on_audit
+            return fwd
         except OSError:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)

@@ -9,10 +9,7 @@ import pytest
 
 import api_cases as C
 
-try:  # the supervisor's API module (nsnet/supervisor/api.py after the layout move)
-    from nsnet.supervisor import api
-except ImportError:
-    from nsnet import api
+from nsnet.supervisor import api
 from nsnet.forwards import ForwardError, ForwardTable
 
 
@@ -151,3 +148,23 @@ def test_is_complete():
     assert api.is_complete(C.LIST)
     assert not api.is_complete(C.LIST[:-1])
     assert not api.is_complete(b"")
+
+
+def test_host_port_0_reply_names_the_port(backend):
+    """nsnet's extension (slirp4netns refuses host_port 0): the backend
+    (the supervisor) picks the port; the reply and list_hostfwd give it."""
+    class Picking(FakeBackend):
+        def api_add_forward(self, fwd):
+            return super().api_add_forward(fwd._replace(host_port=fwd.host_port or 41234))
+
+    b = Picking()
+    assert api.handle(C.add(host_port=0), b) == b'{"return":{"id":1,"host_port":41234}}'
+    assert b'"host_port":41234' in api.handle(C.LIST, b)
+    assert api.handle(C.add(host_port=8080), b) == b'{"return":{"id":2}}'  # as slirp4netns
+
+
+def test_ipv6_host_addr_without_ipv6_blames_host_addr(backend):
+    backend.default_guest_addr6 = None  # nsnet without -6
+    reply = api.handle(C.add(host_addr="::1"), backend)
+    assert b"bad arguments.host_addr: an IPv6 host address needs IPv6" in reply
+    assert b"start nsnet with -6" in reply

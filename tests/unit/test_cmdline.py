@@ -101,7 +101,7 @@ def test_run_options():
     (["-p", "[::1]:8080:80", "true"], "needs -6"),
     (["--mtu", "x", "true"], "MTU must be a positive integer"),  # the same words as nsnet
     (["--log-level", "loud", "true"], "log-level must be debug, info, warning or error"),
-    (["-p", "80", "true"], "--publish"),
+    (["-p", "80-82:80", "true"], "--publish"),
 ])
 def test_run_bad_options(argv, msg):
     with pytest.raises(run.UsageError, match=msg):

@@ -10,10 +10,7 @@ import struct
 
 import pytest
 
-try:  # nsnet/ns/rtnl.py after the layout move
-    from nsnet.ns import rtnl
-except ImportError:
-    from nsnet import rtnl
+from nsnet.ns import rtnl
 from nsnet.netconfig import NetConfig, parse_cidr, parse_mac
 
 

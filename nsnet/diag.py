@@ -1,0 +1,111 @@
+"""Diagnostics shared by the front ends: checks a user's input can fail
+before anything starts, each with a message that says what failed, why
+(the real errno) and what to do; and the start-up and ready lines.
+
+Only the standard library (errno, os): this is on the path to ready.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+NS_GET_NSTYPE = 0xB703  # ioctl on a namespace file: its CLONE_NEW* type
+CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
+_NS_KINDS = {"net": CLONE_NEWNET, "user": CLONE_NEWUSER}
+
+
+class DiagError(Exception):
+    """A check failed; str() is the whole message."""
+
+
+def why(e: OSError) -> str:
+    """"Permission denied (EACCES)": the errno's text and name."""
+    code = e.errno or 0
+    name = errno.errorcode.get(code, str(code))
+    return f"{e.strerror or os.strerror(code)} ({name})"
+
+
+def check_ns_file(path: str, kind: str, option: str) -> None:
+    """path must be a namespace file of this kind ("net" or "user") the
+    user may open.  Raises DiagError."""
+    import fcntl
+
+    what = "network" if kind == "net" else "user"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            hint = (f"it, or a directory on its path, is not readable by uid {os.getuid()}; "
+                    "run nsnet as the namespace's owner or fix the permissions")
+        elif e.errno == errno.ENOENT:
+            hint = ("give an existing namespace file (/run/netns/NAME, "
+                    "/proc/PID/ns/" + kind + ")")
+        else:
+            hint = f"give a readable {what} namespace file"
+        raise DiagError(f"cannot open the {what} namespace {path} ({option}): {why(e)}; {hint}"
+                        ) from None
+    try:
+        try:
+            nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        except OSError as e:
+            raise DiagError(f"{path} ({option}) is not a namespace file "
+                            f"(ioctl NS_GET_NSTYPE: {why(e)}); give a {what} namespace such as "
+                            f"/run/netns/NAME or /proc/PID/ns/{kind}") from None
+        if nstype != _NS_KINDS[kind]:
+            raise DiagError(f"{path} ({option}) is a namespace, but not a {what} namespace; "
+                            f"give /proc/PID/ns/{kind} or a bind mount of one")
+    finally:
+        os.close(fd)
+
+
+def check_socket_dir(path: str, what: str = "API socket") -> None:
+    """The directory a unix socket is to be bound in must exist and be
+    writable.  Raises DiagError."""
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(d)
+    except OSError as e:
+        raise DiagError(f"cannot create the {what} {path}: directory {d}: {why(e)}; "
+                        "create it first or choose another path") from None
+    import stat
+
+    if not stat.S_ISDIR(st.st_mode):
+        raise DiagError(f"cannot create the {what} {path}: {d} is not a directory")
+    if not os.access(d, os.W_OK | os.X_OK):
+        e = OSError(errno.EACCES, os.strerror(errno.EACCES))
+        raise DiagError(f"cannot create the {what} {path}: directory {d} is not writable "
+                        f"by uid {os.getuid()}: {why(e)}; choose a directory you own "
+                        "(e.g. $XDG_RUNTIME_DIR)")
+
+
+def start_line(net, *, target: str, tapname: str, api_socket: str | None,
+               extra: dict | None = None) -> tuple[str, dict]:
+    """The start-up line: the settings in effect (what slirp4netns prints
+    as its "* MTU: ..." block, on one line), and the JSON fields."""
+    fields = {"event": "start", "target": target, "tap": tapname, "mtu": net.mtu,
+              "cidr": str(net.cidr), "guest": str(net.guest), "gateway": str(net.gateway),
+              "dns": None if net.disable_dns else str(net.dns),
+              "dhcp_start": str(net.dhcp_start), "ipv6": net.ipv6,
+              "host_loopback": not net.disable_host_loopback, "egress": not net.restricted,
+              "offload": net.offload, "api_socket": api_socket}
+    if net.ipv6:
+        fields["prefix6"] = f"{net.prefix6}/64"
+    fields.update(extra or {})
+    parts = [f"starting: {target}, {tapname}, MTU {net.mtu}, network {net.cidr}",
+             f"guest {net.guest}", f"gateway {net.gateway}",
+             "DNS off" if net.disable_dns else f"DNS {net.dns}",
+             f"DHCP from {net.dhcp_start}"]
+    if net.ipv6:
+        parts.append(f"IPv6 {net.prefix6}/64")
+    if net.restricted:
+        parts.append("no egress")
+    parts.append("offloads " + ("on" if net.offload else "off"))
+    if api_socket:
+        parts.append(f"API socket {api_socket}")
+    line = ", ".join(parts)
+    if not net.disable_host_loopback and not net.restricted:
+        line += (f"; 127.0.0.1 on the host is reachable as {net.gateway} "
+                 "(--disable-host-loopback to prohibit)")
+    return line, fields
