@@ -1,26 +1,33 @@
 """`nsnet run [OPTION]... [--] COMMAND [ARG]...`: run a command with its own
 network, for an unprivileged user.
 
-The nsnet process forks a child that unshares a user, a network and a
-mount namespace and then waits on a socketpair; nsnet itself (the
-supervisor) attaches to the child's PID exactly as `nsnet PID tap0` would,
-publishes the requested ports, has the child configure lo and tap0, and
-only then lets the child exec COMMAND: COMMAND's first instruction already
-has a configured network.
+The nsnet process forks a child that unshares a user, a network, a mount
+and (unless --share-pid) a PID namespace and then waits on a socketpair;
+with a PID namespace the child forks its init (PID 1, nsnet/runinit.py),
+which goes on with the set-up while the child waits outside for it.
+nsnet itself (the supervisor) attaches to the init's (or the child's) PID
+exactly as `nsnet PID tap0` would, publishes the requested ports, has it
+configure lo and tap0, and only then lets it start COMMAND: COMMAND's
+first instruction already has a configured network.
 
   nsnet (supervisor, host namespaces)          child
   ------------------------------------         -----------------------------
   block INT/TERM/HUP/QUIT, signalfd
-  fork                                   -->   unshare(USER|NET|NS)
+  fork                                   -->   unshare(USER|NET|NS|PID)
                                                uid/gid map (self), "U"
   [newuidmap/newgidmap]             "M"  -->
-                                               mounts: rslave /, --dns, "N"
-  helper_ns: TAP in the child's netns
+                                               mounts: rslave /, --dns
+                                               fork init; "P" + its PID
+                                               (the child: waiter, outside)
+                                         <--   init: mount /proc; "N"
+  helper_ns: TAP in the init's netns
   forwarder (libslirp) + --publish
                                     "C"  -->   configure lo + tap0 (rtnetlink), "c"
-  ready-fd "1"; on_ready            "G"  -->   restore signals; exec COMMAND
-  poll loop: API socket, forwarder, signals (forwarded to COMMAND)
-  COMMAND exits -> teardown -> exit with COMMAND's status (128+N on signal N)
+  ready-fd "1"; on_ready            "G"  -->   init: fork COMMAND (PID 2), which
+                                               restores signals and execs
+  poll loop: API socket, forwarder, signals (forwarded to the init, on to COMMAND)
+  COMMAND exits -> init exits -> waiter exits -> teardown -> exit with
+  COMMAND's status (128+N on signal N)
 
 COMMAND stays in nsnet's process group, so the terminal, job control and
 stdin/stdout/stderr pass through untouched.  Signals are forwarded as

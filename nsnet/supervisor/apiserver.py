@@ -100,8 +100,9 @@ class ApiServer:
         st = os.lstat(path)  # never follow a symlink swapped in after bind
         self.api_sock = sock
         self.api_ino = (st.st_dev, st.st_ino)
-        t = self.opts.target
-        self.peer_check = PeerCheck(t.userns, t.netns, t.pid)
+        ns = self.nsfds
+        self.peer_check = PeerCheck(ns.user if ns else None, ns.net if ns else None,
+                                    self.opts.target.pid)
         if self.peer_check.active:
             self.log.debug("API: clients inside the target's user namespace are refused")
 

@@ -105,28 +105,26 @@ class PeerCheck:
     """Built once at set-up from the target's namespace files; refusal(sock)
     for each accepted client."""
 
-    def __init__(self, userns: str | None, netns: str | None, pid: int | None) -> None:
+    def __init__(self, userns: int | None, netns: int | None, pid: int | None) -> None:
+        """userns, netns: fds of the target's namespace files (the
+        supervisor's NsFds; not closed here); pid: the target's PID, if any
+        (for its uid map)."""
         self.guarded: set[tuple[int, int]] = set()
         self.uid_ranges: list[tuple[int, int]] | None = None
         with open("/proc/self/ns/user", "rb", buffering=0) as f:
             self.own = _ident(f.fileno())
-        for path, owner in ((userns, False), (netns, True)):
-            if not path:
+        for nsfd, owner in ((userns, False), (netns, True)):
+            if nsfd is None or nsfd < 0:
                 continue
+            if owner:  # the user namespace that owns the network namespace
+                try:
+                    fd = fcntl.ioctl(nsfd, NS_GET_USERNS)
+                except OSError:
+                    continue
+            else:
+                fd = os.dup(nsfd)
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                continue  # the helper will say what is wrong with it
-            try:
-                if owner:  # the user namespace that owns the network namespace
-                    try:
-                        ufd = fcntl.ioctl(fd, NS_GET_USERNS)
-                    except OSError:
-                        continue
-                    os.close(fd)
-                    fd = ufd
                 ident = _ident(fd)
-                # Only a namespace strictly below ours is a boundary to keep.
                 try:
                     below = _below(fd, self.own) == self.own
                 except OSError:
