@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -208,33 +209,111 @@ print(json.dumps({"old": old.decode(), "new": res, "peer": a.getpeername()[0]}),
 """
 
 
-def test_handler_killed(user, workdir, host_server):
-    """SIGKILL the handler: bypassed connections keep working, the
-    supervisor starts another handler, new connects are bypassed again."""
+@pytest.mark.parametrize("what", ["handler", "forwarder", "stop-supervisor"])
+def test_failures(user, workdir, host_server, what):
+    """SIGKILL the handler or the forwarder, or SIGSTOP the supervisor: the
+    bypassed connection keeps working and new connects are bypassed (a new
+    handler is started; the forwarder and the supervisor are not involved)."""
     srv = host_server("echo")
     sock = f"{workdir}/api.sock"
     p = user.popen([harness.nsnet_bin(), "run", "--bypass", f"--api-socket={sock}", "--",
                     NS_PYTHON, "-c", HOLDER, "10.0.2.2", str(srv.port)],
                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stopped = False
     try:
         assert read_line(p.stdout, 30).startswith(b"READY")
         st = stats(sock)
         assert st["bypassed"] == 1
-        os.kill(st["handler_pid"], signal.SIGKILL)
-        harness.wait_until(
-            lambda: stats(sock)["restarts"] == 1,
-            10, what="a new bypass handler")
+        if what == "handler":
+            os.kill(st["handler_pid"], signal.SIGKILL)
+            harness.wait_until(lambda: stats(sock)["restarts"] == 1, 10,
+                               what="a new bypass handler")
+        elif what == "forwarder":
+            fwd = json.loads(api_call(sock, {"execute": "get_stats"}))["return"]["forwarder_pid"]
+            os.kill(fwd, signal.SIGKILL)
+        else:
+            os.kill(p.pid, signal.SIGSTOP)
+            stopped = True
         p.stdin.write(b"go\n")
         p.stdin.flush()
         r = json.loads(read_line(p.stdout, 30))
         assert r == {"old": "old", "new": [True] * 5, "peer": "10.0.2.2"}
+        if stopped:
+            os.kill(p.pid, signal.SIGCONT)
+            stopped = False
         st = stats(sock)
         assert st["bypassed"] == 6
+        assert st["restarts"] == (1 if what == "handler" else 0)
         assert p.wait(timeout=30) == 0, p.stderr.read()
     finally:
+        if stopped:
+            os.kill(p.pid, signal.SIGCONT)
         harness.kill_and_reap(p)
         for f in (p.stdin, p.stdout, p.stderr):
             f.close()
+
+
+@pytest.fixture
+def outside():
+    """Two addresses on this (sealed) test namespace's lo, standing for
+    destinations outside nsnet's network: 198.51.100.1 and .2 (TEST-NET-2)."""
+    addrs = ["198.51.100.1/32", "198.51.100.2/32"]
+    for a in addrs:
+        subprocess.run(["ip", "addr", "add", a, "dev", "lo"], check=True, timeout=10)
+    yield
+    for a in addrs:
+        subprocess.run(["ip", "addr", "del", a, "dev", "lo"], timeout=10)
+
+
+class PeerServer:
+    """Accepts on addr, records each peer address, echoes."""
+
+    def __init__(self, addr):
+        self.sock = socket.socket()
+        self.sock.bind((addr, 0))
+        self.sock.listen(8)
+        self.sock.settimeout(30)
+        self.port = self.sock.getsockname()[1]
+        self.peers = []
+        self.t = threading.Thread(target=self.loop, daemon=True)
+        self.t.start()
+
+    def loop(self):
+        try:
+            while True:
+                c, peer = self.sock.accept()
+                self.peers.append(peer[0])
+                with c:
+                    c.settimeout(10)
+                    d = c.recv(100)
+                    if d:
+                        c.sendall(d)
+        except OSError:
+            pass
+
+    def close(self):
+        self.sock.close()
+        self.t.join(5)
+
+
+@pytest.mark.parametrize("flags", [[], ["--outbound-addr=198.51.100.2"],
+                                   ["--disable-host-loopback"]])
+def test_egress(user, workdir, probe, outside, flags):
+    """Destinations outside the namespace go out as libslirp would send them
+    (--outbound-addr honoured); with --disable-host-loopback they are not
+    bypassed (SECURITY.md) but still reachable through libslirp."""
+    srv = PeerServer("198.51.100.1")
+    try:
+        r = run_probe(user, workdir, probe, ["blocking", "198.51.100.1", srv.port], flags=flags)
+    finally:
+        srv.close()
+    assert r["rc"] == 0 and r["echo"]
+    assert r["peer"] == ["198.51.100.1", srv.port] and r["local"][0] == "10.0.2.100"
+    bypassed = "--disable-host-loopback" not in flags
+    assert r["stats"]["bypassed"] == (1 if bypassed else 0)
+    assert r["stats"]["scope"]["egress"] is bypassed
+    want = "198.51.100.2" if "--outbound-addr=198.51.100.2" in flags else "198.51.100.1"
+    assert srv.peers == [want]
 
 
 def test_python_api(user, base_dir, host_server):

@@ -81,11 +81,27 @@ struct pending { /* a blocking connect that has not finished yet */
     int fd;       /* the command's fd number */
     int sock;     /* our host socket, connecting */
     int cloexec;
+    int family;
     int64_t deadline_ms; /* SO_SNDTIMEO of the command's socket, or 0 */
     int64_t recheck_ms;  /* next ID_VALID check */
 };
 
+/* pidfds (and /proc/TID/fdinfo dirs) of the threads that called lately,
+ * by thread id.  Only thread pidfds (PIDFD_THREAD) are kept: a pidfd pins
+ * its thread, so a stale entry fails (ESRCH) rather than reach a new
+ * thread that reuses the id. */
+#define PCACHE 64
+struct pcache {
+    int tid;
+    int pidfd;
+    int infofd;
+};
+
+#define DEFER 8
 struct handler {
+    int defer[DEFER]; /* fds to close before the next reply */
+    int ndefer;
+    struct pcache pc[PCACHE];
     int lfd;
     const struct nsb_config *cfg;
     struct nsb_shared *sh;
@@ -122,8 +138,20 @@ static int id_valid(struct handler *h, uint64_t id)
     return ioctl(h->lfd, SECCOMP_IOCTL_NOTIF_ID_VALID, &id) == 0;
 }
 
+/* Close `fd` right before the next reply: the reply wakes the command, and
+ * the handler's work should be done by then, not delayed behind it. */
+static void later(struct handler *h, int fd)
+{
+    if (h->ndefer == DEFER)
+        close(fd);
+    else
+        h->defer[h->ndefer++] = fd;
+}
+
 static void reply(struct handler *h, uint64_t id, int64_t val, int err, int cont)
 {
+    while (h->ndefer > 0)
+        close(h->defer[--h->ndefer]);
     struct seccomp_notif_resp r;
     memset(&r, 0, sizeof r);
     r.id = id;
@@ -154,25 +182,31 @@ static uint64_t netns_cookie(int s)
     return c;
 }
 
-/* The fd's close-on-exec flag in the command (an fd flag, not the file's):
- * from /proc/PID/fdinfo/FD ("flags:\t0NNN", octal, O_CLOEXEC included). */
-static int fd_cloexec(int pid, int fd)
+/* The fd's flags in the command: the file's status flags (O_NONBLOCK) and
+ * the fd's close-on-exec flag, from /proc/TID/fdinfo/FD ("flags:\t0NNN",
+ * octal).  -1 if it cannot be read. */
+static long fd_flags(int infofd, int tid, int fd)
 {
     char path[64], buf[256];
-    snprintf(path, sizeof path, "/proc/%d/fdinfo/%d", pid, fd);
-    int f = open(path, O_RDONLY | O_CLOEXEC);
+    int f;
+    if (infofd >= 0) {
+        snprintf(path, sizeof path, "%d", fd);
+        f = openat(infofd, path, O_RDONLY | O_CLOEXEC);
+    } else {
+        snprintf(path, sizeof path, "/proc/%d/fdinfo/%d", tid, fd);
+        f = open(path, O_RDONLY | O_CLOEXEC);
+    }
     if (f < 0)
-        return 1;
+        return -1;
     ssize_t n = read(f, buf, sizeof buf - 1);
     close(f);
     if (n <= 0)
-        return 1;
+        return -1;
     buf[n] = 0;
     char *p = strstr(buf, "flags:");
     if (!p)
-        return 1;
-    unsigned long fl = strtoul(p + 6, NULL, 8);
-    return (fl & O_CLOEXEC) != 0;
+        return -1;
+    return (long)strtoul(p + 6, NULL, 8);
 }
 
 static int read_mem(int pid, uint64_t addr, void *buf, size_t len)
@@ -205,14 +239,40 @@ static int tgid_of(int tid)
     return p ? atoi(p + 6) : -1;
 }
 
-/* A copy of the command's fd, or -1.  The pidfd is opened after the
- * notification and the id re-checked: the pid cannot have been reused. */
-static int grab_fd(struct handler *h, const struct seccomp_notif *n, int fd)
+static void pc_drop(struct pcache *e)
 {
+    if (e->tid) {
+        close(e->pidfd);
+        if (e->infofd >= 0)
+            close(e->infofd);
+    }
+    e->tid = 0;
+    e->pidfd = e->infofd = -1;
+}
+
+/* A copy of the command's fd, or -1 (errno).  A new pidfd is opened after
+ * the notification and the id re-checked: the id cannot have been reused.
+ * *infofd: the thread's /proc fdinfo directory, or -1. */
+static int grab_fd(struct handler *h, const struct seccomp_notif *n, int fd, int *infofd)
+{
+    struct pcache *e = &h->pc[n->pid % PCACHE];
+    *infofd = -1;
+    if (e->tid == (int)n->pid) {
+        int s = (int)syscall(SYS_pidfd_getfd, e->pidfd, fd, 0);
+        if (s >= 0) {
+            *infofd = e->infofd;
+            return s;
+        }
+        if (errno != ESRCH && errno != EBADF)
+            return -1;
+        pc_drop(e); /* gone: a new thread may have the id now */
+    }
     /* n->pid is the calling thread's id: a thread pidfd (PIDFD_THREAD,
      * Linux 6.9), else the thread group's leader from /proc */
+    int thread = 1;
     int pidfd = (int)syscall(SYS_pidfd_open, n->pid, PIDFD_THREAD);
     if (pidfd < 0 && errno == EINVAL) {
+        thread = 0;
         pidfd = (int)syscall(SYS_pidfd_open, n->pid, 0);
         if (pidfd < 0 && errno == EINVAL)
             pidfd = (int)syscall(SYS_pidfd_open, tgid_of(n->pid), 0);
@@ -224,9 +284,19 @@ static int grab_fd(struct handler *h, const struct seccomp_notif *n, int fd)
         return -1;
     }
     int s = (int)syscall(SYS_pidfd_getfd, pidfd, fd, 0);
-    int e = errno;
+    int err = errno;
+    if (s >= 0 && thread) {
+        pc_drop(e);
+        char path[64];
+        snprintf(path, sizeof path, "/proc/%d/fdinfo", (int)n->pid);
+        e->tid = (int)n->pid;
+        e->pidfd = pidfd;
+        e->infofd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        *infofd = e->infofd;
+        return s;
+    }
     close(pidfd);
-    errno = e;
+    errno = err;
     return s;
 }
 
@@ -360,21 +430,16 @@ static void copy_options(const struct nsb_config *c, int src, int dst, int famil
 static int replaceable(int s, int family)
 {
     int v;
-    if (getint(s, SOL_SOCKET, SO_DOMAIN, &v) < 0 || v != family)
-        return 0;
-    if (getint(s, SOL_SOCKET, SO_TYPE, &v) < 0 || v != SOCK_STREAM)
-        return 0;
+    /* IPPROTO_TCP: a SOCK_STREAM socket (MPTCP and SCTP are other protocols) */
     if (getint(s, SOL_SOCKET, SO_PROTOCOL, &v) < 0 || v != IPPROTO_TCP)
         return 0;
     if (getint(s, SOL_SOCKET, SO_BINDTOIFINDEX, &v) < 0 || v != 0)
         return 0;
-    struct tcp_info ti;
-    socklen_t len = sizeof ti;
-    if (getsockopt(s, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0 || ti.tcpi_state != TCP_CLOSE)
-        return 0;
+    /* the family, and no local port: neither listening nor connecting nor
+     * connected (all of which hold a port) */
     struct sockaddr_storage ss;
-    len = sizeof ss;
-    if (getsockname(s, (struct sockaddr *)&ss, &len) < 0)
+    socklen_t len = sizeof ss;
+    if (getsockname(s, (struct sockaddr *)&ss, &len) < 0 || ss.ss_family != family)
         return 0;
     if (family == AF_INET) {
         struct sockaddr_in *a = (struct sockaddr_in *)&ss;
@@ -388,9 +453,9 @@ static int replaceable(int s, int family)
 }
 
 /* Install `sock` as the command's `fd` and answer `err` (0, EINPROGRESS).
- * Returns 0 when installed. */
+ * Takes `sock`.  Returns 0 when installed. */
 static int install(struct handler *h, uint64_t id, int fd, int sock, int cloexec,
-                   int nonblock, int err)
+                   int nonblock, int err, int family)
 {
     if (!nonblock) {
         int fl = fcntl(sock, F_GETFL);
@@ -404,8 +469,15 @@ static int install(struct handler *h, uint64_t id, int fd, int sock, int cloexec
     a.srcfd = (uint32_t)sock;
     a.newfd = (uint32_t)fd;
     a.newfd_flags = cloexec ? O_CLOEXEC : 0;
-    if (ioctl(h->lfd, SECCOMP_IOCTL_NOTIF_ADDFD, &a) < 0)
+    if (ioctl(h->lfd, SECCOMP_IOCTL_NOTIF_ADDFD, &a) < 0) {
+        close(sock);
         return -1; /* interrupted (ESRCH/ENOENT): the syscall restarts or is gone */
+    }
+    later(h, sock);
+    /* counted before the reply: what the command does next may read them */
+    h->sh->bypassed++;
+    if (family == AF_INET6)
+        h->sh->bypassed6++;
     reply(h, id, 0, err, 0);
     return 0;
 }
@@ -426,7 +498,7 @@ static int connected_now(int s)
 }
 
 static void add_pending(struct handler *h, const struct seccomp_notif *n, int slot, int fd,
-                        int sock, int cloexec, int src)
+                        int sock, int cloexec, int src, int family)
 {
     if (h->npend == h->cappend) {
         size_t cap = h->cappend ? h->cappend * 2 : 16;
@@ -446,6 +518,7 @@ static void add_pending(struct handler *h, const struct seccomp_notif *n, int sl
     p->fd = fd;
     p->sock = sock;
     p->cloexec = cloexec;
+    p->family = family;
     p->deadline_ms = 0;
     p->recheck_ms = now_ms() + 1000;
     struct timeval tv;
@@ -458,11 +531,16 @@ static void add_pending(struct handler *h, const struct seccomp_notif *n, int sl
 
 /* Connect a new host socket for the command's `orig` (its fd `fd`). */
 static void bypass_connect(struct handler *h, const struct seccomp_notif *n, int slot, int fd,
-                           int orig, int family, const struct sockaddr_storage *dst, int lo)
+                           int orig, int infofd, int family, const struct sockaddr_storage *dst,
+                           int lo)
 {
-    int fl = fcntl(orig, F_GETFL);
-    int nonblock = fl >= 0 && (fl & O_NONBLOCK);
-    int cloexec = fd_cloexec(n->pid, fd);
+    long fl = fd_flags(infofd, (int)n->pid, fd);
+    if (fl < 0) { /* the command is gone, or /proc says no: the file's flags */
+        fl = fcntl(orig, F_GETFL);
+        fl = fl < 0 ? O_CLOEXEC : fl | O_CLOEXEC;
+    }
+    int nonblock = (fl & O_NONBLOCK) != 0;
+    int cloexec = (fl & O_CLOEXEC) != 0;
     int s = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
     if (s < 0) {
         int e = errno;
@@ -515,25 +593,15 @@ static void bypass_connect(struct handler *h, const struct seccomp_notif *n, int
         if (rc == 0 || nonblock) {
             /* a non-blocking connect says EINPROGRESS, as the kernel does
              * on loopback; the socket completes (or fails) on its own */
-            /* counted before the reply: once connect returns in the
-             * command, get_stats already shows it */
-            h->sh->bypassed++;
-            if (family == AF_INET6)
-                h->sh->bypassed6++;
-            if (install(h, n->id, fd, s, cloexec, nonblock, nonblock ? EINPROGRESS : 0) != 0) {
-                h->sh->bypassed--;
-                if (family == AF_INET6)
-                    h->sh->bypassed6--;
-            }
-            close(s);
+            install(h, n->id, fd, s, cloexec, nonblock, nonblock ? EINPROGRESS : 0, family);
             return;
         }
-        add_pending(h, n, slot, fd, s, cloexec, orig);
+        add_pending(h, n, slot, fd, s, cloexec, orig, family);
         return;
     }
     /* failed at once (refused, unreachable): the command's own socket stays,
      * unconnected, as after a failed connect; it gets the errno */
-    close(s);
+    later(h, s);
     h->sh->failed++;
     reply(h, n->id, 0, err, 0);
 }
@@ -545,21 +613,17 @@ static void finish_pending(struct handler *h, size_t i, int timed_out)
     h->sh->pending = h->npend;
     if (timed_out) {
         /* SO_SNDTIMEO ran out: connect says EINPROGRESS, the socket goes on */
-        h->sh->bypassed++; /* before the reply, as above */
-        if (install(h, p.id, p.fd, p.sock, p.cloexec, 0, EINPROGRESS) != 0)
-            h->sh->bypassed--;
+        install(h, p.id, p.fd, p.sock, p.cloexec, 0, EINPROGRESS, p.family);
     } else {
         int err = sock_error(p.sock);
         if (err) {
             h->sh->failed++;
+            later(h, p.sock);
             reply(h, p.id, 0, err, 0);
         } else {
-            h->sh->bypassed++; /* before the reply, as above */
-            if (install(h, p.id, p.fd, p.sock, p.cloexec, 0, 0) != 0)
-                h->sh->bypassed--;
+            install(h, p.id, p.fd, p.sock, p.cloexec, 0, 0, p.family);
         }
     }
-    close(p.sock);
     slot_free(h, p.slot);
 }
 
@@ -583,7 +647,8 @@ static void on_connect(struct handler *h, const struct seccomp_notif *n, int slo
     if (!id_valid(h, n->id))
         return;
     int family = dst.ss_family;
-    int orig = grab_fd(h, n, fd);
+    int infofd;
+    int orig = grab_fd(h, n, fd, &infofd);
     if (orig < 0) {
         if (errno == EBADF || errno == ESRCH || errno == ENOENT) {
             cont(h, n->id); /* EBADF from the kernel, or gone */
@@ -602,20 +667,20 @@ static void on_connect(struct handler *h, const struct seccomp_notif *n, int slo
         if ((family == AF_INET && ulen >= sizeof(struct sockaddr_in)) ||
             (family == AF_INET6 && ulen >= 24 /* SIN6_LEN_RFC2133 */)) {
             if (decide(h->cfg, family, &dst, &host, &hlen, &lo) && replaceable(orig, family)) {
-                bypass_connect(h, n, slot, fd, orig, family, &host, lo);
-                close(orig);
+                later(h, orig);
+                bypass_connect(h, n, slot, fd, orig, infofd, family, &host, lo);
                 return;
             }
         }
         h->sh->fallback++;
-        close(orig);
+        later(h, orig);
         cont(h, n->id);
         return;
     }
     if (cookie != h->host_cookie || cookie == 0) {
         /* a socket of another namespace (one the command made): its own
          * network decides */
-        close(orig);
+        later(h, orig);
         cont(h, n->id);
         return;
     }
@@ -624,15 +689,16 @@ static void on_connect(struct handler *h, const struct seccomp_notif *n, int slo
      * the host's namespace, to whatever the command's memory says then. */
     int v = 0;
     if (getint(orig, SOL_SOCKET, SO_PROTOCOL, &v) < 0 || v != IPPROTO_TCP) {
-        close(orig);
+        later(h, orig);
         cont(h, n->id); /* not TCP: the command can sendto() anywhere with it anyway */
         return;
     }
     if (family == AF_UNSPEC) {
         struct sockaddr sa = {.sa_family = AF_UNSPEC};
         int rc = connect(orig, &sa, sizeof sa);
-        reply(h, n->id, 0, rc < 0 ? errno : 0, 0);
-        close(orig);
+        int e = rc < 0 ? errno : 0;
+        later(h, orig);
+        reply(h, n->id, 0, e, 0);
         return;
     }
     struct tcp_info ti;
@@ -645,34 +711,36 @@ static void on_connect(struct handler *h, const struct seccomp_notif *n, int slo
             ((family == AF_INET && ulen >= sizeof(struct sockaddr_in)) ||
              (family == AF_INET6 && ulen >= 24)) &&
             decide(h->cfg, family, &dst, &host, &hlen, &lo)) {
-            bypass_connect(h, n, slot, fd, orig, family, &host, lo);
+            later(h, orig);
+            bypass_connect(h, n, slot, fd, orig, infofd, family, &host, lo);
         } else {
+            later(h, orig);
             reply(h, n->id, 0, ENETUNREACH, 0);
         }
-        close(orig);
         return;
     }
     if (state == TCP_SYN_SENT || state == TCP_SYN_RECV) {
         int fl = fcntl(orig, F_GETFL);
         if (fl >= 0 && (fl & O_NONBLOCK)) {
+            later(h, orig);
             reply(h, n->id, 0, EALREADY, 0);
-            close(orig);
             return;
         }
         /* a second blocking connect on a connecting socket waits for it;
          * completion is answered without replacing anything */
-        add_pending(h, n, slot, -1, orig, 0, orig);
+        add_pending(h, n, slot, -1, orig, 0, orig, family);
         return;
     }
+    later(h, orig);
     reply(h, n->id, 0, EISCONN, 0);
-    close(orig);
 }
 
 /* getsockname/getpeername on a bypassed socket: the namespace's view. */
 static void on_name(struct handler *h, const struct seccomp_notif *n, int peer)
 {
     int fd = (int)n->data.args[0];
-    int s = grab_fd(h, n, fd);
+    int infofd;
+    int s = grab_fd(h, n, fd, &infofd);
     if (s < 0) {
         cont(h, n->id);
         return;
@@ -764,6 +832,8 @@ static void answer_leftovers(struct handler *h)
 int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh)
 {
     struct handler h = {.lfd = listener, .cfg = cfg, .sh = sh};
+    for (int i = 0; i < PCACHE; i++)
+        h.pc[i].tid = 0, h.pc[i].pidfd = h.pc[i].infofd = -1;
     int t = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (t < 0)
         return -errno;

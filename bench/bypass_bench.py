@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""`nsnet run --bypass` against the host's loopback, `nsnet run` and pasta,
+side by side in one run (run mode: each candidate starts the client command).
+
+  sudo python3 bench/bypass_bench.py [--rounds N] [--time S] [--mtu M] [--out FILE]
+
+Candidates (each client command runs in namespaces the candidate makes):
+  loopback      the client on the host's own loopback (127.0.0.1): the limit
+  nsnet-bypass  nsnet run --bypass -- CLIENT, to 10.0.2.2
+  nsnet-run     nsnet run -- CLIENT, to 10.0.2.2 (libslirp's path)
+  pasta         pasta --config-net -- CLIENT, to pasta's gateway (which it
+                maps to the host's loopback)
+Measures, per round, candidates rotated: iperf3 throughput namespace->host
+and host->namespace (-R), 1-byte round-trip latency p50, and connections
+per second (connect, 1 byte each way, close).  Prints medians and the
+ratios to the loopback and to pasta; --out writes the samples as JSON.
+
+Network safety: the script re-executes itself in a new network namespace
+(`unshare --net`, prepared by bench.py's prepare_host_netns: lo, and a veth
+pair whose default route leads nowhere, for pasta); every server listens on
+127.0.0.1 there.  Everything runs as the unprivileged user nsnet-test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import (CONN_CLIENT, LAT_CLIENT, NS_PYTHON, PASTA_GW, USER,  # noqa: E402
+                   EchoServer, Runner, free_port, kill, prepare_host_netns, wait_listen)
+
+ISOLATED_ENV = "NSNET_BYPASS_BENCH_ISOLATED"
+VENV = os.environ.get("NSNET_VENV", "/opt/nsnet/venv")
+NSNET = os.environ.get("NSNET_BIN") or f"{VENV}/bin/nsnet"
+PASTA = os.environ.get("PASTA_BIN", "/usr/bin/pasta")
+CANDIDATES = ("loopback", "nsnet-bypass", "nsnet-run", "pasta")
+METRICS = ("tput_ns2host", "tput_host2ns", "latency_p50_us", "conn_per_s")
+
+
+def isolate() -> None:
+    if os.environ.get(ISOLATED_ENV) != "1":
+        if os.geteuid() != 0:
+            sys.exit("run as root (the benchmark makes a network namespace of its own)")
+        env = dict(os.environ, **{ISOLATED_ENV: "1"})
+        os.execvpe("unshare", ["unshare", "--net", "--", sys.executable,
+                               os.path.abspath(__file__), *sys.argv[1:]], env)
+    prepare_host_netns()
+
+
+def wrap(cand: str, mtu: int, argv: list[str]) -> tuple[list[str], str]:
+    """(argv that runs `argv` under the candidate, the host's address there)."""
+    if cand == "loopback":
+        return argv, "127.0.0.1"
+    if cand == "pasta":
+        return [PASTA, "--config-net", "-f", "-q", "-4", "--mtu", str(mtu), "-t", "none",
+                "-u", "none", "-T", "none", "-U", "none", "--", *argv], PASTA_GW
+    flags = ["--bypass"] if cand == "nsnet-bypass" else []
+    return [NSNET, "run", f"--mtu={mtu}", *flags, "--", *argv], "10.0.2.2"
+
+
+def run_client(runner: Runner, cand: str, mtu: int, make_argv, timeout: float) -> str:
+    _, host = wrap(cand, mtu, [])
+    argv, _ = wrap(cand, mtu, make_argv(host))
+    p = runner.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        kill(p)
+    if p.returncode != 0:
+        raise RuntimeError(f"{cand}: {argv[0]} exited {p.returncode}: {err[-600:]!r}")
+    return out.decode()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--time", type=float, default=3.0, help="seconds per iperf3/conn run")
+    ap.add_argument("--mtu", type=int, default=65520)
+    ap.add_argument("--rr", type=int, default=5000, help="round trips for the latency")
+    ap.add_argument("--candidates", default=",".join(CANDIDATES))
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    isolate()
+    runner = Runner(USER)
+    cands = [c for c in args.candidates.split(",") if c]
+    iperf_port = free_port()
+    iperf = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             stdin=subprocess.DEVNULL)
+    echo, acceptor = EchoServer("echo"), EchoServer("accept")
+    samples: dict[str, dict[str, list[float]]] = {c: {m: [] for m in METRICS} for c in cands}
+    try:
+        wait_listen(iperf_port)
+        for rnd in range(args.rounds):
+            order = cands[rnd % len(cands):] + cands[:rnd % len(cands)]
+            for cand in order:
+                s = samples[cand]
+                for rev, key in ((False, "tput_ns2host"), (True, "tput_host2ns")):
+                    out = run_client(runner, cand, args.mtu, lambda h, rev=rev: [
+                        "iperf3", "-c", h, "-p", str(iperf_port), "-t", str(args.time), "-J",
+                        "--connect-timeout", "5000", *(["-R"] if rev else [])],
+                        timeout=args.time + 60)
+                    end = json.loads(out)["end"]
+                    s[key].append(end["sum_received"]["bits_per_second"] / 1e9)
+                out = run_client(runner, cand, args.mtu, lambda h: [
+                    NS_PYTHON, "-c", LAT_CLIENT, h, str(echo.port), str(args.rr)], timeout=120)
+                s["latency_p50_us"].append(json.loads(out.strip().splitlines()[-1])["p50_us"])
+                out = run_client(runner, cand, args.mtu, lambda h: [
+                    NS_PYTHON, "-c", CONN_CLIENT, h, str(acceptor.port), str(args.time)],
+                    timeout=args.time + 60)
+                s["conn_per_s"].append(json.loads(out.strip().splitlines()[-1])["conn_per_s"])
+                print(f"round {rnd + 1} {cand:13s} " + " ".join(
+                    f"{m}={s[m][-1]:.2f}" for m in METRICS), file=sys.stderr, flush=True)
+    finally:
+        kill(iperf)
+        echo.close()
+        acceptor.close()
+    med = {c: {m: statistics.median(v) for m, v in samples[c].items() if v} for c in cands}
+    cols = ["metric", *cands]
+    if "nsnet-bypass" in cands and "loopback" in cands:
+        cols.append("bypass / loopback")
+    if "nsnet-bypass" in cands and "pasta" in cands:
+        cols.append("bypass / pasta")
+    print(f"\nmedians of {args.rounds} rounds, MTU {args.mtu}, {time.strftime('%Y-%m-%d')}\n")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    units = {"tput_ns2host": "ns->host Gbit/s", "tput_host2ns": "host->ns Gbit/s",
+             "latency_p50_us": "RR latency p50 us", "conn_per_s": "conn/s"}
+    for m in METRICS:
+        row = [units[m]] + [f"{med[c].get(m, float('nan')):.2f}" for c in cands]
+        b = med.get("nsnet-bypass", {}).get(m)
+        for other in ("loopback", "pasta"):
+            if f"bypass / {other}" in cols:
+                row.append(f"{b / med[other][m]:.2f}" if b and med[other].get(m) else "-")
+        print("| " + " | ".join(row) + " |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"samples": samples, "medians": med, "mtu": args.mtu,
+                       "rounds": args.rounds}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
