@@ -66,8 +66,8 @@ STOP_GRACE = 5.0  # SIGTERM to SIGKILL when nsnet has to stop COMMAND
 # knows):
 #   "splice"  TCP through the fast path (nsnet/supervisor/fastpath.py: the host side
 #             accepts, a connector inside connects to the port on the
-#             namespace's loopback, splice(2) in between; the server sees a
-#             loopback peer); UDP through libslirp.  The default.
+#             namespace's TAP address, splice(2) in between; the server sees
+#             that address as peer); UDP through libslirp.  The default.
 #   "slirp"   everything through libslirp's host forwards (the kind the
 #             slirp4netns API adds; the server sees the gateway as peer).
 PUBLISH_MODES = ("splice", "slirp")
@@ -376,6 +376,50 @@ def _newidmap(tool: str, pid: int, outer: int, rng: tuple[int, int]) -> None:
 # The child (becomes COMMAND)
 # --------------------------------------------------------------------------
 
+IPV6_WAIT = 10.0  # seconds -6 waits for the SLAAC address before COMMAND starts
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
+
+
+def _ipv6_sysctls(tapname: str) -> None:
+    """No duplicate-address detection on the TAP (only libslirp is on that
+    link) and an immediate router solicitation: the SLAAC address is usable
+    as soon as libslirp's router advertisement arrives.  Best effort."""
+    for name, value in (("accept_dad", "0"), ("router_solicitation_delay", "0")):
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{tapname}/{name}", "w") as f:
+                f.write(value)
+        except OSError:
+            pass
+
+
+def _ipv6_ready(tapname: str) -> bool:
+    """A global IPv6 address on tapname that is no longer tentative
+    (/proc/net/if_inet6 of this network namespace)."""
+    try:
+        with open("/proc/net/if_inet6") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 6 and parts[5] == tapname and int(parts[3], 16) == 0 and \
+                not int(parts[4], 16) & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+            return True
+    return False
+
+
+def _wait_ipv6(tapname: str, timeout: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not _ipv6_ready(tapname):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def _resolv_conf(net: "NetConfig") -> bytes:
     lines = ["# nsnet run --dns: the built-in DNS of nsnet's virtual network,",
              "# which forwards queries to the host's resolver.",
@@ -489,10 +533,16 @@ class _Child:
             self.expect(b"C")
             from .ns import rtnl
 
+            if r.opts.net.ipv6:
+                _ipv6_sysctls(r.opts.tapname)
             try:
                 rtnl.configure(r.opts.tapname, r.opts.net)
             except OSError as e:
                 self.fail(f"cannot configure the network: {e}")
+            if r.opts.net.ipv6 and not _wait_ipv6(r.opts.tapname, IPV6_WAIT):
+                os.write(2, f"{PROG}: warning: no usable IPv6 address on "
+                            f"{r.opts.tapname} after {IPV6_WAIT:g} s; starting "
+                            f"{r.opts.argv[0]} anyway\n".encode())
             if r.opts.bypass:
                 self.send_bypass_listener()
             else:
@@ -864,6 +914,12 @@ class Runner:
 
         watch[h.pidfd] = on_exit
         sup.stats_sources["bypass"] = h.stats
+        # The handler bypasses what its scope says, decided once: a policy
+        # set at run time could not reach the sockets it hands out.
+        sup.policy_blocked_by = ("--bypass: connections that bypass libslirp cannot follow "
+                                 "a policy set at run time; start nsnet run with the policy "
+                                 "(--egress, --allow, --deny) instead"
+                                 if any(h.scope.values()) else None)
 
     def _start_supervisor(self) -> "Supervisor":
         from .ns.helper import Target

@@ -391,11 +391,12 @@ def test_publish_tcp_server_inside(user, base_dir, procs):
     assert_nothing_left()
 
 
-@pytest.mark.parametrize("mode,peer", [(None, "127.0.0.1"), ("splice", "127.0.0.1"),
+@pytest.mark.parametrize("mode,peer", [(None, "10.0.2.100"), ("splice", "10.0.2.100"),
                                        ("slirp", "10.0.2.2")])
 def test_publish_modes(user, base_dir, procs, mode, peer):
-    """splice (the default): the fast path, the server sees a loopback peer;
-    slirp: libslirp's forward, the server sees the gateway."""
+    """splice (the default): the fast path, to the namespace's address, which
+    the server sees as peer; slirp: libslirp's forward, the server sees the
+    gateway."""
     port = free_port()
     flags = [f"--publish-mode={mode}"] if mode else []
     p = nsnet_popen(user, [*flags, "-p", f"127.0.0.1:{port}:8080", "--",
@@ -410,16 +411,20 @@ def test_publish_modes(user, base_dir, procs, mode, peer):
     assert_nothing_left()
 
 
-def test_publish_reaches_a_loopback_only_server(user, base_dir, procs):
-    """With the fast path, a server that listens on the namespace's
-    127.0.0.1 only is reachable too."""
+@pytest.mark.parametrize("mode", [None, "slirp"])
+def test_publish_does_not_reach_a_loopback_only_server(user, base_dir, procs, mode):
+    """Issue 11 item 3: a server that listens on the namespace's 127.0.0.1
+    only stays private in both publish modes (the fast path used to connect
+    to the namespace's loopback and exposed it)."""
     port = free_port()
-    p = nsnet_popen(user, ["-p", f"127.0.0.1:{port}:8080", "--",
+    flags = [f"--publish-mode={mode}"] if mode else []
+    p = nsnet_popen(user, [*flags, "-p", f"127.0.0.1:{port}:8080", "--",
                            *client(base_dir, "tcp-serve", "127.0.0.1", 8080, "echo", 1)])
     procs.append(p)
     assert read_line(p.stdout, 30).startswith(b"READY")
-    assert tcp_send("127.0.0.1", port, b"loopback") == b"loopback"
-    assert p.wait(timeout=30) == 0
+    for _ in range(3):
+        assert harness.refused_through(port)
+    assert p.poll() is None  # the server never got a connection
 
 
 def test_publish_udp(user, base_dir, procs):
@@ -640,3 +645,19 @@ def test_network_lost_stops_command(user, workdir, procs):
     err = p.stderr.read().decode()
     assert "network lost" in err and "stopping sleep" in err, err
     assert_nothing_left()
+
+
+def test_ipv6_address_usable_when_command_starts(user, host_server):
+    """-6: COMMAND starts once tap0's SLAAC address is usable (it used to
+    start ~3 s before duplicate-address detection ended, and its first IPv6
+    connection failed)."""
+    srv = host_server("echo", addr="::1")
+    probe = ("import socket, sys\n"
+             "lines = open('/proc/net/if_inet6').read().split('\\n')\n"
+             "ok = [l for l in lines if l.endswith('tap0') and l.split()[3] == '00'"
+             " and not int(l.split()[4], 16) & 0x48]\n"
+             "s = socket.create_connection(('fd00::2', int(sys.argv[1])), timeout=10)\n"
+             "s.sendall(b'v6'); print(len(ok), s.recv(2).decode())\n")
+    cp = nsnet_run(user, ["-6", "--", NS_PYTHON, "-c", probe, srv.port], text=True)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.split() == ["1", "v6"]

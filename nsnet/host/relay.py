@@ -254,6 +254,21 @@ def _poll_now(fds: list[int]) -> list[tuple[int, int]]:
     return p.poll(0)
 
 
-def relay_main(ctl: socket.socket) -> int:
+EXIT_SANDBOX_FAILED = 5
+
+
+def relay_main(ctl: socket.socket, sandbox: bool = False, seccomp: bool = False) -> int:
+    """--enable-sandbox / --enable-seccomp: the relay enters its own
+    sandbox (an empty root; nobody when root) and seccomp list (profile
+    "relay" in nsnet/seccomp.py) once its epoll instance exists."""
     linux.raise_fd_limit()  # each relayed connection holds 6 fds (2 sockets, 2 pipes)
-    return Relay(ctl).serve()
+    relay = Relay(ctl)
+    if sandbox or seccomp:
+        from .. import sandbox as sandbox_mod
+
+        try:
+            sandbox_mod.enter(sandbox=sandbox, seccomp=seccomp, profile="relay")
+        except sandbox_mod.SandboxError as e:
+            relay.log.error(f"relay: {e}")
+            return EXIT_SANDBOX_FAILED
+    return relay.serve()

@@ -22,6 +22,21 @@ from . import helper as helper_ns
 CONNECT_TIMEOUT = 10.0    # connector: connect() to the guest port
 
 
+def _seccomp(seccomp: bool) -> str:
+    """--enable-seccomp, last: the connector's own allowlist (profile
+    "connector" in nsnet/seccomp.py: TCP sockets, connect, the socket to
+    the relay; no files).  "" or why not."""
+    if not seccomp:
+        return ""
+    from .. import seccomp as seccomp_mod
+
+    try:
+        seccomp_mod.install("connector")
+    except seccomp_mod.SeccompError as e:
+        return f"seccomp: {e}"
+    return ""
+
+
 def _confine() -> str:
     """Inside the namespaces, before serving: an empty root (it lives on in
     the target's user namespace, and needs no file: only socket() and
@@ -37,16 +52,22 @@ def _confine() -> str:
     return ""
 
 
-def connector_main(ns: helper_ns.NsFds, sock: socket.socket) -> int:
+def connector_main(ns: helper_ns.NsFds, sock: socket.socket,
+                   seccomp: bool = False) -> int:
     """Join the namespaces (non-dumpable first), move to an empty root,
-    drop every capability, say ready, then answer {"tag","addr","port"}
+    drop every capability, load its seccomp filter (--enable-seccomp), say
+    ready, then answer {"tag","addr","port"}
     requests with {"tag","ok":true} plus the connected fd, or
     {"tag","ok":false,"error"}.  Connects are non-blocking: a slow guest
     port does not hold up the others.  Exits 0 when its peer hangs up."""
+    if seccomp:  # the binding and libseccomp, while there are files to load them from
+        from .. import seccomp as seccomp_mod
+
+        seccomp_mod.resolve(profile="connector")
     if not helper_ns.enter_namespaces(ns):
         send_json(sock, {"event": "failed", "error": "cannot join the target's namespaces"})
         return 1
-    why = _confine()
+    why = _confine() or _seccomp(seccomp)
     if why:
         send_json(sock, {"event": "failed", "error": why})
         return 1

@@ -189,7 +189,9 @@ def _tap(ns: NsFds, sock: socket.socket, tapname: str, net: NetConfig,
     try:
         tapfd = linux.open_tap(tapname, vnet_hdr=net.offload, mtu=net.mtu)
     except OSError as e:
-        print(f"cannot open TAP {tapname!r} (/dev/net/tun): {e.strerror}", file=sys.stderr)
+        from ..diag import tap_error
+
+        print(tap_error(tapname, e), file=sys.stderr)
         return 1
     if configure:
         try:
@@ -209,10 +211,10 @@ def _interface(ns: NsFds, sock: socket.socket, tapname: str) -> int:
     return _describe(tapname, sock)
 
 
-def _connector(ns: NsFds, sock: socket.socket) -> int:
+def _connector(ns: NsFds, sock: socket.socket, seccomp: bool = False) -> int:
     from .connector import connector_main
 
-    return connector_main(ns, sock)
+    return connector_main(ns, sock, seccomp)
 
 
 # What spawn() can start after an exec (their arguments are JSON): the TAP

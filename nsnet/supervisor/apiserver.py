@@ -283,6 +283,9 @@ class ApiServer:
         keep_established); a forwarder started later gets it at fork."""
         from .policy import PolicyControl, PolicyControlError
 
+        blocked = getattr(self, "policy_blocked_by", None)
+        if blocked:
+            raise api.ApiError(f"set_policy: {blocked}")
         if self.policy is None:
             self.policy = PolicyControl(None, self.opts.audit_all)
             if self.fwd is not None:

@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from .forwarder import _Forwarder
     from .policy import PolicyControl
 
-from .. import linux, log, sdnotify
+from .. import children, linux, log, sdnotify
 from ..forwards import Forward, ForwardError, ForwardTable
 from ..netconfig import NetConfig
 from ..ns import helper as helper_ns
@@ -146,6 +146,7 @@ class Supervisor(ForwarderControl, ApiServer):
         self.notify = sdnotify.Notifier.from_env()
         self.ready = False
         self.pidfile_written = False
+        self.log_pipe: int | None = None  # children's stderr when ours is a terminal
         self.fastpath: FastPath | None = None  # splice forwards, from the first one on
         self.policy: PolicyControl | None = None  # the egress policy (policy.py)
         # get_stats sections of other parts (nsnet run --bypass: "bypass")
@@ -166,6 +167,11 @@ class Supervisor(ForwarderControl, ApiServer):
         # Every API client and splice connection holds fds: the soft limit
         # up to the hard one (the forwarder and relay raise theirs too).
         linux.raise_fd_limit()
+        if o.sandbox:
+            self._confine()
+        # Children never get the terminal: their log lines come through
+        # this pipe when stderr is one (children.py).
+        self.log_pipe = children.open_log_pipe()
         if o.target.pid is not None:
             try:
                 self.target_pidfd = os.pidfd_open(o.target.pid)
@@ -200,13 +206,24 @@ class Supervisor(ForwarderControl, ApiServer):
         if o.pidfile:
             self._write_pidfile(o.pidfile)
 
+    def _confine(self) -> None:
+        """--enable-sandbox: the supervisor too, as far as its job allows
+        (nsnet/sandbox.py confine_supervisor; SECURITY.md)."""
+        from .. import sandbox
+
+        try:
+            done = sandbox.confine_supervisor([self.opts.api_socket, self.opts.pidfile])
+        except sandbox.SandboxError as e:
+            raise SetupError(str(e)) from None
+        self.log.debug(f"supervisor confined: {done}")
+
     def _fastpath(self) -> FastPath:
         """The fast path (nsnet/supervisor/fastpath.py), imported and created when the
         first splice forward needs it: not on the path to ready."""
         if self.fastpath is None:
             from .fastpath import FastPath
 
-            self.fastpath = FastPath(self.nsfds)
+            self.fastpath = FastPath(self.nsfds, self.opts.sandbox, self.opts.seccomp)
         return self.fastpath
 
     def _install_signals(self) -> None:
@@ -318,6 +335,8 @@ class Supervisor(ForwarderControl, ApiServer):
                 handlers[fd] = fn
 
             watch(self.sigpipe_r, POLL_IN, lambda ev: self._drain_signals())
+            if self.log_pipe is not None:
+                watch(self.log_pipe, POLL_IN, lambda ev: children.copy_log())
             for fd, fn in o.watch_fds.items():
                 watch(fd, POLL_IN, fn)
             if o.exit_fd is not None:
@@ -408,6 +427,8 @@ class Supervisor(ForwarderControl, ApiServer):
             self.api_sock = None
             self._unlink_api()
         self._remove_pidfile()
+        children.close_log_pipe()  # what the children said last
+        self.log_pipe = None
         if self.nsfds is not None:
             self.nsfds.close()
         if self.policy is not None:

@@ -7,7 +7,7 @@ and the TAP.  The fast path skips all of it:
                     | accept; "connect to port P" over a socketpair
                     v
                   connector (stays inside the target's user+net namespaces)
-                    | connect(127.0.0.1:P) there; the connected fd comes
+                    | connect(GUEST_ADDR:P) there; the connected fd comes
                     v back over SCM_RIGHTS
   relay process: splice(2) outer socket <-> pipe <-> inner socket, in C
                  (csrc/relay.c, one epoll loop for every connection; Python
@@ -27,8 +27,8 @@ Processes (all forked from the supervisor, all with PR_SET_PDEATHSIG):
 The supervisor owns a FastPath object: it starts both children on the first
 splice forward, restarts them when they die (the listeners are re-created;
 connections relayed by a dead relay are lost), and kills them at teardown.
-The trade-off (the server in the namespace sees a loopback peer, not the
-client's address) is documented in docs/fastpath.md.
+The trade-off (the server in the namespace sees the namespace's own
+address as peer, not the client's) is documented in docs/fastpath.md.
 """
 
 from __future__ import annotations
@@ -94,8 +94,13 @@ class FastPath:
     """The supervisor's handle on the fast path: nothing runs until the
     first splice forward is added."""
 
-    def __init__(self, ns: helper_ns.NsFds) -> None:
+    def __init__(self, ns: helper_ns.NsFds, sandbox: bool = False,
+                 seccomp: bool = False) -> None:
         self.ns = ns  # the target's namespace fds (the supervisor's; kept)
+        # --enable-sandbox / --enable-seccomp confine the relay and the
+        # connector too (nsnet/sandbox.py, nsnet/seccomp.py profiles)
+        self.sandbox = sandbox
+        self.seccomp = seccomp
         self.log = log.get("nsnet.fastpath")
         self.forwards: list[Forward] = []
         self.relay: _Child | None = None
@@ -221,7 +226,8 @@ class FastPath:
     def _start_connector(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:  # non-dumpable, empty root, no capability, no libslirp: ns/helper.py
-            pid = helper_ns.spawn("nsnet-connect", "connector", self.ns, theirs, {})
+            pid = helper_ns.spawn("nsnet-connect", "connector", self.ns, theirs,
+                                   {"seccomp": self.seccomp})
         except OSError as e:
             mine.close()
             raise ForwardError(f"connector: cannot start: {e.strerror}") from None
@@ -246,7 +252,9 @@ class FastPath:
 
     def _start_relay(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = fork_child("nsnet-relay", lambda: relay_main(theirs), [theirs.fileno()])
+        sandbox, seccomp = self.sandbox, self.seccomp
+        pid = fork_child("nsnet-relay", lambda: relay_main(theirs, sandbox, seccomp),
+                         [theirs.fileno()])
         theirs.close()
         self.relay = _Child(pid, mine)
 
