@@ -376,6 +376,11 @@ class ApiServer:
         except Exception as e:  # a bug must not take the network down
             self.log.error(f"API: internal error answering {request[:200]!r}: {e!r}")
             reply = api.error_reply(f"internal error: {e}")
+        if self.log.isEnabledFor("debug"):
+            text = request[:300].decode(errors="replace").strip()
+            self.log.debug(f"API: {text} -> {reply[:300].decode(errors='replace')}",
+                           extra={"fields": {"event": "api_request", "request": text,
+                                             "ok": not reply.startswith(b'{"error"')}})
         c.answered = True
         try:
             c.sock.setblocking(True)

@@ -162,3 +162,20 @@ def test_socket_path_limit_once():
     assert O.socket_path("a" * 107) == "a" * 107
     with pytest.raises(O.OptionError, match="max 107"):
         O.socket_path("a" * 108)
+
+
+@pytest.mark.parametrize("what,path", [("man", "man/nsnet.1"), ("bash", "completion/nsnet")])
+def test_generated_files_follow_the_table(what, path):
+    """man/nsnet.1 and completion/nsnet are generated from the table:
+    `python3 -m nsnet.manpage man > man/nsnet.1` (and bash) after adding an option."""
+    import os
+
+    from nsnet import manpage
+
+    here = os.path.join(os.path.dirname(__file__), "..", "..", path)
+    with open(here) as f:
+        committed = f.read()
+    assert committed == (manpage.man() if what == "man" else manpage.bash()), \
+        f"{path} is out of date: python3 -m nsnet.manpage {what} > {path}"
+    for o in O.TABLE:
+        assert f"--{o.name}".replace("-", "\\-" if what == "man" else "-") in committed, o
