@@ -50,7 +50,6 @@ it by rename, the forwarder sees the new one after its next restart.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import stat
@@ -93,7 +92,9 @@ NOBODY = 65534  # uid and gid when the passwd file has no "nobody"
 # forwarder's own mount namespace).
 ROOT_CANDIDATES = ("/tmp", "/run", "/mnt", "/var/tmp", "/dev")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library the interpreter already has: ctypes.util.find_library
+# would run ldconfig (tens of ms on the path to ready).
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
                         ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]

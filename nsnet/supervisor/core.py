@@ -58,6 +58,18 @@ TERM_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 
+def _holds_capabilities() -> bool:
+    """Whether this process has any effective or permitted capability."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("CapEff:", "CapPrm:")) and int(line.split()[1], 16):
+                    return True
+    except (OSError, ValueError, IndexError):
+        return True  # cannot tell: the full path decides
+    return False
+
+
 class Options:
     """What to supervise and how (cli.py and run.py fill it in).
 
@@ -208,7 +220,17 @@ class Supervisor(ForwarderControl, ApiServer):
 
     def _confine(self) -> None:
         """--enable-sandbox: the supervisor too, as far as its job allows
-        (nsnet/sandbox.py confine_supervisor; SECURITY.md)."""
+        (nsnet/sandbox.py confine_supervisor; SECURITY.md).  Without a
+        capability there is only NO_NEW_PRIVS to set: no import on the
+        path to ready for that."""
+        if not _holds_capabilities():
+            from .. import linux
+
+            try:
+                linux.set_no_new_privs()
+            except OSError as e:
+                raise SetupError(f"sandbox: {e.strerror}") from None
+            return
         from .. import sandbox
 
         try:
