@@ -19,10 +19,20 @@ from ..netconfig import slaac_address
 from ..ns import helper as helper_ns
 from . import api
 from .errors import SetupError
+from .peercheck import PeerCheck
 from .tasks import run_task, wait
 
 API_CLIENT_TIMEOUT = 5.0
 API_DRAIN_LIMIT = 1 << 20
+# At most this many clients at once: at the cap the oldest connection is
+# closed to make room, so idle connections cannot lock others out; at most
+# half as many accepts per loop turn, so a client accepted in one turn is
+# read in the next before a flood can push it out.
+API_MAX_CLIENTS = 128
+API_ACCEPT_BATCH = API_MAX_CLIENTS // 2
+# Out of fds (EMFILE/ENFILE): the listener is not polled until a client's
+# fd is closed or this many seconds have passed (no busy loop).
+API_EMFILE_PAUSE = 0.25
 
 
 def _median(values: list[float]) -> float:
@@ -42,14 +52,15 @@ def _fwd_text(f: Forward) -> str:
 class _ApiClient:
     """One connection to the API socket, until it is answered or expires."""
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, deadline: float,
+                 refused: tuple[int, str] | None = None) -> None:
         self.sock = sock
         self.deadline = deadline
         self.buf = bytearray()
         self.answered = False
         self.waiting = False  # its answer waits for a child
         self.drained = 0
-
+        self.refused = refused  # (pid, why): answered with an error, never served
 
 
 class ApiServer:
@@ -91,6 +102,11 @@ class ApiServer:
         st = os.lstat(path)  # never follow a symlink swapped in after bind
         self.api_sock = sock
         self.api_ino = (st.st_dev, st.st_ino)
+        ns = self.nsfds
+        self.peer_check = PeerCheck(ns.user if ns else None, ns.net if ns else None,
+                                    self.opts.target.pid)
+        if self.peer_check.active:
+            self.log.debug("API: clients inside the target's user namespace are refused")
 
     # -- the API (called by api.handle) -------------------------------------
 
@@ -311,19 +327,40 @@ class ApiServer:
 
     # -- API socket handling (non-blocking, in the poll loop) --------------
 
+    def _api_listening(self, now: float) -> bool:
+        """Whether to poll the listener this turn: not at the client cap
+        (connections wait in the backlog), nor while out of fds."""
+        if self.api_paused_until is not None:
+            if now < self.api_paused_until:
+                return False
+            self.api_paused_until = None
+        return True
+
     def _api_accept(self) -> None:
         assert self.api_sock is not None
-        while True:
+        for _ in range(API_ACCEPT_BATCH):
             try:
                 conn, _ = self.api_sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE):
-                    self.log.warning(f"API: cannot accept: {e.strerror}")
+                    # The connection stays in the backlog: wait for an fd
+                    # to be freed (or the pause to end), do not spin.
+                    if self.api_paused_until is None:
+                        self.log.warning(f"API: cannot accept: {e.strerror}; "
+                                         f"{len(self.api_clients)} clients open")
+                    self.api_paused_until = time.monotonic() + API_EMFILE_PAUSE
                 return
+            if len(self.api_clients) >= API_MAX_CLIENTS:
+                oldest = min(self.api_clients, key=lambda fd: self.api_clients[fd].deadline)
+                self._api_close(oldest)
             conn.setblocking(False)
-            self.api_clients[conn.fileno()] = _ApiClient(conn, time.monotonic() + API_CLIENT_TIMEOUT)
+            refused = self.peer_check.refusal(conn)
+            if refused is not None:
+                self.log.warning(f"API: refused client pid {refused[0]}: {refused[1]}")
+            self.api_clients[conn.fileno()] = _ApiClient(
+                conn, time.monotonic() + API_CLIENT_TIMEOUT, refused)
 
     def _api_read(self, fd: int) -> None:
         c = self.api_clients[fd]
@@ -372,6 +409,9 @@ class ApiServer:
             else:
                 c.sock.close()
 
+        if c.refused is not None:  # the peer check refused it (peercheck.py)
+            done(refusal_reply(c.refused[1]), None)
+            return
         try:
             run_task(api.handle_task(request, self), done)
         except Exception as e:  # noqa: BLE001
@@ -397,6 +437,7 @@ class ApiServer:
                 c.sock.close()
             except OSError:
                 pass
+            self.api_paused_until = None  # an fd is free again: accept
 
     def _api_expire(self, now: float) -> None:
         for fd, c in list(self.api_clients.items()):
@@ -414,6 +455,8 @@ class ApiServer:
         return reader
 
     def _unlink_api(self) -> None:
+        if self.peer_check is not None:
+            self.peer_check.close()
         path = self.opts.api_socket
         if not path or self.api_ino is None:
             return
@@ -424,6 +467,12 @@ class ApiServer:
         except OSError:
             pass
 
+
+
+def refusal_reply(why: str) -> bytes:
+    """The error a refused client gets (slirp4netns's error shape)."""
+    return api.encode({"error": {"desc": f"permission denied: {why}; the API does not "
+                                         "serve processes in the namespace it networks"}})
 
 
 def parse_connection_info(text: str) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ docs/lifecycle.md has the full table and the restart policy.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -36,12 +37,13 @@ if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Any, Callable
 
     from .apiserver import _ApiClient
+    from .peercheck import PeerCheck
     from .fastpath import FastPath
     from .forwarder import _Forwarder
     from .interface import InterfaceQuery
     from .policy import PolicyControl
 
-from .. import children, log, sdnotify
+from .. import children, linux, log, sdnotify
 from ..forwards import Forward, ForwardError, ForwardTable
 from ..netconfig import NetConfig
 from ..ns import helper as helper_ns
@@ -144,6 +146,8 @@ class Supervisor(ForwarderControl, ApiServer):
         self.api_sock: socket.socket | None = None
         self.api_ino: tuple[int, int] | None = None
         self.api_clients: dict[int, _ApiClient] = {}
+        self.api_paused_until: float | None = None  # out of fds: listener not polled
+        self.peer_check: PeerCheck | None = None  # set with the API socket
         self.target_pidfd: int | None = None
         self.nsfds: helper_ns.NsFds | None = None  # the target's namespace files
         self.sigpipe_r = -1
@@ -175,6 +179,9 @@ class Supervisor(ForwarderControl, ApiServer):
             except PolicyControlError as e:
                 raise SetupError(str(e)) from None
         self._install_signals()
+        # Every API client and splice connection holds fds: the soft limit
+        # up to the hard one (the forwarder and relay raise theirs too).
+        linux.raise_fd_limit()
         if o.sandbox:
             self._confine()
         # Children never get the terminal: their log lines come through
@@ -261,16 +268,35 @@ class Supervisor(ForwarderControl, ApiServer):
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     def _write_pidfile(self, path: str) -> None:
-        tmp = f"{path}.{os.getpid()}.tmp"
+        """Write PATH through a fresh file of an unpredictable name in the
+        same directory (O_CREAT|O_EXCL|O_NOFOLLOW: never an existing file or
+        a planted symlink), then rename it over PATH (which replaces a
+        symlink there instead of following it)."""
+        d, base = os.path.split(path)
+        tmp = None
         try:
-            with open(tmp, "w") as f:
-                f.write(f"{os.getpid()}\n")
+            for _ in range(100):
+                cand = os.path.join(d, f".{base}.{os.urandom(6).hex()}.tmp")
+                try:
+                    fd = os.open(cand, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o644)
+                except FileExistsError:
+                    continue
+                tmp = cand
+                break
+            else:
+                raise OSError(errno.EEXIST, "no unused temporary name")
+            try:
+                os.write(fd, f"{os.getpid()}\n".encode())
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
             raise SetupError(f"cannot write pidfile {path}: {e.strerror}") from None
         self.pidfile_written = True
 
@@ -344,7 +370,7 @@ class Supervisor(ForwarderControl, ApiServer):
             if self.target_pidfd is not None and o.exit_with_target:
                 watch(self.target_pidfd, POLL_IN,
                       lambda ev: self._finish(EXIT_OK, f"target PID {o.target.pid} exited"))
-            if self.api_sock is not None:
+            if self.api_sock is not None and self._api_listening(time.monotonic()):
                 watch(self.api_sock.fileno(), POLL_IN, lambda ev: self._api_accept())
             for fd, client in self.api_clients.items():
                 if not client.waiting:  # one waiting for a child is not read meanwhile
@@ -353,6 +379,8 @@ class Supervisor(ForwarderControl, ApiServer):
                 watch(fd, events, fn)
 
             deadlines = [c.deadline for c in self.api_clients.values()]
+            if self.api_paused_until is not None:
+                deadlines.append(self.api_paused_until)
             if next_ping is not None:
                 deadlines.append(next_ping)
             if self.restart_at is not None:
