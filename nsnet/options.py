@@ -224,6 +224,10 @@ TABLE: list[Opt] = [
              "alias) and beyond get sockets connected in the\n"
              "host's network namespace: loopback speed (seccomp\n"
              "user notification, Linux 5.14; docs/bypass.md)"),
+    Opt("share-pid", fronts=(RUN,), api="share_pid",
+        help="keep the caller's PID namespace (default: COMMAND\n"
+             "gets its own, behind a small init of nsnet's, so it\n"
+             "cannot see or signal nsnet's processes)"),
     Opt("map-root-user", dest="map_user", value="root", default="root", fronts=(RUN,),
         api="map_user",
         help="map your uid/gid to root in the namespace (default)"),
