@@ -32,6 +32,8 @@ API_ACCEPT_BATCH = API_MAX_CLIENTS // 2
 # Out of fds (EMFILE/ENFILE): the listener is not polled until a client's
 # fd is closed or this many seconds have passed (no busy loop).
 API_EMFILE_PAUSE = 0.25
+REFUSAL_LOG_BURST = 10
+REFUSAL_LOG_WINDOW = 10.0
 
 
 def _median(values: list[float]) -> float:
@@ -340,9 +342,25 @@ class ApiServer:
             conn.setblocking(False)
             refused = self.peer_check.refusal(conn)
             if refused is not None:
-                self.log.warning(f"API: refused client pid {refused[0]}: {refused[1]}")
+                self._log_refusal(*refused)
             self.api_clients[conn.fileno()] = _ApiClient(
                 conn, time.monotonic() + API_CLIENT_TIMEOUT, refused)
+
+    def _log_refusal(self, pid: int, why: str) -> None:
+        """One warning per refused client, at most REFUSAL_LOG_BURST per
+        REFUSAL_LOG_WINDOW seconds (then a count): a flood of refused
+        clients must not flood the log."""
+        now = time.monotonic()
+        w = self.__dict__.setdefault("_refusals", [now, 0, 0])  # start, logged, dropped
+        if now - w[0] >= REFUSAL_LOG_WINDOW:
+            if w[2]:
+                self.log.warning(f"API: {w[2]} more clients refused in {now - w[0]:.0f} s")
+            w[:] = [now, 0, 0]
+        if w[1] < REFUSAL_LOG_BURST:
+            w[1] += 1
+            self.log.warning(f"API: refused client pid {pid}: {why}")
+        else:
+            w[2] += 1
 
     def _api_read(self, fd: int) -> None:
         c = self.api_clients[fd]
