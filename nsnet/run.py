@@ -48,6 +48,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from .proto import run as handshake  # the parent <-> child handshake's bytes
+
 if TYPE_CHECKING:
     from .netconfig import NetConfig
     from .portspec import PortSpec
@@ -156,7 +158,8 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     """RunOptions, or None for --help. Raises UsageError."""
     from . import options as O
     from .getopt_long import GetoptError
-    from .netconfig import ConfigError, NetConfig, check_mtu, check_tapname, parse_cidr
+    from .netconfig import (ConfigError, NetConfig, check_mtu, check_tapname, parse_cidr,
+                            parse_cidr6)
     from .portspec import PortSpecError
     from .portspec import parse_many
 
@@ -225,12 +228,15 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     if v["dns"] and v["disable_dns"]:
         raise UsageError("--dns names the built-in DNS, which --disable-dns turns off: "
                          "give one of them")
+    if v["cidr6"] and not v["ipv6"]:
+        raise UsageError("--cidr6 needs -6 (--enable-ipv6)")
     try:
         ro.tapname = check_tapname(v["tapname"])
         net = NetConfig(cidr=parse_cidr(v["cidr"]), mtu=check_mtu(v["mtu"]), ipv6=v["ipv6"],
                         disable_host_loopback=v["disable_host_loopback"],
                         restricted=v["no_egress"], offload=v["offload"],
-                        disable_dns=v["disable_dns"])
+                        disable_dns=v["disable_dns"],
+                        cidr6=parse_cidr6(v["cidr6"]) if v["cidr6"] else None)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     if v["outbound4"] or v["outbound6"]:
@@ -662,7 +668,7 @@ def publish(sup: "Supervisor", specs: list["PortSpec"], mode: str) -> None:
         except ForwardError as e:
             raise RunError(f"cannot publish {spec}: bad {e}") from None
         try:
-            fid = sup.api_add_forward(fwd)
+            fid = sup.run_blocking(sup.api_add_forward(fwd))  # set-up: before the loop
         except ForwardError as e:
             why = str(e)
             if fwd.host_port and port_in_use(fwd.proto, fwd.host_addr, fwd.host_port):
@@ -719,8 +725,9 @@ class Runner:
             msg = self.sock.recv(65536)
         except socket.timeout:
             raise RunError(f"{step}: no answer from the child in {SETUP_TIMEOUT:g} s") from None
-        if msg.startswith(b"E"):
-            raise RunError(msg[1:].decode(errors="replace"))
+        text = handshake.error_text(msg)  # proto/run.py: bounded, printable
+        if text is not None:
+            raise RunError(text)
         if msg != want:
             raise RunError(f"{step}: the child exited ({self._reap_now()})")
         sig = self.pending_signal()
@@ -880,8 +887,9 @@ class Runner:
             os.close(fd)
         if fds:
             self.bypass_listener = fds[0]
-        if msg.startswith(b"E"):
-            raise RunError(msg[1:].decode(errors="replace"))
+        text = handshake.error_text(msg)
+        if text is not None:
+            raise RunError(text)
         if not msg.startswith(b"c") or len(msg) != 1 + FACTS_SIZE or not fds:
             raise RunError(f"network configuration: the child exited ({self._reap_now()})")
         self.bypass_facts = msg[1:]

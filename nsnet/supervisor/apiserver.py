@@ -12,7 +12,7 @@ import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
-    from typing import Any, Callable
+    from typing import Any, Callable, Generator
 
 from ..forwards import Forward, ForwardError
 from ..netconfig import slaac_address
@@ -20,6 +20,7 @@ from ..ns import helper as helper_ns
 from . import api
 from .errors import SetupError
 from .peercheck import PeerCheck
+from .tasks import run_task, wait
 
 API_CLIENT_TIMEOUT = 5.0
 API_DRAIN_LIMIT = 1 << 20
@@ -59,6 +60,7 @@ class _ApiClient:
         self.deadline = deadline
         self.buf = bytearray()
         self.answered = False
+        self.waiting = False  # its answer waits for a child
         self.drained = 0
         self.refused = refused  # (pid, why): answered with an error, never served
 
@@ -121,7 +123,10 @@ class ApiServer:
             return None
         return str(slaac_address(self.opts.net.prefix6, self.tap_mac))
 
-    def api_add_forward(self, fwd: Forward) -> int:
+    # The api_* methods that ask a child are tasks (supervisor/tasks.py):
+    # they yield the child's reply Future and the loop goes on meanwhile.
+
+    def api_add_forward(self, fwd: Forward) -> Generator[Any, Any, int]:
         if fwd.host_port == 0:  # the kernel picks; a race with another binder: try again
             from ..forwards import pick_host_port
 
@@ -133,16 +138,16 @@ class ApiServer:
                                      f"cannot pick a port: {e.strerror}")
                     raise ForwardError(f"cannot pick a port: {e.strerror}") from None
                 try:
-                    return self._add_forward(picked)
+                    return (yield from self._add_forward(picked))
                 except ForwardError:
                     if attempt == 3:
                         raise
-        return self._add_forward(fwd)
+        return (yield from self._add_forward(fwd))
 
-    def _add_forward(self, fwd: Forward) -> int:
+    def _add_forward(self, fwd: Forward) -> Generator[Any, Any, int]:
         if fwd.is_splice:  # the fast path: nsnet/supervisor/fastpath.py
             try:
-                self._fastpath().add(fwd)
+                yield from wait(self._fastpath().add(fwd))
             except ForwardError as e:
                 self.log.warning(f"forward {_fwd_text(fwd)} failed: {e}")
                 raise
@@ -151,7 +156,7 @@ class ApiServer:
                            extra={"fields": {"event": "forward_added", "id": fid,
                                              **fwd.to_dict()}})
             return fid
-        reply = self._forwarder_request({"op": "add", "forward": fwd.to_dict()})
+        reply = yield from wait(self._forwarder_request({"op": "add", "forward": fwd.to_dict()}))
         if not reply.get("ok"):
             why = reply.get("error", "failed")
             self.log.warning(f"forward {_fwd_text(fwd)} failed: {why}",
@@ -163,20 +168,23 @@ class ApiServer:
                        extra={"fields": {"event": "forward_added", "id": fid, **fwd.to_dict()}})
         return fid
 
-    def api_remove_forward(self, fid: int) -> None:
+    def api_remove_forward(self, fid: int) -> Generator[Any, Any, None]:
         fwd = self.forwards.get(fid)
         if fwd is None:
             raise KeyError(fid)
         if fwd.is_splice:  # the fast path: nsnet/supervisor/fastpath.py
-            self._fastpath().remove(fwd)
-            self.forwards.remove(fid)
+            yield from wait(self._fastpath().remove(fwd))
+            if self.forwards.get(fid) is fwd:
+                self.forwards.remove(fid)
             return
         if fid not in self.inactive_forwards:  # else libslirp does not have it
-            reply = self._forwarder_request({"op": "remove", "forward": fwd.to_dict()})
+            reply = yield from wait(self._forwarder_request({"op": "remove",
+                                                             "forward": fwd.to_dict()}))
             if not reply.get("ok"):
                 raise ForwardError(reply.get("error", "failed"))
         self.inactive_forwards.discard(fid)
-        self.forwards.remove(fid)
+        if self.forwards.get(fid) is fwd:  # not removed by another client meanwhile
+            self.forwards.remove(fid)
         self.log.debug(f"forward {fid} removed: {_fwd_text(fwd)}",
                        extra={"fields": {"event": "forward_removed", "id": fid}})
 
@@ -188,7 +196,9 @@ class ApiServer:
             return "running" if self.fwd.ready else "starting"
         return "restarting" if self.restart_at is not None else "stopped"
 
-    def api_info(self, interface: bool = False) -> dict[str, Any]:
+    def api_info(self, interface: bool = False) -> Any:
+        """The info dict; with interface, a task that adds what the
+        interface helper reports (supervisor/interface.py)."""
         from .. import __version__
         from ..host import slirp
 
@@ -238,16 +248,27 @@ class ApiServer:
             info.update(gateway6=str(net.gateway6), dns6=str(net.dns6),
                         prefix6=f"{net.prefix6}/64", guest6=self.default_guest_addr6)
         if interface:
-            try:
-                info["interface"] = helper_ns.describe_interface(self.nsfds,
-                                                                 self.opts.tapname)
-            except helper_ns.HelperError as e:
-                info["interface"] = {"error": str(e)}
+            return self._add_interface(info)
         return info
 
-    def api_stats(self) -> dict[str, Any]:
+    def _add_interface(self, info: dict[str, Any]) -> Generator[Any, Any, dict[str, Any]]:
+        from .interface import InterfaceQuery
+
         try:
-            reply = self._forwarder_request({"op": "stats"})
+            query = InterfaceQuery(self.nsfds, self.opts.tapname)
+        except (OSError, helper_ns.HelperError) as e:
+            info["interface"] = {"error": f"cannot start the namespace helper: {e}"}
+            return info
+        self.io_sources.append(query)
+        try:
+            info["interface"] = yield query.future
+        except helper_ns.HelperError as e:
+            info["interface"] = {"error": str(e)}
+        return info
+
+    def api_stats(self) -> Generator[Any, Any, dict[str, Any]]:
+        try:
+            reply = yield from wait(self._forwarder_request({"op": "stats"}))
         except ForwardError as e:
             raise api.ApiError(f"get_stats: {e}") from None
         if not reply.get("ok"):
@@ -269,7 +290,7 @@ class ApiServer:
             out["policy"] = dict(pstats, audit_log_lost=self.policy.audit_lost)
         if self.fastpath is not None:  # splice forwards: the relay's own counters
             try:
-                out["fastpath"] = self.fastpath.stats()
+                out["fastpath"] = yield from wait(self.fastpath.stats())
             except ForwardError as e:
                 out["fastpath"] = {"error": str(e)}
         return out
@@ -279,7 +300,7 @@ class ApiServer:
             return {"egress": "allow", "rules": []}
         return self.policy.get()
 
-    def api_set_policy(self, args: dict[str, Any]) -> None:
+    def api_set_policy(self, args: dict[str, Any]) -> Generator[Any, Any, None]:
         """Replace the egress policy atomically: the forwarder judges every
         frame after this by the new one (flows it denies are cut unless
         keep_established); a forwarder started later gets it at fork."""
@@ -296,13 +317,10 @@ class ApiServer:
             pol, keep = self.policy.parse_set(args)
         except PolicyControlError as e:
             raise api.ApiError(f"set_policy: {e}") from None
-        try:
-            fwd = self._ready_forwarder()
-        except ForwardError:
-            fwd = None  # restart pending: the next forwarder gets it at fork
-        if fwd is not None:
+        fwd = self.fwd  # None: restart pending: the next forwarder gets it at fork
+        if fwd is not None and not fwd.broken:  # (a starting one: sent once it is ready)
             try:
-                self.policy.send(self._forwarder_request, pol, keep)
+                yield from self.policy.send(self._forwarder_request, pol, keep)
             except (PolicyControlError, ForwardError) as e:
                 raise api.ApiError(f"set_policy: {e}") from None
         self.policy.policy = pol
@@ -385,21 +403,39 @@ class ApiServer:
             self._api_answer(fd, bytes(c.buf), eof)
 
     def _api_answer(self, fd: int, request: bytes, eof: bool) -> None:
+        """Start answering: the request runs as a task (api.handle_task);
+        one that waits for a child leaves the client waiting (not read,
+        not expired: the child's deadline bounds it) and the loop serves
+        the others.  The reply goes out when the task ends."""
         c = self.api_clients[fd]
-        try:
-            if c.refused is not None:
-                reply = refusal_reply(c.refused[1])
-            else:
-                reply = api.handle(request, self)
-        except Exception as e:  # a bug must not take the network down
-            self.log.error(f"API: internal error answering {request[:200]!r}: {e!r}")
-            reply = api.error_reply(f"internal error: {e}")
-        if self.log.isEnabledFor("debug"):
-            text = request[:300].decode(errors="replace").strip()
-            self.log.debug(f"API: {text} -> {reply[:300].decode(errors='replace')}",
-                           extra={"fields": {"event": "api_request", "request": text,
-                                             "ok": not reply.startswith(b'{"error"')}})
         c.answered = True
+        c.waiting = True
+
+        def done(reply: bytes | None, error: BaseException | None) -> None:
+            if error is not None:  # a bug must not take the network down
+                self.log.error(f"API: internal error answering {request[:200]!r}: {error!r}")
+                reply = api.error_reply(f"internal error: {error}")
+            reply = reply or b""
+            if self.log.isEnabledFor("debug"):
+                text = request[:300].decode(errors="replace").strip()
+                self.log.debug(f"API: {text} -> {reply[:300].decode(errors='replace')}",
+                               extra={"fields": {"event": "api_request", "request": text,
+                                                 "ok": not reply.startswith(b'{"error"')}})
+            c.waiting = False
+            if self.api_clients.get(fd) is c:  # still connected (and not a reused fd)
+                self._api_send(fd, c, reply, eof)
+            else:
+                c.sock.close()
+
+        if c.refused is not None:  # the peer check refused it (peercheck.py)
+            done(refusal_reply(c.refused[1]), None)
+            return
+        try:
+            run_task(api.handle_task(request, self), done)
+        except Exception as e:  # noqa: BLE001
+            done(None, e)
+
+    def _api_send(self, fd: int, c: _ApiClient, reply: bytes, eof: bool) -> None:
         try:
             c.sock.setblocking(True)
             c.sock.settimeout(1.0)
@@ -414,7 +450,7 @@ class ApiServer:
 
     def _api_close(self, fd: int) -> None:
         c = self.api_clients.pop(fd, None)
-        if c is not None:
+        if c is not None:  # a waiting one's task ends later and finds it gone
             try:
                 c.sock.close()
             except OSError:
@@ -423,9 +459,11 @@ class ApiServer:
 
     def _api_expire(self, now: float) -> None:
         for fd, c in list(self.api_clients.items()):
-            if now >= c.deadline:
+            if now >= c.deadline and not c.waiting:
                 if not c.answered and c.buf:
-                    self._api_answer(fd, bytes(c.buf), True)
+                    self._api_answer(fd, bytes(c.buf), True)  # closes it once answered
+                    if c.waiting:
+                        continue
                 self._api_close(fd)
 
     def _make_api_reader(self, fd: int) -> Callable[[int], None]:
