@@ -24,8 +24,9 @@ from .tasks import run_task, wait
 
 API_CLIENT_TIMEOUT = 5.0
 API_DRAIN_LIMIT = 1 << 20
-# At most this many clients at once: at the cap the oldest connection is
-# closed to make room, so idle connections cannot lock others out; at most
+# At most this many clients at once: at the cap the oldest connection not
+# waiting for a child is closed to make room, so idle connections cannot
+# lock others out (if all wait for children, new ones wait); at most
 # half as many accepts per loop turn, so a client accepted in one turn is
 # read in the next before a flood can push it out.
 API_MAX_CLIENTS = 128
@@ -336,11 +337,23 @@ class ApiServer:
             if now < self.api_paused_until:
                 return False
             self.api_paused_until = None
+        if len(self.api_clients) >= API_MAX_CLIENTS and self._api_victim() is None:
+            return False  # every slot waits for a child: new ones wait in the backlog
         return True
+
+    def _api_victim(self) -> int | None:
+        """The client to close at the cap: the oldest not waiting for a child."""
+        fds = [fd for fd, c in self.api_clients.items() if not c.waiting]
+        return min(fds, key=lambda fd: self.api_clients[fd].deadline) if fds else None
 
     def _api_accept(self) -> None:
         assert self.api_sock is not None
         for _ in range(API_ACCEPT_BATCH):
+            victim = None
+            if len(self.api_clients) >= API_MAX_CLIENTS:
+                victim = self._api_victim()
+                if victim is None:
+                    return
             try:
                 conn, _ = self.api_sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -354,9 +367,8 @@ class ApiServer:
                                          f"{len(self.api_clients)} clients open")
                     self.api_paused_until = time.monotonic() + API_EMFILE_PAUSE
                 return
-            if len(self.api_clients) >= API_MAX_CLIENTS:
-                oldest = min(self.api_clients, key=lambda fd: self.api_clients[fd].deadline)
-                self._api_close(oldest)
+            if victim is not None:
+                self._api_close(victim)
             conn.setblocking(False)
             refused = self.peer_check.refusal(conn)
             if refused is not None:
