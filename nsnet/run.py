@@ -800,6 +800,7 @@ class Runner:
 
         watch[h.pidfd] = on_exit
         sup.stats_sources["bypass"] = h.stats
+        sup.policy_listeners.append(h.policy_changed)
 
     def _start_supervisor(self) -> "Supervisor":
         from .ns.helper import Target

@@ -279,12 +279,21 @@ class ApiServer:
             fwd = self._ready_forwarder()
         except ForwardError:
             fwd = None  # restart pending: the next forwarder gets it at fork
+        old = self.policy.policy
+        # Other enforcement points (nsnet run --bypass): narrowed to what
+        # both policies allow while the forwarder switches, then the new one.
+        for fn in self.policy_listeners:
+            fn(old, pol, False)
         if fwd is not None:
             try:
                 self.policy.send(self._forwarder_request, pol, keep)
             except (PolicyControlError, ForwardError) as e:
+                for fn in self.policy_listeners:
+                    fn(None, old, True)
                 raise api.ApiError(f"set_policy: {e}") from None
         self.policy.policy = pol
+        for fn in self.policy_listeners:
+            fn(None, pol, True)
         self.log.info(f"egress policy replaced: default {pol.default}, {len(pol.rules)} rules"
                       + (" (established flows kept)" if keep else ""))
 
