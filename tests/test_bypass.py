@@ -175,8 +175,20 @@ def test_fallback_cases_untouched(user, workdir, probe, host_server):
     assert srv.connections == 1
 
 
-def stats(sock):
-    return json.loads(api_call(sock, {"execute": "get_stats"}))["return"]["bypass"]
+def stats(sock, timeout=15):
+    """get_stats' bypass section; get_stats asks the forwarder, so it fails
+    while a killed forwarder is being replaced: retry until then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            reply = json.loads(api_call(sock, {"execute": "get_stats"}))
+            if "return" in reply:
+                return reply["return"]["bypass"]
+        except OSError:
+            reply = None
+        if time.monotonic() > deadline:
+            raise AssertionError(f"get_stats: {reply}")
+        time.sleep(0.1)
 
 
 HOLDER = """
