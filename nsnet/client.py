@@ -159,8 +159,8 @@ class _Controls:
 
         ``add_forward("127.0.0.1:8080:80/tcp")`` or ``add_forward(8080, 80,
         host_addr="127.0.0.1")``.  host_addr "" means every address
-        (0.0.0.0); guest_addr "" the namespace's own address (with
-        mode="splice", nsnet's TCP fast path, its loopback).  Raises
+        (0.0.0.0); guest_addr "" the namespace's own address (in both
+        modes; "127.0.0.1" or "::1" for a service on its loopback).  Raises
         ForwardError for a malformed spec, PortInUse if the host port is
         taken."""
         ps = to_portspec(spec, guest_port, proto=proto, host_addr=host_addr,

@@ -128,23 +128,22 @@ class ForwardTable:
         return len(self._entries)
 
 
-LOOPBACK = {4: "127.0.0.1", 6: "::1"}
-
-
 def publish_forward(host_port: int, guest_port: int, proto: str = "tcp",
                     host_addr: str = "", guest_addr: str = "", *,
                     default_guest: str, default_guest6: str | None = None) -> Forward:
     """The Forward to publish a port with: TCP through the fast path
-    (mode "splice"; the guest address defaults to the namespace's
-    loopback), UDP through libslirp (the fast path is TCP only; the guest
-    address defaults to default_guest / default_guest6, the namespace's
-    addresses).  Raises ForwardError naming the bad field.  Put the result
+    (mode "splice"), UDP through libslirp (the fast path is TCP only).
+    Either way the guest address defaults to default_guest /
+    default_guest6, the namespace's addresses on the TAP, as libslirp's
+    forwards do: a service bound only to the namespace's loopback stays
+    private unless guest_addr names 127.0.0.1 / ::1.  Raises ForwardError naming the bad field.  Put the result
     in supervisor.Options.initial_forwards (published before ready; a port
     that cannot be bound fails the set-up), or pass it to
     Supervisor.api_add_forward once running."""
     if proto == "tcp":
         return make_forward(proto, host_port, guest_port, host_addr, guest_addr,
-                            default_guest=LOOPBACK[4], default_guest6=LOOPBACK[6], mode="splice")
+                            default_guest=default_guest, default_guest6=default_guest6,
+                            mode="splice")
     return make_forward(proto, host_port, guest_port, host_addr, guest_addr,
                         default_guest=default_guest, default_guest6=default_guest6)
 

@@ -207,9 +207,9 @@ TABLE: list[Opt] = [
              "HOST_IP defaults to 0.0.0.0; IPv6 as [::1]:8080:80)"),
     Opt("publish-mode", arg="MODE", conv=choice("--publish-mode", "splice", "slirp", one_of=True),
         default="splice", fronts=(RUN,), api="publish_mode",
-        help="splice (default): TCP through nsnet's fast path,\n"
-             "to the port on the namespace's loopback; slirp:\n"
-             "through libslirp, to the namespace's address"),
+        help="splice (default): TCP through nsnet's fast path;\n"
+             "slirp: through libslirp; both to the namespace's\n"
+             "address (not its loopback)"),
     Opt("dns", fronts=(RUN,), api="dns",
         help="bind-mount a resolv.conf naming the built-in DNS\n"
              "(CIDR+3) over /etc/resolv.conf, in COMMAND's mount\n"

@@ -60,8 +60,8 @@ STOP_GRACE = 5.0  # SIGTERM to SIGKILL when nsnet has to stop COMMAND
 # knows):
 #   "splice"  TCP through the fast path (nsnet/supervisor/fastpath.py: the host side
 #             accepts, a connector inside connects to the port on the
-#             namespace's loopback, splice(2) in between; the server sees a
-#             loopback peer); UDP through libslirp.  The default.
+#             namespace's TAP address, splice(2) in between; the server sees
+#             that address as peer); UDP through libslirp.  The default.
 #   "slirp"   everything through libslirp's host forwards (the kind the
 #             slirp4netns API adds; the server sees the gateway as peer).
 PUBLISH_MODES = ("splice", "slirp")
@@ -800,7 +800,21 @@ class Runner:
 
         watch[h.pidfd] = on_exit
         sup.stats_sources["bypass"] = h.stats
+        # set_policy: new connects follow it (policy_changed narrows the
+        # scope); connections already bypassed cannot be cut, so a
+        # set_policy that would cut established flows is refused once
+        # anything may have been bypassed.
         sup.policy_listeners.append(h.policy_changed)
+
+        def blocked_by() -> str | None:
+            if not any(h.scope.values()) and not h.stats()["bypassed"]:
+                return None
+            return ("--bypass: connections that bypass libslirp cannot be cut by a policy "
+                    "set at run time; give keep_established: true (connects from then on "
+                    "follow the new policy), or start nsnet run with the policy (--egress, "
+                    "--allow, --deny)")
+
+        sup.policy_blocked_by = blocked_by
 
     def _start_supervisor(self) -> "Supervisor":
         from .ns.helper import Target

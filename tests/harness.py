@@ -739,6 +739,18 @@ class HostServer:
             t.join(timeout=5)
 
 
+def refused_through(port: int, host: str = "127.0.0.1", timeout: float = 10) -> bool:
+    """A forward on host:port does not reach a server: the client's
+    connection is closed (or reset) without an answer to what it sent."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(b"hello")
+            return s.recv(10) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+
+
 def tcp_send(host: str, port: int, data: bytes, timeout: float = 60) -> bytes:
     """Connect, send data, shut down writing, return everything read until EOF."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -408,8 +408,14 @@ def test_set_policy_narrows_bypass(user, workdir, host_server):
     try:
         assert read_line(p.stdout, 30).startswith(b"READY")
         assert stats(sock)["scope"]["gateway"] is True
+        # without keep_established it is refused: the bypassed connection
+        # could not be cut
         reply = json.loads(api_call(sock, {"execute": "set_policy", "arguments": {
-            "egress": "allow",
+            "egress": "deny", "rules": []}}))
+        assert "--bypass" in reply["error"]["desc"]
+        assert stats(sock)["scope"]["gateway"] is True
+        reply = json.loads(api_call(sock, {"execute": "set_policy", "arguments": {
+            "keep_established": True, "egress": "allow",
             "rules": [{"action": "deny", "proto": "tcp", "dest": "10.0.2.2",
                        "ports": str(srv.port)}]}}))
         assert "error" not in reply, reply

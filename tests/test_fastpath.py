@@ -1,7 +1,8 @@
 """The fast path for published ports: add_hostfwd "mode":"splice".
 
 nsnet accepts on the host side, a connector inside the namespace connects
-to the guest port on the namespace's loopback, and a splice(2) relay moves
+to the guest port on the namespace's TAP address (its loopback only when the
+request names it), and a splice(2) relay moves
 the bytes (nsnet/supervisor/fastpath.py, csrc/relay.c, docs/fastpath.md).
 """
 from __future__ import annotations
@@ -112,7 +113,7 @@ class GuestServer:
 def guest(ns, base_dir):
     servers: list[GuestServer] = []
 
-    def make(mode: str, addr: str = "127.0.0.1", target=None) -> GuestServer:
+    def make(mode: str, addr: str = "0.0.0.0", target=None) -> GuestServer:
         srv = GuestServer(target or ns, base_dir, addr, mode)
         servers.append(srv)
         return srv
@@ -197,7 +198,8 @@ def echo_check(port: int, nbytes: int, host: str = "127.0.0.1") -> None:
 
 def test_bulk_both_ways_sha256(fnet, guest):
     """16 MiB host->namespace and 16 MiB namespace->host, verified by sha256;
-    the guest server sees a loopback peer (the documented trade-off)."""
+    the guest server sees the namespace's own address as peer (the
+    documented trade-off)."""
     _fwd, api = fnet
     sink, source = guest("sink"), guest(f"source:{16 * MIB}")
     up, down = free_port(), free_port()
@@ -210,13 +212,13 @@ def test_bulk_both_ways_sha256(fnet, guest):
     rec = source.records(1)[0]
     assert len(got) == rec["sent"] == 16 * MIB
     assert sha256(got) == rec["sha256"]
-    assert sink.records(1)[0]["peer"] == "127.0.0.1"
+    assert sink.records(1)[0]["peer"] == "10.0.2.100"
     entries = json.loads(api_call(api, {"execute": "list_hostfwd"}))["entries"]
     assert entries == [
         {"id": 1, "proto": "tcp", "host_addr": "127.0.0.1", "host_port": up,
-         "guest_addr": "127.0.0.1", "guest_port": sink.port, "mode": "splice"},
+         "guest_addr": "10.0.2.100", "guest_port": sink.port, "mode": "splice"},
         {"id": 2, "proto": "tcp", "host_addr": "127.0.0.1", "host_port": down,
-         "guest_addr": "127.0.0.1", "guest_port": source.port, "mode": "splice"},
+         "guest_addr": "10.0.2.100", "guest_port": source.port, "mode": "splice"},
     ]
 
 
@@ -312,6 +314,28 @@ def test_no_listener_on_guest_port(fnet, guest):
     good = free_port()
     added(api, good, srv.port)
     echo_check(good, 100_000)
+
+
+def test_loopback_only_server_stays_private(fnet, guest, ns):
+    """Issue 11 item 3: a default splice forward connects to the guest's
+    TAP address, as libslirp's forwards do: a server bound only to the
+    namespace's 127.0.0.1 is NOT reachable through it, one bound to the TAP
+    address is; naming the loopback in guest_addr reaches the former."""
+    _fwd, api = fnet
+    private = guest("echo", addr="127.0.0.1")
+    public = guest("echo", addr="10.0.2.100")
+    p_private, p_public, p_named = free_port(), free_port(), free_port()
+    added(api, p_private, private.port)
+    added(api, p_public, public.port)
+    for _ in range(3):
+        assert harness.refused_through(p_private)
+    echo_check(p_public, 10_000)
+    added(api, p_named, private.port, guest_addr="127.0.0.1")
+    echo_check(p_named, 10_000)
+    entries = json.loads(api_call(api, {"execute": "list_hostfwd"}))["entries"]
+    assert [e["guest_addr"] for e in entries] == ["10.0.2.100", "10.0.2.100", "127.0.0.1"]
+    assert public.records(1)[0]["peer"] == "10.0.2.100"
+    assert private.records(1)[0]["peer"] == "127.0.0.1"
 
 
 def test_remove_closes_listener_ids_shared(fnet, guest):
@@ -514,7 +538,8 @@ def test_ipv6_splice_forward(fnet, guest):
     fwd, api = fnet
     srv = guest("sink", addr="::1")
     port = free_port(family=socket.AF_INET6, addr="::1")
-    assert add(api, port, srv.port, host_addr="::1") == b'{"return":{"id":1}}'
+    assert add(api, port, srv.port, host_addr="::1", guest_addr="::1") == \
+        b'{"return":{"id":1}}'
     data = payload(2 * MIB)
     assert tcp_send("::1", port, data).decode().split() == [str(len(data)), sha256(data)]
     entry = json.loads(api_call(api, {"execute": "list_hostfwd"}))["entries"][0]

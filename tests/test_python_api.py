@@ -106,10 +106,12 @@ def test_attach_every_method(ns, base_dir):
 
 
 def test_attach_splice_forward(ns):
-    """mode="splice": nsnet's TCP fast path, to the namespace's loopback."""
+    """mode="splice": nsnet's TCP fast path, here to the namespace's
+    loopback, named (the default is its TAP address)."""
     port = free_port()
     with nsnet.attach(ns.pid) as net:
-        fid = net.add_forward(port, 8080, host_addr="127.0.0.1", mode="splice")
+        fid = net.add_forward(port, 8080, host_addr="127.0.0.1", guest_addr="127.0.0.1",
+                              mode="splice")
         assert net.forwards() == [
             nsnet.PortForward(fid, "tcp", "127.0.0.1", port, "127.0.0.1", 8080, "splice")]
         srv = ns.start_server("tcp-serve", "127.0.0.1", 8080, "echo", 1)

@@ -391,11 +391,12 @@ def test_publish_tcp_server_inside(user, base_dir, procs):
     assert_nothing_left()
 
 
-@pytest.mark.parametrize("mode,peer", [(None, "127.0.0.1"), ("splice", "127.0.0.1"),
+@pytest.mark.parametrize("mode,peer", [(None, "10.0.2.100"), ("splice", "10.0.2.100"),
                                        ("slirp", "10.0.2.2")])
 def test_publish_modes(user, base_dir, procs, mode, peer):
-    """splice (the default): the fast path, the server sees a loopback peer;
-    slirp: libslirp's forward, the server sees the gateway."""
+    """splice (the default): the fast path, to the namespace's address, which
+    the server sees as peer; slirp: libslirp's forward, the server sees the
+    gateway."""
     port = free_port()
     flags = [f"--publish-mode={mode}"] if mode else []
     p = nsnet_popen(user, [*flags, "-p", f"127.0.0.1:{port}:8080", "--",
@@ -410,16 +411,20 @@ def test_publish_modes(user, base_dir, procs, mode, peer):
     assert_nothing_left()
 
 
-def test_publish_reaches_a_loopback_only_server(user, base_dir, procs):
-    """With the fast path, a server that listens on the namespace's
-    127.0.0.1 only is reachable too."""
+@pytest.mark.parametrize("mode", [None, "slirp"])
+def test_publish_does_not_reach_a_loopback_only_server(user, base_dir, procs, mode):
+    """Issue 11 item 3: a server that listens on the namespace's 127.0.0.1
+    only stays private in both publish modes (the fast path used to connect
+    to the namespace's loopback and exposed it)."""
     port = free_port()
-    p = nsnet_popen(user, ["-p", f"127.0.0.1:{port}:8080", "--",
+    flags = [f"--publish-mode={mode}"] if mode else []
+    p = nsnet_popen(user, [*flags, "-p", f"127.0.0.1:{port}:8080", "--",
                            *client(base_dir, "tcp-serve", "127.0.0.1", 8080, "echo", 1)])
     procs.append(p)
     assert read_line(p.stdout, 30).startswith(b"READY")
-    assert tcp_send("127.0.0.1", port, b"loopback") == b"loopback"
-    assert p.wait(timeout=30) == 0
+    for _ in range(3):
+        assert harness.refused_through(port)
+    assert p.poll() is None  # the server never got a connection
 
 
 def test_publish_udp(user, base_dir, procs):

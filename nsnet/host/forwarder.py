@@ -110,7 +110,7 @@ class Forwarder:
         set_policy: {"op": "policy", "last_part": text, "parts": n,
         "keep_established": bool, "audit_all": bool}, after n-1
         "policy_part" requests (one control message is at most 64 KiB)."""
-        from ..policy import Policy
+        from ..policy import Policy  # imported before any sandbox (main)
 
         self.send_audit()  # records of the old policy name its rules
         if "policy" in req:
@@ -272,6 +272,9 @@ def main(net: NetConfig, tap_fd: int | None, ctl: socket.socket,
         fw.slirp.set_tap(tap_fd)
     os.set_blocking(tap_fd, False)
     if sandbox or seccomp:
+        # A policy set later (set_policy) is parsed in here, where a
+        # sandboxed forwarder can no longer read modules.
+        from .. import policy as _policy  # noqa: F401
         from .. import sandbox as sandbox_mod
 
         try:

@@ -86,7 +86,8 @@ def _loads(data: bytes) -> Any:
 
 
 def parse_request(data: bytes) -> dict[str, Any]:
-    if len(data) >= request_limit(data):
+    limit = request_limit(data)
+    if len(data) >= limit:
         raise ApiError("too large message")
     try:
         req = _loads(data)
@@ -96,6 +97,8 @@ def parse_request(data: bytes) -> dict[str, Any]:
         raise ApiError("json_object() failed")
     if not isinstance(req.get("execute"), str):
         raise ApiError("no execute found")
+    if limit > MAX_REQUEST and len(data) >= MAX_REQUEST and req["execute"] != "set_policy":
+        raise ApiError("too large message")  # it only mentioned set_policy
     return req
 
 
@@ -125,17 +128,18 @@ def _add_hostfwd(args: dict[str, Any], backend: ApiBackend) -> Any:
     # slirp4netns 1.2.0 checks the value of proto before any other field.
     if proto not in ("tcp", "udp"):
         raise ApiError("add_hostfwd: bad arguments.proto")
-    # nsnet extra "mode": "splice" is the fast path (docs/fastpath.md): it
-    # connects to the guest port on the namespace's loopback by default.
+    # nsnet extra "mode": "splice" is the fast path (docs/fastpath.md).  Both
+    # modes connect to the guest's TAP address by default (issue 11 item 3:
+    # a loopback-only service stays private); the namespace's loopback only
+    # when guest_addr names it.
     mode = args.get("mode")
     mode = "slirp" if mode in (None, "") else mode
     if mode not in ("slirp", "splice"):
         raise ApiError("add_hostfwd: bad arguments.mode")
     if mode == "splice" and proto == "udp":
         raise ApiError("add_hostfwd: bad arguments.mode: splice is for tcp only")
-    defaults = ({"default_guest": "127.0.0.1", "default_guest6": "::1"} if mode == "splice" else
-                {"default_guest": backend.default_guest_addr,
-                 "default_guest6": backend.default_guest_addr6})
+    defaults = {"default_guest": backend.default_guest_addr,
+                "default_guest6": backend.default_guest_addr6}
     fields: dict[str, Any] = {}
     for name in ("host_addr", "guest_addr"):
         value = args.get(name, "")
@@ -208,8 +212,6 @@ def handle(data: bytes, backend: ApiBackend) -> bytes:
         args = req.get("arguments")
         if not isinstance(args, dict):
             args = {}
-        if len(data) >= MAX_REQUEST and execute != "set_policy":
-            raise ApiError("too large message")
         if execute == "add_hostfwd":
             return encode(_add_hostfwd(args, backend))
         if execute == "list_hostfwd":

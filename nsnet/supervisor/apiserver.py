@@ -275,6 +275,11 @@ class ApiServer:
             pol, keep = self.policy.parse_set(args)
         except PolicyControlError as e:
             raise api.ApiError(f"set_policy: {e}") from None
+        # another enforcement point that cannot cut flows (nsnet run --bypass)
+        blocked = getattr(self, "policy_blocked_by", None)
+        blocked = blocked() if callable(blocked) else blocked
+        if blocked and not keep:
+            raise api.ApiError(f"set_policy: {blocked}")
         try:
             fwd = self._ready_forwarder()
         except ForwardError:

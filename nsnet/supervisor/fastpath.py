@@ -7,7 +7,7 @@ and the TAP.  The fast path skips all of it:
                     | accept; "connect to port P" over a socketpair
                     v
                   connector (stays inside the target's user+net namespaces)
-                    | connect(127.0.0.1:P) there; the connected fd comes
+                    | connect(GUEST_ADDR:P) there; the connected fd comes
                     v back over SCM_RIGHTS
   relay process: splice(2) outer socket <-> pipe <-> inner socket, in C
                  (csrc/relay.c, one epoll loop for every connection; Python
@@ -27,8 +27,8 @@ Processes (all forked from the supervisor, all with PR_SET_PDEATHSIG):
 The supervisor owns a FastPath object: it starts both children on the first
 splice forward, restarts them when they die (the listeners are re-created;
 connections relayed by a dead relay are lost), and kills them at teardown.
-The trade-off (the server in the namespace sees a loopback peer, not the
-client's address) is documented in docs/fastpath.md.
+The trade-off (the server in the namespace sees the namespace's own
+address as peer, not the client's) is documented in docs/fastpath.md.
 """
 
 from __future__ import annotations

@@ -123,7 +123,12 @@ def test_address_families_must_match(backend):
 def test_splice_mode(backend):
     assert api.handle(C.add(mode="splice"), backend) == b'{"return":{"id":1}}'
     (entry,) = C.entries_of(api.handle(C.LIST, backend))
-    assert entry["mode"] == "splice" and entry["guest_addr"] == "127.0.0.1"
+    # The guest's TAP address by default, as libslirp's forwards (issue 11
+    # item 3); the loopback only when named.
+    assert entry["mode"] == "splice" and entry["guest_addr"] == "10.0.2.100"
+    assert api.handle(C.add(mode="splice", host_port=3, guest_addr="127.0.0.1"), backend) == \
+        b'{"return":{"id":2}}'
+    assert C.entries_of(api.handle(C.LIST, backend))[1]["guest_addr"] == "127.0.0.1"
     assert api.handle(C.add(proto="udp", mode="splice", host_port=1), backend) == \
         C.err("bad request: add_hostfwd: bad arguments.mode: splice is for tcp only")
     assert api.handle(C.add(mode="fast", host_port=2), backend) == \
