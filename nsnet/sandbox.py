@@ -74,6 +74,7 @@ MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
 
+PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
@@ -325,8 +326,11 @@ def unprivileged_ids() -> tuple[int, int] | None:
 
 
 def _switch_ids(ids: tuple[int, int]) -> None:
-    """uid 0 -> ids, permitted capabilities kept (capset trims them next)."""
+    """uid 0 -> ids, permitted capabilities kept (capset trims them next).
+    A change of credentials clears PR_SET_PDEATHSIG: it is set again, and
+    a parent that died meanwhile is noticed."""
     uid, gid = ids
+    parent = os.getppid()
     _prctl("prctl(PR_SET_KEEPCAPS)", PR_SET_KEEPCAPS, 1)
     try:
         os.setgroups([])
@@ -336,6 +340,9 @@ def _switch_ids(ids: tuple[int, int]) -> None:
         raise SandboxError(f"sandbox: cannot switch to uid {uid} gid {gid}: "
                            f"{e.strerror}") from None
     _prctl("prctl(PR_SET_KEEPCAPS)", PR_SET_KEEPCAPS, 0)
+    _prctl("prctl(PR_SET_PDEATHSIG)", PR_SET_PDEATHSIG, 9)  # SIGKILL, as children.py
+    if os.getppid() != parent:
+        raise SandboxError("sandbox: the supervisor died while this process switched uid")
 
 
 def _drop_privileges(keep_bind: bool, ids: tuple[int, int] | None = None) -> None:

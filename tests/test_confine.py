@@ -271,6 +271,23 @@ def test_root_sandboxed_children_run_as_nobody(user, sandboxed_splice):
     echo_ok(82)
     # libslirp's listener on 81 (the forwarder, nobody) accepts
     socket.create_connection(("127.0.0.1", 81), timeout=5).close()
+    # They still die with the supervisor (a uid change clears
+    # PR_SET_PDEATHSIG): stopped, they cannot notice anything else.
+    pids = [kids["nsnet-forwarder"], kids["nsnet-relay"]]
+    pidfds = [os.pidfd_open(p) for p in pids]
+    try:
+        for p in pids:
+            os.kill(p, signal.SIGSTOP)
+        os.kill(fwd.pid, signal.SIGKILL)
+        fwd.wait_exit(10)
+        for p, pidfd in zip(pids, pidfds):
+            r, _, _ = select.select([pidfd], [], [], 10)
+            assert r, f"pid {p} (nobody) outlived the supervisor"
+            _, st = os.waitpid(p, 0)  # re-parented to the test (subreaper)
+            assert os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGKILL, st
+    finally:
+        for pidfd in pidfds:
+            os.close(pidfd)
 
 
 # -- the relay and the connector are confined ----------------------------------
