@@ -40,4 +40,8 @@ setup(
         "nsnet/_bypass_build.py:ffibuilder",
     ],
     cmdclass={"build_py": build_py_with_commit},
+    # generated from the option table (nsnet/manpage.py; kept in sync by
+    # tests/unit/test_option_table.py)
+    data_files=[("share/man/man1", ["man/nsnet.1"]),
+                ("share/bash-completion/completions", ["completion/nsnet"])],
 )

@@ -4,9 +4,19 @@ forwarder, and the fast path's relay and connector.
 Each is forked from the single-threaded supervisor (so it may still join a
 user namespace), dies with it (PR_SET_PDEATHSIG, and a check that the
 parent did not die before the prctl), keeps no fd of the supervisor's but
-stdio and the ones it is given, leaves terminal signals to the supervisor
+the ones it is given, leaves terminal signals to the supervisor
 (SIGINT and SIGHUP ignored, SIGTERM default, nothing blocked), and always
 leaves through os._exit: it never returns into the supervisor's code.
+
+Stdio: a child never holds the caller's terminal (with it, a compromised
+child, even sandboxed, could push input into the user's shell with
+TIOCSTI or change the terminal's settings).  Its stdin and stdout are
+/dev/null.  Its stderr is the supervisor's when that is not a terminal (a
+file, a pipe, the journal); when it is one, the supervisor opens a log
+pipe before its first child (open_log_pipe), children write their log
+lines there (non-blocking: a child drops a line rather than wait), and the
+supervisor copies what arrives to the terminal with control characters
+replaced (copy_log), so that no escape sequence of a child's reaches it.
 """
 
 from __future__ import annotations
@@ -31,6 +41,91 @@ def _close_fds_except(keep: Iterable[int]) -> None:
     os.closerange(lo, 1 << 20)  # close_range(2) where available
 
 
+_log_r = -1  # the log pipe (supervisor: read end; children: write end)
+_log_w = -1
+LOG_CHUNK = 65536  # copy_log reads at most this much per call
+# C0 controls but tab and newline, DEL, C1 controls: shown as "?".
+_UNPRINTABLE = {c: "?" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if c not in (9, 10)}
+
+
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+def open_log_pipe() -> int | None:
+    """In the supervisor, before its first child: when stderr is a
+    terminal, the pipe children log into; returns its read end, for the
+    supervisor's loop (copy_log on POLLIN), or None (children then share
+    the supervisor's stderr)."""
+    global _log_r, _log_w
+    if _log_r >= 0:
+        return _log_r
+    if not _isatty(2):
+        return None
+    _log_r, _log_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    return _log_r
+
+
+def copy_log() -> None:
+    """Copy what children logged (one read) to stderr, control characters
+    replaced."""
+    if _log_r < 0:
+        return
+    try:
+        data = os.read(_log_r, LOG_CHUNK)
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError:
+        data = b""
+    if data:
+        try:
+            sys.stderr.write(data.decode("utf-8", "replace").translate(_UNPRINTABLE))
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _readable(fd: int) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def close_log_pipe() -> None:
+    """At teardown, once the children are gone: copy what is left, close."""
+    global _log_r, _log_w
+    if _log_r < 0:
+        return
+    for _ in range(16):  # bounded: a writer may still be alive
+        if not _readable(_log_r):
+            break
+        copy_log()
+    for fd in (_log_r, _log_w):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _log_r = _log_w = -1
+
+
+def detach_stdio() -> None:
+    """In a child: stdin and stdout on /dev/null; stderr on the log pipe
+    when the supervisor has one, /dev/null if it is a terminal anyway,
+    left alone otherwise.  Call it before closing the other fds."""
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    if _log_w >= 0:
+        os.dup2(_log_w, 2)
+    elif _isatty(2):
+        os.dup2(null, 2)
+    if null > 2:
+        os.close(null)
+
+
 def _reset_signals() -> None:
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
@@ -41,7 +136,7 @@ def _reset_signals() -> None:
 
 def fork_child(name: str, main: Callable[[], int], keep: Iterable[int] = ()) -> int:
     """Fork a child that runs main() and exits with its return value; the
-    child keeps only stdio and the fds in `keep`. Returns the child's PID;
+    child keeps only the fds in `keep` and stdio (detach_stdio). Returns the child's PID;
     raises OSError if the fork fails."""
     parent = os.getpid()
     keep = tuple(keep)
@@ -57,8 +152,11 @@ def fork_child(name: str, main: Callable[[], int], keep: Iterable[int] = ()) -> 
             os._exit(1)
         linux.set_process_name(name)
         _reset_signals()
+        detach_stdio()
         _close_fds_except(keep)
         code = main()
+    except BrokenPipeError:
+        pass  # the supervisor gave up on this child first; it says why
     except BaseException as e:
         try:
             from . import log

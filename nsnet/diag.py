@@ -60,6 +60,38 @@ def check_ns_file(path: str, kind: str, option: str) -> None:
         os.close(fd)
 
 
+def tap_error(tapname: str, e: OSError) -> str:
+    """Why the TAP could not be opened or made, and what to do."""
+    if e.filename:  # opening /dev/net/tun itself
+        dev = e.filename
+        if e.errno == errno.ENOENT:
+            hint = ("load the tun module (modprobe tun), or in a container give it "
+                    "/dev/net/tun (character device 10,200)")
+        elif e.errno in (errno.EACCES, errno.EPERM):
+            try:
+                import stat
+
+                mode = f"mode {stat.filemode(os.stat(dev).st_mode)}"
+            except OSError:
+                mode = "its mode"
+            hint = (f"it must be readable and writable by uid {os.getuid()} "
+                    f"(crw-rw-rw-, 0666; {mode}); in a container, allow the device "
+                    "(e.g. --device /dev/net/tun)")
+        else:
+            hint = "check the tun device"
+        return f"cannot open {dev} for TAP {tapname!r}: {why(e)}; {hint}"
+    if e.errno == errno.EPERM:
+        hint = ("creating a TAP needs CAP_NET_ADMIN in the user namespace that owns the "
+                "network namespace: give the PID of a process in it, or --userns-path")
+    elif e.errno == errno.EBUSY:
+        hint = f"{tapname} exists and is in use (another nsnet on it?); pick another TAP name"
+    elif e.errno == errno.EINVAL:
+        hint = f"{tapname} exists and is not a TAP device; pick another name"
+    else:
+        hint = "see the kernel log"
+    return f"cannot create TAP {tapname!r} (TUNSETIFF): {why(e)}; {hint}"
+
+
 def check_socket_dir(path: str, what: str = "API socket") -> None:
     """The directory a unix socket is to be bound in must exist and be
     writable.  Raises DiagError."""

@@ -59,8 +59,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # not at run time: typing costs ~7 ms (the forwarder imports this)
+    from typing import Any, Iterable
 
 from .errors import PolicyError  # an NsnetError and a ValueError
 
@@ -121,18 +122,37 @@ def _parse_ports(text: Any, what: str) -> tuple[int, int]:
     return lo, hi
 
 
-@dataclass(frozen=True)
 class Rule:
-    """One rule.  Exactly one of net (an address or CIDR), name (exact) or
-    suffix (``*.suffix``: stored without ``*.``) is set."""
+    """One rule (immutable).  Exactly one of net (an address or CIDR), name
+    (exact) or suffix (``*.suffix``: stored without ``*.``) is set.  A plain
+    class, not a dataclass: the forwarder imports this module before its
+    sandbox, on the path to ready, where dataclasses cost ~10 ms."""
 
-    action: str
-    protos: int = ALL_PROTOS  # bit set of PROTO_BITS
-    net: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
-    name: str | None = None
-    suffix: str | None = None
-    port_lo: int = 0
-    port_hi: int = 65535
+    __slots__ = ("action", "protos", "net", "name", "suffix", "port_lo", "port_hi")
+    _FIELDS = __slots__
+
+    def __init__(self, action: str, protos: int = ALL_PROTOS,
+                 net: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None,
+                 name: str | None = None, suffix: str | None = None,
+                 port_lo: int = 0, port_hi: int = 65535) -> None:
+        for k, v in (("action", action), ("protos", protos), ("net", net), ("name", name),
+                     ("suffix", suffix), ("port_lo", port_lo), ("port_hi", port_hi)):
+            object.__setattr__(self, k, v)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("Rule is immutable")
+
+    def _key(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, k) for k in self._FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Rule) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"Rule({self.action} {self.text()})"
 
     @property
     def all_ports(self) -> bool:
@@ -287,11 +307,22 @@ def rule_from_json(obj: Any, i: int) -> Rule:
     return Rule(action=action, protos=protos, port_lo=lo, port_hi=hi, **spec)
 
 
-class Decision(NamedTuple):
-    action: str                 # "allow" or "deny"
-    rule_index: int | None      # the deciding rule, None: the default
-    rule: Rule | None
-    final: bool                 # independent of DNS-learned names
+class Decision(tuple):
+    """(action, rule_index, rule, final): action "allow" or "deny";
+    rule_index the deciding rule (None: the default); rule the Rule (or
+    None); final True when the decision does not depend on DNS-learned
+    names (no name rule for this proto comes before the deciding rule)."""
+
+    __slots__ = ()
+
+    def __new__(cls, action: str, rule_index: int | None, rule: Rule | None,
+                final: bool) -> "Decision":
+        return tuple.__new__(cls, (action, rule_index, rule, final))
+
+    action = property(lambda self: self[0])
+    rule_index = property(lambda self: self[1])
+    rule = property(lambda self: self[2])
+    final = property(lambda self: self[3])
 
     @property
     def allowed(self) -> bool:

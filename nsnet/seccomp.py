@@ -1,4 +1,5 @@
-"""--enable-seccomp: the forwarder's syscall ALLOWLIST (libseccomp).
+"""--enable-seccomp: the forwarder's syscall ALLOWLIST (libseccomp), and
+the fast path's relay's and connector's own lists (PROFILES).
 
 slirp4netns 1.2.0 installs a blocklist (a few dangerous calls return an
 error, everything else is allowed).  nsnet does the opposite: the filter
@@ -22,8 +23,9 @@ the list.
 Check it by hand (a forked child enters the same sandbox and filter as
 the forwarder, then makes one syscall):
 
-    python -m nsnet.seccomp list
-    python -m nsnet.seccomp check [--no-sandbox] SYSCALL[:ARG0,ARG1,...]...
+    python -m nsnet.seccomp [--profile=forwarder|relay|connector] list
+    python -m nsnet.seccomp [--profile=...] check [--no-sandbox] SYSCALL[:ARG0,ARG1,...]...
+        (an argument s:TEXT is a pointer to the string TEXT, e.g. a path)
     python -m nsnet.seccomp derive STRACE_FILES...   (strace -ff output)
 """
 
@@ -47,7 +49,8 @@ ALLOWLIST: tuple[str, ...] = (
     "sendto", "recvfrom",
     "recvmsg",  # MSG_ERRQUEUE on UDP/ICMP sockets
     "shutdown", "close", "fcntl", "ioctl",
-    # libslirp re-reads /etc/resolv.conf (DNS forwarding) through stdio
+    # libslirp re-reads /etc/resolv.conf (DNS forwarding) through stdio:
+    # read-only opens only (see RESTRICTED)
     "openat", "newfstatat", "fstat",
     # glib: random numbers
     "getrandom",
@@ -68,6 +71,11 @@ _AF_INET, _AF_INET6 = 2, 10
 _FIONREAD, _FIONBIO = 0x541B, 0x5421
 _F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL = 1, 2, 3, 4
 _PROT_EXEC = 4
+# openat's flags that write or create: the access mode (O_WRONLY, O_RDWR),
+# O_CREAT, O_TRUNC and O_TMPFILE's own bit.  O_APPEND only matters with a
+# write access mode.
+_O_ACCMODE, _O_CREAT, _O_TRUNC, _O_TMPFILE_BIT = 0o3, 0o100, 0o1000, 0o20000000
+OPEN_WRITE_FLAGS = _O_ACCMODE | _O_CREAT | _O_TRUNC | _O_TMPFILE_BIT
 RESTRICTED: dict[str, list[list[tuple]]] = {
     # IPv4/IPv6 only: no netlink, packet, unix, vsock... sockets
     "socket": [[(0, "eq", _AF_INET)], [(0, "eq", _AF_INET6)]],
@@ -76,11 +84,86 @@ RESTRICTED: dict[str, list[list[tuple]]] = {
     "fcntl": [[(1, "eq", c)] for c in (_F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL)],
     # no executable memory (mprotect is not allowed at all)
     "mmap": [[(2, "masked_eq", _PROT_EXEC, 0)]],
+    # read-only: O_RDONLY and none of O_CREAT, O_TRUNC, O_TMPFILE (a
+    # compromised forwarder without the sandbox could otherwise truncate
+    # or create the user's files)
+    "openat": [[(2, "masked_eq", OPEN_WRITE_FLAGS, 0)]],
+}
+
+
+# -- the fast path's relay (nsnet/host/relay.py, csrc/relay.c) ----------------
+# Derived the same way (`derive --profile relay` over strace -ff of the
+# relay while tests/test_fastpath.py and tests/test_confine.py ran): only
+# what moving bytes between connected TCP sockets and keeping listeners
+# needs.  No openat at all: it reads no file.
+_SOCK_TYPE_MASK, _SOCK_STREAM = 0xF, 1
+_F_SETPIPE_SZ, _F_GETPIPE_SZ = 1031, 1032
+_TCP_ONLY = [[(0, "eq", _AF_INET), (1, "masked_eq", _SOCK_TYPE_MASK, _SOCK_STREAM)],
+             [(0, "eq", _AF_INET6), (1, "masked_eq", _SOCK_TYPE_MASK, _SOCK_STREAM)]]
+# What the interpreter itself needs in the relay and the connector: log
+# lines on stderr, time, memory (never executable: see mmap below), locks,
+# signal return and restart, the exit.
+_PYTHON_RUNTIME = (
+    "write", "clock_gettime", "gettimeofday", "getrandom",
+    "brk", "mmap", "munmap", "mremap", "madvise",
+    "futex", "rt_sigreturn", "restart_syscall", "getpid",
+    "exit", "exit_group",
+)
+RELAY_ALLOWLIST: tuple[str, ...] = (
+    # the C loop: epoll, one pipe per direction, splice, half-close
+    "epoll_wait", "epoll_pwait", "epoll_ctl", "pipe2", "splice", "shutdown",
+    "fcntl", "close",
+    "ioctl",  # FIONBIO only (socket.setblocking)
+    # listeners (add_hostfwd at any time) and accepted clients
+    "socket", "setsockopt", "getsockopt", "bind", "listen", "accept4", "getsockname",
+    # control socket to the supervisor and socket to the connector: JSON
+    # out, JSON and fds (SCM_RIGHTS) in
+    "recvmsg", "sendto", "poll",
+    *_PYTHON_RUNTIME,
+)
+RELAY_RESTRICTED: dict[str, list[list[tuple]]] = {
+    "socket": _TCP_ONLY,
+    "ioctl": [[(1, "eq", _FIONBIO)]],
+    "fcntl": [[(1, "eq", c)] for c in (_F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL,
+                                        _F_SETPIPE_SZ, _F_GETPIPE_SZ)],
+    "mmap": [[(2, "masked_eq", _PROT_EXEC, 0)]],
+}
+
+# -- the fast path's connector (nsnet/ns/connector.py) -------------------------
+# Inside the target's namespaces: it only connects TCP sockets there and
+# passes them to the relay.  No bind, listen, accept, splice, no files.
+CONNECTOR_ALLOWLIST: tuple[str, ...] = (
+    "socket", "connect", "getsockopt", "close", "poll",
+    # requests in, JSON out, connected fds out (SCM_RIGHTS)
+    "recvfrom", "sendto", "sendmsg",
+    *_PYTHON_RUNTIME,
+)
+CONNECTOR_RESTRICTED: dict[str, list[list[tuple]]] = {
+    "socket": _TCP_ONLY,
+    "mmap": [[(2, "masked_eq", _PROT_EXEC, 0)]],
+}
+
+_PROCESS_NAMES = {"forwarder": "nsnet-forwarder", "relay": "nsnet-relay",
+                   "connector": "nsnet-connect"}
+
+# profile -> (allowlist, argument filters)
+PROFILES: dict[str, tuple[tuple[str, ...], dict[str, list[list[tuple]]]]] = {
+    "forwarder": (ALLOWLIST, RESTRICTED),
+    "relay": (RELAY_ALLOWLIST, RELAY_RESTRICTED),
+    "connector": (CONNECTOR_ALLOWLIST, CONNECTOR_RESTRICTED),
 }
 
 
 class SeccompError(RuntimeError):
     pass
+
+
+def _profile(profile: str) -> tuple[tuple[str, ...], dict[str, list[list[tuple]]]]:
+    try:
+        return PROFILES[profile]
+    except KeyError:
+        raise SeccompError(f"unknown profile {profile!r} (one of {', '.join(PROFILES)})") \
+            from None
 
 
 def _lib():
@@ -97,9 +180,11 @@ def version() -> str:
     return f"{v.major}.{v.minor}.{v.micro}"
 
 
-def resolve(names=ALLOWLIST) -> dict[str, int]:
+def resolve(names=None, profile: str = "forwarder") -> dict[str, int]:
     """name -> syscall number on this architecture (unknown names left out)."""
     _, lib = _lib()
+    if names is None:
+        names = _profile(profile)[0]
     out = {}
     for name in names:
         nr = lib.seccomp_syscall_resolve_name(name.encode())
@@ -108,19 +193,20 @@ def resolve(names=ALLOWLIST) -> dict[str, int]:
     return out
 
 
-def _build(names=ALLOWLIST):
+def _build(profile: str = "forwarder"):
     ffi, lib = _lib()
+    names, restricted = _profile(profile)
     ctx = lib.seccomp_init(lib.SCMP_ACT_KILL_PROCESS)
     if not ctx:
         raise SeccompError("seccomp_init failed")
     try:
         for name, nr in resolve(names).items():
-            if name not in RESTRICTED:
+            if name not in restricted:
                 rc = lib.nsnet_seccomp_allow(ctx, nr)
                 if rc < 0:
                     raise SeccompError(f"seccomp_rule_add({name}): {os.strerror(-rc)}")
                 continue
-            for alternative in RESTRICTED[name]:
+            for alternative in restricted[name]:
                 cmps = ffi.new("struct scmp_arg_cmp[]", len(alternative))
                 for i, cond in enumerate(alternative):
                     cmps[i].arg = cond[0]
@@ -141,26 +227,26 @@ def _build(names=ALLOWLIST):
     return ctx
 
 
-def install(names=ALLOWLIST) -> int:
-    """Load the allowlist filter into this process (irreversible: also
-    sets PR_SET_NO_NEW_PRIVS).  Returns the number of syscalls allowed."""
+def install(profile: str = "forwarder") -> int:
+    """Load the profile's allowlist filter into this process (irreversible:
+    also sets PR_SET_NO_NEW_PRIVS).  Returns the number of syscalls allowed."""
     _, lib = _lib()
-    ctx = _build(names)
+    ctx = _build(profile)
     try:
         rc = lib.seccomp_load(ctx)
         if rc < 0:
             raise SeccompError(f"seccomp_load: {os.strerror(-rc)}")
     finally:
         lib.seccomp_release(ctx)
-    return len(resolve(names))
+    return len(resolve(profile=profile))
 
 
-def export_bpf_text(names=ALLOWLIST) -> str:
+def export_bpf_text(profile: str = "forwarder") -> str:
     """The filter as libseccomp's pseudo-filter-code text (for docs)."""
     import tempfile
 
     _, lib = _lib()
-    ctx = _build(names)
+    ctx = _build(profile)
     try:
         with tempfile.TemporaryFile() as f:
             lib.seccomp_export_pfc(ctx, f.fileno())
@@ -177,15 +263,21 @@ def _raw_syscall(nr: int, args=()) -> tuple[int, int]:
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
-    a = [ctypes.c_long(x) for x in (list(args) + [0] * 6)[:6]]
+    # An argument given as a str is passed as a pointer to that C string
+    # (a path for openat); integers as they are.
+    bufs = [ctypes.create_string_buffer(x.encode()) for x in args if isinstance(x, str)]
+    it = iter(bufs)
+    a = [ctypes.c_long(ctypes.addressof(next(it))) if isinstance(x, str) else ctypes.c_long(x)
+         for x in (list(args) + [0] * 6)[:6]]
     rc = libc.syscall(ctypes.c_long(nr), *a)
     return rc, ctypes.get_errno()
 
 
-def check(syscall_name: str, sandbox: bool = True, args=()) -> dict:
-    """Fork a child that enters the forwarder's sandbox (unless
-    sandbox=False) and seccomp filter, then makes `syscall_name` with
-    `args` (integers; missing ones are 0).  Returns how the child ended: {"outcome": "refused",
+def check(syscall_name: str, sandbox: bool = True, args=(), profile: str = "forwarder") -> dict:
+    """Fork a child that enters the sandbox (unless sandbox=False) and the
+    seccomp filter of `profile` (forwarder, relay, connector), then makes
+    `syscall_name` with
+    `args` (integers, or str for a pointer to that C string; missing ones are 0).  Returns how the child ended: {"outcome": "refused",
     "signal": "SIGSYS"} or {"outcome": "allowed", "rc": N, "errno": E}."""
     from . import sandbox as sandbox_mod
 
@@ -201,7 +293,7 @@ def check(syscall_name: str, sandbox: bool = True, args=()) -> dict:
         code = 1
         try:
             os.close(r)
-            sandbox_mod.enter(sandbox=sandbox, seccomp=True, forwards=[])
+            sandbox_mod.enter(sandbox=sandbox, seccomp=True, forwards=[], profile=profile)
             rc, err = _raw_syscall(nr, args)
             os.write(w, f"{rc} {err}".encode())
             code = 0
@@ -221,7 +313,8 @@ def check(syscall_name: str, sandbox: bool = True, args=()) -> dict:
         data += chunk
     os.close(r)
     _, status = os.waitpid(pid, 0)
-    result: dict = {"syscall": syscall_name, "args": list(args), "nr": nr, "sandbox": sandbox}
+    result: dict = {"syscall": syscall_name, "args": list(args), "nr": nr, "sandbox": sandbox,
+                    "profile": profile}
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         result.update(outcome="refused" if sig == signal.SIGSYS else "killed",
@@ -235,10 +328,10 @@ def check(syscall_name: str, sandbox: bool = True, args=()) -> dict:
     return result
 
 
-def derive(paths: list[str]) -> dict:
-    """Read `strace -ff -o PREFIX` output files; in each forwarder trace
-    (one that entered the sandbox or loaded a filter), count the syscalls
-    made after that point.  Returns {"traces": N, "calls": {name: count},
+def derive(paths: list[str], profile: str = "forwarder") -> dict:
+    """Read `strace -ff -o PREFIX` output files; in each trace of a
+    process that entered the sandbox or loaded a filter, count the
+    syscalls made after that point (compared with `profile`'s list).  Returns {"traces": N, "calls": {name: count},
     "missing": [names not on ALLOWLIST], "unused": [listed, never seen]}."""
     import re
 
@@ -253,9 +346,16 @@ def derive(paths: list[str]) -> dict:
                 lines = f.readlines()
         except OSError:
             continue
+        # a trace of another nsnet process (PR_SET_NAME names each one)
+        names = [ln for ln in lines if ln.startswith("prctl(PR_SET_NAME")]
+        if names and not any(f'"{_PROCESS_NAMES[profile]}"' in ln for ln in names):
+            continue
         start = None
+        # the connector (no sandbox of its own here): from its last setns
+        markers = ("capset(", "seccomp(SECCOMP_SET_MODE_FILTER") + (
+            ("setns(",) if profile == "connector" else ())
         for i, line in enumerate(lines):
-            if line.startswith(("capset(", "seccomp(SECCOMP_SET_MODE_FILTER")):
+            if line.startswith(markers):
                 start = i + 1
         if start is None:
             continue
@@ -268,7 +368,7 @@ def derive(paths: list[str]) -> dict:
             m = line_re.match(line)
             if m:
                 calls[m.group(1)] = calls.get(m.group(1), 0) + 1
-    listed = set(ALLOWLIST)
+    listed = set(_profile(profile)[0])
     return {"traces": traces, "killed_by_sigsys": killed,
             "calls": dict(sorted(calls.items(), key=lambda kv: -kv[1])),
             "missing": sorted(set(calls) - listed),
@@ -278,25 +378,39 @@ def derive(paths: list[str]) -> dict:
 def main(argv: list[str]) -> int:
     import json
 
+    # --profile=forwarder|relay|connector, anywhere (default: forwarder)
+    profile = "forwarder"
+    for a in [a for a in argv if a.startswith("--profile=")]:
+        profile = a.split("=", 1)[1]
+        argv.remove(a)
+    if profile not in PROFILES:
+        print(f"nsnet.seccomp: unknown profile {profile!r} (one of {', '.join(PROFILES)})",
+              file=sys.stderr)
+        return 2
     if len(argv) >= 2 and argv[0] == "derive":
-        print(json.dumps(derive(argv[1:]), indent=1))
+        print(json.dumps(derive(argv[1:], profile), indent=1))
         return 0
     if len(argv) >= 1 and argv[0] == "list":
-        for name, nr in sorted(resolve().items(), key=lambda kv: kv[1]):
-            extra = f"  only {RESTRICTED[name]}" if name in RESTRICTED else ""
+        restricted = _profile(profile)[1]
+        for name, nr in sorted(resolve(profile=profile).items(), key=lambda kv: kv[1]):
+            extra = f"  only {restricted[name]}" if name in restricted else ""
             print(f"{nr:4d} {name}{extra}")
-        print(f"{len(resolve())} syscalls allowed; everything else kills the process")
+        print(f"{len(resolve(profile=profile))} syscalls allowed; everything else kills "
+              "the process")
         return 0
     if len(argv) >= 1 and argv[0] == "pfc":
-        print(export_bpf_text(), end="")
+        print(export_bpf_text(profile), end="")
         return 0
     if len(argv) >= 2 and argv[0] == "check":
         sandbox = "--no-sandbox" not in argv
-        # SYSCALL or SYSCALL:ARG0,ARG1,... (integers, 0x... allowed)
+        # SYSCALL or SYSCALL:ARG0,ARG1,... (integers, 0x... and 0o...
+        # allowed; s:TEXT passes a pointer to the C string TEXT, a path)
         for spec in [a for a in argv[1:] if not a.startswith("--")]:
             name, _, rest = spec.partition(":")
-            args = [int(x, 0) for x in rest.split(",")] if rest else []
-            print(json.dumps(check(name, sandbox=sandbox, args=args)), flush=True)
+            args = [x[2:] if x.startswith("s:") else int(x, 0)
+                    for x in rest.split(",")] if rest else []
+            print(json.dumps(check(name, sandbox=sandbox, args=args, profile=profile)),
+                  flush=True)
         return 0
     print(__doc__, file=sys.stderr)
     return 2

@@ -60,6 +60,28 @@ class Mutant:
     line: int = 0
 
 
+def test_args(value: str) -> list[str]:
+    """pytest arguments of a `test:` line.  Quotes group words (shlex); an
+    unquoted -k expression takes every word up to the next option or path
+    (`-k a and b` is `-k "a and b"`)."""
+    words = shlex.split(value)
+    out: list[str] = []
+    i = 0
+    while i < len(words):
+        w = words[i]
+        out.append(w)
+        i += 1
+        if w in ("-k", "-m") and i < len(words):
+            expr = [words[i]]
+            i += 1
+            while i < len(words) and not words[i].startswith("-") and \
+                    not (REPO / words[i].split("::")[0]).exists():
+                expr.append(words[i])
+                i += 1
+            out.append(" ".join(expr))
+    return out
+
+
 def parse_list(path: Path) -> list[Mutant]:
     out: list[Mutant] = []
     cur: Mutant | None = None
@@ -85,7 +107,7 @@ def parse_list(path: Path) -> list[Mutant]:
         elif key == "to":
             cur.new = value
         elif key == "test":
-            cur.tests.append(shlex.split(value))
+            cur.tests.append(test_args(value))
         elif key == "why":
             cur.why = value
         elif key == "survives":
@@ -163,15 +185,17 @@ def drop_pyc(path: Path) -> None:
 
 def pytest_cmd(venv: str, args: list[str]) -> list[str]:
     cmd = [f"{venv}/bin/pytest", "-p", "no:cacheprovider", "--rootdir", str(REPO), "-q",
-           "-x", "--no-header", "-rN"]
+           "-x", "--no-header", "-rN", "--tb=short"]
     paths = [a for a in args if not a.startswith("-") and (REPO / a.split("::")[0]).exists()]
     if paths and all(p.startswith("tests/unit/") or p == "tests/unit" for p in paths):
         cmd += ["--confcutdir", str(REPO / "tests" / "unit")]
     return cmd + args
 
 
-def run_tests(venv: str, args: list[str], timeout: float) -> tuple[str, float, str]:
-    """('pass'|'fail'|'timeout'|'error', seconds, last lines)."""
+def run_tests(venv: str, args: list[str], timeout: float,
+              log: Path | None = None) -> tuple[str, float, str]:
+    """('pass'|'fail'|'timeout'|'error', seconds, last lines); the whole
+    output is appended to `log`."""
     env = dict(os.environ, NSNET_VENV=venv)
     env.pop("NSNET_BIN", None)
     start = time.monotonic()
@@ -182,7 +206,13 @@ def run_tests(venv: str, args: list[str], timeout: float) -> tuple[str, float, s
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         return "timeout", time.monotonic() - start, out[-600:]
     took = time.monotonic() - start
-    tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-3:])
+    if log is not None:
+        with open(log, "a") as f:
+            f.write(f"$ {' '.join(args)}\n{p.stdout}{p.stderr}\n")
+    lines = (p.stdout + p.stderr).strip().splitlines()
+    tail = "\n".join(lines[-3:])
+    if p.returncode == 1:  # the first failed assertion says what killed the mutant
+        tail = next((ln.strip() for ln in lines if ln.startswith("E ")), tail)[:160]
     if p.returncode == 0:
         return "pass", took, tail
     if p.returncode == 1:
@@ -239,6 +269,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="nsnet-mutants.", dir="/tmp"))
     os.chmod(work, 0o755)
+    logs = Path(tempfile.mkdtemp(prefix="nsnet-mutants-logs.", dir="/tmp"))
     build = Build(opts.venv, work)
     t0 = time.monotonic()
     say(f"copying the tree to {build.tree}; installing into {opts.venv} (log {build.log})")
@@ -277,10 +308,10 @@ def main() -> int:
                 build.install(full=False)
             verdict, detail, took = "SURVIVED", "", 0.0
             for t in m.tests:
-                res, secs, tail = run_tests(opts.venv, t, opts.timeout)
+                res, secs, tail = run_tests(opts.venv, t, opts.timeout, logs / f"{m.id}.log")
                 took += secs
                 if res in ("fail", "timeout"):
-                    verdict, detail = "KILLED", f"{' '.join(t)}: {res}"
+                    verdict, detail = "KILLED", f"{' '.join(t)}: {res}: {tail}"
                     break
                 if res == "error":
                     verdict, detail = "ERROR", f"{' '.join(t)}: {tail}"
@@ -309,6 +340,7 @@ def main() -> int:
     for m, verdict, _, detail in results:
         if verdict != "KILLED":
             say(f"  {verdict} {m.id}: {m.file}: {m.old!r} -> {m.new!r} {detail}")
+    say(f"test output per mutant: {logs}/ID.log")
     shutil.rmtree(work, ignore_errors=True)
     return 1 if failing else 0
 

@@ -155,7 +155,13 @@ def test_malformed_requests(connect, host_server, record_property):
     assert not bad, bad[:5]
     bg.check()
     assert net.fwd.alive()
-    assert json.loads(api_call(net.api, LIST))["entries"] is not None
+    # The table the abuse left is well formed, and the same under both keys.
+    listed = json.loads(api_call(net.api, LIST))
+    entries = listed["entries"]
+    assert isinstance(entries, list) and listed["return"]["entries"] == entries
+    assert all(e["proto"] in ("tcp", "udp") and 1 <= e["host_port"] <= 65535 and
+               1 <= e["guest_port"] <= 65535 for e in entries), entries
+    assert len({e["id"] for e in entries}) == len(entries), entries
     info = json.loads(api_call(net.api, {"execute": "get_info"}))["return"]
     assert info["restarts"] == 0
 

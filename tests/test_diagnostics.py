@@ -170,3 +170,19 @@ def test_libslirp_forward_failure_says_why(impl, ns, connect):
            "Address already in use (EADDRINUSE)" in log, log
     assert "127.0.0.1:80 -> 10.0.2.100:80/tcp failed: slirp_add_hostfwd failed: " \
            "Permission denied (EACCES)" in log, log
+
+
+@unpriv_only
+def test_dev_net_tun_not_accessible(user, ns, base_dir):
+    """/dev/net/tun replaced (in a mount namespace of the test's own) by a
+    file only root may open: nsnet says which mode the device needs."""
+    fake = os.path.join(base_dir, "tun-root-only")
+    open(fake, "w").close()
+    os.chmod(fake, 0o600)
+    script = (f"mount --bind {fake} /dev/net/tun && exec setpriv --reuid={user.uid} "
+              f"--regid={user.gid} --clear-groups -- {harness.nsnet_bin()} -c {ns.pid} tap0")
+    cp = harness.User.root().run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                  script], timeout=60, text=True)
+    assert cp.returncode == 1, cp.stderr
+    assert "cannot open /dev/net/tun for TAP 'tap0': Permission denied (EACCES)" in cp.stderr
+    assert "crw-rw-rw-, 0666" in cp.stderr and "Traceback" not in cp.stderr

@@ -94,6 +94,29 @@ def test_namespace_view_identical(nsnet_impl, slirp4netns_impl, make_ns, attach,
     assert_same_view(views)
 
 
+def test_second_instance_on_the_same_namespace(nsnet_impl, slirp4netns_impl, make_ns, attach):
+    """slirp4netns 1.2.0: a second -c instance with another TAP and --cidr
+    adds its address and a second default route (nsnet failed with "File
+    exists"); both networks work."""
+    views = {}
+    for impl in (slirp4netns_impl, nsnet_impl):
+        ns = make_ns()
+        attach(impl, ns, "--macaddress", MAC)
+        second = attach(impl, ns, "--cidr", "10.0.3.0/24", "--macaddress", "02:5a:00:00:00:02",
+                        tap="tap1", api=False)
+        assert second.fwd.alive(), second.fwd.log()
+        view = ns_view(ns, False)
+        # tap1's fe80:: address (and its IPv6 routes) depend on DAD timing:
+        # IPv4 is what the two instances configure
+        tap1 = view["links"]["tap1"]
+        tap1["addrs"] = [a for a in tap1["addrs"] if a.get("family") == "inet"]
+        del view["routes"]["-6"]
+        views[impl.name] = view
+        assert [a["local"] for a in ns.addrs("tap1", "inet")] == ["10.0.3.100"]
+    assert_same_view(views)
+    assert sum(1 for r in views["nsnet"]["routes"]["-4"] if r.get("dst") == "default") == 2
+
+
 def test_namespace_view_without_configure(nsnet_impl, slirp4netns_impl, make_ns, attach):
     """Without -c neither implementation touches the namespace beyond the TAP."""
     views = {}

@@ -254,13 +254,15 @@ def test_attach_namespace_root_cannot_take_over_nsnet(user, ns, workdir, start_f
 
 
 def test_run_command_cannot_take_over_nsnet(user, workdir, base_dir):
-    """`nsnet run -p ... -- ATTACKER`: the command, root of its user
-    namespace, sharing the PID namespace with nsnet, attacks the connector
-    and the interface helper (get_info "interface" asked from outside)."""
+    """`nsnet run --share-pid -p ... -- ATTACKER`: the command, root of its
+    user namespace, sharing the PID namespace with nsnet (by default it has
+    its own and sees none of nsnet's processes: tests/test_api_peer.py),
+    attacks the connector and the interface helper (get_info "interface"
+    asked from outside)."""
     att = Attacker(workdir)
     api = os.path.join(workdir, "run.sock")
     port = free_port()
-    proc = user.popen([harness.nsnet_bin(), "run", "--api-socket", api,
+    proc = user.popen([harness.nsnet_bin(), "run", "--share-pid", "--api-socket", api,
                        "-p", f"127.0.0.1:{port}:8080", "--", *att.argv()],
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     host = HostWatch(proc.pid)

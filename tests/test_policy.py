@@ -264,9 +264,12 @@ def test_set_policy_cuts_or_keeps_established(user, probe, servers, workdir, kee
     a = servers()
     api_path = os.path.join(workdir, "api.sock")
     go = os.path.join(workdir, "go")
-    p = user.popen([harness.nsnet_bin(), "run", f"--api-socket={api_path}", "--", NS_PYTHON,
-                    probe, json.dumps([["hold_tcp", "10.0.2.2", a.port, go],
-                                       ["tcp", "10.0.2.2", a.port]])],
+    # with keep_established, under the forwarder's sandbox and seccomp too:
+    # the policy set at run time is parsed where no module can be read
+    sandbox = ["--enable-sandbox", "--enable-seccomp"] if keep else []
+    p = user.popen([harness.nsnet_bin(), "run", f"--api-socket={api_path}", *sandbox, "--",
+                    NS_PYTHON, probe, json.dumps([["hold_tcp", "10.0.2.2", a.port, go],
+                                                  ["tcp", "10.0.2.2", a.port]])],
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert read_line(p.stdout, 30) == b"CONNECTED\n"
@@ -333,6 +336,7 @@ def test_set_policy_errors_and_restart_keeps_policy(user, probe, servers, workdi
 # --------------------------------------------------------------------------
 
 ADDRS = ["10.255.1.1", "10.255.1.2", "10.255.1.3", "10.255.1.4"]
+ADDRS6 = ["fd10::1", "fd10::2"]
 
 
 class DnsResolver:
@@ -383,8 +387,12 @@ class DnsResolver:
                 n += 1
                 cur = value
                 continue
-            if qtype == 1:
+            if qtype == 1 and kind == "A":
                 ans += owner + struct.pack("!HHIH", 1, 1, ttl, 4) + socket.inet_aton(value)
+                n += 1
+            elif qtype == 28 and kind == "AAAA":
+                ans += owner + struct.pack("!HHIH", 28, 1, ttl, 16) + socket.inet_pton(
+                    socket.AF_INET6, value)
                 n += 1
             break
         if n == 0 and cur not in self.records:
@@ -437,14 +445,18 @@ def dns_env(workdir):
     private mount namespace with a resolv.conf bind-mounted)."""
     for a in ADDRS:
         subprocess.run(["ip", "addr", "add", f"{a}/32", "dev", "lo"], check=True)
+    for a in ADDRS6:
+        subprocess.run(["ip", "-6", "addr", "add", f"{a}/128", "dev", "lo", "nodad"], check=True)
     port = free_port(addr="127.0.0.1")
-    srvs = [HostServer("echo", "tcp", a, port) for a in ADDRS]
+    srvs = [HostServer("echo", "tcp", a, port) for a in ADDRS + ADDRS6]
     resolver = DnsResolver({
         "allowed.test": ("A", ADDRS[0], 300),
         "other.test": ("A", ADDRS[1], 300),
         "alias.test": ("CNAME", "cdn.other.test", 300),
         "cdn.other.test": ("A", ADDRS[2], 300),
         "short.test": ("A", ADDRS[3], 1),
+        "v6.test": ("AAAA", ADDRS6[0], 300),
+        "other6.test": ("AAAA", ADDRS6[1], 300),
     })
     conf = os.path.join(workdir, "resolv.conf")
     with open(conf, "w") as f:
@@ -460,6 +472,8 @@ def dns_env(workdir):
             s.close()
         for a in ADDRS:
             subprocess.run(["ip", "addr", "del", f"{a}/32", "dev", "lo"], check=False)
+        for a in ADDRS6:
+            subprocess.run(["ip", "-6", "addr", "del", f"{a}/128", "dev", "lo"], check=False)
 
 
 def test_dns_names(user, probe, dns_env):
@@ -505,8 +519,35 @@ def test_dns_names(user, probe, dns_env):
     assert "other.test" not in resolver.queries
     assert "cdn.other.test" not in resolver.queries
     assert "allowed.test" in resolver.queries
-    assert [s.connections for s in dns_env["servers"]] == [1, 0, 1, 1]
+    assert [s.connections for s in dns_env["servers"]] == [1, 0, 1, 1, 0, 0]
     assert f"-> {ADDRS[0]}:{port} (allowed.test) by allow allowed.test:{port}" in err
+
+
+
+def test_dns_names_ipv6(user, probe, dns_env):
+    """AAAA answers teach IPv6 addresses; queries to fd00::3 are filtered."""
+    port, resolver = dns_env["port"], dns_env["resolver"]
+    flags = ["-6", "--egress=deny", f"--allow=tcp:v6.test:{port}"]
+    steps = [
+        ["tcp", ADDRS6[0], port],                             # 0 not learned yet
+        ["dns", "10.0.2.3", "v6.test", "AAAA", "udp"],        # 1
+        ["tcp_until_ok", ADDRS6[0], port, 15],                # 2 (after DAD)
+        ["dns", "fd00::3", "other6.test", "AAAA", "udp"],     # 3 REFUSED
+        ["tcp", ADDRS6[1], port],                             # 4
+        ["dns", "10.0.2.3", "V6.Test.", "AAAA", "udp"],       # 5
+    ]
+    # (libslirp forwards fd00::3's queries only to an IPv6 nameserver of
+    # the host; this resolver is on 127.0.0.1: the allowed queries go to
+    # 10.0.2.3, the refused one is answered by nsnet at fd00::3 itself)
+    res, _ = run_probe(user, probe, flags, steps, argv_prefix=dns_env["prefix"])
+    assert res[0]["result"] in ("ECONNREFUSED", "EADDRNOTAVAIL", "ENETUNREACH")
+    assert res[1]["rcode"] == 0 and res[1]["addrs"] == [ADDRS6[0]]
+    assert res[2]["result"] == "ok"
+    assert res[3]["rcode"] == 5
+    assert res[4]["result"] == "ECONNREFUSED"
+    assert res[5]["rcode"] == 0 and res[5]["addrs"] == [ADDRS6[0]]
+    assert "other6.test" not in resolver.queries
+    assert [s.connections for s in dns_env["servers"]][4:] == [1, 0]
 
 
 # --------------------------------------------------------------------------
@@ -557,3 +598,25 @@ def test_python_api(user, probe, servers, workdir):
     res = json.loads(out.decode().strip().splitlines()[-1])
     assert [r["result"] for r in res] == ["ok", "ECONNREFUSED"]
     assert stats["flows_cut"] == 0
+
+
+def test_bypass_obeys_the_policy(user, probe, servers, workdir):
+    """--bypass (host sockets for connects, issue 13) under a policy: the
+    handler bypasses nothing the policy governs (libslirp's path enforces
+    it); without a policy at start, set_policy is refused while it runs."""
+    a, b = servers(), servers()
+    api_path = os.path.join(workdir, "api.sock")
+    res, _ = run_probe(user, probe, ["--bypass", f"--api-socket={api_path}", "--egress=deny",
+                                     f"--allow=tcp:10.0.2.2:{a.port}"],
+                       [["tcp", "10.0.2.2", a.port], ["tcp", "10.0.2.2", b.port],
+                        ["api", api_path, {"execute": "get_stats"}]])
+    assert [r["result"] for r in res[:2]] == ["ok", "ECONNREFUSED"]
+    st = res[2]["result"]["return"]
+    assert st["bypass"]["bypassed"] == 0 and not any(st["bypass"]["scope"].values())
+    assert b.connections == 0
+    res, _ = run_probe(user, probe, ["--bypass", f"--api-socket={api_path}"],
+                       [["api", api_path, {"execute": "set_policy", "arguments": {
+                           "egress": "deny", "rules": []}}],
+                        ["tcp", "10.0.2.2", a.port]])
+    assert "set_policy: --bypass" in res[0]["result"]["error"]["desc"]
+    assert res[1]["result"] == "ok"

@@ -189,13 +189,11 @@ class Handler:
             signal.signal(s, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         keep = self.listener
+        from ..children import detach_stdio
+
+        detach_stdio()  # /dev/null; stderr never the terminal (the log pipe)
         os.closerange(3, keep)
         os.closerange(keep + 1, 1 << 20)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
-        os.dup2(devnull, 1)
-        if devnull > 2:
-            os.close(devnull)
         rc = self.lib.nsb_run(keep, self.cfg, self.shared)
         if rc < 0:
             os.write(2, f"nsnet: bypass handler: {os.strerror(-rc)}\n".encode())

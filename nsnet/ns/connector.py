@@ -5,7 +5,6 @@ namespaces once and connects to guest ports there for the relay
 from __future__ import annotations
 
 import errno
-import json
 import os
 import select
 import socket
@@ -16,10 +15,26 @@ if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Any
 
 from .. import fdpass, linux
-from ..proto.fastpath import family, send_json
+from ..proto.fastpath import family, parse_connect_request, send_json
+from ..proto.wire import MAX_MSG, ProtocolError
 from . import helper as helper_ns
 
 CONNECT_TIMEOUT = 10.0    # connector: connect() to the guest port
+
+
+def _seccomp(seccomp: bool) -> str:
+    """--enable-seccomp, last: the connector's own allowlist (profile
+    "connector" in nsnet/seccomp.py: TCP sockets, connect, the socket to
+    the relay; no files).  "" or why not."""
+    if not seccomp:
+        return ""
+    from .. import seccomp as seccomp_mod
+
+    try:
+        seccomp_mod.install("connector")
+    except seccomp_mod.SeccompError as e:
+        return f"seccomp: {e}"
+    return ""
 
 
 def _confine() -> str:
@@ -37,16 +52,22 @@ def _confine() -> str:
     return ""
 
 
-def connector_main(ns: helper_ns.NsFds, sock: socket.socket) -> int:
+def connector_main(ns: helper_ns.NsFds, sock: socket.socket,
+                   seccomp: bool = False) -> int:
     """Join the namespaces (non-dumpable first), move to an empty root,
-    drop every capability, say ready, then answer {"tag","addr","port"}
+    drop every capability, load its seccomp filter (--enable-seccomp), say
+    ready, then answer {"tag","addr","port"}
     requests with {"tag","ok":true} plus the connected fd, or
     {"tag","ok":false,"error"}.  Connects are non-blocking: a slow guest
     port does not hold up the others.  Exits 0 when its peer hangs up."""
+    if seccomp:  # the binding and libseccomp, while there are files to load them from
+        from .. import seccomp as seccomp_mod
+
+        seccomp_mod.resolve(profile="connector")
     if not helper_ns.enter_namespaces(ns):
         send_json(sock, {"event": "failed", "error": "cannot join the target's namespaces"})
         return 1
-    why = _confine()
+    why = _confine() or _seccomp(seccomp)
     if why:
         send_json(sock, {"event": "failed", "error": why})
         return 1
@@ -69,11 +90,14 @@ def connector_main(ns: helper_ns.NsFds, sock: socket.socket) -> int:
             timeout = max(0.0, min(d for _, _, d in pending.values()) - now) * 1000
         for fd, _ev in poller.poll(timeout):
             if fd == sock.fileno():
-                data = sock.recv(65536)
+                data = sock.recv(MAX_MSG + 1)
                 if not data:
                     return 0
-                req = json.loads(data)
-                tag, addr, port = req.get("tag"), req["addr"], int(req["port"])
+                try:
+                    req = parse_connect_request(data)
+                except ProtocolError:
+                    return 1  # nsnet's own bug: the relay drops this connector
+                tag, addr, port = req["tag"], req["addr"], req["port"]
                 conn = socket.socket(family(addr), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
                 err = conn.connect_ex((addr, port))
                 if err == 0:

@@ -49,6 +49,8 @@ if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
 from .. import fdpass, linux
 from ..children import fork_child
 from ..netconfig import NetConfig
+from ..proto import helper as proto
+from ..proto.wire import MAX_MSG, ProtocolError
 
 
 SIOCGIFHWADDR = 0x8927
@@ -189,7 +191,9 @@ def _tap(ns: NsFds, sock: socket.socket, tapname: str, net: NetConfig,
     try:
         tapfd = linux.open_tap(tapname, vnet_hdr=net.offload, mtu=net.mtu)
     except OSError as e:
-        print(f"cannot open TAP {tapname!r} (/dev/net/tun): {e.strerror}", file=sys.stderr)
+        from ..diag import tap_error
+
+        print(tap_error(tapname, e), file=sys.stderr)
         return 1
     if configure:
         try:
@@ -209,10 +213,10 @@ def _interface(ns: NsFds, sock: socket.socket, tapname: str) -> int:
     return _describe(tapname, sock)
 
 
-def _connector(ns: NsFds, sock: socket.socket) -> int:
+def _connector(ns: NsFds, sock: socket.socket, seccomp: bool = False) -> int:
     from .connector import connector_main
 
-    return connector_main(ns, sock)
+    return connector_main(ns, sock, seccomp)
 
 
 # What spawn() can start after an exec (their arguments are JSON): the TAP
@@ -309,21 +313,27 @@ def _start_in_namespaces(name: str, kind: str, ns: NsFds, args: dict,
     return pid, parent_sock
 
 
-def _receive(sock: socket.socket, timeout: float) -> tuple[dict | None, list[int]]:
-    """The child's one message and the fds with it; (None, []) if it closed
-    the socket (it failed) or said nothing within the timeout."""
+def _receive(sock: socket.socket, timeout: float) -> tuple[bytes | None, list[int]]:
+    """The child's one message (raw: proto/helper.py checks it) and the fds
+    with it; (None, []) if it closed the socket (it failed) or said nothing
+    within the timeout."""
     try:
         sock.settimeout(timeout)
         try:
-            return fdpass.recv_fds(sock)
-        except (OSError, ValueError):
+            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MSG + 1, 1)
+        except OSError:
             return None, []
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return None, []
+        return data, fds
     finally:
         sock.close()
 
 
 def _in_namespaces(name: str, kind: str, ns: NsFds, args: dict,
-                   timeout: float) -> tuple[dict | None, list[int], int]:
+                   timeout: float) -> tuple[bytes | None, list[int], int]:
     """Run a kind in a child inside the target's namespaces; return (its
     message, the fds it sent, its exit status)."""
     pid, sock = _start_in_namespaces(name, kind, ns, args)
@@ -355,13 +365,18 @@ class TapHelper:
         """(TAP fd, ifindex, MAC).  Raises HelperError if the helper failed
         or timed out (it has been reaped then).  Once the fd is here the
         helper is only exiting: reap() it later, off the path to ready."""
-        msg, fds = _receive(self._sock, self.timeout)
-        if msg is None or not fds:
+        data, fds = _receive(self._sock, self.timeout)
+        try:
+            if data is None:
+                raise ProtocolError("no message")
+            ifindex, mac = proto.parse_tap_result(data, len(fds))
+        except ProtocolError as e:
             for fd in fds:
                 os.close(fd)
-            raise HelperError(f"child failed({self.reap()})")
-        mac = bytes.fromhex(msg["mac"]) if msg.get("mac") else None
-        return fds[0], int(msg.get("ifindex", 0)), mac
+            how = self.reap()
+            raise HelperError(f"child failed({how})" if data is None else
+                              f"namespace helper: protocol error: {e} (killed: {how})") from None
+        return fds[0], ifindex, mac
 
     def reap(self) -> int:
         """Wait for the helper's exit (bounded; killed if it hangs); its
@@ -408,14 +423,28 @@ def _describe(tapname: str, sock: socket.socket) -> int:
     return 0
 
 
+def start_describe(ns: NsFds, tapname: str) -> tuple[int, socket.socket]:
+    """The interface helper, started (the supervisor waits for it in its
+    loop: supervisor/interface.py): its PID and the socket its one message
+    (proto/helper.py) comes on."""
+    return _start_in_namespaces("nsnet-nshelper", "interface", ns, {"tapname": tapname})
+
+
 def describe_interface(ns: NsFds, tapname: str, timeout: float = 10.0) -> dict:
-    """Report the TAP's state inside the namespace (for the API's get_info
-    with "interface": true). Raises HelperError when it cannot be read."""
-    msg, fds, status = _in_namespaces("nsnet-nshelper", "interface", ns,
-                                      {"tapname": tapname}, timeout)
-    for fd in fds:
-        os.close(fd)
-    if msg is None or status != 0:
+    """Report the TAP's state inside the namespace, waiting for it (a
+    blocking call; the supervisor uses start_describe). Raises HelperError
+    when it cannot be read."""
+    data, fds, status = _in_namespaces("nsnet-nshelper", "interface", ns,
+                                       {"tapname": tapname}, timeout)
+    try:
+        msg = proto.parse_interface(data or b"", len(fds))
+    except ProtocolError as e:
+        raise HelperError(f"namespace helper failed({status})" if data is None
+                          else f"namespace helper: protocol error: {e}") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if status != 0:
         raise HelperError(f"namespace helper failed({status})")
     if "error" in msg:
         raise HelperError(msg["error"])

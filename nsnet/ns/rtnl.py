@@ -108,7 +108,10 @@ class Rtnl:
         body = struct.pack("=BBBBBBBBI", socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, proto,
                            RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
         body += _attr(RTA_GATEWAY, gateway.packed) + _attr(RTA_OIF, struct.pack("=I", index))
-        self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body)
+        # NLM_F_CREATE without NLM_F_EXCL, as slirp4netns's SIOCADDRT: a
+        # second instance on the namespace (another TAP, --cidr) adds a second
+        # default route ahead of the first; only the very same route is EEXIST.
+        self.request(RTM_NEWROUTE, NLM_F_CREATE, body)
 
 
 def configure(tapname: str, net: "NetConfig") -> None:

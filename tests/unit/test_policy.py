@@ -286,3 +286,39 @@ def test_ten_thousand_rules_load_fast() -> None:
     # wide margin: 10,000 rules "well under a second" (about 0.15 s here).
     assert elapsed < 5, elapsed
     assert p.decide("tcp", "198.51.100.1", 443, ["a.n7.example.test"]).rule_index == 15
+
+
+# ---- the API's request size for set_policy -----------------------------------
+
+class _Backend:
+    default_guest_addr = "10.0.2.100"
+    default_guest_addr6 = None
+
+    def __init__(self) -> None:
+        self.got = None
+
+    def api_set_policy(self, args):
+        self.got = args
+
+    def api_get_policy(self):
+        return {"egress": "allow", "rules": []}
+
+
+def test_set_policy_may_exceed_4k() -> None:
+    from nsnet.supervisor import api
+
+    rules = [{"action": "deny", "dest": f"192.0.2.{i % 250}", "ports": str(i + 1)}
+             for i in range(300)]
+    big = json.dumps({"execute": "set_policy", "arguments": {"egress": "deny", "rules": rules}})
+    assert len(big) > api.MAX_REQUEST
+    b = _Backend()
+    assert json.loads(api.handle(big.encode(), b)) == {"return": {}}
+    assert len(b.got["rules"]) == 300
+    # other requests keep the 4 KiB limit, even when they mention set_policy
+    other = json.dumps({"execute": "add_hostfwd", "arguments": {"x": "set_policy" + "y" * 5000}})
+    assert json.loads(api.handle(other.encode(), b)) == \
+        {"error": {"desc": "bad request: too large message"}}
+    assert json.loads(api.handle(b'{"execute":"set_policy"}', b))["error"]["desc"].startswith(
+        "bad request: set_policy: arguments must be the policy")
+    assert json.loads(api.handle(b'{"execute":"get_policy"}', b)) == \
+        {"return": {"egress": "allow", "rules": []}}

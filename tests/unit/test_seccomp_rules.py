@@ -72,3 +72,40 @@ def test_argument_filtered_calls_allowed_with_good_arguments(name, args):
     assert res["outcome"] == "allowed", res
     if name == "ioctl":  # fd 0 may be anything; the filter let it through
         assert res["rc"] >= 0 or res["errno"] in (errno.ENOTTY, errno.EBADF, errno.EINVAL)
+
+
+# -- openat: read-only (issue 11, item 5) -------------------------------------
+
+O_RDONLY, O_WRONLY, O_RDWR, O_CREAT, O_TRUNC, O_APPEND = 0, 1, 2, 0o100, 0o1000, 0o2000
+O_CLOEXEC, O_TMPFILE = 0o2000000, 0o20200000
+AT_FDCWD = -100
+
+
+@pytest.mark.parametrize("flags", [O_WRONLY, O_RDWR, O_WRONLY | O_TRUNC, O_WRONLY | O_APPEND,
+                                   O_RDONLY | O_TRUNC, O_RDONLY | O_CREAT,
+                                   O_WRONLY | O_CREAT, O_TMPFILE | O_RDWR])
+def test_openat_for_writing_kills(tmp_path, flags):
+    """What a compromised filtered process would do to the user's files:
+    open one to write, truncate or create one.  Killed; the file intact."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"data\n")
+    target = str(tmp_path if flags & O_TMPFILE == O_TMPFILE else victim)
+    res = run("openat", AT_FDCWD, target, flags, 0o600)
+    assert res["outcome"] == "refused" and res["signal"] == "SIGSYS", res
+    assert victim.read_bytes() == b"data\n"
+    res = run("openat", AT_FDCWD, str(tmp_path / "new"), flags | O_CREAT, 0o600)
+    assert res["outcome"] == "refused", res
+    assert not (tmp_path / "new").exists()
+
+
+def test_openat_read_only_allowed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"data\n")
+    res = run("openat", AT_FDCWD, str(victim), O_RDONLY | O_CLOEXEC, 0)
+    assert res["outcome"] == "allowed" and res["rc"] >= 0, res
+
+
+def test_openat_rule_in_filter(pfc):
+    assert seccomp.RESTRICTED["openat"] == [[(2, "masked_eq", seccomp.OPEN_WRITE_FLAGS, 0)]]
+    assert seccomp.OPEN_WRITE_FLAGS & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) == \
+        O_WRONLY | O_RDWR | O_CREAT | O_TRUNC
