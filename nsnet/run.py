@@ -802,9 +802,9 @@ class Runner:
         # is in a background group: its warnings must not stop it (TOSTOP).
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)
         # While the child unshares, load what the next steps need.  Not the
-        # libslirp binding: the namespace helpers forked before ready must
+        # libslirp binding: the namespace helpers forked during set-up must
         # never have it mapped (nsnet/ns/helper.py); the forwarder loads it
-        # itself after its fork, and the supervisor after ready.
+        # itself after its fork, and this process once they are started.
         from . import supervisor  # noqa: F401
         sup = None
         try:
@@ -820,6 +820,12 @@ class Runner:
                 sup = self._start_supervisor()
                 publish(sup, self.opts.publish, self.opts.publish_mode)
                 self.send(b"C")
+                # While the child configures its network: the forwarder's
+                # code (libslirp's binding) for restarts, which signal_ready
+                # would load otherwise.  Only now: the TAP helper and the
+                # first connector, forked above, must never have it mapped
+                # (nsnet/ns/helper.py; later ones exec a fresh interpreter).
+                from .host import forwarder  # noqa: F401
                 if self.opts.bypass:
                     self._expect_listener()
                     self._start_bypass(sup)
