@@ -928,12 +928,21 @@ class Runner:
 
         watch[h.pidfd] = on_exit
         sup.stats_sources["bypass"] = h.stats
-        # The handler bypasses what its scope says, decided once: a policy
-        # set at run time could not reach the sockets it hands out.
-        sup.policy_blocked_by = ("--bypass: connections that bypass libslirp cannot follow "
-                                 "a policy set at run time; start nsnet run with the policy "
-                                 "(--egress, --allow, --deny) instead"
-                                 if any(h.scope.values()) else None)
+        # set_policy: new connects follow it (policy_changed narrows the
+        # scope); connections already bypassed cannot be cut, so a
+        # set_policy that would cut established flows is refused once
+        # anything may have been bypassed.
+        sup.policy_listeners.append(h.policy_changed)
+
+        def blocked_by() -> str | None:
+            if not any(h.scope.values()) and not h.stats()["bypassed"]:
+                return None
+            return ("--bypass: connections that bypass libslirp cannot be cut by a policy "
+                    "set at run time; give keep_established: true (connects from then on "
+                    "follow the new policy), or start nsnet run with the policy (--egress, "
+                    "--allow, --deny)")
+
+        sup.policy_blocked_by = blocked_by
 
     def _start_supervisor(self) -> "Supervisor":
         from .ns.helper import Target
