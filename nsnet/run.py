@@ -802,9 +802,9 @@ class Runner:
         # is in a background group: its warnings must not stop it (TOSTOP).
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)
         # While the child unshares, load what the next steps need.  Not the
-        # libslirp binding: the namespace helpers forked before ready must
+        # libslirp binding: the namespace helpers forked during set-up must
         # never have it mapped (nsnet/ns/helper.py); the forwarder loads it
-        # itself after its fork, and the supervisor after ready.
+        # itself after its fork, and this process once they are started.
         from . import supervisor  # noqa: F401
         sup = None
         try:
@@ -820,6 +820,12 @@ class Runner:
                 sup = self._start_supervisor()
                 publish(sup, self.opts.publish, self.opts.publish_mode)
                 self.send(b"C")
+                # While the child configures its network: the forwarder's
+                # code (libslirp's binding) for restarts, which signal_ready
+                # would load otherwise.  Only now: the TAP helper and the
+                # first connector, forked above, must never have it mapped
+                # (nsnet/ns/helper.py; later ones exec a fresh interpreter).
+                from .host import forwarder  # noqa: F401
                 if self.opts.bypass:
                     self._expect_listener()
                     self._start_bypass(sup)
@@ -922,12 +928,21 @@ class Runner:
 
         watch[h.pidfd] = on_exit
         sup.stats_sources["bypass"] = h.stats
-        # The handler bypasses what its scope says, decided once: a policy
-        # set at run time could not reach the sockets it hands out.
-        sup.policy_blocked_by = ("--bypass: connections that bypass libslirp cannot follow "
-                                 "a policy set at run time; start nsnet run with the policy "
-                                 "(--egress, --allow, --deny) instead"
-                                 if any(h.scope.values()) else None)
+        # set_policy: new connects follow it (policy_changed narrows the
+        # scope); connections already bypassed cannot be cut, so a
+        # set_policy that would cut established flows is refused once
+        # anything may have been bypassed.
+        sup.policy_listeners.append(h.policy_changed)
+
+        def blocked_by() -> str | None:
+            if not any(h.scope.values()) and not h.stats()["bypassed"]:
+                return None
+            return ("--bypass: connections that bypass libslirp cannot be cut by a policy "
+                    "set at run time; give keep_established: true (connects from then on "
+                    "follow the new policy), or start nsnet run with the policy (--egress, "
+                    "--allow, --deny)")
+
+        sup.policy_blocked_by = blocked_by
 
     def _start_supervisor(self) -> "Supervisor":
         from .ns.helper import Target

@@ -219,6 +219,23 @@ def test_attach_namespace_root_cannot_take_over_nsnet(user, ns, workdir, start_f
         report = att.finish(fwd.pid)
         seen = host.stop()
         assert harness.tcp_send("127.0.0.1", port, b"pong") == b"pong"
+        # What the namespace's root can still do, kill the connector, is
+        # harmless: the supervisor starts a new one.
+        (conn,) = [p for p in harness.descendants(fwd.pid)
+                   if Path(f"/proc/{p}/comm").read_text().strip() == "nsnet-connect"]
+        ns.run(["kill", "-KILL", conn], check=False)
+        harness.wait_until(lambda: not os.path.exists(f"/proc/{conn}/comm")
+                           or "Z" in Path(f"/proc/{conn}/stat").read_text().split()[2], 10,
+                           what="the killed connector gone")
+
+        def works() -> bool:
+            try:
+                return harness.tcp_send("127.0.0.1", port, b"again", timeout=5) == b"again"
+            except OSError:
+                return False
+
+        harness.wait_until(works, 20, interval=0.2, what="the splice forward after a restart")
+        assert fwd.alive()
     finally:
         if host is not None:
             host.stop()

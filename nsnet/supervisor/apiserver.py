@@ -307,9 +307,6 @@ class ApiServer:
         keep_established); a forwarder started later gets it at fork."""
         from .policy import PolicyControl, PolicyControlError
 
-        blocked = getattr(self, "policy_blocked_by", None)
-        if blocked:
-            raise api.ApiError(f"set_policy: {blocked}")
         if self.policy is None:
             self.policy = PolicyControl(None, self.opts.audit_all)
             if self.fwd is not None:
@@ -318,13 +315,27 @@ class ApiServer:
             pol, keep = self.policy.parse_set(args)
         except PolicyControlError as e:
             raise api.ApiError(f"set_policy: {e}") from None
+        # another enforcement point that cannot cut flows (nsnet run --bypass)
+        blocked = getattr(self, "policy_blocked_by", None)
+        blocked = blocked() if callable(blocked) else blocked
+        if blocked and not keep:
+            raise api.ApiError(f"set_policy: {blocked}")
+        old = self.policy.policy
+        # Other enforcement points (nsnet run --bypass): narrowed to what
+        # both policies allow while the forwarder switches, then the new one.
+        for fn in self.policy_listeners:
+            fn(old, pol, False)
         fwd = self.fwd  # None: restart pending: the next forwarder gets it at fork
         if fwd is not None and not fwd.broken:  # (a starting one: sent once it is ready)
             try:
                 yield from self.policy.send(self._forwarder_request, pol, keep)
             except (PolicyControlError, ForwardError) as e:
+                for fn in self.policy_listeners:
+                    fn(None, old, True)
                 raise api.ApiError(f"set_policy: {e}") from None
         self.policy.policy = pol
+        for fn in self.policy_listeners:
+            fn(None, pol, True)
         self.log.info(f"egress policy replaced: default {pol.default}, {len(pol.rules)} rules"
                       + (" (established flows kept)" if keep else ""))
 
