@@ -394,3 +394,29 @@ def test_supervisor_confined_with_sandbox(ns, user, workdir, start_fwd, nsnet_im
         assert info["forwarder_pid"] != old
     finally:
         kill_and_reap(srv)
+
+
+@pytest.mark.parametrize("user", ["root"], indirect=True)
+def test_root_supervisor_keeps_what_it_needs_visible(ns, user, start_fwd, nsnet_impl):
+    """The homes are hidden from a root supervisor only where nothing it
+    needs lives: with the API socket and the pidfile under /root, /root
+    stays (the socket works, both are removed at exit) while /home goes."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="nsnet-confine.", dir="/root")
+    try:
+        api, pidfile = os.path.join(d, "api.sock"), os.path.join(d, "nsnet.pid")
+        fwd = start_fwd(nsnet_impl, ["--configure", "--api-socket", api, "--pidfile", pidfile,
+                                     "--enable-sandbox", ns.pid, "tap0"])
+        info = json.loads(api_call(api, {"execute": "get_info"}))["return"]
+        assert info["supervisor_pid"] == fwd.pid
+        assert Path(pidfile).read_text().strip() == str(fwd.pid)
+        assert sorted(os.listdir(f"/proc/{fwd.pid}/root{d}")) == ["api.sock", "nsnet.pid"]
+        if os.path.isdir("/home") and os.listdir("/home"):
+            assert os.listdir(f"/proc/{fwd.pid}/root/home") == []
+        os.kill(fwd.pid, signal.SIGTERM)
+        assert fwd.wait_exit(10) == 0
+        assert not os.path.exists(api) and not os.path.exists(pidfile)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
