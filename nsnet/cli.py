@@ -15,6 +15,7 @@ from .netconfig import (
     check_mtu,
     check_tapname,
     parse_cidr,
+    parse_cidr6,
     parse_mac,
 )
 
@@ -134,6 +135,9 @@ def parse(argv: list[str]):
 
     try:
         net_cidr = parse_cidr(v["cidr"])
+        net_cidr6 = parse_cidr6(v["cidr6"]) if v["cidr6"] else None
+        if net_cidr6 is not None and not v["ipv6"]:
+            raise ConfigError("--cidr6 needs -6 (--enable-ipv6)")
         check_mtu(v["mtu"])
         mac_bytes = parse_mac(mac) if mac is not None else None
         tapname = check_tapname(args[1])
@@ -187,6 +191,7 @@ def parse(argv: list[str]):
         outbound_addr6=out6,
         offload=v["offload"],
         restricted=v["no_egress"],
+        cidr6=net_cidr6,
     )
     from . import log
 

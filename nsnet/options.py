@@ -319,6 +319,9 @@ TABLE: list[Opt] = [
     Opt("log-format", arg="FORMAT", conv=choice("log-format", *LOG_FORMATS), default="text",
         api="log_format",
         help="text or json (default={default})"),
+    Opt("cidr6", arg="PREFIX/64", api="cidr6",
+        help="the IPv6 prefix with -6 (default fd00::/64): gateway ::2,\n"
+             "DNS ::3, the namespace's address by SLAAC"),
     Opt("name", arg="NAME", api="name",
         help="name this instance for nsnet ctl --instance and nsnet ps;\n"
              "without -a, its API socket goes in the registry"),

@@ -158,7 +158,8 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     """RunOptions, or None for --help. Raises UsageError."""
     from . import options as O
     from .getopt_long import GetoptError
-    from .netconfig import ConfigError, NetConfig, check_mtu, check_tapname, parse_cidr
+    from .netconfig import (ConfigError, NetConfig, check_mtu, check_tapname, parse_cidr,
+                            parse_cidr6)
     from .portspec import PortSpecError
     from .portspec import parse_many
 
@@ -227,12 +228,15 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     if v["dns"] and v["disable_dns"]:
         raise UsageError("--dns names the built-in DNS, which --disable-dns turns off: "
                          "give one of them")
+    if v["cidr6"] and not v["ipv6"]:
+        raise UsageError("--cidr6 needs -6 (--enable-ipv6)")
     try:
         ro.tapname = check_tapname(v["tapname"])
         net = NetConfig(cidr=parse_cidr(v["cidr"]), mtu=check_mtu(v["mtu"]), ipv6=v["ipv6"],
                         disable_host_loopback=v["disable_host_loopback"],
                         restricted=v["no_egress"], offload=v["offload"],
-                        disable_dns=v["disable_dns"])
+                        disable_dns=v["disable_dns"],
+                        cidr6=parse_cidr6(v["cidr6"]) if v["cidr6"] else None)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     if v["outbound4"] or v["outbound6"]:
@@ -798,9 +802,9 @@ class Runner:
         # is in a background group: its warnings must not stop it (TOSTOP).
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)
         # While the child unshares, load what the next steps need.  Not the
-        # libslirp binding: the namespace helpers forked before ready must
+        # libslirp binding: the namespace helpers forked during set-up must
         # never have it mapped (nsnet/ns/helper.py); the forwarder loads it
-        # itself after its fork, and the supervisor after ready.
+        # itself after its fork, and this process once they are started.
         from . import supervisor  # noqa: F401
         sup = None
         try:
@@ -816,6 +820,12 @@ class Runner:
                 sup = self._start_supervisor()
                 publish(sup, self.opts.publish, self.opts.publish_mode)
                 self.send(b"C")
+                # While the child configures its network: the forwarder's
+                # code (libslirp's binding) for restarts, which signal_ready
+                # would load otherwise.  Only now: the TAP helper and the
+                # first connector, forked above, must never have it mapped
+                # (nsnet/ns/helper.py; later ones exec a fresh interpreter).
+                from .host import forwarder  # noqa: F401
                 if self.opts.bypass:
                     self._expect_listener()
                     self._start_bypass(sup)
@@ -918,12 +928,21 @@ class Runner:
 
         watch[h.pidfd] = on_exit
         sup.stats_sources["bypass"] = h.stats
-        # The handler bypasses what its scope says, decided once: a policy
-        # set at run time could not reach the sockets it hands out.
-        sup.policy_blocked_by = ("--bypass: connections that bypass libslirp cannot follow "
-                                 "a policy set at run time; start nsnet run with the policy "
-                                 "(--egress, --allow, --deny) instead"
-                                 if any(h.scope.values()) else None)
+        # set_policy: new connects follow it (policy_changed narrows the
+        # scope); connections already bypassed cannot be cut, so a
+        # set_policy that would cut established flows is refused once
+        # anything may have been bypassed.
+        sup.policy_listeners.append(h.policy_changed)
+
+        def blocked_by() -> str | None:
+            if not any(h.scope.values()) and not h.stats()["bypassed"]:
+                return None
+            return ("--bypass: connections that bypass libslirp cannot be cut by a policy "
+                    "set at run time; give keep_established: true (connects from then on "
+                    "follow the new policy), or start nsnet run with the policy (--egress, "
+                    "--allow, --deny)")
+
+        sup.policy_blocked_by = blocked_by
 
     def _start_supervisor(self) -> "Supervisor":
         from .ns.helper import Target

@@ -227,6 +227,23 @@ def fallback(host, port, inner_port):
     return r
 
 
+def reconnect(host, port, other_port, other_host="198.51.100.1"):
+    """The hostile command's move: disconnect a bypassed (host) socket with
+    AF_UNSPEC, then connect it somewhere the network refuses."""
+    import ctypes
+    import struct
+    libc = ctypes.CDLL(None, use_errno=True)
+    s = socket.create_connection((host, port), timeout=10)
+    bound = s.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\0").decode()
+    unspec = struct.pack("=H", socket.AF_UNSPEC) + bytes(14)
+    rc = libc.connect(s.fileno(), unspec, len(unspec))
+    e1 = ctypes.get_errno() if rc < 0 else 0
+    s.settimeout(5)
+    e2 = s.connect_ex((other_host, other_port))
+    s.close()
+    return dict(bound=bound, unspec=e1, reconnect=errno.errorcode.get(e2, e2))
+
+
 def main():
     argv = sys.argv[1:]
     wait = False
@@ -237,7 +254,7 @@ def main():
     port = int(port)
     fn = globals()[what]
     try:
-        r = fn(host, port, *(int(x) for x in rest))
+        r = fn(host, port, *(int(x) if x.isdigit() else x for x in rest))
         r["ok"] = True
     except Exception as e:  # reported, the test decides
         r = dict(ok=False, error=f"{type(e).__name__}: {e}")

@@ -223,9 +223,10 @@ def _connector(ns: NsFds, sock: socket.socket, seccomp: bool = False) -> int:
 # helper is not among them, it runs before the supervisor loads libslirp.
 _EXEC_KINDS = {"interface": _interface, "connector": _connector}
 
-# The fresh interpreter's first code: import nsnet from where this copy
-# lives, then _exec_main(argv).
-_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+# The fresh interpreter's first code (started with -I -S: no site, no
+# environment): the parent's import path, so that it imports this very
+# nsnet (and pyroute2) without site's work, then _exec_main(argv).
+_BOOT = ("import sys; sys.path[:] = sys.argv[1].split('\\n'); "
          "from nsnet.ns.helper import _exec_main; _exec_main(sys.argv[2:])")
 
 
@@ -262,9 +263,9 @@ def spawn(name: str, kind: str, ns: NsFds, sock: socket.socket, args: dict,
         def run() -> int:
             for fd in keep:
                 os.set_inheritable(fd, True)
-            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            path = "\n".join(p for p in sys.path if "\n" not in p)
             os.execv(sys.executable, [
-                sys.executable, "-I", "-c", _BOOT, root, name, kind, json.dumps(args),
+                sys.executable, "-I", "-S", "-c", _BOOT, path, name, kind, json.dumps(args),
                 str(sock.fileno()), str(ns.net), str(-1 if ns.user is None else ns.user)])
 
     def child() -> int:

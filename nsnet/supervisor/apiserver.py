@@ -24,8 +24,9 @@ from .tasks import run_task, wait
 
 API_CLIENT_TIMEOUT = 5.0
 API_DRAIN_LIMIT = 1 << 20
-# At most this many clients at once: at the cap the oldest connection is
-# closed to make room, so idle connections cannot lock others out; at most
+# At most this many clients at once: at the cap the oldest connection not
+# waiting for a child is closed to make room, so idle connections cannot
+# lock others out (if all wait for children, new ones wait); at most
 # half as many accepts per loop turn, so a client accepted in one turn is
 # read in the next before a flood can push it out.
 API_MAX_CLIENTS = 128
@@ -33,6 +34,8 @@ API_ACCEPT_BATCH = API_MAX_CLIENTS // 2
 # Out of fds (EMFILE/ENFILE): the listener is not polled until a client's
 # fd is closed or this many seconds have passed (no busy loop).
 API_EMFILE_PAUSE = 0.25
+REFUSAL_LOG_BURST = 10
+REFUSAL_LOG_WINDOW = 10.0
 
 
 def _median(values: list[float]) -> float:
@@ -304,9 +307,6 @@ class ApiServer:
         keep_established); a forwarder started later gets it at fork."""
         from .policy import PolicyControl, PolicyControlError
 
-        blocked = getattr(self, "policy_blocked_by", None)
-        if blocked:
-            raise api.ApiError(f"set_policy: {blocked}")
         if self.policy is None:
             self.policy = PolicyControl(None, self.opts.audit_all)
             if self.fwd is not None:
@@ -315,13 +315,27 @@ class ApiServer:
             pol, keep = self.policy.parse_set(args)
         except PolicyControlError as e:
             raise api.ApiError(f"set_policy: {e}") from None
+        # another enforcement point that cannot cut flows (nsnet run --bypass)
+        blocked = getattr(self, "policy_blocked_by", None)
+        blocked = blocked() if callable(blocked) else blocked
+        if blocked and not keep:
+            raise api.ApiError(f"set_policy: {blocked}")
+        old = self.policy.policy
+        # Other enforcement points (nsnet run --bypass): narrowed to what
+        # both policies allow while the forwarder switches, then the new one.
+        for fn in self.policy_listeners:
+            fn(old, pol, False)
         fwd = self.fwd  # None: restart pending: the next forwarder gets it at fork
         if fwd is not None and not fwd.broken:  # (a starting one: sent once it is ready)
             try:
                 yield from self.policy.send(self._forwarder_request, pol, keep)
             except (PolicyControlError, ForwardError) as e:
+                for fn in self.policy_listeners:
+                    fn(None, old, True)
                 raise api.ApiError(f"set_policy: {e}") from None
         self.policy.policy = pol
+        for fn in self.policy_listeners:
+            fn(None, pol, True)
         self.log.info(f"egress policy replaced: default {pol.default}, {len(pol.rules)} rules"
                       + (" (established flows kept)" if keep else ""))
 
@@ -334,11 +348,23 @@ class ApiServer:
             if now < self.api_paused_until:
                 return False
             self.api_paused_until = None
+        if len(self.api_clients) >= API_MAX_CLIENTS and self._api_victim() is None:
+            return False  # every slot waits for a child: new ones wait in the backlog
         return True
+
+    def _api_victim(self) -> int | None:
+        """The client to close at the cap: the oldest not waiting for a child."""
+        fds = [fd for fd, c in self.api_clients.items() if not c.waiting]
+        return min(fds, key=lambda fd: self.api_clients[fd].deadline) if fds else None
 
     def _api_accept(self) -> None:
         assert self.api_sock is not None
         for _ in range(API_ACCEPT_BATCH):
+            victim = None
+            if len(self.api_clients) >= API_MAX_CLIENTS:
+                victim = self._api_victim()
+                if victim is None:
+                    return
             try:
                 conn, _ = self.api_sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -352,15 +378,30 @@ class ApiServer:
                                          f"{len(self.api_clients)} clients open")
                     self.api_paused_until = time.monotonic() + API_EMFILE_PAUSE
                 return
-            if len(self.api_clients) >= API_MAX_CLIENTS:
-                oldest = min(self.api_clients, key=lambda fd: self.api_clients[fd].deadline)
-                self._api_close(oldest)
+            if victim is not None:
+                self._api_close(victim)
             conn.setblocking(False)
             refused = self.peer_check.refusal(conn)
             if refused is not None:
-                self.log.warning(f"API: refused client pid {refused[0]}: {refused[1]}")
+                self._log_refusal(*refused)
             self.api_clients[conn.fileno()] = _ApiClient(
                 conn, time.monotonic() + API_CLIENT_TIMEOUT, refused)
+
+    def _log_refusal(self, pid: int, why: str) -> None:
+        """One warning per refused client, at most REFUSAL_LOG_BURST per
+        REFUSAL_LOG_WINDOW seconds (then a count): a flood of refused
+        clients must not flood the log."""
+        now = time.monotonic()
+        w = self.__dict__.setdefault("_refusals", [now, 0, 0])  # start, logged, dropped
+        if now - w[0] >= REFUSAL_LOG_WINDOW:
+            if w[2]:
+                self.log.warning(f"API: {w[2]} more clients refused in {now - w[0]:.0f} s")
+            w[:] = [now, 0, 0]
+        if w[1] < REFUSAL_LOG_BURST:
+            w[1] += 1
+            self.log.warning(f"API: refused client pid {pid}: {why}")
+        else:
+            w[2] += 1
 
     def _api_read(self, fd: int) -> None:
         c = self.api_clients[fd]

@@ -164,6 +164,8 @@ class Supervisor(ForwarderControl, ApiServer):
         self.policy: PolicyControl | None = None  # the egress policy (policy.py)
         # get_stats sections of other parts (nsnet run --bypass: "bypass")
         self.stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
+        # told of set_policy: fn(old policy, new policy, done)
+        self.policy_listeners: list[Callable[[Any, Any, bool], None]] = []
         # Children answering requests in the loop (supervisor/interface.py)
         self.io_sources: list[InterfaceQuery] = []
 

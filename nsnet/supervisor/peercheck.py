@@ -86,6 +86,16 @@ def _below(fd: int, stop: tuple[int, int], guarded: "Iterable[tuple[int, int]]" 
         os.close(cur)
 
 
+def _alive(pidfd: int) -> bool:
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, not ours to signal
+    return True
+
+
 def _uid_ranges(pid: int) -> list[tuple[int, int]] | None:
     """The outer uid ranges of PID's user namespace, as seen from here."""
     try:
@@ -184,14 +194,12 @@ class PeerCheck:
                 nsfd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
                 _raise_if_out_of_fds(e)
+                if not _alive(pidfd):
+                    return pid, "the client's process has exited"
                 return pid, f"cannot read /proc/{pid}/ns/user: {e.strerror}"
             try:
-                try:  # the PID still names the process that connected
-                    signal.pidfd_send_signal(pidfd, 0)
-                except ProcessLookupError:
+                if not _alive(pidfd):  # else the PID named the process that connected
                     return pid, "the client's process has exited"
-                except PermissionError:
-                    pass  # alive
                 try:
                     met = _below(nsfd, self.own, self.guarded)
                 except OSError as e:
