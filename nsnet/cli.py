@@ -155,6 +155,8 @@ def parse(argv: list[str]):
                                 "(use --netns-type=path for a path)") from None
             if pid <= 0:
                 raise BadOption(f"PID must be a positive integer, not {args[0]!r}")
+            if not os.path.exists(f"/proc/{pid}"):
+                raise BadOption(f"target PID {pid} does not exist (has the process exited?)")
             target = Target.from_pid(pid)
             if userns_path is not None:
                 # slirp4netns 1.2.0: joins that user namespace instead of the PID's.

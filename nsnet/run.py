@@ -547,9 +547,10 @@ class _Child:
             except OSError as e:
                 self.fail(f"cannot configure the network: {e}")
             if r.opts.net.ipv6 and not _wait_ipv6(r.opts.tapname, IPV6_WAIT):
-                os.write(2, f"{PROG}: warning: no usable IPv6 address on "
-                            f"{r.opts.tapname} after {IPV6_WAIT:g} s; starting "
-                            f"{r.opts.argv[0]} anyway\n".encode())
+                from . import log
+
+                log.say(f"{PROG}: warning: no usable IPv6 address on {r.opts.tapname} after "
+                        f"{IPV6_WAIT:g} s; starting {r.opts.argv[0]} anyway", "warning")
             if r.opts.bypass:
                 self.send_bypass_listener()
             else:
