@@ -172,12 +172,14 @@ def parse(argv: list[str]):
     except DiagError as e:
         raise BadOption(str(e)) from None
 
-    from .policy import PolicyError, from_options
+    policy = None
+    if v["egress"] or v["policy_rules"] or v["policy_file"]:  # else not on the path to ready
+        from .policy import PolicyError, from_options
 
-    try:
-        policy = from_options(v["egress"], v["policy_rules"], v["policy_file"])
-    except PolicyError as e:
-        raise BadOption(str(e)) from None
+        try:
+            policy = from_options(v["egress"], v["policy_rules"], v["policy_file"])
+        except PolicyError as e:
+            raise BadOption(str(e)) from None
 
     out4 = resolve_outbound(v["outbound4"], 4) if v["outbound4"] else None
     out6 = resolve_outbound(v["outbound6"], 6) if v["outbound6"] else None
