@@ -242,7 +242,7 @@ for _ in range(5):
     with socket.create_connection((host, port), timeout=10) as b:
         b.sendall(b"new"); res.append(b.recv(3) == b"new")
 print(json.dumps({"old": old.decode(), "new": res, "peer": a.getpeername()[0]}), flush=True)
-sys.stdin.readline()  # the test reads get_stats first (nsnet ends with the command)
+sys.stdin.readline()  # stay (and nsnet run with it) until the test has read the stats
 """
 
 
@@ -278,11 +278,15 @@ def test_failures(user, workdir, host_server, what):
         if stopped:
             os.kill(p.pid, signal.SIGCONT)
             stopped = False
+        # After a forwarder's death get_stats needs its replacement (it
+        # answers an error while a restart is pending): wait for it.
+        harness.wait_until(lambda: "return" in json.loads(api_call(
+            sock, {"execute": "get_stats"})), 15, what="get_stats answered")
         st = stats(sock)
-        p.stdin.write(b"end\n")
-        p.stdin.flush()
         assert st["bypassed"] == 6
         assert st["restarts"] == (1 if what == "handler" else 0)
+        p.stdin.write(b"bye\n")
+        p.stdin.flush()
         assert p.wait(timeout=30) == 0, p.stderr.read()
     finally:
         if stopped:

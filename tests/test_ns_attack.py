@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import harness
-from harness import NS_PYTHON, HarnessError, api_call, free_port, kill_and_reap, read_line
+from harness import NS_PYTHON, api_call, free_port, kill_and_reap, read_line
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -282,12 +281,7 @@ def test_run_command_cannot_take_over_nsnet(user, workdir, base_dir):
     try:
         line = read_line(proc.stdout, 30)
         assert line.startswith(b"READY"), (line, proc.stderr.read() if proc.poll() else "")
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            s.settimeout(10)
-            try:
-                s.recv(1)  # nothing listens inside: the relay closes it
-            except OSError:
-                pass
+        assert harness.refused_through(port)  # nothing listens inside: the relay closes it
         info = json.loads(api_call(api, {"execute": "get_info",
                                           "arguments": {"interface": True}}, timeout=30))
         assert info["return"]["interface"]["ifname"] == "tap0", info
@@ -339,3 +333,26 @@ def test_namespace_fds_kept_from_start(ns, workdir, start_fwd, nsnet_impl, base_
             kill_and_reap(server)
             for f in (server.stdout, server.stderr):
                 f.close()
+
+
+def test_run_command_cannot_take_over_its_init(user, workdir):
+    """`nsnet run -- ATTACKER` in its own PID namespace (the default): the
+    only nsnet process it can see is the init, PID 1, nsnet's code: every
+    attack on it is refused."""
+    att = Attacker(workdir)
+    proc = user.popen([harness.nsnet_bin(), "run", "--", *att.argv()],
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = read_line(proc.stdout, 30)
+        assert line.startswith(b"READY"), (line, proc.stderr.read() if proc.poll() else "")
+        time.sleep(0.3)
+        Path(att.stopfile).touch()
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+        report = {int(k): v for k, v in json.loads(Path(att.out).read_text()).items()}
+    finally:
+        kill_and_reap(proc)
+        for f in (proc.stdout, proc.stderr):
+            f.close()
+    show(report)
+    assert comms(report) == {"nsnet-init"} and 1 in report, report
+    assert not broken(report), f"the command got in: {broken(report)}"
