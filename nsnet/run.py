@@ -215,12 +215,13 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     ro.seccomp = v["seccomp"]
     ro.max_restarts = v["max_restarts"]
     ro.restart_window = float(v["restart_window"])
-    from .policy import PolicyError, from_options
+    if v["egress"] or v["policy_rules"] or v["policy_file"]:  # else not on the path to ready
+        from .policy import PolicyError, from_options
 
-    try:
-        ro.policy = from_options(v["egress"], v["policy_rules"], v["policy_file"])
-    except PolicyError as e:
-        raise UsageError(str(e)) from None
+        try:
+            ro.policy = from_options(v["egress"], v["policy_rules"], v["policy_file"])
+        except PolicyError as e:
+            raise UsageError(str(e)) from None
     ro.audit_all = v["audit"] == "all"
     ro.audit_log = v["audit_log"]
     ro.bypass = v["bypass"]
@@ -546,9 +547,10 @@ class _Child:
             except OSError as e:
                 self.fail(f"cannot configure the network: {e}")
             if r.opts.net.ipv6 and not _wait_ipv6(r.opts.tapname, IPV6_WAIT):
-                os.write(2, f"{PROG}: warning: no usable IPv6 address on "
-                            f"{r.opts.tapname} after {IPV6_WAIT:g} s; starting "
-                            f"{r.opts.argv[0]} anyway\n".encode())
+                from . import log
+
+                log.say(f"{PROG}: warning: no usable IPv6 address on {r.opts.tapname} after "
+                        f"{IPV6_WAIT:g} s; starting {r.opts.argv[0]} anyway", "warning")
             if r.opts.bypass:
                 self.send_bypass_listener()
             else:

@@ -103,12 +103,7 @@ def waiter(init_pid: int) -> NoReturn:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.closerange(3, _max_fd())
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(4, ctypes.c_ulong(0), 0, 0, 0)  # PR_SET_DUMPABLE 0
-    except OSError:
-        pass
+    _undumpable()
     while True:
         try:
             _, status = os.waitpid(init_pid, 0)
@@ -116,6 +111,19 @@ def waiter(init_pid: int) -> NoReturn:
             os._exit(1)
         if os.WIFEXITED(status) or os.WIFSIGNALED(status):
             exit_like(status)
+
+
+def _undumpable() -> None:
+    """PR_SET_DUMPABLE 0.  This process's memory came from nsnet's (no
+    exec), so the kernel then asks for CAP_SYS_PTRACE over the host's user
+    namespace: the namespace's root (COMMAND) cannot ptrace it, pidfd_getfd
+    its fds or read its /proc/PID/{mem,environ,...} (tests/test_ns_attack.py)."""
+    try:
+        from . import linux
+
+        linux.set_undumpable()
+    except OSError:
+        pass
 
 
 def _max_fd() -> int:
@@ -130,6 +138,7 @@ def init(forwarded: tuple[int, ...], start_command: Callable[[], int],
     """PID 1 of COMMAND's namespace: start COMMAND (start_command forks it
     and returns its PID), forward `forwarded` signals to it, reap, exit with
     its status."""
+    _undumpable()  # COMMAND (root of its namespace) must not take over PID 1
     signals = (*forwarded, signal.SIGCHLD)
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     sigfd = signalfd(signals)

@@ -46,7 +46,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Callable
 
-from .. import fdpass, linux
+from .. import fdpass, linux, log
 from ..children import fork_child
 from ..netconfig import NetConfig
 from ..proto import helper as proto
@@ -152,7 +152,7 @@ def enter_namespaces(ns: NsFds) -> bool:
     try:
         linux.set_undumpable()  # before anything in the namespace can see us
     except OSError as e:
-        print(f"{e}", file=sys.stderr)
+        log.say(f"{e}")
         return False
     if ns.user is not None:
         try:
@@ -162,11 +162,11 @@ def enter_namespaces(ns: NsFds) -> bool:
             # privilege in the network namespace anyway: go on, as
             # slirp4netns does; setns(net) below says if it matters.
             if e.errno not in (errno.EINVAL, errno.EPERM):
-                print(f"setns(user): {e.strerror}", file=sys.stderr)
+                log.say(f"setns(user): {e.strerror}")
     try:
         linux.setns(ns.net, linux.CLONE_NEWNET)
     except OSError as e:
-        print(f"setns(net): {e.strerror}", file=sys.stderr)
+        log.say(f"setns(net): {e.strerror}")
         return False
     finally:
         ns.close()
@@ -179,7 +179,7 @@ def drop_capabilities() -> bool:
     try:
         linux.drop_capabilities()
     except OSError as e:
-        print(f"cannot drop capabilities: {e.strerror}", file=sys.stderr)
+        log.say(f"cannot drop capabilities: {e.strerror}")
         return False
     return True
 
@@ -193,13 +193,13 @@ def _tap(ns: NsFds, sock: socket.socket, tapname: str, net: NetConfig,
     except OSError as e:
         from ..diag import tap_error
 
-        print(tap_error(tapname, e), file=sys.stderr)
+        log.say(tap_error(tapname, e))
         return 1
     if configure:
         try:
             _configure(tapname, net)
         except OSError as e:
-            print(f"cannot configure {tapname}: {e}", file=sys.stderr)
+            log.say(f"cannot configure {tapname}: {e}")
             return 1
     if not drop_capabilities():
         return 1
@@ -288,7 +288,7 @@ def _exec_main(argv: list[str]) -> None:
         sock.set_inheritable(False)
         code = _EXEC_KINDS[kind](ns, sock, **json.loads(args))
     except BaseException as e:
-        print(f"nsnet {argv[:2]}: {e!r}", file=sys.stderr)
+        log.say(f"nsnet {argv[:2]}: {e!r}")
     finally:
         try:
             sys.stderr.flush()

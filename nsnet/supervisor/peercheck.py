@@ -13,9 +13,9 @@ walking up from the client's user namespace with NS_GET_PARENT until the
 target's (refuse) or the supervisor's own, or the top of what the
 supervisor may see (allow).  A client that cannot be identified (it has
 exited, its PID is not visible here, its /proc entry cannot be read) is
-refused, unless its uid is not mapped in the target's user namespace at
-all (then no process of the target can have it: e.g. root talking to an
-unprivileged user's nsnet).
+refused, unless its uid is mapped in the target's user namespace by no range
+and is not its creator's (then no process of the target can have it: e.g.
+root talking to an unprivileged user's nsnet).
 
 The check is off when the target's user namespace is the supervisor's own
 or not below it (nsnet run by root on a namespace of root's): then there is
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 NS_GET_USERNS = 0xB701  # _IO(0xb7, 0x1)
 NS_GET_PARENT = 0xB702  # _IO(0xb7, 0x2)
+NS_GET_OWNER_UID = 0xB704  # _IO(0xb7, 0x4)
 SO_PEERPIDFD = 77  # Linux 6.5
 MAX_DEPTH = 40  # user namespaces nest at most 32 deep
 
@@ -86,6 +87,15 @@ def _below(fd: int, stop: tuple[int, int], guarded: "Iterable[tuple[int, int]]" 
         os.close(cur)
 
 
+def _owner_uid(fd: int) -> int | None:
+    """The uid (as seen here) of the user namespace's creator."""
+    try:
+        buf = fcntl.ioctl(fd, NS_GET_OWNER_UID, b"\0\0\0\0")
+    except OSError:
+        return None
+    return struct.unpack("I", buf)[0]
+
+
 def _alive(pidfd: int) -> bool:
     try:
         signal.pidfd_send_signal(pidfd, 0)
@@ -121,6 +131,7 @@ class PeerCheck:
         (for its uid map)."""
         self.guarded: set[tuple[int, int]] = set()
         self.uid_ranges: list[tuple[int, int]] | None = None
+        owners: list[int | None] = []
         with open("/proc/self/ns/user", "rb", buffering=0) as f:
             self.own = _ident(f.fileno())
         for nsfd, owner in ((userns, False), (netns, True)):
@@ -141,10 +152,18 @@ class PeerCheck:
                     below = True  # when in doubt, keep the boundary
                 if ident != self.own and below:
                     self.guarded.add(ident)
+                    owners.append(_owner_uid(fd))
             finally:
                 os.close(fd)
         if self.guarded and pid is not None:
             self.uid_ranges = _uid_ranges(pid)
+        if self.uid_ranges is not None:
+            # The creator keeps its uid inside even with no map written.
+            for uid in owners:
+                if uid is None:
+                    self.uid_ranges = None  # unknown: no shortcut
+                    break
+                self.uid_ranges.append((uid, 1))
         self.reserve: list[int] = []
         if self.guarded:
             self._fill_reserve()
