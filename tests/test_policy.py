@@ -196,12 +196,14 @@ def test_ipv6(user, probe, servers):
         ["tcp_until_ok", "fd00::2", a.port, 15],  # the SLAAC address passes DAD first
         ["tcp", "fd00::2", b.port],
         ["tcp_dstopts", "fd00::2", b.port],
-        ["udp", "fd00::2", u.port, 16]])
+        ["udp", "fd00::2", u.port, 16],
+        ["udp", "fd00::2", u.port, 4000]])  # IPv6 fragments: judged on the first
     assert res[0]["result"] == "ok"
     assert res[1]["result"] == "ECONNREFUSED" and res[1]["seconds"] < 1.0
     # a destination-options header does not hide the TCP header
     assert res[2]["result"] == "ECONNREFUSED" and res[2]["seconds"] < 1.0
     assert res[3]["result"] == "EACCES"  # ICMPv6 administratively prohibited
+    assert res[4]["result"] == "EACCES"
     assert b.connections == 0 and u.count == 0
 
 
