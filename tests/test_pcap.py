@@ -210,3 +210,18 @@ def test_attach_pcap_restarted_forwarder_appends(nsnet_impl, ns, workdir, attach
     assert rest == 0
     assert_both_directions(frames, first_srv.port)
     assert_both_directions(frames, second_srv.port)
+
+
+def test_attach_pcap_sandbox_seccomp(nsnet_impl, ns, workdir, attach, host_server):
+    """The sandboxed, seccomp-confined forwarder (no filesystem) writes the
+    capture through the fd it inherited."""
+    srv = host_server("sink")
+    path = os.path.join(workdir, "sandboxed.pcap")
+    net = attach(nsnet_impl, ns, f"--pcap={path}", "--enable-sandbox", "--enable-seccomp")
+    ns.run(["ping", "-c1", "-W5", GW], check=True, timeout=20)
+    assert ns.client("connect", GW, srv.port)["ok"] is True
+    _lt, frames, rest = read_pcap(path)
+    assert rest == 0
+    assert_both_directions(frames, srv.port)
+    info = json.loads(harness.api_call(net.api, {"execute": "get_info"}))["return"]
+    assert info["restarts"] == 0, info  # seccomp did not kill it
