@@ -46,6 +46,7 @@ struct nsb_shared {
     uint64_t aborted;
     uint64_t errors;
     uint64_t pending;
+    uint64_t scope;
     uint64_t inflight[...];
 };
 int nsb_probe(int listener);

@@ -15,6 +15,7 @@ from .netconfig import (
     check_mtu,
     check_tapname,
     parse_cidr,
+    parse_cidr6,
     parse_mac,
 )
 
@@ -134,6 +135,9 @@ def parse(argv: list[str]):
 
     try:
         net_cidr = parse_cidr(v["cidr"])
+        net_cidr6 = parse_cidr6(v["cidr6"]) if v["cidr6"] else None
+        if net_cidr6 is not None and not v["ipv6"]:
+            raise ConfigError("--cidr6 needs -6 (--enable-ipv6)")
         check_mtu(v["mtu"])
         mac_bytes = parse_mac(mac) if mac is not None else None
         tapname = check_tapname(args[1])
@@ -151,6 +155,8 @@ def parse(argv: list[str]):
                                 "(use --netns-type=path for a path)") from None
             if pid <= 0:
                 raise BadOption(f"PID must be a positive integer, not {args[0]!r}")
+            if not os.path.exists(f"/proc/{pid}"):
+                raise BadOption(f"target PID {pid} does not exist (has the process exited?)")
             target = Target.from_pid(pid)
             if userns_path is not None:
                 # slirp4netns 1.2.0: joins that user namespace instead of the PID's.
@@ -166,12 +172,14 @@ def parse(argv: list[str]):
     except DiagError as e:
         raise BadOption(str(e)) from None
 
-    from .policy import PolicyError, from_options
+    policy = None
+    if v["egress"] or v["policy_rules"] or v["policy_file"]:  # else not on the path to ready
+        from .policy import PolicyError, from_options
 
-    try:
-        policy = from_options(v["egress"], v["policy_rules"], v["policy_file"])
-    except PolicyError as e:
-        raise BadOption(str(e)) from None
+        try:
+            policy = from_options(v["egress"], v["policy_rules"], v["policy_file"])
+        except PolicyError as e:
+            raise BadOption(str(e)) from None
 
     out4 = resolve_outbound(v["outbound4"], 4) if v["outbound4"] else None
     out6 = resolve_outbound(v["outbound6"], 6) if v["outbound6"] else None
@@ -187,6 +195,7 @@ def parse(argv: list[str]):
         outbound_addr6=out6,
         offload=v["offload"],
         restricted=v["no_egress"],
+        cidr6=net_cidr6,
     )
     from . import log
 

@@ -97,6 +97,12 @@ def fail(prog: str, msg: str, fields: dict | None = None) -> None:
         _write(f"{prog}: {msg}")
 
 
+def say(msg: str, level: str = "error") -> None:
+    """A line a child process prints on stderr as it is in text mode (the
+    namespace helper's "setns(net): ..."), a JSON line with --log-format=json."""
+    _write(_json_line(level, msg, None) if _json else msg)
+
+
 def _json_line(level: str, msg: str, fields: dict | None) -> str:
     out = {"time": round(time.time(), 6), "level": level, "pid": os.getpid(), "msg": msg}
     out.update(fields or {})

@@ -57,6 +57,23 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network:
     return net
 
 
+def parse_cidr6(text: str) -> ipaddress.IPv6Network:
+    """--cidr6: an IPv6 network address with prefix length 64 (SLAAC forms
+    the namespace's address from a /64; libslirp's prefix is a /64)."""
+    try:
+        net = ipaddress.IPv6Network(text, strict=False)
+    except ValueError:
+        raise ConfigError(f"invalid IPv6 prefix: {text} (give PREFIX/64, e.g. fd00:1::/64)"
+                          ) from None
+    if "/" not in text or net.prefixlen != IPV6_PREFIX_LEN:
+        raise ConfigError(f"--cidr6 needs a /64 (SLAAC), not {text}")
+    if ipaddress.IPv6Interface(text).ip != net.network_address:
+        raise ConfigError(f"--cidr6 needs a network address like {net}, not like {text}")
+    if net.is_multicast or net.is_loopback or net.is_link_local or net.is_unspecified:
+        raise ConfigError(f"--cidr6 {text}: not a unicast prefix a namespace can use")
+    return net
+
+
 def parse_mac(text: str) -> bytes:
     if not _MAC_RE.match(text):
         raise ConfigError(
@@ -92,6 +109,7 @@ _NET_FIELDS = (
     "outbound_addr",  # resolved IPv4 address, or None
     "outbound_addr6",  # resolved IPv6 address, or None
     "offload",  # IFF_VNET_HDR + TSO on the TAP (--no-offload: off)
+    "cidr6",  # the IPv6 /64 (--cidr6), or None for fd00::/64
 )
 
 
@@ -99,7 +117,7 @@ _NET_FIELDS = (
 # path to ready (it imports inspect).
 class NetConfig(namedtuple("NetConfig", _NET_FIELDS, defaults=(
         ipaddress.IPv4Network(DEFAULT_CIDR), DEFAULT_MTU, False, False, False, False,
-        None, None, None, True))):
+        None, None, None, True, None))):
     """Everything the forwarder and the namespace helper need to agree on."""
 
     __slots__ = ()
@@ -129,6 +147,8 @@ class NetConfig(namedtuple("NetConfig", _NET_FIELDS, defaults=(
 
     @property
     def prefix6(self) -> ipaddress.IPv6Address:
+        if self.cidr6 is not None:
+            return self.cidr6.network_address
         return ipaddress.IPv6Address(IPV6_PREFIX)
 
     @property
@@ -152,6 +172,7 @@ class NetConfig(namedtuple("NetConfig", _NET_FIELDS, defaults=(
             "outbound_addr": self.outbound_addr,
             "outbound_addr6": self.outbound_addr6,
             "offload": self.offload,
+            "cidr6": str(self.cidr6) if self.cidr6 is not None else None,
         }
 
     @classmethod
@@ -159,4 +180,5 @@ class NetConfig(namedtuple("NetConfig", _NET_FIELDS, defaults=(
         d = dict(d)
         d["cidr"] = ipaddress.IPv4Network(d["cidr"])
         d["mac"] = bytes.fromhex(d["mac"]) if d.get("mac") else None
+        d["cidr6"] = ipaddress.IPv6Network(d["cidr6"]) if d.get("cidr6") else None
         return cls(**d)

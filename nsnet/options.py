@@ -224,6 +224,10 @@ TABLE: list[Opt] = [
              "alias) and beyond get sockets connected in the\n"
              "host's network namespace: loopback speed (seccomp\n"
              "user notification, Linux 5.14; docs/bypass.md)"),
+    Opt("share-pid", fronts=(RUN,), api="share_pid",
+        help="keep the caller's PID namespace (default: COMMAND\n"
+             "gets its own, behind a small init of nsnet's, so it\n"
+             "cannot see or signal nsnet's processes)"),
     Opt("map-root-user", dest="map_user", value="root", default="root", fronts=(RUN,),
         api="map_user",
         help="map your uid/gid to root in the namespace (default)"),
@@ -315,6 +319,9 @@ TABLE: list[Opt] = [
     Opt("log-format", arg="FORMAT", conv=choice("log-format", *LOG_FORMATS), default="text",
         api="log_format",
         help="text or json (default={default})"),
+    Opt("cidr6", arg="PREFIX/64", api="cidr6",
+        help="the IPv6 prefix with -6 (default fd00::/64): gateway ::2,\n"
+             "DNS ::3, the namespace's address by SLAAC"),
     Opt("name", arg="NAME", api="name",
         help="name this instance for nsnet ctl --instance and nsnet ps;\n"
              "without -a, its API socket goes in the registry"),

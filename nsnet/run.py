@@ -1,26 +1,33 @@
 """`nsnet run [OPTION]... [--] COMMAND [ARG]...`: run a command with its own
 network, for an unprivileged user.
 
-The nsnet process forks a child that unshares a user, a network and a
-mount namespace and then waits on a socketpair; nsnet itself (the
-supervisor) attaches to the child's PID exactly as `nsnet PID tap0` would,
-publishes the requested ports, has the child configure lo and tap0, and
-only then lets the child exec COMMAND: COMMAND's first instruction already
-has a configured network.
+The nsnet process forks a child that unshares a user, a network, a mount
+and (unless --share-pid) a PID namespace and then waits on a socketpair;
+with a PID namespace the child forks its init (PID 1, nsnet/runinit.py),
+which goes on with the set-up while the child waits outside for it.
+nsnet itself (the supervisor) attaches to the init's (or the child's) PID
+exactly as `nsnet PID tap0` would, publishes the requested ports, has it
+configure lo and tap0, and only then lets it start COMMAND: COMMAND's
+first instruction already has a configured network.
 
   nsnet (supervisor, host namespaces)          child
   ------------------------------------         -----------------------------
   block INT/TERM/HUP/QUIT, signalfd
-  fork                                   -->   unshare(USER|NET|NS)
+  fork                                   -->   unshare(USER|NET|NS|PID)
                                                uid/gid map (self), "U"
   [newuidmap/newgidmap]             "M"  -->
-                                               mounts: rslave /, --dns, "N"
-  helper_ns: TAP in the child's netns
+                                               mounts: rslave /, --dns
+                                               fork init; "P" + its PID
+                                               (the child: waiter, outside)
+                                         <--   init: mount /proc; "N"
+  helper_ns: TAP in the init's netns
   forwarder (libslirp) + --publish
                                     "C"  -->   configure lo + tap0 (rtnetlink), "c"
-  ready-fd "1"; on_ready            "G"  -->   restore signals; exec COMMAND
-  poll loop: API socket, forwarder, signals (forwarded to COMMAND)
-  COMMAND exits -> teardown -> exit with COMMAND's status (128+N on signal N)
+  ready-fd "1"; on_ready            "G"  -->   init: fork COMMAND (PID 2), which
+                                               restores signals and execs
+  poll loop: API socket, forwarder, signals (forwarded to the init, on to COMMAND)
+  COMMAND exits -> init exits -> waiter exits -> teardown -> exit with
+  COMMAND's status (128+N on signal N)
 
 COMMAND stays in nsnet's process group, so the terminal, job control and
 stdin/stdout/stderr pass through untouched.  Signals are forwarded as
@@ -37,10 +44,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import struct
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
+
+from .proto import run as handshake  # the parent <-> child handshake's bytes
 
 if TYPE_CHECKING:
     from .netconfig import NetConfig
@@ -68,12 +76,14 @@ PUBLISH_MODES = ("splice", "slirp")
 DEFAULT_PUBLISH_MODE = "splice"
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-SI_KERNEL = 0x80
-SIGINFO_SIZE = 128  # struct signalfd_siginfo
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
 MS_BIND = 4096
 MS_REC = 16384
 MS_SLAVE = 1 << 19
@@ -137,6 +147,7 @@ class RunOptions:
     name: str | None = None
     registry_socket: bool = False
     bypass: bool = False
+    share_pid: bool = False
 
 
 # --------------------------------------------------------------------------
@@ -147,7 +158,8 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     """RunOptions, or None for --help. Raises UsageError."""
     from . import options as O
     from .getopt_long import GetoptError
-    from .netconfig import ConfigError, NetConfig, check_mtu, check_tapname, parse_cidr
+    from .netconfig import (ConfigError, NetConfig, check_mtu, check_tapname, parse_cidr,
+                            parse_cidr6)
     from .portspec import PortSpecError
     from .portspec import parse_many
 
@@ -203,24 +215,29 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     ro.seccomp = v["seccomp"]
     ro.max_restarts = v["max_restarts"]
     ro.restart_window = float(v["restart_window"])
-    from .policy import PolicyError, from_options
+    if v["egress"] or v["policy_rules"] or v["policy_file"]:  # else not on the path to ready
+        from .policy import PolicyError, from_options
 
-    try:
-        ro.policy = from_options(v["egress"], v["policy_rules"], v["policy_file"])
-    except PolicyError as e:
-        raise UsageError(str(e)) from None
+        try:
+            ro.policy = from_options(v["egress"], v["policy_rules"], v["policy_file"])
+        except PolicyError as e:
+            raise UsageError(str(e)) from None
     ro.audit_all = v["audit"] == "all"
     ro.audit_log = v["audit_log"]
     ro.bypass = v["bypass"]
+    ro.share_pid = v["share_pid"]
     if v["dns"] and v["disable_dns"]:
         raise UsageError("--dns names the built-in DNS, which --disable-dns turns off: "
                          "give one of them")
+    if v["cidr6"] and not v["ipv6"]:
+        raise UsageError("--cidr6 needs -6 (--enable-ipv6)")
     try:
         ro.tapname = check_tapname(v["tapname"])
         net = NetConfig(cidr=parse_cidr(v["cidr"]), mtu=check_mtu(v["mtu"]), ipv6=v["ipv6"],
                         disable_host_loopback=v["disable_host_loopback"],
                         restricted=v["no_egress"], offload=v["offload"],
-                        disable_dns=v["disable_dns"])
+                        disable_dns=v["disable_dns"],
+                        cidr6=parse_cidr6(v["cidr6"]) if v["cidr6"] else None)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     if v["outbound4"] or v["outbound6"]:
@@ -283,10 +300,11 @@ class _Libc:
     def unshare(self, flags: int) -> None:
         self._check(self.lib.unshare(self.ctypes.c_int(flags)), "unshare")
 
-    def mount(self, src: str | None, target: str, flags: int) -> None:
+    def mount(self, src: str | None, target: str, flags: int, fstype: str | None = None) -> None:
         c = self.ctypes
         self._check(self.lib.mount(c.c_char_p(src.encode() if src else None),
-                                   c.c_char_p(target.encode()), c.c_char_p(None),
+                                   c.c_char_p(target.encode()),
+                                   c.c_char_p(fstype.encode() if fstype else None),
                                    c.c_ulong(flags), c.c_void_p(None)),
                     f"mount {target}")
 
@@ -302,6 +320,12 @@ class _Libc:
 
     def set_pdeathsig(self, sig: int) -> None:
         self._check(self.lib.prctl(1, self.ctypes.c_ulong(sig), 0, 0, 0), "prctl")
+
+    def set_dumpable(self, on: bool) -> None:
+        self._check(self.lib.prctl(4, self.ctypes.c_ulong(int(on)), 0, 0, 0), "prctl")
+
+    def set_name(self, name: str) -> None:
+        self.lib.prctl(15, self.ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 # --------------------------------------------------------------------------
@@ -478,10 +502,13 @@ class _Child:
             libc.set_pdeathsig(signal.SIGKILL)
             if os.getppid() != r.parent_pid:
                 os._exit(EXIT_SETUP)
+            flags = CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWNS
+            if not r.opts.share_pid:
+                flags |= CLONE_NEWPID  # for the children: the init forked below
             try:
-                libc.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWNS)
+                libc.unshare(flags)
             except OSError as e:
-                self.fail(f"cannot create user, network and mount namespaces: {e.strerror} "
+                self.fail(f"cannot create user, network, mount and PID namespaces: {e.strerror} "
                           "(are unprivileged user namespaces disabled? see the sysctls "
                           "kernel.unprivileged_userns_clone and user.max_user_namespaces)")
             if r.opts.map_mode != MAP_SUBIDS:
@@ -507,6 +534,8 @@ class _Child:
                     _bind_resolv_conf(libc, r.opts.net)
                 except RunError as e:
                     self.fail(str(e))
+            if not r.opts.share_pid:
+                self.become_init()  # the rest runs as PID 1 of the new namespace
             self.send(b"N")
             self.expect(b"C")
             from .ns import rtnl
@@ -518,9 +547,10 @@ class _Child:
             except OSError as e:
                 self.fail(f"cannot configure the network: {e}")
             if r.opts.net.ipv6 and not _wait_ipv6(r.opts.tapname, IPV6_WAIT):
-                os.write(2, f"{PROG}: warning: no usable IPv6 address on "
-                            f"{r.opts.tapname} after {IPV6_WAIT:g} s; starting "
-                            f"{r.opts.argv[0]} anyway\n".encode())
+                from . import log
+
+                log.say(f"{PROG}: warning: no usable IPv6 address on {r.opts.tapname} after "
+                        f"{IPV6_WAIT:g} s; starting {r.opts.argv[0]} anyway", "warning")
             if r.opts.bypass:
                 self.send_bypass_listener()
             else:
@@ -532,6 +562,34 @@ class _Child:
                 os.write(2, f"{PROG}: {e!r}\n".encode())
             finally:
                 os._exit(EXIT_SETUP)
+
+    def become_init(self) -> None:
+        """Fork the PID namespace's init (nsnet/runinit.py), which returns
+        here and goes on with the set-up; this process tells nsnet the
+        init's PID and stays outside as the waiter."""
+        from . import runinit
+
+        libc = self.r.libc
+        go_r, go_w = os.pipe()
+        pid = os.fork()
+        if pid:
+            os.close(go_r)
+            self.send(b"P%d" % pid)
+            os.close(go_w)
+            runinit.waiter(pid)
+        os.close(go_w)
+        libc.set_pdeathsig(signal.SIGKILL)  # the waiter dies: so does the namespace
+        os.read(go_r, 1)  # the waiter has sent the PID (or died: EOF either way)
+        os.close(go_r)
+        if os.getpid() != 1:
+            os._exit(EXIT_SETUP)
+        libc.set_name("nsnet-init")
+        try:
+            # COMMAND's /proc: its PID namespace's, not the host's.
+            libc.mount("proc", "/proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "proc")
+        except OSError as e:
+            self.fail(f"cannot mount /proc for COMMAND's PID namespace: {e.strerror} "
+                      "(--share-pid keeps the caller's PID namespace)")
 
     def send_bypass_listener(self) -> None:
         """--bypass: install the seccomp filter (the last thing before exec
@@ -558,6 +616,21 @@ class _Child:
                 os.close(fd)
             except OSError:
                 pass
+        if not r.opts.share_pid:
+            from . import runinit
+
+            self.sock.close()
+            runinit.init(FORWARDED_SIGNALS, self._fork_command, r.libc.signalfd)
+        self._exec_command()
+
+    def _fork_command(self) -> int:
+        pid = os.fork()
+        if pid == 0:
+            self._exec_command()
+        return pid
+
+    def _exec_command(self) -> NoReturn:
+        r = self.r
         # Python ignores SIGPIPE and SIGXFSZ; ignored signals survive exec.
         for s in (*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(s, signal.SIG_DFL)
@@ -597,7 +670,7 @@ def publish(sup: "Supervisor", specs: list["PortSpec"], mode: str) -> None:
         except ForwardError as e:
             raise RunError(f"cannot publish {spec}: bad {e}") from None
         try:
-            fid = sup.api_add_forward(fwd)
+            fid = sup.run_blocking(sup.api_add_forward(fwd))  # set-up: before the loop
         except ForwardError as e:
             why = str(e)
             if fwd.host_port and port_in_use(fwd.proto, fwd.host_addr, fwd.host_port):
@@ -627,6 +700,10 @@ class Runner:
         self.sigfd = -1
         self.child = -1
         self.child_pidfd = -1
+        # COMMAND's side for signals and the network: the child itself with
+        # --share-pid, else the init of COMMAND's PID namespace (nsnet/runinit.py)
+        self.cmd = -1
+        self.cmd_pidfd = -1
         self.sock: socket.socket | None = None
         self.unblock_in_children = False
         self.go_sent = False
@@ -650,8 +727,9 @@ class Runner:
             msg = self.sock.recv(65536)
         except socket.timeout:
             raise RunError(f"{step}: no answer from the child in {SETUP_TIMEOUT:g} s") from None
-        if msg.startswith(b"E"):
-            raise RunError(msg[1:].decode(errors="replace"))
+        text = handshake.error_text(msg)  # proto/run.py: bounded, printable
+        if text is not None:
+            raise RunError(text)
         if msg != want:
             raise RunError(f"{step}: the child exited ({self._reap_now()})")
         sig = self.pending_signal()
@@ -676,44 +754,19 @@ class Runner:
         return first
 
     def _read_signals(self) -> list[tuple[int, int, int]]:
-        out = []
-        while True:
-            try:
-                data = os.read(self.sigfd, SIGINFO_SIZE * 16)
-            except (BlockingIOError, InterruptedError):
-                break
-            if not data:
-                break
-            for off in range(0, len(data) - SIGINFO_SIZE + 1, SIGINFO_SIZE):
-                signo, _errno, code, pid = struct.unpack_from("=IiiI", data, off)
-                out.append((signo, code, pid))
-        return out
+        from .runinit import read_signals
+
+        return read_signals(self.sigfd)
 
     def on_signals(self, _revents: int) -> None:
+        from .runinit import should_forward
+
         for signo, code, sender in self._read_signals():
-            if self._should_forward(code, sender):
+            if should_forward(code, sender, self.cmd):
                 try:
-                    os.kill(self.child, signo)
+                    os.kill(self.cmd, signo)
                 except ProcessLookupError:
                     pass
-
-    def _should_forward(self, code: int, sender: int) -> bool:
-        try:
-            cmd_pgrp = os.getpgid(self.child)
-        except ProcessLookupError:
-            return False
-        if code == SI_KERNEL:
-            # From the terminal, to the foreground process group: COMMAND got
-            # it too unless it moved to a group of its own.
-            return cmd_pgrp != os.getpgrp()
-        if sender == self.child:
-            return False  # COMMAND signalling nsnet: not back to itself
-        try:
-            if sender and os.getpgid(sender) == cmd_pgrp != os.getpgrp():
-                return False  # from COMMAND's own process group (e.g. its shell jobs)
-        except ProcessLookupError:
-            pass
-        return True
 
     def _after_fork_in_child(self) -> None:
         # The helper and forwarder processes get the default signal mask.
@@ -741,7 +794,7 @@ class Runner:
             os.close(self.sigfd)
             _Child(self, child_sock).main()
         child_sock.close()
-        self.child = pid
+        self.child = self.cmd = pid
         self.child_pidfd = os.pidfd_open(pid)
         self.sock = parent_sock
         parent_sock.settimeout(SETUP_TIMEOUT)
@@ -751,9 +804,9 @@ class Runner:
         # is in a background group: its warnings must not stop it (TOSTOP).
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)
         # While the child unshares, load what the next steps need.  Not the
-        # libslirp binding: the namespace helpers forked before ready must
+        # libslirp binding: the namespace helpers forked during set-up must
         # never have it mapped (nsnet/ns/helper.py); the forwarder loads it
-        # itself after its fork, and the supervisor after ready.
+        # itself after its fork, and this process once they are started.
         from . import supervisor  # noqa: F401
         sup = None
         try:
@@ -763,10 +816,18 @@ class Runner:
                     _newidmap("newuidmap", pid, self.uid, sub_ranges[0])
                     _newidmap("newgidmap", pid, self.gid, sub_ranges[1])
                 self.send(b"M")
+                if not self.opts.share_pid:
+                    self._expect_init()
                 self.expect(b"N", "mount namespace")
                 sup = self._start_supervisor()
                 publish(sup, self.opts.publish, self.opts.publish_mode)
                 self.send(b"C")
+                # While the child configures its network: the forwarder's
+                # code (libslirp's binding) for restarts, which signal_ready
+                # would load otherwise.  Only now: the TAP helper and the
+                # first connector, forked above, must never have it mapped
+                # (nsnet/ns/helper.py; later ones exec a fresh interpreter).
+                from .host import forwarder  # noqa: F401
                 if self.opts.bypass:
                     self._expect_listener()
                     self._start_bypass(sup)
@@ -797,10 +858,28 @@ class Runner:
                 sup.teardown()
             if self.child > 0:
                 self._stop_child()
-            for fd in (self.child_pidfd, self.sigfd):
+            for fd in (self.child_pidfd, self.cmd_pidfd, self.sigfd):
                 if fd >= 0:
                     os.close(fd)
             parent_sock.close()
+
+    def _expect_init(self) -> None:
+        """"P" and the host PID of the init of COMMAND's PID namespace."""
+        assert self.sock is not None
+        try:
+            msg = self.sock.recv(65536)
+        except socket.timeout:
+            raise RunError("PID namespace: no answer from the child in "
+                           f"{SETUP_TIMEOUT:g} s") from None
+        if msg.startswith(b"E"):
+            raise RunError(msg[1:].decode(errors="replace"))
+        if not msg.startswith(b"P") or not msg[1:].isdigit():
+            raise RunError(f"PID namespace: the child exited ({self._reap_now()})")
+        self.cmd = int(msg[1:])
+        try:
+            self.cmd_pidfd = os.pidfd_open(self.cmd)
+        except OSError as e:
+            raise RunError(f"PID namespace: the init exited ({e.strerror})") from None
 
     def _expect_listener(self) -> None:
         """--bypass: "c" comes with the seccomp listener and the netns facts."""
@@ -816,8 +895,9 @@ class Runner:
             os.close(fd)
         if fds:
             self.bypass_listener = fds[0]
-        if msg.startswith(b"E"):
-            raise RunError(msg[1:].decode(errors="replace"))
+        text = handshake.error_text(msg)
+        if text is not None:
+            raise RunError(text)
         if not msg.startswith(b"c") or len(msg) != 1 + FACTS_SIZE or not fds:
             raise RunError(f"network configuration: the child exited ({self._reap_now()})")
         self.bypass_facts = msg[1:]
@@ -831,7 +911,7 @@ class Runner:
 
         try:
             check_kernel(self.bypass_listener)
-            check_access(self.child)
+            check_access(self.cmd)
             h = Handler(self.bypass_listener, self.opts.net, unpack_facts(self.bypass_facts),
                         sup.default_guest_addr6, policy=self.opts.policy,
                         on_give_up=lambda why: sup._finish(EXIT_SETUP, why))
@@ -850,12 +930,21 @@ class Runner:
 
         watch[h.pidfd] = on_exit
         sup.stats_sources["bypass"] = h.stats
-        # The handler bypasses what its scope says, decided once: a policy
-        # set at run time could not reach the sockets it hands out.
-        sup.policy_blocked_by = ("--bypass: connections that bypass libslirp cannot follow "
-                                 "a policy set at run time; start nsnet run with the policy "
-                                 "(--egress, --allow, --deny) instead"
-                                 if any(h.scope.values()) else None)
+        # set_policy: new connects follow it (policy_changed narrows the
+        # scope); connections already bypassed cannot be cut, so a
+        # set_policy that would cut established flows is refused once
+        # anything may have been bypassed.
+        sup.policy_listeners.append(h.policy_changed)
+
+        def blocked_by() -> str | None:
+            if not any(h.scope.values()) and not h.stats()["bypassed"]:
+                return None
+            return ("--bypass: connections that bypass libslirp cannot be cut by a policy "
+                    "set at run time; give keep_established: true (connects from then on "
+                    "follow the new policy), or start nsnet run with the policy (--egress, "
+                    "--allow, --deny)")
+
+        sup.policy_blocked_by = blocked_by
 
     def _start_supervisor(self) -> "Supervisor":
         from .ns.helper import Target
@@ -864,11 +953,11 @@ class Runner:
         from . import diag, log
 
         o = self.opts
-        line, fields = diag.start_line(o.net, target=f"pid {self.child}", tapname=o.tapname,
+        line, fields = diag.start_line(o.net, target=f"pid {self.cmd}", tapname=o.tapname,
                                        api_socket=o.api_socket,
                                        extra={"publish": [str(p) for p in o.publish]})
         log.get("nsnet").info(line, extra={"fields": fields})
-        sopts = Options(target=Target.from_pid(self.child), tapname=o.tapname, net=o.net,
+        sopts = Options(target=Target.from_pid(self.cmd), tapname=o.tapname, net=o.net,
                         configure=False, ready_fd=o.ready_fd, api_socket=o.api_socket,
                         exit_with_target=True, pidfile=o.pidfile, sandbox=o.sandbox,
                         seccomp=o.seccomp, max_restarts=o.max_restarts,
@@ -901,7 +990,7 @@ class Runner:
         from . import registry
 
         self.entry = registry.Entry(
-            name=self.opts.name, kind="run", target=f"pid {self.child}",
+            name=self.opts.name, kind="run", target=f"pid {self.cmd}",
             tapname=self.opts.tapname, api_socket=self.opts.api_socket,
             command=self.opts.argv, registry_socket=self.opts.registry_socket)
         try:
@@ -915,11 +1004,14 @@ class Runner:
             pass  # the child is gone: the loop sees it exit
 
     def _child_running(self) -> bool:
+        """COMMAND's side still runs (the child, or the init of its PID
+        namespace: the waiter outlives it by a moment)."""
         import select
 
         if self.child <= 0:
             return False
-        r, _, _ = select.select([self.child_pidfd], [], [], 0)
+        fd = self.cmd_pidfd if self.cmd_pidfd >= 0 else self.child_pidfd
+        r, _, _ = select.select([fd], [], [], 0)
         return not r
 
     def _child_status(self) -> int:
@@ -929,7 +1021,9 @@ class Runner:
         return 128 - code if code < 0 else code
 
     def _stop_child(self) -> None:
-        """SIGTERM (SIGKILL before COMMAND runs, or after STOP_GRACE), reap."""
+        """SIGTERM (SIGKILL before COMMAND runs, or after STOP_GRACE), reap.
+        With a PID namespace, the signal goes to its init, which forwards
+        SIGTERM to COMMAND; its death ends everything in the namespace."""
         import select
 
         if self.child <= 0:
@@ -937,12 +1031,17 @@ class Runner:
         # Before "G" the child is nsnet's own code with the signals blocked.
         sig = signal.SIGTERM if self.go_sent else signal.SIGKILL
         try:
-            os.kill(self.child, sig)
+            os.kill(self.cmd, sig)
             r, _, _ = select.select([self.child_pidfd], [], [], STOP_GRACE)
             if not r:
-                os.kill(self.child, signal.SIGKILL)
+                os.kill(self.cmd, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        if self.cmd != self.child:
+            try:
+                os.kill(self.child, signal.SIGKILL)  # the waiter, if still there
+            except ProcessLookupError:
+                pass
         try:
             os.waitpid(self.child, 0)
         except ChildProcessError:

@@ -50,7 +50,6 @@ it by rename, the forwarder sees the new one after its next restart.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import stat
@@ -75,6 +74,7 @@ MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
 
+PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
@@ -93,7 +93,9 @@ NOBODY = 65534  # uid and gid when the passwd file has no "nobody"
 # forwarder's own mount namespace).
 ROOT_CANDIDATES = ("/tmp", "/run", "/mnt", "/var/tmp", "/dev")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library the interpreter already has: ctypes.util.find_library
+# would run ldconfig (tens of ms on the path to ready).
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
                         ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
@@ -324,8 +326,11 @@ def unprivileged_ids() -> tuple[int, int] | None:
 
 
 def _switch_ids(ids: tuple[int, int]) -> None:
-    """uid 0 -> ids, permitted capabilities kept (capset trims them next)."""
+    """uid 0 -> ids, permitted capabilities kept (capset trims them next).
+    A change of credentials clears PR_SET_PDEATHSIG: it is set again, and
+    a parent that died meanwhile is noticed."""
     uid, gid = ids
+    parent = os.getppid()
     _prctl("prctl(PR_SET_KEEPCAPS)", PR_SET_KEEPCAPS, 1)
     try:
         os.setgroups([])
@@ -335,6 +340,9 @@ def _switch_ids(ids: tuple[int, int]) -> None:
         raise SandboxError(f"sandbox: cannot switch to uid {uid} gid {gid}: "
                            f"{e.strerror}") from None
     _prctl("prctl(PR_SET_KEEPCAPS)", PR_SET_KEEPCAPS, 0)
+    _prctl("prctl(PR_SET_PDEATHSIG)", PR_SET_PDEATHSIG, 9)  # SIGKILL, as children.py
+    if os.getppid() != parent:
+        raise SandboxError("sandbox: the supervisor died while this process switched uid")
 
 
 def _drop_privileges(keep_bind: bool, ids: tuple[int, int] | None = None) -> None:
@@ -389,8 +397,8 @@ SUPERVISOR_CAPS = {
     8: "CAP_SETPCAP: children empty their bounding sets",
     10: "CAP_NET_BIND_SERVICE: forwards to host ports below 1024",
     12: "CAP_NET_ADMIN: the TAP and its configuration in the target's namespace",
-    19: "CAP_SYS_PTRACE: /proc/PID/ns/* of a target that belongs to another user; "
-        "the bypass handler's pidfd_getfd",
+    19: "CAP_SYS_PTRACE: /proc/PID/ns/* of a target, or of an API client (the peer "
+        "check), that belongs to another user; the bypass handler's pidfd_getfd",
     21: "CAP_SYS_ADMIN: setns into the target's namespaces; the children's sandboxes "
         "(unshare, mount, pivot_root); this process's own mount namespace",
 }
@@ -409,13 +417,17 @@ def _hide_dirs(needed: list[str]) -> list[str]:
     """Root only: a mount namespace of the supervisor's own (propagation
     from the host kept, none back) with the users' homes hidden.  A
     directory that holds a path the supervisor still needs (API socket,
-    pidfile, current directory, its Python and nsnet) stays visible."""
+    pidfile, current directory, its Python and nsnet, $XDG_RUNTIME_DIR,
+    $NOTIFY_SOCKET) stays visible."""
     import pwd
     import sys
 
     keep = [os.path.realpath(p) for p in needed if p]
     keep += [os.path.realpath(p) for p in (os.getcwd(), sys.prefix, sys.base_prefix,
                                            sys.executable, os.path.dirname(__file__))]
+    # the instance registry (nsnet ps: $XDG_RUNTIME_DIR/nsnet), sd_notify's socket
+    keep += [os.path.realpath(os.environ[v]) for v in ("XDG_RUNTIME_DIR", "NOTIFY_SOCKET")
+             if os.environ.get(v, "").startswith("/")]
     dirs = set(HIDDEN_DIRS)
     try:
         dirs.add(pwd.getpwuid(os.getuid()).pw_dir)

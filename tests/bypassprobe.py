@@ -21,23 +21,6 @@ def fam(host):
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def stats(path):
-    if not path:
-        return None
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(path)
-        s.sendall(b'{"execute":"get_stats"}')
-        s.shutdown(socket.SHUT_WR)
-        data = b""
-        while True:
-            d = s.recv(65536)
-            if not d:
-                break
-            data += d
-    return json.loads(data)["return"].get("bypass")
-
-
 def echo_once(s, msg=b"ping"):
     s.sendall(msg)
     got = b""
@@ -244,21 +227,40 @@ def fallback(host, port, inner_port):
     return r
 
 
+def reconnect(host, port, other_port, other_host="198.51.100.1"):
+    """The hostile command's move: disconnect a bypassed (host) socket with
+    AF_UNSPEC, then connect it somewhere the network refuses."""
+    import ctypes
+    import struct
+    libc = ctypes.CDLL(None, use_errno=True)
+    s = socket.create_connection((host, port), timeout=10)
+    bound = s.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\0").decode()
+    unspec = struct.pack("=H", socket.AF_UNSPEC) + bytes(14)
+    rc = libc.connect(s.fileno(), unspec, len(unspec))
+    e1 = ctypes.get_errno() if rc < 0 else 0
+    s.settimeout(5)
+    e2 = s.connect_ex((other_host, other_port))
+    s.close()
+    return dict(bound=bound, unspec=e1, reconnect=errno.errorcode.get(e2, e2))
+
+
 def main():
     argv = sys.argv[1:]
-    stats_path = None
-    if argv and argv[0].startswith("--stats="):
-        stats_path = argv.pop(0).split("=", 1)[1]
+    wait = False
+    if argv and argv[0] == "--wait":
+        wait = True  # for the test to read nsnet's counters from outside
+        argv.pop(0)
     what, host, port, *rest = argv
     port = int(port)
     fn = globals()[what]
     try:
-        r = fn(host, port, *(int(x) for x in rest))
+        r = fn(host, port, *(int(x) if x.isdigit() else x for x in rest))
         r["ok"] = True
     except Exception as e:  # reported, the test decides
         r = dict(ok=False, error=f"{type(e).__name__}: {e}")
-    r["stats"] = stats(stats_path)
     out(**r)
+    if wait:  # the API refuses this namespace: the test asks, then closes stdin
+        sys.stdin.read()
 
 
 if __name__ == "__main__":

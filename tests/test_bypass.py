@@ -30,13 +30,28 @@ def probe(base_dir):
 
 
 def run_probe(user, workdir, probe, args, flags=(), timeout=120):
+    """The probe's result, with nsnet's bypass counters as "stats" (asked
+    from outside: the API refuses the command), read while it waits."""
     sock = f"{workdir}/api.sock"
     argv = [harness.nsnet_bin(), "run", "--bypass", f"--api-socket={sock}", *flags, "--",
-            NS_PYTHON, probe, f"--stats={sock}", *[str(a) for a in args]]
-    cp = user.run(argv, timeout=timeout, text=True, capture_output=True)
-    assert cp.returncode == 0, (cp.returncode, cp.stdout, cp.stderr)
-    r = json.loads(cp.stdout.strip().splitlines()[-1])
+            NS_PYTHON, probe, "--wait", *[str(a) for a in args]]
+    p = user.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = read_line(p.stdout, timeout)
+        stats = None
+        if line:
+            stats = json.loads(api_call(sock, {"execute": "get_stats"}, timeout=10))
+        p.stdin.close()
+        rc = p.wait(timeout=30)
+        err = p.stderr.read().decode(errors="replace")
+    finally:
+        harness.kill_and_reap(p)
+        for f in (p.stdout, p.stderr):
+            f.close()
+    assert rc == 0, (rc, line, err)
+    r = json.loads(line.strip().splitlines()[0])
     assert r["ok"], r
+    r["stats"] = stats["return"].get("bypass")
     return r
 
 
@@ -175,8 +190,20 @@ def test_fallback_cases_untouched(user, workdir, probe, host_server):
     assert srv.connections == 1
 
 
-def stats(sock):
-    return json.loads(api_call(sock, {"execute": "get_stats"}))["return"]["bypass"]
+def stats(sock, timeout=15):
+    """get_stats' bypass section; get_stats asks the forwarder, so it fails
+    while a killed forwarder is being replaced: retry until then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            reply = json.loads(api_call(sock, {"execute": "get_stats"}))
+            if "return" in reply:
+                return reply["return"]["bypass"]
+        except OSError:
+            reply = None
+        if time.monotonic() > deadline:
+            raise AssertionError(f"get_stats: {reply}")
+        time.sleep(0.1)
 
 
 HOLDER = """
@@ -191,6 +218,7 @@ for _ in range(5):
     with socket.create_connection((host, port), timeout=10) as b:
         b.sendall(b"new"); res.append(b.recv(3) == b"new")
 print(json.dumps({"old": old.decode(), "new": res, "peer": a.getpeername()[0]}), flush=True)
+sys.stdin.readline()  # stay (and nsnet run with it) until the test has read the stats
 """
 
 
@@ -226,9 +254,15 @@ def test_failures(user, workdir, host_server, what):
         if stopped:
             os.kill(p.pid, signal.SIGCONT)
             stopped = False
+        # After a forwarder's death get_stats needs its replacement (it
+        # answers an error while a restart is pending): wait for it.
+        harness.wait_until(lambda: "return" in json.loads(api_call(
+            sock, {"execute": "get_stats"})), 15, what="get_stats answered")
         st = stats(sock)
         assert st["bypassed"] == 6
         assert st["restarts"] == (1 if what == "handler" else 0)
+        p.stdin.write(b"bye\n")
+        p.stdin.flush()
         assert p.wait(timeout=30) == 0, p.stderr.read()
     finally:
         if stopped:
@@ -318,3 +352,161 @@ def test_usage_lists_bypass(user):
     cp = user.run([harness.nsnet_bin(), "run", "--help"], timeout=30, capture_output=True,
                   text=True)
     assert "--bypass" in cp.stdout
+
+
+# --------------------------------------------------------------------------
+# The egress policy (docs/policy.md): bypassed only what it grants whole
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["all-gateway-ports", "one-port", "deny-one-port"])
+def test_policy_scope(user, workdir, probe, host_server, case):
+    srv = host_server("echo")
+    other = harness.free_port()
+    flags = {"all-gateway-ports": ["--egress=deny", "--allow=tcp:10.0.2.2"],
+             "one-port": ["--egress=deny", f"--allow=tcp:10.0.2.2:{srv.port}"],
+             "deny-one-port": [f"--deny=tcp:10.0.2.2:{other}"]}[case]
+    r = run_probe(user, workdir, probe, ["blocking", "10.0.2.2", srv.port], flags=flags)
+    assert r["rc"] == 0 and r["echo"] and r["peer"] == ["10.0.2.2", srv.port]
+    assert r["stats"]["scope"] == {"gateway": case == "all-gateway-ports", "egress": False}
+    assert r["stats"]["bypassed"] == (1 if case == "all-gateway-ports" else 0)
+
+
+def test_policy_denied_port_stays_denied(user, workdir, probe, host_server):
+    """A port the policy denies on the gateway is refused (libslirp's path
+    enforces it: nothing on the gateway is bypassed)."""
+    srv = host_server("echo")
+    r = run_probe(user, workdir, probe, ["refused", "10.0.2.2", srv.port],
+                  flags=[f"--deny=tcp:10.0.2.2:{srv.port}"])
+    assert r["blocking"] != 0 and r["nonblocking"] != 0
+    assert srv.connections == 0 and r["stats"]["bypassed"] == 0
+
+
+def test_attack_reconnect_bypassed_socket(user, workdir, probe, outside):
+    """Attacker's side: the command disconnects its bypassed host socket
+    (AF_UNSPEC) and connects it to an outside address the policy denies.
+    The handler decides that connect on its own copy (never CONTINUE for a
+    host socket): refused, and the socket is bound to lo anyway."""
+    lst = socket.socket()  # the kernel accepts; the reset of the disconnect is fine
+    target = PeerServer("198.51.100.1")
+    try:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(4)
+        r = run_probe(user, workdir, probe,
+                      ["reconnect", "10.0.2.2", lst.getsockname()[1], target.port],
+                      flags=["--egress=deny", "--allow=tcp:10.0.2.2"])
+    finally:
+        target.close()
+        lst.close()
+    assert r["stats"]["bypassed"] == 1 and r["bound"] == "lo"
+    assert r["unspec"] == 0
+    assert r["reconnect"] != 0 and target.peers == []
+
+
+SETPOL = """
+import socket, sys, json
+host, port = sys.argv[1], int(sys.argv[2])
+a = socket.create_connection((host, port), timeout=10)
+print("READY", flush=True)
+sys.stdin.readline()
+a.sendall(b"old"); old = a.recv(3)
+try:
+    b = socket.create_connection((host, port), timeout=3)
+    b.sendall(b"new"); new = b.recv(3).decode()
+except OSError as e:
+    new = type(e).__name__
+print(json.dumps({"old": old.decode(), "new": new}), flush=True)
+"""
+
+
+def test_set_policy_narrows_bypass(user, workdir, host_server):
+    """set_policy at run time: new connects follow it (the gateway port it
+    denies is refused, nothing is bypassed any more); the connection
+    bypassed before stays (the command's own socket)."""
+    srv = host_server("echo")
+    sock = f"{workdir}/api.sock"
+    p = user.popen([harness.nsnet_bin(), "run", "--bypass", f"--api-socket={sock}", "--",
+                    NS_PYTHON, "-c", SETPOL, "10.0.2.2", str(srv.port)],
+                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert read_line(p.stdout, 30).startswith(b"READY")
+        assert stats(sock)["scope"]["gateway"] is True
+        # without keep_established it is refused: the bypassed connection
+        # could not be cut
+        reply = json.loads(api_call(sock, {"execute": "set_policy", "arguments": {
+            "egress": "deny", "rules": []}}))
+        assert "--bypass" in reply["error"]["desc"]
+        assert stats(sock)["scope"]["gateway"] is True
+        reply = json.loads(api_call(sock, {"execute": "set_policy", "arguments": {
+            "keep_established": True, "egress": "allow",
+            "rules": [{"action": "deny", "proto": "tcp", "dest": "10.0.2.2",
+                       "ports": str(srv.port)}]}}))
+        assert "error" not in reply, reply
+        assert stats(sock)["scope"] == {"gateway": False, "egress": False}
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        r = json.loads(read_line(p.stdout, 30))
+        assert r["old"] == "old" and r["new"] != "new"
+        assert stats(sock)["bypassed"] == 1
+        assert srv.connections == 1
+        assert p.wait(timeout=30) == 0, p.stderr.read()
+    finally:
+        harness.kill_and_reap(p)
+        for f in (p.stdin, p.stdout, p.stderr):
+            f.close()
+
+
+PHASES = """
+import socket, sys, os
+host, port = sys.argv[1], int(sys.argv[2])
+for n in map(int, sys.argv[3:]):
+    for _ in range(n):
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall(b"x"); assert s.recv(1) == b"x"
+    print(len(os.listdir("/proc/self/fd")), flush=True)
+    sys.stdin.readline()
+"""
+
+
+def _handler_usage(pid):
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+    return len(os.listdir(f"/proc/{pid}/fd")), rss
+
+
+def _no_leak(user, workdir, host_server, warm, n):
+    srv = host_server("echo")
+    sock = f"{workdir}/api.sock"
+    p = user.popen([harness.nsnet_bin(), "run", "--bypass", f"--api-socket={sock}", "--",
+                    NS_PYTHON, "-c", PHASES, "10.0.2.2", str(srv.port), str(warm), str(n)],
+                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        fds1 = int(read_line(p.stdout, 120))
+        pid = stats(sock)["handler_pid"]
+        h1 = _handler_usage(pid)
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        fds2 = int(read_line(p.stdout, 900))
+        st = stats(sock)
+        h2 = _handler_usage(pid)
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        assert p.wait(timeout=30) == 0, p.stderr.read()
+    finally:
+        harness.kill_and_reap(p)
+        for f in (p.stdin, p.stdout, p.stderr):
+            f.close()
+    assert st["bypassed"] == warm + n and st["pending"] == 0
+    assert fds2 == fds1, "the command's fds grew"
+    assert h2[0] == h1[0], f"the handler's fds grew: {h1[0]} -> {h2[0]}"
+    assert h2[1] - h1[1] < 1024, f"the handler's RSS grew: {h1[1]} -> {h2[1]} kB"
+
+
+def test_no_leak(user, workdir, host_server):
+    """fds of the command and of the handler, and the handler's RSS, are
+    the same after 200 and after 1,200 more connections."""
+    _no_leak(user, workdir, host_server, 200, 1200)
+
+
+@pytest.mark.soak
+def test_no_leak_soak(user, workdir, host_server):
+    _no_leak(user, workdir, host_server, 200, 10_000)

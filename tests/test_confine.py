@@ -271,6 +271,23 @@ def test_root_sandboxed_children_run_as_nobody(user, sandboxed_splice):
     echo_ok(82)
     # libslirp's listener on 81 (the forwarder, nobody) accepts
     socket.create_connection(("127.0.0.1", 81), timeout=5).close()
+    # They still die with the supervisor (a uid change clears
+    # PR_SET_PDEATHSIG): stopped, they cannot notice anything else.
+    pids = [kids["nsnet-forwarder"], kids["nsnet-relay"]]
+    pidfds = [os.pidfd_open(p) for p in pids]
+    try:
+        for p in pids:
+            os.kill(p, signal.SIGSTOP)
+        os.kill(fwd.pid, signal.SIGKILL)
+        fwd.wait_exit(10)
+        for p, pidfd in zip(pids, pidfds):
+            r, _, _ = select.select([pidfd], [], [], 10)
+            assert r, f"pid {p} (nobody) outlived the supervisor"
+            _, st = os.waitpid(p, 0)  # re-parented to the test (subreaper)
+            assert os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGKILL, st
+    finally:
+        for pidfd in pidfds:
+            os.close(pidfd)
 
 
 # -- the relay and the connector are confined ----------------------------------
@@ -377,3 +394,29 @@ def test_supervisor_confined_with_sandbox(ns, user, workdir, start_fwd, nsnet_im
         assert info["forwarder_pid"] != old
     finally:
         kill_and_reap(srv)
+
+
+@pytest.mark.parametrize("user", ["root"], indirect=True)
+def test_root_supervisor_keeps_what_it_needs_visible(ns, user, start_fwd, nsnet_impl):
+    """The homes are hidden from a root supervisor only where nothing it
+    needs lives: with the API socket and the pidfile under /root, /root
+    stays (the socket works, both are removed at exit) while /home goes."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="nsnet-confine.", dir="/root")
+    try:
+        api, pidfile = os.path.join(d, "api.sock"), os.path.join(d, "nsnet.pid")
+        fwd = start_fwd(nsnet_impl, ["--configure", "--api-socket", api, "--pidfile", pidfile,
+                                     "--enable-sandbox", ns.pid, "tap0"])
+        info = json.loads(api_call(api, {"execute": "get_info"}))["return"]
+        assert info["supervisor_pid"] == fwd.pid
+        assert Path(pidfile).read_text().strip() == str(fwd.pid)
+        assert sorted(os.listdir(f"/proc/{fwd.pid}/root{d}")) == ["api.sock", "nsnet.pid"]
+        if os.path.isdir("/home") and os.listdir("/home"):
+            assert os.listdir(f"/proc/{fwd.pid}/root/home") == []
+        os.kill(fwd.pid, signal.SIGTERM)
+        assert fwd.wait_exit(10) == 0
+        assert not os.path.exists(api) and not os.path.exists(pidfile)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -186,3 +186,8 @@ def test_dev_net_tun_not_accessible(user, ns, base_dir):
     assert cp.returncode == 1, cp.stderr
     assert "cannot open /dev/net/tun for TAP 'tap0': Permission denied (EACCES)" in cp.stderr
     assert "crw-rw-rw-, 0666" in cp.stderr and "Traceback" not in cp.stderr
+    # --log-format=json: the namespace helper's line is JSON too
+    cp = harness.User.root().run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                  script + " --log-format=json"], timeout=60, text=True)
+    lines = [json.loads(ln) for ln in cp.stderr.splitlines() if ln.strip()]
+    assert cp.returncode == 1 and any("Permission denied (EACCES)" in ln["msg"] for ln in lines)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import harness
-from harness import NS_PYTHON, HarnessError, api_call, free_port, kill_and_reap, read_line
+from harness import NS_PYTHON, api_call, free_port, kill_and_reap, read_line
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -175,6 +174,27 @@ def check_connector(root_pid: int) -> None:
     assert not others, fds
 
 
+def start_echo(ns, base_dir: str) -> subprocess.Popen:
+    """An echo server on the namespace's port 8080 (every address)."""
+    script = Path(base_dir) / "attack_echo.py"
+    script.write_text(ECHO)
+    script.chmod(0o644)
+    server = ns.popen([NS_PYTHON, str(script), "0.0.0.0", 8080],
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert read_line(server.stdout, 15).startswith(b"READY")
+    return server
+
+
+def add_splice(api: str) -> int:
+    """A splice forward from a free host port to the guest's 8080."""
+    port = free_port()
+    reply = json.loads(api_call(api, {"execute": "add_hostfwd", "arguments": {
+        "proto": "tcp", "host_addr": "127.0.0.1", "host_port": port,
+        "guest_port": 8080, "mode": "splice"}}))
+    assert "return" in reply, reply
+    return port
+
+
 # ---------------------------------------------------------------------------
 
 
@@ -198,17 +218,8 @@ def test_attach_namespace_root_cannot_take_over_nsnet(user, ns, workdir, start_f
         host = HostWatch(fwd.pid)
         host.start()
         fwd.wait_ready()
-        script = Path(base_dir) / "attack_echo.py"
-        script.write_text(ECHO)
-        script.chmod(0o644)
-        server = ns.popen([NS_PYTHON, str(script), "0.0.0.0", 8080],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert read_line(server.stdout, 15).startswith(b"READY")
-        port = free_port()
-        reply = json.loads(api_call(api, {"execute": "add_hostfwd", "arguments": {
-            "proto": "tcp", "host_addr": "127.0.0.1", "host_port": port,
-            "guest_port": 8080, "mode": "splice"}}))
-        assert "return" in reply, reply
+        server = start_echo(ns, base_dir)
+        port = add_splice(api)
         assert harness.tcp_send("127.0.0.1", port, b"ping") == b"ping"
         for _ in range(2):
             info = json.loads(api_call(api, {"execute": "get_info",
@@ -219,6 +230,23 @@ def test_attach_namespace_root_cannot_take_over_nsnet(user, ns, workdir, start_f
         report = att.finish(fwd.pid)
         seen = host.stop()
         assert harness.tcp_send("127.0.0.1", port, b"pong") == b"pong"
+        # What the namespace's root can still do, kill the connector, is
+        # harmless: the supervisor starts a new one.
+        (conn,) = [p for p in harness.descendants(fwd.pid)
+                   if Path(f"/proc/{p}/comm").read_text().strip() == "nsnet-connect"]
+        ns.run(["kill", "-KILL", conn], check=False)
+        harness.wait_until(lambda: not os.path.exists(f"/proc/{conn}/comm")
+                           or "Z" in Path(f"/proc/{conn}/stat").read_text().split()[2], 10,
+                           what="the killed connector gone")
+
+        def works() -> bool:
+            try:
+                return harness.tcp_send("127.0.0.1", port, b"again", timeout=5) == b"again"
+            except OSError:
+                return False
+
+        harness.wait_until(works, 20, interval=0.2, what="the splice forward after a restart")
+        assert fwd.alive()
     finally:
         if host is not None:
             host.stop()
@@ -237,13 +265,15 @@ def test_attach_namespace_root_cannot_take_over_nsnet(user, ns, workdir, start_f
 
 
 def test_run_command_cannot_take_over_nsnet(user, workdir, base_dir):
-    """`nsnet run -p ... -- ATTACKER`: the command, root of its user
-    namespace, sharing the PID namespace with nsnet, attacks the connector
-    and the interface helper (get_info "interface" asked from outside)."""
+    """`nsnet run --share-pid -p ... -- ATTACKER`: the command, root of its
+    user namespace, sharing the PID namespace with nsnet (by default it has
+    its own and sees none of nsnet's processes: tests/test_api_peer.py),
+    attacks the connector and the interface helper (get_info "interface"
+    asked from outside)."""
     att = Attacker(workdir)
     api = os.path.join(workdir, "run.sock")
     port = free_port()
-    proc = user.popen([harness.nsnet_bin(), "run", "--api-socket", api,
+    proc = user.popen([harness.nsnet_bin(), "run", "--share-pid", "--api-socket", api,
                        "-p", f"127.0.0.1:{port}:8080", "--", *att.argv()],
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     host = HostWatch(proc.pid)
@@ -251,12 +281,7 @@ def test_run_command_cannot_take_over_nsnet(user, workdir, base_dir):
     try:
         line = read_line(proc.stdout, 30)
         assert line.startswith(b"READY"), (line, proc.stderr.read() if proc.poll() else "")
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            s.settimeout(10)
-            try:
-                s.recv(1)  # nothing listens inside: the relay closes it
-            except OSError:
-                pass
+        assert harness.refused_through(port)  # nothing listens inside: the relay closes it
         info = json.loads(api_call(api, {"execute": "get_info",
                                           "arguments": {"interface": True}}, timeout=30))
         assert info["return"]["interface"]["ifname"] == "tap0", info
@@ -276,3 +301,58 @@ def test_run_command_cannot_take_over_nsnet(user, workdir, base_dir):
     mapped = {f"{sorted(r['comm'])}[{pid}]" for pid, r in seen.items()
               if r["comm"] & set(NS_SIDE) and r["libs"]}
     assert not mapped, f"namespace-side processes with libslirp/glib mapped: {mapped}"
+
+
+def test_namespace_fds_kept_from_start(ns, workdir, start_fwd, nsnet_impl, base_dir):
+    """The target's namespace files are opened once at start: once the
+    target PID is gone (its PID free for reuse), later namespace-side
+    children (get_info "interface", a splice forward's connector) still
+    join the same namespaces, never through /proc/PID."""
+    target = ns.popen(["sleep", "infinity"], stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL)
+    server = None
+    try:
+        harness.wait_until(lambda: Path(f"/proc/{target.pid}/comm").read_text().strip()
+                           == "sleep" and ns_inodes(target.pid) == ns_inodes(ns.pid), 10,
+                           what="the target in the namespace")
+        api = os.path.join(workdir, "nsnet.sock")
+        fwd = start_fwd(nsnet_impl, ["--configure", "--ignore-target-exit", "--api-socket", api,
+                                     target.pid, "tap0"])
+        kill_and_reap(target)
+        assert not os.path.exists(f"/proc/{target.pid}/ns/net")
+        info = json.loads(api_call(api, {"execute": "get_info",
+                                          "arguments": {"interface": True}}, timeout=30))
+        assert info["return"]["interface"].get("ifname") == "tap0", info
+        server = start_echo(ns, base_dir)
+        port = add_splice(api)
+        assert harness.tcp_send("127.0.0.1", port, b"still") == b"still"
+        assert fwd.alive()
+    finally:
+        kill_and_reap(target)
+        if server is not None:
+            kill_and_reap(server)
+            for f in (server.stdout, server.stderr):
+                f.close()
+
+
+def test_run_command_cannot_take_over_its_init(user, workdir):
+    """`nsnet run -- ATTACKER` in its own PID namespace (the default): the
+    only nsnet process it can see is the init, PID 1, nsnet's code: every
+    attack on it is refused."""
+    att = Attacker(workdir)
+    proc = user.popen([harness.nsnet_bin(), "run", "--", *att.argv()],
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = read_line(proc.stdout, 30)
+        assert line.startswith(b"READY"), (line, proc.stderr.read() if proc.poll() else "")
+        time.sleep(0.3)
+        Path(att.stopfile).touch()
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+        report = {int(k): v for k, v in json.loads(Path(att.out).read_text()).items()}
+    finally:
+        kill_and_reap(proc)
+        for f in (proc.stdout, proc.stderr):
+            f.close()
+    show(report)
+    assert comms(report) == {"nsnet-init"} and 1 in report, report
+    assert not broken(report), f"the command got in: {broken(report)}"

@@ -236,3 +236,21 @@ def test_podman_style(impl, ns, start_fwd, workdir):
     fwd.close_exit_fd()  # conmon exits
     assert fwd.wait_exit(5) == 0
     assert not os.path.exists(api)
+
+
+@pytest.mark.parametrize("impl", ["nsnet"], indirect=True)
+def test_cidr6(connect, host_server):
+    """--cidr6 (nsnet): the IPv6 /64 of the virtual network, fd00::/64 in
+    slirp4netns with no way to change it."""
+    import json
+
+    srv = host_server("echo", addr="::1")
+    net = connect("--enable-ipv6", "--cidr6=fd00:1:2:3::/64", "--macaddress",
+                  "02:00:00:00:00:42")
+    assert net.ns.wait_slaac(prefix="fd00:1:2:3:") == "fd00:1:2:3:0:ff:fe00:42"
+    assert default_route(net.ns, "-6")["dev"] == "tap0"
+    r = net.ns.client("tcp-echo", "fd00:1:2:3::2", srv.port, 50_000)
+    assert r["sha_received"] == r["sha_sent"]
+    info = json.loads(api_call(net.api, b'{"execute":"get_info"}'))["return"]
+    assert (info["prefix6"], info["gateway6"], info["guest6"]) == (
+        "fd00:1:2:3::/64", "fd00:1:2:3::2", "fd00:1:2:3:0:ff:fe00:42")

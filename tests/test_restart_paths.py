@@ -37,9 +37,16 @@ def info(api: str) -> dict:
     return json.loads(api_call(api, {"execute": "get_info"}))["return"]
 
 
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""  # exited (and reaped) between the listing and the read
+
+
 def forwarder_children(pid: int) -> list[int]:
-    return [c for c in harness.child_pids(pid)
-            if open(f"/proc/{c}/comm").read().strip() == "nsnet-forwarder"]
+    return [c for c in harness.child_pids(pid) if _comm(c) == "nsnet-forwarder"]
 
 
 def hang_next_start(fault: str) -> None:

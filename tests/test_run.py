@@ -661,3 +661,17 @@ def test_ipv6_address_usable_when_command_starts(user, host_server):
     cp = nsnet_run(user, ["-6", "--", NS_PYTHON, "-c", probe, srv.port], text=True)
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout.split() == ["1", "v6"]
+
+
+def test_cidr6(user, host_server):
+    """--cidr6: another IPv6 /64 (slirp4netns has fd00::/64 fixed)."""
+    srv = host_server("echo", addr="::1")
+    probe = ("import socket, sys\n"
+             "addrs = [l.split()[0] for l in open('/proc/net/if_inet6') if l.split()[5] == 'tap0'"
+             " and l.split()[3] == '00']\n"
+             "s = socket.create_connection(('fd00:1:2:3::2', int(sys.argv[1])), timeout=10)\n"
+             "s.sendall(b'v6'); print(addrs[0][:16], s.recv(2).decode())\n")
+    cp = nsnet_run(user, ["-6", "--cidr6=fd00:1:2:3::/64", "--", NS_PYTHON, "-c", probe,
+                          srv.port], text=True)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.split() == ["fd00000100020003", "v6"]

@@ -250,6 +250,14 @@ static void pc_drop(struct pcache *e)
     e->pidfd = e->infofd = -1;
 }
 
+/* Which classes may be bypassed now: the supervisor rewrites it when the
+ * egress policy changes (set_policy). */
+static uint32_t scope_now(struct handler *h)
+{
+    return (uint32_t)__atomic_load_n(&h->sh->scope, __ATOMIC_ACQUIRE) &
+           (NSB_GATEWAY | NSB_EGRESS);
+}
+
 /* A copy of the command's fd, or -1 (errno).  A new pidfd is opened after
  * the notification and the id re-checked: the id cannot have been reused.
  * *infofd: the thread's /proc fdinfo directory, or -1. */
@@ -313,8 +321,9 @@ static int in_net4(const struct nsb_config *c, const uint8_t *a)
     return 1;
 }
 
-static int decide(const struct nsb_config *c, int family, const struct sockaddr_storage *dst,
-                  struct sockaddr_storage *host, socklen_t *hlen, int *lo)
+static int decide(const struct nsb_config *c, uint32_t scope, int family,
+                  const struct sockaddr_storage *dst, struct sockaddr_storage *host,
+                  socklen_t *hlen, int *lo)
 {
     *lo = 0;
     if (family == AF_INET) {
@@ -328,13 +337,13 @@ static int decide(const struct nsb_config *c, int family, const struct sockaddr_
         o->sin_port = d->sin_port;
         *hlen = sizeof *o;
         if (memcmp(a, c->gw4, 4) == 0) {
-            if (!(c->flags & NSB_GATEWAY))
+            if (!(scope & NSB_GATEWAY))
                 return 0;
             o->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
             *lo = 1;
             return 1;
         }
-        if (!(c->flags & NSB_EGRESS) || in_net4(c, a))
+        if (!(scope & NSB_EGRESS) || in_net4(c, a))
             return 0;
         /* not: 0/8 this-network, 127/8 the namespace's own loopback,
          * multicast/broadcast/reserved 224/3 */
@@ -355,13 +364,13 @@ static int decide(const struct nsb_config *c, int family, const struct sockaddr_
         o->sin6_flowinfo = d->sin6_flowinfo;
         *hlen = sizeof *o;
         if (memcmp(a, c->gw6, 16) == 0) {
-            if (!(c->flags & NSB_GATEWAY))
+            if (!(scope & NSB_GATEWAY))
                 return 0;
             o->sin6_addr = in6addr_loopback;
             *lo = 1;
             return 1;
         }
-        if (!(c->flags & NSB_EGRESS) || memcmp(a, c->prefix6, 8) == 0)
+        if (!(scope & NSB_EGRESS) || memcmp(a, c->prefix6, 8) == 0)
             return 0;
         /* only global unicast 2000::/3 (no ::1, v4-mapped, ULA, link-local,
          * multicast) */
@@ -666,7 +675,7 @@ static void on_connect(struct handler *h, const struct seccomp_notif *n, int slo
     if (cookie == h->cfg->ns_cookie) {
         if ((family == AF_INET && ulen >= sizeof(struct sockaddr_in)) ||
             (family == AF_INET6 && ulen >= 24 /* SIN6_LEN_RFC2133 */)) {
-            if (decide(h->cfg, family, &dst, &host, &hlen, &lo) && replaceable(orig, family)) {
+            if (decide(h->cfg, scope_now(h), family, &dst, &host, &hlen, &lo) && replaceable(orig, family)) {
                 later(h, orig);
                 bypass_connect(h, n, slot, fd, orig, infofd, family, &host, lo);
                 return;
@@ -710,7 +719,7 @@ static void on_connect(struct handler *h, const struct seccomp_notif *n, int slo
         if (dom == family &&
             ((family == AF_INET && ulen >= sizeof(struct sockaddr_in)) ||
              (family == AF_INET6 && ulen >= 24)) &&
-            decide(h->cfg, family, &dst, &host, &hlen, &lo)) {
+            decide(h->cfg, scope_now(h), family, &dst, &host, &hlen, &lo)) {
             later(h, orig);
             bypass_connect(h, n, slot, fd, orig, infofd, family, &host, lo);
         } else {

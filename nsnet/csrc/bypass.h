@@ -35,7 +35,7 @@ struct nsb_config {
 };
 
 /* Shared with the supervisor (MAP_SHARED): plain counters, written by the
- * handler only; inflight[] holds the ids of notifications received and
+ * handler only (but `scope`); inflight[] holds the ids of notifications received and
  * not yet answered, so that a replacement handler can answer them. */
 struct nsb_shared {
     uint64_t notifications; /* every notification received */
@@ -47,6 +47,8 @@ struct nsb_shared {
     uint64_t aborted;       /* in-flight ids a previous handler left, answered ECONNABORTED */
     uint64_t errors;        /* handler-side failures (pidfd_getfd, socket, ...) */
     uint64_t pending;       /* blocking connects waiting now */
+    uint64_t scope;         /* NSB_GATEWAY|NSB_EGRESS allowed now: written by the
+                             * supervisor (the policy can change at run time) */
     uint64_t inflight[NSB_SLOTS];
 };
 

@@ -43,23 +43,43 @@ def _lib() -> Any:
     return _bypass_cffi
 
 
-def scope(net: "NetConfig", policy: Any = None) -> dict[str, bool]:
-    """Which classes of destination the handler may bypass (the one place
-    that applies the network's rules before bypass.c sees a connect):
+def _allows_every_port(policy: Any, ip: Any) -> bool:
+    """The policy allows TCP to ip on every port, whatever names DNS taught
+    it (Decision.final).  Decisions change only where a rule's port range
+    starts or ends: checking the start of each such interval covers all."""
+    points = {1}
+    for r in policy.rules:
+        points.update((r.port_lo, r.port_hi + 1))
+    for port in sorted(p for p in points if 1 <= p <= 65535):
+        d = policy.decide("tcp", ip, port)
+        if d.action != "allow" or not d.final:
+            return False
+    return True
 
-    gateway: the gateway alias (10.0.2.2, fd00::2) -> the host's loopback,
-             unless --disable-host-loopback or --no-egress;
-    egress:  other addresses outside the namespace, as libslirp would send
-             them, unless --no-egress or --disable-host-loopback (a host
-             socket reconnected by a hostile command could reach the host's
-             loopback; see SECURITY.md).
-    policy:  an egress policy (issue 12) decides per destination and name;
-             until the handler can ask it for each connect, everything it
-             governs falls back to the libslirp path, which enforces it.
+
+def scope(net: "NetConfig", policy: Any = None) -> dict[str, bool]:
+    """Which classes of destination the handler may bypass: the one place
+    that applies the network's rules before bypass.c sees a connect.  A
+    class is bypassed only when the network grants ALL of it, so that a
+    host socket a hostile command holds can reach nothing the libslirp
+    path would refuse it (SECURITY.md, "Socket bypass"):
+
+    gateway: the gateway alias (10.0.2.2, fd00::2 with -6) -> the host's
+             loopback (sockets bound to lo): unless --no-egress or
+             --disable-host-loopback, and only if the egress policy allows
+             TCP to the gateway on every port;
+    egress:  other addresses outside the namespace, as libslirp sends them:
+             unless --no-egress or --disable-host-loopback, and only with no
+             policy or an open one (default allow, no rules).
+    Everything else falls back to libslirp's path, which applies the policy
+    per flow (and DNS-learned names).
     """
-    open_net = not net.restricted and policy is None
-    return {"gateway": open_net and not net.disable_host_loopback,
-            "egress": open_net and not net.disable_host_loopback}
+    if net.restricted or net.disable_host_loopback:
+        return {"gateway": False, "egress": False}
+    if policy is None or policy.is_open:
+        return {"gateway": True, "egress": True}
+    gws = [net.gateway] + ([net.gateway6] if net.ipv6 else [])
+    return {"gateway": all(_allows_every_port(policy, gw) for gw in gws), "egress": False}
 
 
 def check_kernel(listener: int) -> None:
@@ -104,14 +124,15 @@ def check_access(pid: int) -> None:
         os.close(pidfd)
 
 
+def _scope_bits(sc: dict[str, bool]) -> int:
+    lib = _lib().lib
+    return (lib.NSB_GATEWAY if sc["gateway"] else 0) | (lib.NSB_EGRESS if sc["egress"] else 0)
+
+
 def _fill_config(cfg: Any, net: "NetConfig", facts: tuple[int, int, int],
                  guest6: str | None, sc: dict[str, bool], nrs: tuple[int, int, int]) -> None:
     lib = _lib().lib
-    flags = 0
-    if sc["gateway"]:
-        flags |= lib.NSB_GATEWAY
-    if sc["egress"]:
-        flags |= lib.NSB_EGRESS
+    flags = _scope_bits(sc)
     if net.ipv6:
         flags |= lib.NSB_IPV6
     cidr = net.cidr
@@ -155,6 +176,8 @@ class Handler:
         self.shm = mmap.mmap(-1, (size + 4095) // 4096 * 4096,
                              mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         self.shared = self.ffi.cast("struct nsb_shared *", self.ffi.from_buffer(self.shm))
+        self.shared.scope = _scope_bits(self.scope)
+        self.net = net
         self.pid = -1
         self.pidfd = -1
         self.deaths: list[float] = []
@@ -229,6 +252,18 @@ class Handler:
         log.get().warning(f"the bypass handler exited ({why}); starting another")
         self.restarts += 1
         self.start()
+
+    def policy_changed(self, old: Any, new: Any, done: bool) -> None:
+        """set_policy: before the forwarder switches (done False), bypass
+        only what both policies grant; then (done True) what `new` grants.
+        Connects from then on follow it; connections already bypassed stay
+        (they are the command's own sockets: the policy cannot cut them)."""
+        sc = scope(self.net, new)
+        if not done:
+            prev = scope(self.net, old)
+            sc = {k: sc[k] and prev[k] for k in sc}
+        self.scope = sc
+        self.shared.scope = _scope_bits(sc)
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: int(getattr(self.shared, k)) for k in COUNTERS}

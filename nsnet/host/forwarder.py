@@ -22,7 +22,6 @@ start timeout kills it).
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import select
 import socket
@@ -31,8 +30,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Any
 
-from .. import fdpass, linux, log
+from .. import linux, log
 from ..forwards import Forward
+from ..proto import forwarder as proto
+from ..proto.wire import MAX_MSG, ProtocolError, encode
 from ..netconfig import NetConfig
 from .slirp import RUN_CONTROL, RUN_POLL_ERROR, RUN_TAP_ERROR, Slirp, SlirpError
 
@@ -41,6 +42,7 @@ EXIT_SLIRP_FAILED = 1
 EXIT_TAP_ERROR = 3
 EXIT_POLL_ERROR = 4
 EXIT_SANDBOX_FAILED = 5
+EXIT_PROTOCOL = 6  # the supervisor sent something proto/forwarder.py refuses
 
 FAULT_START_ENV = "NSNET_FAULT_FORWARDER_START"
 
@@ -55,7 +57,7 @@ AUDIT_BATCH = 128
 
 def _send(ctl: socket.socket, msg: dict[str, Any]) -> None:
     try:
-        ctl.send(json.dumps(msg, separators=(",", ":")).encode())
+        ctl.send(encode(msg))
     except OSError:
         pass  # the supervisor is gone; the next recv says so
 
@@ -193,7 +195,7 @@ class Forwarder:
             if rc == RUN_CONTROL:
                 while True:
                     try:
-                        data = self.ctl.recv(65536)
+                        data = self.ctl.recv(MAX_MSG + 1)
                     except BlockingIOError:
                         break
                     except OSError:
@@ -201,11 +203,13 @@ class Forwarder:
                     if not data:
                         return EXIT_OK
                     try:
-                        req = json.loads(data)
-                    except ValueError:
-                        req = {}
+                        req = proto.parse_request(data)
+                    except ProtocolError as e:
+                        log.get("nsnet.forwarder").error(
+                            f"forwarder: bad request from the supervisor ({e}); exiting")
+                        return EXIT_PROTOCOL
                     reply = self.handle(req)
-                    reply["reply_to"] = req.get("seq")
+                    reply["reply_to"] = req["seq"]
                     _send(self.ctl, reply)
             elif rc == RUN_TAP_ERROR:
                 err = self.slirp.tap_error()
@@ -222,14 +226,16 @@ def _receive_tap(ctl: socket.socket) -> int | None:
     """The TAP fd the supervisor sends once the namespace helper has it
     ({"op": "tap"} with the fd); None if the supervisor gave up."""
     try:
-        msg, fds = fdpass.recv_fds(ctl)
-    except (OSError, ValueError):
+        data, fds, _flags, _addr = socket.recv_fds(ctl, MAX_MSG + 1, 1)
+    except OSError:
         return None
-    if msg == {"op": "tap"} and len(fds) == 1:
-        return fds[0]
-    for fd in fds:
-        os.close(fd)
-    return None
+    try:
+        proto.parse_tap(data, len(fds))
+    except ProtocolError:
+        for fd in fds:
+            os.close(fd)
+        return None
+    return fds[0]
 
 
 def main(net: NetConfig, tap_fd: int | None, ctl: socket.socket,

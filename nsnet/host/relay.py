@@ -13,9 +13,11 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Any
 
-from .. import fdpass, linux, log
+from .. import linux, log
 from ..forwards import Forward
+from ..proto import fastpath as proto
 from ..proto.fastpath import NO_SUCH_FORWARD, family, send_json
+from ..proto.wire import MAX_MSG, ProtocolError
 
 RELAY_TURN_MS = 1000      # the C loop returns to Python at least this often
 PIPE_SIZE = 256 * 1024    # per direction and connection (falls back to 64 KiB)
@@ -132,12 +134,19 @@ class Relay:
         """Answer every queued request; False once the supervisor hung up."""
         while True:
             try:
-                req, fds = fdpass.recv_fds(self.ctl)
+                data, fds, _flags, _addr = socket.recv_fds(self.ctl, MAX_MSG + 1, 1)
             except BlockingIOError:
                 return True
             except OSError:
                 return False
-            if req is None:
+            if not data:
+                return False
+            try:
+                req = proto.parse_relay_request(data, len(fds))
+            except ProtocolError as e:  # nsnet's own bug: stop, the supervisor restarts it
+                self.log.error(f"relay: bad request from the supervisor ({e}); exiting")
+                for fd in fds:
+                    os.close(fd)
                 return False
             try:
                 reply = self.handle(req, fds)
@@ -145,7 +154,7 @@ class Relay:
                 reply = {"ok": False, "error": str(e)}
             for fd in fds:  # any fd the request did not take
                 os.close(fd)
-            reply["reply_to"] = req.get("seq")
+            reply["reply_to"] = req["seq"]
             try:
                 send_json(self.ctl, reply)
             except OSError:
@@ -199,16 +208,28 @@ class Relay:
         assert self.connector is not None
         while self.connector is not None:
             try:
-                reply, fds = fdpass.recv_fds(self.connector)
+                data, fds, _flags, _addr = socket.recv_fds(self.connector, MAX_MSG + 1, 1)
             except BlockingIOError:
                 break
-            except (OSError, ValueError):
-                reply, fds = None, []
-            if reply is None:  # the connector died; the supervisor sends a new one
+            except OSError:
+                data, fds = b"", []
+            if not data:  # the connector died; the supervisor sends a new one
+                for fd in fds:
+                    os.close(fd)
                 self._drop_connector()
                 break
-            client = self.pending.pop(reply.get("tag"), None)
-            if client is not None and reply.get("ok") and fds:
+            try:
+                # The connector lives in the namespace: its word is checked.
+                reply = proto.parse_connect_reply(data, len(fds), self.pending)
+            except ProtocolError as e:
+                self.log.warning(f"relay: the connector broke its protocol ({str(e)[:200]}); "
+                                 "dropping it")
+                for fd in fds:
+                    os.close(fd)
+                self._drop_connector()  # it sees EOF and exits; a new one comes
+                break
+            client = self.pending.pop(reply["tag"], None)
+            if client is not None and reply["ok"] and fds:
                 rc = self.lib.relay_add(self.ctx, client.detach(), fds.pop(0))
                 if rc < 0:
                     self.log.warning(f"relay: cannot relay a connection: {os.strerror(-rc)}")

@@ -46,9 +46,11 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Callable
 
-from .. import fdpass, linux
+from .. import fdpass, linux, log
 from ..children import fork_child
 from ..netconfig import NetConfig
+from ..proto import helper as proto
+from ..proto.wire import MAX_MSG, ProtocolError
 
 
 SIOCGIFHWADDR = 0x8927
@@ -150,7 +152,7 @@ def enter_namespaces(ns: NsFds) -> bool:
     try:
         linux.set_undumpable()  # before anything in the namespace can see us
     except OSError as e:
-        print(f"{e}", file=sys.stderr)
+        log.say(f"{e}")
         return False
     if ns.user is not None:
         try:
@@ -160,11 +162,11 @@ def enter_namespaces(ns: NsFds) -> bool:
             # privilege in the network namespace anyway: go on, as
             # slirp4netns does; setns(net) below says if it matters.
             if e.errno not in (errno.EINVAL, errno.EPERM):
-                print(f"setns(user): {e.strerror}", file=sys.stderr)
+                log.say(f"setns(user): {e.strerror}")
     try:
         linux.setns(ns.net, linux.CLONE_NEWNET)
     except OSError as e:
-        print(f"setns(net): {e.strerror}", file=sys.stderr)
+        log.say(f"setns(net): {e.strerror}")
         return False
     finally:
         ns.close()
@@ -177,7 +179,7 @@ def drop_capabilities() -> bool:
     try:
         linux.drop_capabilities()
     except OSError as e:
-        print(f"cannot drop capabilities: {e.strerror}", file=sys.stderr)
+        log.say(f"cannot drop capabilities: {e.strerror}")
         return False
     return True
 
@@ -191,13 +193,13 @@ def _tap(ns: NsFds, sock: socket.socket, tapname: str, net: NetConfig,
     except OSError as e:
         from ..diag import tap_error
 
-        print(tap_error(tapname, e), file=sys.stderr)
+        log.say(tap_error(tapname, e))
         return 1
     if configure:
         try:
             _configure(tapname, net)
         except OSError as e:
-            print(f"cannot configure {tapname}: {e}", file=sys.stderr)
+            log.say(f"cannot configure {tapname}: {e}")
             return 1
     if not drop_capabilities():
         return 1
@@ -221,9 +223,10 @@ def _connector(ns: NsFds, sock: socket.socket, seccomp: bool = False) -> int:
 # helper is not among them, it runs before the supervisor loads libslirp.
 _EXEC_KINDS = {"interface": _interface, "connector": _connector}
 
-# The fresh interpreter's first code: import nsnet from where this copy
-# lives, then _exec_main(argv).
-_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+# The fresh interpreter's first code (started with -I -S: no site, no
+# environment): the parent's import path, so that it imports this very
+# nsnet (and pyroute2) without site's work, then _exec_main(argv).
+_BOOT = ("import sys; sys.path[:] = sys.argv[1].split('\\n'); "
          "from nsnet.ns.helper import _exec_main; _exec_main(sys.argv[2:])")
 
 
@@ -260,9 +263,9 @@ def spawn(name: str, kind: str, ns: NsFds, sock: socket.socket, args: dict,
         def run() -> int:
             for fd in keep:
                 os.set_inheritable(fd, True)
-            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            path = "\n".join(p for p in sys.path if "\n" not in p)
             os.execv(sys.executable, [
-                sys.executable, "-I", "-c", _BOOT, root, name, kind, json.dumps(args),
+                sys.executable, "-I", "-S", "-c", _BOOT, path, name, kind, json.dumps(args),
                 str(sock.fileno()), str(ns.net), str(-1 if ns.user is None else ns.user)])
 
     def child() -> int:
@@ -285,7 +288,7 @@ def _exec_main(argv: list[str]) -> None:
         sock.set_inheritable(False)
         code = _EXEC_KINDS[kind](ns, sock, **json.loads(args))
     except BaseException as e:
-        print(f"nsnet {argv[:2]}: {e!r}", file=sys.stderr)
+        log.say(f"nsnet {argv[:2]}: {e!r}")
     finally:
         try:
             sys.stderr.flush()
@@ -310,21 +313,27 @@ def _start_in_namespaces(name: str, kind: str, ns: NsFds, args: dict,
     return pid, parent_sock
 
 
-def _receive(sock: socket.socket, timeout: float) -> tuple[dict | None, list[int]]:
-    """The child's one message and the fds with it; (None, []) if it closed
-    the socket (it failed) or said nothing within the timeout."""
+def _receive(sock: socket.socket, timeout: float) -> tuple[bytes | None, list[int]]:
+    """The child's one message (raw: proto/helper.py checks it) and the fds
+    with it; (None, []) if it closed the socket (it failed) or said nothing
+    within the timeout."""
     try:
         sock.settimeout(timeout)
         try:
-            return fdpass.recv_fds(sock)
-        except (OSError, ValueError):
+            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MSG + 1, 1)
+        except OSError:
             return None, []
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return None, []
+        return data, fds
     finally:
         sock.close()
 
 
 def _in_namespaces(name: str, kind: str, ns: NsFds, args: dict,
-                   timeout: float) -> tuple[dict | None, list[int], int]:
+                   timeout: float) -> tuple[bytes | None, list[int], int]:
     """Run a kind in a child inside the target's namespaces; return (its
     message, the fds it sent, its exit status)."""
     pid, sock = _start_in_namespaces(name, kind, ns, args)
@@ -356,13 +365,18 @@ class TapHelper:
         """(TAP fd, ifindex, MAC).  Raises HelperError if the helper failed
         or timed out (it has been reaped then).  Once the fd is here the
         helper is only exiting: reap() it later, off the path to ready."""
-        msg, fds = _receive(self._sock, self.timeout)
-        if msg is None or not fds:
+        data, fds = _receive(self._sock, self.timeout)
+        try:
+            if data is None:
+                raise ProtocolError("no message")
+            ifindex, mac = proto.parse_tap_result(data, len(fds))
+        except ProtocolError as e:
             for fd in fds:
                 os.close(fd)
-            raise HelperError(f"child failed({self.reap()})")
-        mac = bytes.fromhex(msg["mac"]) if msg.get("mac") else None
-        return fds[0], int(msg.get("ifindex", 0)), mac
+            how = self.reap()
+            raise HelperError(f"child failed({how})" if data is None else
+                              f"namespace helper: protocol error: {e} (killed: {how})") from None
+        return fds[0], ifindex, mac
 
     def reap(self) -> int:
         """Wait for the helper's exit (bounded; killed if it hangs); its
@@ -409,14 +423,28 @@ def _describe(tapname: str, sock: socket.socket) -> int:
     return 0
 
 
+def start_describe(ns: NsFds, tapname: str) -> tuple[int, socket.socket]:
+    """The interface helper, started (the supervisor waits for it in its
+    loop: supervisor/interface.py): its PID and the socket its one message
+    (proto/helper.py) comes on."""
+    return _start_in_namespaces("nsnet-nshelper", "interface", ns, {"tapname": tapname})
+
+
 def describe_interface(ns: NsFds, tapname: str, timeout: float = 10.0) -> dict:
-    """Report the TAP's state inside the namespace (for the API's get_info
-    with "interface": true). Raises HelperError when it cannot be read."""
-    msg, fds, status = _in_namespaces("nsnet-nshelper", "interface", ns,
-                                      {"tapname": tapname}, timeout)
-    for fd in fds:
-        os.close(fd)
-    if msg is None or status != 0:
+    """Report the TAP's state inside the namespace, waiting for it (a
+    blocking call; the supervisor uses start_describe). Raises HelperError
+    when it cannot be read."""
+    data, fds, status = _in_namespaces("nsnet-nshelper", "interface", ns,
+                                       {"tapname": tapname}, timeout)
+    try:
+        msg = proto.parse_interface(data or b"", len(fds))
+    except ProtocolError as e:
+        raise HelperError(f"namespace helper failed({status})" if data is None
+                          else f"namespace helper: protocol error: {e}") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if status != 0:
         raise HelperError(f"namespace helper failed({status})")
     if "error" in msg:
         raise HelperError(msg["error"])

@@ -16,9 +16,10 @@ import math
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
-    from typing import Any, Protocol
+    from typing import Any, Generator, Protocol
 
 from ..forwards import Forward, ForwardError, make_forward
+from .tasks import run_sync, wait
 
 MAX_REQUEST = 4096  # a request of this many bytes or more is refused
 # ... except set_policy (a policy of thousands of rules), when its
@@ -123,7 +124,7 @@ def _number(value: Any) -> int | None:
     return None
 
 
-def _add_hostfwd(args: dict[str, Any], backend: ApiBackend) -> Any:
+def _add_hostfwd(args: dict[str, Any], backend: ApiBackend) -> Generator[Any, Any, Any]:
     proto = args.get("proto")
     # slirp4netns 1.2.0 checks the value of proto before any other field.
     if proto not in ("tcp", "udp"):
@@ -163,7 +164,7 @@ def _add_hostfwd(args: dict[str, Any], backend: ApiBackend) -> Any:
                            "needs IPv6 in the namespace (start nsnet with -6)") from None
         raise ApiError(f"add_hostfwd: bad arguments.{e}") from None
     try:
-        fid = backend.api_add_forward(fwd)
+        fid = yield from wait(backend.api_add_forward(fwd))
     except ForwardError:
         raise ApiError("add_hostfwd: slirp_add_hostfwd failed") from None
     if fwd.host_port == 0:  # nsnet: the kernel picked the port; say which
@@ -191,12 +192,12 @@ def _list_hostfwd(backend: ApiBackend) -> Any:
     return {"entries": entries, "return": {"entries": entries}}
 
 
-def _remove_hostfwd(args: dict[str, Any], backend: ApiBackend) -> Any:
+def _remove_hostfwd(args: dict[str, Any], backend: ApiBackend) -> Generator[Any, Any, Any]:
     fid = _number(args.get("id"))
     if fid is None:
         raise ApiError("remove_hostfwd: bad arguments.id")
     try:
-        backend.api_remove_forward(fid)
+        yield from wait(backend.api_remove_forward(fid))
     except KeyError:  # no such id (slirp4netns answers the same)
         raise ApiError("remove_hostfwd: bad arguments.id") from None
     except ForwardError:
@@ -205,7 +206,15 @@ def _remove_hostfwd(args: dict[str, Any], backend: ApiBackend) -> Any:
 
 
 def handle(data: bytes, backend: ApiBackend) -> bytes:
-    """Answer one request; never raises for bad input."""
+    """Answer one request; never raises for bad input.  For a backend whose
+    methods return values (or settled Futures) at once."""
+    return run_sync(handle_task(data, backend))  # type: ignore[no-any-return]
+
+
+def handle_task(data: bytes, backend: ApiBackend) -> Generator[Any, Any, bytes]:
+    """handle() as a task (supervisor/tasks.py): the backend's methods may
+    return Futures or tasks (requests to children); the supervisor resumes
+    it when they are settled, without blocking its loop."""
     try:
         req = parse_request(data)
         execute = req["execute"]
@@ -213,23 +222,24 @@ def handle(data: bytes, backend: ApiBackend) -> bytes:
         if not isinstance(args, dict):
             args = {}
         if execute == "add_hostfwd":
-            return encode(_add_hostfwd(args, backend))
+            return encode((yield from _add_hostfwd(args, backend)))
         if execute == "list_hostfwd":
             return encode(_list_hostfwd(backend))
         if execute == "remove_hostfwd":
-            return encode(_remove_hostfwd(args, backend))
+            return encode((yield from _remove_hostfwd(args, backend)))
         if execute == "get_info":
             # "interface": true adds the TAP's state as the namespace sees it
-            return encode({"return": backend.api_info(interface=args.get("interface") is True)})
+            info = backend.api_info(interface=args.get("interface") is True)
+            return encode({"return": (yield from wait(info))})
         if execute == "get_stats":
-            return encode({"return": backend.api_stats()})
+            return encode({"return": (yield from wait(backend.api_stats()))})
         if execute == "get_policy":
             return encode({"return": backend.api_get_policy()})
         if execute == "set_policy":
             if not isinstance(req.get("arguments"), dict):
                 raise ApiError('set_policy: arguments must be the policy, '
                                '{"egress":"allow"|"deny","rules":[...]}')
-            backend.api_set_policy(args)
+            yield from wait(backend.api_set_policy(args))
             return encode({"return": {}})
         raise ApiError("unknown execute")
     except ApiError as e:

@@ -12,16 +12,30 @@ import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
-    from typing import Any, Callable
+    from typing import Any, Callable, Generator
 
 from ..forwards import Forward, ForwardError
 from ..netconfig import slaac_address
 from ..ns import helper as helper_ns
 from . import api
 from .errors import SetupError
+from .peercheck import PeerCheck
+from .tasks import run_task, wait
 
 API_CLIENT_TIMEOUT = 5.0
 API_DRAIN_LIMIT = 1 << 20
+# At most this many clients at once: at the cap the oldest connection not
+# waiting for a child is closed to make room, so idle connections cannot
+# lock others out (if all wait for children, new ones wait); at most
+# half as many accepts per loop turn, so a client accepted in one turn is
+# read in the next before a flood can push it out.
+API_MAX_CLIENTS = 128
+API_ACCEPT_BATCH = API_MAX_CLIENTS // 2
+# Out of fds (EMFILE/ENFILE): the listener is not polled until a client's
+# fd is closed or this many seconds have passed (no busy loop).
+API_EMFILE_PAUSE = 0.25
+REFUSAL_LOG_BURST = 10
+REFUSAL_LOG_WINDOW = 10.0
 
 
 def _median(values: list[float]) -> float:
@@ -41,13 +55,15 @@ def _fwd_text(f: Forward) -> str:
 class _ApiClient:
     """One connection to the API socket, until it is answered or expires."""
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, deadline: float,
+                 refused: tuple[int, str] | None = None) -> None:
         self.sock = sock
         self.deadline = deadline
         self.buf = bytearray()
         self.answered = False
+        self.waiting = False  # its answer waits for a child
         self.drained = 0
-
+        self.refused = refused  # (pid, why): answered with an error, never served
 
 
 class ApiServer:
@@ -89,6 +105,11 @@ class ApiServer:
         st = os.lstat(path)  # never follow a symlink swapped in after bind
         self.api_sock = sock
         self.api_ino = (st.st_dev, st.st_ino)
+        ns = self.nsfds
+        self.peer_check = PeerCheck(ns.user if ns else None, ns.net if ns else None,
+                                    self.opts.target.pid)
+        if self.peer_check.active:
+            self.log.debug("API: clients inside the target's user namespace are refused")
 
     # -- the API (called by api.handle) -------------------------------------
 
@@ -103,7 +124,10 @@ class ApiServer:
             return None
         return str(slaac_address(self.opts.net.prefix6, self.tap_mac))
 
-    def api_add_forward(self, fwd: Forward) -> int:
+    # The api_* methods that ask a child are tasks (supervisor/tasks.py):
+    # they yield the child's reply Future and the loop goes on meanwhile.
+
+    def api_add_forward(self, fwd: Forward) -> Generator[Any, Any, int]:
         if fwd.host_port == 0:  # the kernel picks; a race with another binder: try again
             from ..forwards import pick_host_port
 
@@ -115,16 +139,16 @@ class ApiServer:
                                      f"cannot pick a port: {e.strerror}")
                     raise ForwardError(f"cannot pick a port: {e.strerror}") from None
                 try:
-                    return self._add_forward(picked)
+                    return (yield from self._add_forward(picked))
                 except ForwardError:
                     if attempt == 3:
                         raise
-        return self._add_forward(fwd)
+        return (yield from self._add_forward(fwd))
 
-    def _add_forward(self, fwd: Forward) -> int:
+    def _add_forward(self, fwd: Forward) -> Generator[Any, Any, int]:
         if fwd.is_splice:  # the fast path: nsnet/supervisor/fastpath.py
             try:
-                self._fastpath().add(fwd)
+                yield from wait(self._fastpath().add(fwd))
             except ForwardError as e:
                 self.log.warning(f"forward {_fwd_text(fwd)} failed: {e}")
                 raise
@@ -133,7 +157,7 @@ class ApiServer:
                            extra={"fields": {"event": "forward_added", "id": fid,
                                              **fwd.to_dict()}})
             return fid
-        reply = self._forwarder_request({"op": "add", "forward": fwd.to_dict()})
+        reply = yield from wait(self._forwarder_request({"op": "add", "forward": fwd.to_dict()}))
         if not reply.get("ok"):
             why = reply.get("error", "failed")
             self.log.warning(f"forward {_fwd_text(fwd)} failed: {why}",
@@ -145,20 +169,23 @@ class ApiServer:
                        extra={"fields": {"event": "forward_added", "id": fid, **fwd.to_dict()}})
         return fid
 
-    def api_remove_forward(self, fid: int) -> None:
+    def api_remove_forward(self, fid: int) -> Generator[Any, Any, None]:
         fwd = self.forwards.get(fid)
         if fwd is None:
             raise KeyError(fid)
         if fwd.is_splice:  # the fast path: nsnet/supervisor/fastpath.py
-            self._fastpath().remove(fwd)
-            self.forwards.remove(fid)
+            yield from wait(self._fastpath().remove(fwd))
+            if self.forwards.get(fid) is fwd:
+                self.forwards.remove(fid)
             return
         if fid not in self.inactive_forwards:  # else libslirp does not have it
-            reply = self._forwarder_request({"op": "remove", "forward": fwd.to_dict()})
+            reply = yield from wait(self._forwarder_request({"op": "remove",
+                                                             "forward": fwd.to_dict()}))
             if not reply.get("ok"):
                 raise ForwardError(reply.get("error", "failed"))
         self.inactive_forwards.discard(fid)
-        self.forwards.remove(fid)
+        if self.forwards.get(fid) is fwd:  # not removed by another client meanwhile
+            self.forwards.remove(fid)
         self.log.debug(f"forward {fid} removed: {_fwd_text(fwd)}",
                        extra={"fields": {"event": "forward_removed", "id": fid}})
 
@@ -170,7 +197,9 @@ class ApiServer:
             return "running" if self.fwd.ready else "starting"
         return "restarting" if self.restart_at is not None else "stopped"
 
-    def api_info(self, interface: bool = False) -> dict[str, Any]:
+    def api_info(self, interface: bool = False) -> Any:
+        """The info dict; with interface, a task that adds what the
+        interface helper reports (supervisor/interface.py)."""
         from .. import __version__
         from ..host import slirp
 
@@ -220,16 +249,27 @@ class ApiServer:
             info.update(gateway6=str(net.gateway6), dns6=str(net.dns6),
                         prefix6=f"{net.prefix6}/64", guest6=self.default_guest_addr6)
         if interface:
-            try:
-                info["interface"] = helper_ns.describe_interface(self.nsfds,
-                                                                 self.opts.tapname)
-            except helper_ns.HelperError as e:
-                info["interface"] = {"error": str(e)}
+            return self._add_interface(info)
         return info
 
-    def api_stats(self) -> dict[str, Any]:
+    def _add_interface(self, info: dict[str, Any]) -> Generator[Any, Any, dict[str, Any]]:
+        from .interface import InterfaceQuery
+
         try:
-            reply = self._forwarder_request({"op": "stats"})
+            query = InterfaceQuery(self.nsfds, self.opts.tapname)
+        except (OSError, helper_ns.HelperError) as e:
+            info["interface"] = {"error": f"cannot start the namespace helper: {e}"}
+            return info
+        self.io_sources.append(query)
+        try:
+            info["interface"] = yield query.future
+        except helper_ns.HelperError as e:
+            info["interface"] = {"error": str(e)}
+        return info
+
+    def api_stats(self) -> Generator[Any, Any, dict[str, Any]]:
+        try:
+            reply = yield from wait(self._forwarder_request({"op": "stats"}))
         except ForwardError as e:
             raise api.ApiError(f"get_stats: {e}") from None
         if not reply.get("ok"):
@@ -251,7 +291,7 @@ class ApiServer:
             out["policy"] = dict(pstats, audit_log_lost=self.policy.audit_lost)
         if self.fastpath is not None:  # splice forwards: the relay's own counters
             try:
-                out["fastpath"] = self.fastpath.stats()
+                out["fastpath"] = yield from wait(self.fastpath.stats())
             except ForwardError as e:
                 out["fastpath"] = {"error": str(e)}
         return out
@@ -261,15 +301,12 @@ class ApiServer:
             return {"egress": "allow", "rules": []}
         return self.policy.get()
 
-    def api_set_policy(self, args: dict[str, Any]) -> None:
+    def api_set_policy(self, args: dict[str, Any]) -> Generator[Any, Any, None]:
         """Replace the egress policy atomically: the forwarder judges every
         frame after this by the new one (flows it denies are cut unless
         keep_established); a forwarder started later gets it at fork."""
         from .policy import PolicyControl, PolicyControlError
 
-        blocked = getattr(self, "policy_blocked_by", None)
-        if blocked:
-            raise api.ApiError(f"set_policy: {blocked}")
         if self.policy is None:
             self.policy = PolicyControl(None, self.opts.audit_all)
             if self.fwd is not None:
@@ -278,34 +315,93 @@ class ApiServer:
             pol, keep = self.policy.parse_set(args)
         except PolicyControlError as e:
             raise api.ApiError(f"set_policy: {e}") from None
-        try:
-            fwd = self._ready_forwarder()
-        except ForwardError:
-            fwd = None  # restart pending: the next forwarder gets it at fork
-        if fwd is not None:
+        # another enforcement point that cannot cut flows (nsnet run --bypass)
+        blocked = getattr(self, "policy_blocked_by", None)
+        blocked = blocked() if callable(blocked) else blocked
+        if blocked and not keep:
+            raise api.ApiError(f"set_policy: {blocked}")
+        old = self.policy.policy
+        # Other enforcement points (nsnet run --bypass): narrowed to what
+        # both policies allow while the forwarder switches, then the new one.
+        for fn in self.policy_listeners:
+            fn(old, pol, False)
+        fwd = self.fwd  # None: restart pending: the next forwarder gets it at fork
+        if fwd is not None and not fwd.broken:  # (a starting one: sent once it is ready)
             try:
-                self.policy.send(self._forwarder_request, pol, keep)
+                yield from self.policy.send(self._forwarder_request, pol, keep)
             except (PolicyControlError, ForwardError) as e:
+                for fn in self.policy_listeners:
+                    fn(None, old, True)
                 raise api.ApiError(f"set_policy: {e}") from None
         self.policy.policy = pol
+        for fn in self.policy_listeners:
+            fn(None, pol, True)
         self.log.info(f"egress policy replaced: default {pol.default}, {len(pol.rules)} rules"
                       + (" (established flows kept)" if keep else ""))
 
     # -- API socket handling (non-blocking, in the poll loop) --------------
 
+    def _api_listening(self, now: float) -> bool:
+        """Whether to poll the listener this turn: not at the client cap
+        (connections wait in the backlog), nor while out of fds."""
+        if self.api_paused_until is not None:
+            if now < self.api_paused_until:
+                return False
+            self.api_paused_until = None
+        if len(self.api_clients) >= API_MAX_CLIENTS and self._api_victim() is None:
+            return False  # every slot waits for a child: new ones wait in the backlog
+        return True
+
+    def _api_victim(self) -> int | None:
+        """The client to close at the cap: the oldest not waiting for a child."""
+        fds = [fd for fd, c in self.api_clients.items() if not c.waiting]
+        return min(fds, key=lambda fd: self.api_clients[fd].deadline) if fds else None
+
     def _api_accept(self) -> None:
         assert self.api_sock is not None
-        while True:
+        for _ in range(API_ACCEPT_BATCH):
+            victim = None
+            if len(self.api_clients) >= API_MAX_CLIENTS:
+                victim = self._api_victim()
+                if victim is None:
+                    return
             try:
                 conn, _ = self.api_sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE):
-                    self.log.warning(f"API: cannot accept: {e.strerror}")
+                    # The connection stays in the backlog: wait for an fd
+                    # to be freed (or the pause to end), do not spin.
+                    if self.api_paused_until is None:
+                        self.log.warning(f"API: cannot accept: {e.strerror}; "
+                                         f"{len(self.api_clients)} clients open")
+                    self.api_paused_until = time.monotonic() + API_EMFILE_PAUSE
                 return
+            if victim is not None:
+                self._api_close(victim)
             conn.setblocking(False)
-            self.api_clients[conn.fileno()] = _ApiClient(conn, time.monotonic() + API_CLIENT_TIMEOUT)
+            refused = self.peer_check.refusal(conn)
+            if refused is not None:
+                self._log_refusal(*refused)
+            self.api_clients[conn.fileno()] = _ApiClient(
+                conn, time.monotonic() + API_CLIENT_TIMEOUT, refused)
+
+    def _log_refusal(self, pid: int, why: str) -> None:
+        """One warning per refused client, at most REFUSAL_LOG_BURST per
+        REFUSAL_LOG_WINDOW seconds (then a count): a flood of refused
+        clients must not flood the log."""
+        now = time.monotonic()
+        w = self.__dict__.setdefault("_refusals", [now, 0, 0])  # start, logged, dropped
+        if now - w[0] >= REFUSAL_LOG_WINDOW:
+            if w[2]:
+                self.log.warning(f"API: {w[2]} more clients refused in {now - w[0]:.0f} s")
+            w[:] = [now, 0, 0]
+        if w[1] < REFUSAL_LOG_BURST:
+            w[1] += 1
+            self.log.warning(f"API: refused client pid {pid}: {why}")
+        else:
+            w[2] += 1
 
     def _api_read(self, fd: int) -> None:
         c = self.api_clients[fd]
@@ -330,18 +426,39 @@ class ApiServer:
             self._api_answer(fd, bytes(c.buf), eof)
 
     def _api_answer(self, fd: int, request: bytes, eof: bool) -> None:
+        """Start answering: the request runs as a task (api.handle_task);
+        one that waits for a child leaves the client waiting (not read,
+        not expired: the child's deadline bounds it) and the loop serves
+        the others.  The reply goes out when the task ends."""
         c = self.api_clients[fd]
-        try:
-            reply = api.handle(request, self)
-        except Exception as e:  # a bug must not take the network down
-            self.log.error(f"API: internal error answering {request[:200]!r}: {e!r}")
-            reply = api.error_reply(f"internal error: {e}")
-        if self.log.isEnabledFor("debug"):
-            text = request[:300].decode(errors="replace").strip()
-            self.log.debug(f"API: {text} -> {reply[:300].decode(errors='replace')}",
-                           extra={"fields": {"event": "api_request", "request": text,
-                                             "ok": not reply.startswith(b'{"error"')}})
         c.answered = True
+        c.waiting = True
+
+        def done(reply: bytes | None, error: BaseException | None) -> None:
+            if error is not None:  # a bug must not take the network down
+                self.log.error(f"API: internal error answering {request[:200]!r}: {error!r}")
+                reply = api.error_reply(f"internal error: {error}")
+            reply = reply or b""
+            if self.log.isEnabledFor("debug"):
+                text = request[:300].decode(errors="replace").strip()
+                self.log.debug(f"API: {text} -> {reply[:300].decode(errors='replace')}",
+                               extra={"fields": {"event": "api_request", "request": text,
+                                                 "ok": not reply.startswith(b'{"error"')}})
+            c.waiting = False
+            if self.api_clients.get(fd) is c:  # still connected (and not a reused fd)
+                self._api_send(fd, c, reply, eof)
+            else:
+                c.sock.close()
+
+        if c.refused is not None:  # the peer check refused it (peercheck.py)
+            done(refusal_reply(c.refused[1]), None)
+            return
+        try:
+            run_task(api.handle_task(request, self), done)
+        except Exception as e:  # noqa: BLE001
+            done(None, e)
+
+    def _api_send(self, fd: int, c: _ApiClient, reply: bytes, eof: bool) -> None:
         try:
             c.sock.setblocking(True)
             c.sock.settimeout(1.0)
@@ -356,17 +473,20 @@ class ApiServer:
 
     def _api_close(self, fd: int) -> None:
         c = self.api_clients.pop(fd, None)
-        if c is not None:
+        if c is not None:  # a waiting one's task ends later and finds it gone
             try:
                 c.sock.close()
             except OSError:
                 pass
+            self.api_paused_until = None  # an fd is free again: accept
 
     def _api_expire(self, now: float) -> None:
         for fd, c in list(self.api_clients.items()):
-            if now >= c.deadline:
+            if now >= c.deadline and not c.waiting:
                 if not c.answered and c.buf:
-                    self._api_answer(fd, bytes(c.buf), True)
+                    self._api_answer(fd, bytes(c.buf), True)  # closes it once answered
+                    if c.waiting:
+                        continue
                 self._api_close(fd)
 
     def _make_api_reader(self, fd: int) -> Callable[[int], None]:
@@ -376,6 +496,8 @@ class ApiServer:
         return reader
 
     def _unlink_api(self) -> None:
+        if self.peer_check is not None:
+            self.peer_check.close()
         path = self.opts.api_socket
         if not path or self.api_ino is None:
             return
@@ -386,6 +508,12 @@ class ApiServer:
         except OSError:
             pass
 
+
+
+def refusal_reply(why: str) -> bytes:
+    """The error a refused client gets (slirp4netns's error shape)."""
+    return api.encode({"error": {"desc": f"permission denied: {why}; the API does not "
+                                         "serve processes in the namespace it networks"}})
 
 
 def parse_connection_info(text: str) -> list[dict[str, Any]]:

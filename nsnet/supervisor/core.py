@@ -25,6 +25,7 @@ docs/lifecycle.md has the full table and the restart policy.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -36,11 +37,13 @@ if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Any, Callable
 
     from .apiserver import _ApiClient
+    from .peercheck import PeerCheck
     from .fastpath import FastPath
     from .forwarder import _Forwarder
+    from .interface import InterfaceQuery
     from .policy import PolicyControl
 
-from .. import children, log, sdnotify
+from .. import children, linux, log, sdnotify
 from ..forwards import Forward, ForwardError, ForwardTable
 from ..netconfig import NetConfig
 from ..ns import helper as helper_ns
@@ -54,6 +57,18 @@ POLL_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 TERM_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
+
+
+def _holds_capabilities() -> bool:
+    """Whether this process has any effective or permitted capability."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("CapEff:", "CapPrm:")) and int(line.split()[1], 16):
+                    return True
+    except (OSError, ValueError, IndexError):
+        return True  # cannot tell: the full path decides
+    return False
 
 
 class Options:
@@ -131,6 +146,8 @@ class Supervisor(ForwarderControl, ApiServer):
         self.api_sock: socket.socket | None = None
         self.api_ino: tuple[int, int] | None = None
         self.api_clients: dict[int, _ApiClient] = {}
+        self.api_paused_until: float | None = None  # out of fds: listener not polled
+        self.peer_check: PeerCheck | None = None  # set with the API socket
         self.target_pidfd: int | None = None
         self.nsfds: helper_ns.NsFds | None = None  # the target's namespace files
         self.sigpipe_r = -1
@@ -147,6 +164,10 @@ class Supervisor(ForwarderControl, ApiServer):
         self.policy: PolicyControl | None = None  # the egress policy (policy.py)
         # get_stats sections of other parts (nsnet run --bypass: "bypass")
         self.stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
+        # told of set_policy: fn(old policy, new policy, done)
+        self.policy_listeners: list[Callable[[Any, Any, bool], None]] = []
+        # Children answering requests in the loop (supervisor/interface.py)
+        self.io_sources: list[InterfaceQuery] = []
 
     # -- set-up ------------------------------------------------------------
 
@@ -160,6 +181,9 @@ class Supervisor(ForwarderControl, ApiServer):
             except PolicyControlError as e:
                 raise SetupError(str(e)) from None
         self._install_signals()
+        # Every API client and splice connection holds fds: the soft limit
+        # up to the hard one (the forwarder and relay raise theirs too).
+        linux.raise_fd_limit()
         if o.sandbox:
             self._confine()
         # Children never get the terminal: their log lines come through
@@ -201,7 +225,17 @@ class Supervisor(ForwarderControl, ApiServer):
 
     def _confine(self) -> None:
         """--enable-sandbox: the supervisor too, as far as its job allows
-        (nsnet/sandbox.py confine_supervisor; SECURITY.md)."""
+        (nsnet/sandbox.py confine_supervisor; SECURITY.md).  Without a
+        capability there is only NO_NEW_PRIVS to set: no import on the
+        path to ready for that."""
+        if not _holds_capabilities():
+            from .. import linux
+
+            try:
+                linux.set_no_new_privs()
+            except OSError as e:
+                raise SetupError(f"sandbox: {e.strerror}") from None
+            return
         from .. import sandbox
 
         try:
@@ -236,16 +270,35 @@ class Supervisor(ForwarderControl, ApiServer):
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     def _write_pidfile(self, path: str) -> None:
-        tmp = f"{path}.{os.getpid()}.tmp"
+        """Write PATH through a fresh file of an unpredictable name in the
+        same directory (O_CREAT|O_EXCL|O_NOFOLLOW: never an existing file or
+        a planted symlink), then rename it over PATH (which replaces a
+        symlink there instead of following it)."""
+        d, base = os.path.split(path)
+        tmp = None
         try:
-            with open(tmp, "w") as f:
-                f.write(f"{os.getpid()}\n")
+            for _ in range(100):
+                cand = os.path.join(d, f".{base}.{os.urandom(6).hex()}.tmp")
+                try:
+                    fd = os.open(cand, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o644)
+                except FileExistsError:
+                    continue
+                tmp = cand
+                break
+            else:
+                raise OSError(errno.EEXIST, "no unused temporary name")
+            try:
+                os.write(fd, f"{os.getpid()}\n".encode())
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
             raise SetupError(f"cannot write pidfile {path}: {e.strerror}") from None
         self.pidfile_written = True
 
@@ -319,26 +372,22 @@ class Supervisor(ForwarderControl, ApiServer):
             if self.target_pidfd is not None and o.exit_with_target:
                 watch(self.target_pidfd, POLL_IN,
                       lambda ev: self._finish(EXIT_OK, f"target PID {o.target.pid} exited"))
-            fwd = self.fwd
-            if fwd is not None:
-                watch(fwd.pidfd, POLL_IN, lambda ev: self._on_forwarder_exit())
-                if not fwd.ready and not fwd.ctl_eof:
-                    watch(fwd.ctl.fileno(), POLL_IN, lambda ev: self._on_forwarder_readable())
-            if self.api_sock is not None:
+            if self.api_sock is not None and self._api_listening(time.monotonic()):
                 watch(self.api_sock.fileno(), POLL_IN, lambda ev: self._api_accept())
-            for fd in self.api_clients:
-                watch(fd, POLL_IN, self._make_api_reader(fd))
-            if self.fastpath is not None:
-                for fd, events, fn in self.fastpath.watch():  # relay/connector deaths
-                    watch(fd, events, fn)
+            for fd, client in self.api_clients.items():
+                if not client.waiting:  # one waiting for a child is not read meanwhile
+                    watch(fd, POLL_IN, self._make_api_reader(fd))
+            for fd, events, fn in self._child_watchers():
+                watch(fd, events, fn)
 
             deadlines = [c.deadline for c in self.api_clients.values()]
+            if self.api_paused_until is not None:
+                deadlines.append(self.api_paused_until)
             if next_ping is not None:
                 deadlines.append(next_ping)
             if self.restart_at is not None:
                 deadlines.append(self.restart_at)
-            if fwd is not None and not fwd.ready:
-                deadlines.append(fwd.deadline)
+            deadlines += self._pending_deadlines()
             timeout_ms = None
             if deadlines:
                 timeout_ms = max(0.0, min(deadlines) - time.monotonic()) * 1000
@@ -357,12 +406,78 @@ class Supervisor(ForwarderControl, ApiServer):
             now = time.monotonic()
             self._api_expire(now)
             self._check_start_timeout(now)
+            self._check_pending(now)
             if self.restart_at is not None and now >= self.restart_at and self.fwd is None:
                 self._restart_forwarder()
             if next_ping is not None and now >= next_ping:
                 self.notify.send("WATCHDOG=1")
                 next_ping = now + watchdog  # type: ignore[operator]
         return self.exit_code  # type: ignore[return-value]
+
+    def _child_watchers(self) -> list[tuple[int, int, Callable[[int], None]]]:
+        """(fd, events, handler): the children's deaths, replies and events."""
+        out: list[tuple[int, int, Callable[[int], None]]] = []
+        fwd = self.fwd
+        if fwd is not None:
+            out.append((fwd.pidfd, POLL_IN, lambda ev: self._on_forwarder_exit()))
+            if not fwd.ctl_eof and not fwd.broken:  # replies and events, checked
+                out.append((fwd.ctl.fileno(), POLL_IN, lambda ev: self._on_forwarder_readable()))
+        if self.fastpath is not None:  # relay/connector: deaths, replies
+            out += self.fastpath.watch()
+        for src in self.io_sources:  # children answering requests (interface.py)
+            out += src.watch()
+        return out
+
+    def run_blocking(self, task: Any, timeout: float = 30.0) -> Any:
+        """Set-up only (loop() does not run yet; nsnet run's --publish): run
+        a task (e.g. api_add_forward) to its end, serving the children it
+        waits for.  Its result, or its exception."""
+        from .tasks import run_task
+
+        out: list[tuple[Any, BaseException | None]] = []
+        run_task(task, lambda v, e: out.append((v, e)))
+        give_up = time.monotonic() + timeout
+        while not out and time.monotonic() < give_up:
+            poller = select.poll()
+            handlers = {}
+            for fd, events, fn in self._child_watchers():
+                poller.register(fd, events)
+                handlers[fd] = fn
+            deadlines = [give_up] + self._pending_deadlines()
+            timeout_ms = max(0.0, min(deadlines) - time.monotonic()) * 1000
+            for fd, ev in poller.poll(timeout_ms):
+                if not out and fd in handlers:
+                    handlers[fd](ev)
+            now = time.monotonic()
+            self._check_start_timeout(now)
+            self._check_pending(now)
+        if not out:
+            raise ForwardError(f"no answer from nsnet's children in {timeout:g} s")
+        value, error = out[0]
+        if error is not None:
+            raise error
+        return value
+
+    def _pending_deadlines(self) -> list[float]:
+        """Deadlines of requests to children, of a forwarder's start."""
+        out = [d for d in (src.deadline() for src in self.io_sources) if d is not None]
+        fwd = self.fwd
+        if fwd is not None and not fwd.ready:
+            out.append(fwd.deadline)
+        if fwd is not None and fwd.next_deadline() is not None:
+            out.append(fwd.next_deadline())  # type: ignore[arg-type]
+        if self.fastpath is not None:
+            d = self.fastpath.deadline()
+            if d is not None:
+                out.append(d)
+        return out
+
+    def _check_pending(self, now: float) -> None:
+        for src in list(self.io_sources):
+            src.check(now)
+        self.io_sources = [src for src in self.io_sources if not src.finished]
+        if self.fastpath is not None:
+            self.fastpath.check(now)
 
     def _drain_signals(self) -> None:
         try:
@@ -383,15 +498,15 @@ class Supervisor(ForwarderControl, ApiServer):
             self.notify.send(f"STOPPING=1\nSTATUS=stopping: {self.exit_reason or 'set-up failed'}")
         if self.fwd is not None:
             if self.policy is not None and self.fwd.ready and not self.fwd.ctl_eof:
-                try:  # the audit records of the last moments come first
-                    self.fwd.request({"op": "ping"}, timeout=0.5)
-                except (OSError, TimeoutError, ConnectionError):
-                    pass
+                self._flush_forwarder(self.fwd, 0.5)  # the audit records of the last moments
             self._stop_forwarder(self.fwd)
             self.fwd = None
         self.restart_at = None
         if self.fastpath is not None:
             self.fastpath.close()
+        for src in self.io_sources:
+            src.close()
+        self.io_sources = []
         for fd in list(self.api_clients):
             self._api_close(fd)
         if self.api_sock is not None:

@@ -3,7 +3,8 @@ control socket, spawning it, and the restart policy (docs/lifecycle.md)."""
 
 from __future__ import annotations
 
-import json
+import errno
+import fcntl
 import os
 import select
 import signal
@@ -18,8 +19,12 @@ from .. import fdpass
 from ..children import fork_child
 from ..forwards import ForwardError
 from ..ns import helper as helper_ns
+from ..proto import forwarder as proto
+from ..proto import wire
 from ..proto.exitcodes import EXIT_FAILURE, FORWARDER_EXIT_TAP_ERROR
+from ..proto.wire import ProtocolError
 from .errors import SetupError
+from .tasks import Future
 
 FORWARDER_START_TIMEOUT = 10.0
 CONTROL_TIMEOUT = 5.0
@@ -47,7 +52,12 @@ def _describe_status(status: int) -> str:
 
 
 class _Forwarder:
-    """A forwarder child (starting or running), seen from the supervisor."""
+    """A forwarder child (starting or running), seen from the supervisor.
+
+    Everything it says goes through proto/forwarder.py's checks; a message
+    that fails them marks it broken (the supervisor kills it and restarts
+    it as a crashed one).  Requests are asynchronous: submit() returns a
+    Future that its reply, its death or the request's deadline settles."""
 
     def __init__(self, pid: int, ctl: socket.socket, started: float) -> None:
         self.pid = pid
@@ -56,8 +66,11 @@ class _Forwarder:
         self.ready_at: float | None = None  # when it said "ready"
         self.deadline = started + FORWARDER_START_TIMEOUT
         self.ctl_eof = False
+        self.broken: str | None = None  # the protocol error that condemned it
         self.seq = 0
-        self.events: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []  # at most MAX_EVENTS (+ the supervisor's notes)
+        self.pending: dict[int, tuple[str, Future, float]] = {}  # seq -> (op, reply, deadline)
+        self.queued: list[tuple[dict[str, Any], Future, float]] = []  # until it is ready
         self.status: int | None = None  # wait status once reaped
         # egress-policy audit records: handled as they come, never queued
         self.on_audit: Any = None
@@ -72,9 +85,10 @@ class _Forwarder:
         return self.ready_at is not None
 
     def receive(self, block_until: float | None = None) -> dict[str, Any] | None:
-        """One message from the forwarder, or None (nothing yet, or EOF:
-        then ctl_eof is set).  Waits until block_until at most."""
-        if self.ctl_eof:
+        """One checked message from the forwarder, or None (nothing yet, or
+        EOF: then ctl_eof is set).  Waits until block_until at most.
+        Raises ProtocolError (and marks it broken) for a bad message."""
+        if self.ctl_eof or self.broken:
             return None
         if block_until is not None:
             left = max(0.0, block_until - time.monotonic())
@@ -82,7 +96,7 @@ class _Forwarder:
             if not r:
                 return None
         try:
-            data = self.ctl.recv(65536, socket.MSG_DONTWAIT)
+            data = self.ctl.recv(proto.MAX_MSG + 1, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError:
@@ -91,47 +105,92 @@ class _Forwarder:
             self.ctl_eof = True
             return None
         try:
-            msg = json.loads(data)
-        except ValueError:
-            msg = {"event": "garbage"}
-        if isinstance(msg, dict) and msg.get("event") == "audit":
-            if self.on_audit is not None:
-                self.on_audit(msg)
-            return None
-        return msg if isinstance(msg, dict) else {"event": "garbage"}
+            msg = proto.parse_message(data)
+            if msg.get("event") == "audit":  # a stream: handled as it comes, never kept
+                if self.on_audit is not None:
+                    self.on_audit(msg)
+            elif "event" in msg:
+                self._count_event(msg)
+            else:
+                self._match_reply(msg)
+        except ProtocolError as e:
+            self.broken = str(e)
+            raise
+        return msg
+
+    def _count_event(self, msg: dict[str, Any]) -> None:
+        if len(self.events) >= proto.MAX_EVENTS:
+            raise ProtocolError(f"more than {proto.MAX_EVENTS} events")
+        if msg["event"] == "ready" and self.ready:
+            raise ProtocolError("a second ready event")
+        self.events.append(msg)
+
+    def _match_reply(self, reply: dict[str, Any]) -> None:
+        entry = self.pending.get(reply["reply_to"])
+        if entry is None:
+            raise ProtocolError(f"reply to {reply['reply_to']}, which is not pending")
+        if any(seq < reply["reply_to"] for seq in self.pending):
+            raise ProtocolError(f"reply to {reply['reply_to']} before an earlier request")
+        proto.check_reply(reply, entry[0])
 
     def drain(self) -> None:
-        """Keep every event still queued (what it said before dying)."""
+        """Keep every event still queued (what it said before dying):
+        bounded by the event cap; a bad message ends the draining."""
         while True:
-            msg = self.receive()
+            try:
+                msg = self.receive()
+            except ProtocolError:
+                return
             if msg is None:
                 return
-            self.events.append(msg)
 
-    def request(self, msg: dict[str, Any], timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
-        """One request/reply round trip over the control socket."""
+    def submit(self, msg: dict[str, Any], timeout: float = CONTROL_TIMEOUT) -> Future:
+        """Send a request now (ready) or once it is ready (starting); its
+        reply settles the Future (ForwardError if it never comes)."""
+        fut = Future()
+        if self.ready:
+            self._send(msg, fut, time.monotonic() + timeout)
+        else:
+            self.queued.append((msg, fut, time.monotonic() + timeout))
+        return fut
+
+    def _send(self, msg: dict[str, Any], fut: Future, deadline: float) -> None:
         self.seq += 1
-        msg = dict(msg, seq=self.seq)
-        self.ctl.send(json.dumps(msg).encode())
-        deadline = time.monotonic() + timeout
-        while True:
-            if time.monotonic() >= deadline:
-                raise TimeoutError("forwarder did not answer")
-            reply = self.receive(block_until=deadline)
-            if reply is None:
-                if self.ctl_eof:
-                    raise ConnectionError("forwarder hung up")
-                continue
-            if "event" in reply:
-                self.events.append(reply)
-                continue
-            if reply.get("reply_to") == self.seq:
-                return reply
+        try:
+            self.ctl.send(wire.encode(dict(msg, seq=self.seq)))
+        except OSError as e:
+            fut.fail(ForwardError(f"forwarder: {e.strerror or e}"))
+            return
+        self.pending[self.seq] = (msg["op"], fut, deadline)
+
+    def on_ready(self) -> None:
+        """Send what was queued while it started."""
+        queued, self.queued = self.queued, []
+        for msg, fut, _deadline in queued:
+            self._send(msg, fut, time.monotonic() + CONTROL_TIMEOUT)
+
+    def settle(self, reply: dict[str, Any]) -> None:
+        _op, fut, _deadline = self.pending.pop(reply["reply_to"])
+        fut.resolve(reply)
+
+    def next_deadline(self) -> float | None:
+        times = [d for _, _, d in self.pending.values()] + [d for _, _, d in self.queued]
+        return min(times) if times else None
+
+    def fail_all(self, why: str) -> None:
+        """Its requests will not be answered (it died, hung or broke)."""
+        entries = [fut for _, fut, _ in self.pending.values()] + [fut for _, fut, _ in self.queued]
+        self.pending.clear()
+        self.queued.clear()
+        for fut in entries:
+            fut.fail(ForwardError(why))
 
     def error_text(self) -> str:
-        return "; ".join(str(e["error"]) for e in self.events if e.get("error"))
+        return "; ".join(str(e["error"])[:200] for e in self.events if e.get("error"))
 
     def tap_error(self) -> str | None:
+        """What the forwarder claims about the TAP (the supervisor checks
+        the TAP itself before believing it: tap_state)."""
         for e in self.events:
             if e.get("event") == "tap_error":
                 return str(e.get("error"))
@@ -146,6 +205,20 @@ class _Forwarder:
                 closer()
             except OSError:
                 pass
+
+
+TUNGETIFF = 0x800454D2
+
+
+def tap_state(tap_fd: int) -> str | None:
+    """None while the TAP behind tap_fd is attached to its interface; why
+    not otherwise (EBADFD once the interface is deleted in the namespace).
+    The supervisor's own look at the TAP: it does not take a child's word."""
+    try:
+        fcntl.ioctl(tap_fd, TUNGETIFF, bytes(40))
+    except OSError as e:
+        return f"{errno.errorcode.get(e.errno or 0, e.errno)}: {e.strerror}"
+    return None
 
 
 
@@ -213,10 +286,14 @@ class ForwarderControl:
             pass  # it has failed already: its message or exit says why
         fwd.deadline = time.monotonic() + FORWARDER_START_TIMEOUT
         while not fwd.ready and not fwd.ctl_eof and time.monotonic() < fwd.deadline:
-            msg = fwd.receive(block_until=fwd.deadline)
-            if msg is None:
-                continue
-            self._on_forwarder_message(fwd, msg)
+            try:
+                msg = fwd.receive(block_until=fwd.deadline)
+                if msg is None:
+                    continue
+                self._on_forwarder_message(fwd, msg)
+            except ProtocolError as e:
+                fwd.events.append({"event": "failed", "error": f"protocol error: {e}"})
+                break
             if msg.get("event") == "failed":
                 break
         if not fwd.ready:
@@ -227,11 +304,19 @@ class ForwarderControl:
         self.fwd = fwd
 
     def _on_forwarder_message(self, fwd: _Forwarder, msg: dict[str, Any]) -> None:
-        fwd.events.append(msg)
-        if msg.get("event") != "ready" or fwd.ready:
+        """A checked message (fwd.receive): settle a request, or act on an
+        event; ProtocolError if its content does not fit."""
+        if "reply_to" in msg:
+            fwd.settle(msg)
             return
+        if msg["event"] != "ready":
+            return
+        failed = msg["failed_forwards"]
+        for fid in failed:
+            if self.forwards.get(fid) is None:
+                raise ProtocolError(f"ready: failed_forwards names {fid}, which it was not given")
         fwd.ready_at = time.monotonic()
-        failed = msg.get("failed_forwards", [])
+        fwd.on_ready()
         self.inactive_forwards = set(failed)
         for fid in failed:
             f = self.forwards.get(fid)
@@ -269,7 +354,23 @@ class ForwarderControl:
                 select.select([fwd.pidfd], [], [], 5.0)
             self._reap(fwd)
         fwd.drain()
+        fwd.fail_all("forwarder: stopped")
         fwd.close()
+
+    def _flush_forwarder(self, fwd: _Forwarder, timeout: float) -> None:
+        """Teardown only (the loop is over): a ping, and what the forwarder
+        sends before its reply (audit records) handled, for timeout at most."""
+        fut = fwd.submit({"op": "ping"}, timeout)
+        deadline = time.monotonic() + timeout
+        while not fut.done and not fwd.ctl_eof and not fwd.broken:
+            if time.monotonic() >= deadline:
+                return
+            try:
+                msg = fwd.receive(block_until=deadline)
+                if msg is not None:
+                    self._on_forwarder_message(fwd, msg)
+            except ProtocolError:
+                return
 
     def _reap(self, fwd: _Forwarder) -> None:
         try:
@@ -286,14 +387,21 @@ class ForwarderControl:
         now = time.monotonic()
         self._reap(fwd)
         fwd.drain()
+        fwd.fail_all("forwarder: hung up")
         fwd.close()
         how = _describe_status(fwd.status or 0)
-        tap = fwd.tap_error()
-        if tap is not None:
+        # The supervisor looks at the TAP through its own fd; what the
+        # forwarder said about it is only a hint.
+        gone = tap_state(self.tap_fd)
+        if gone is not None:
             self._finish(EXIT_FAILURE,
-                         f"TAP {self.opts.tapname} failed ({tap}): the interface is gone "
+                         f"TAP {self.opts.tapname} failed ({gone}): the interface is gone "
                          "from the namespace")
             return
+        claim = fwd.tap_error()
+        if claim is not None:
+            self.log.warning(f"forwarder (pid {fwd.pid}) reported a TAP failure ({claim}), "
+                             "but the TAP is attached: handled as a crash")
         if self.outage_since is None:
             self.outage_since = now
         if fwd.ready:
@@ -339,13 +447,38 @@ class ForwarderControl:
             self._on_failure(f"cannot start a forwarder: {e.strerror or e}", True,
                              time.monotonic())
 
+    MAX_MESSAGES_PER_TURN = 64  # then the loop serves the others
+
     def _on_forwarder_readable(self) -> None:
         fwd = self.fwd
         if fwd is None:
             return
-        msg = fwd.receive()
-        if msg is not None:
-            self._on_forwarder_message(fwd, msg)
+        for _ in range(self.MAX_MESSAGES_PER_TURN):
+            try:
+                msg = fwd.receive()
+                if msg is None:
+                    return
+                self._on_forwarder_message(fwd, msg)
+            except ProtocolError as e:
+                self._forwarder_broken(fwd, str(e))
+                return
+
+    def _forwarder_broken(self, fwd: _Forwarder, why: str) -> None:
+        """A protocol error: kill it; its pidfd brings the restart, as for
+        a crash.  Never an exception in the supervisor."""
+        fwd.broken = fwd.broken or why
+        self.log.warning(f"forwarder (pid {fwd.pid}) broke the control protocol ({why[:200]}); "
+                         "killing it",
+                         extra={"fields": {"event": "forwarder_protocol_error",
+                                           "forwarder_pid": fwd.pid, "error": why[:200]}})
+        fwd.events.append({"event": "failed", "error": f"protocol error: {why[:200]}"})
+        fwd.fail_all("forwarder: protocol error")
+        try:
+            os.kill(fwd.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if not fwd.ready:
+            fwd.deadline = float("inf")
 
     def _check_start_timeout(self, now: float) -> None:
         fwd = self.fwd
@@ -357,37 +490,35 @@ class ForwarderControl:
             except ProcessLookupError:
                 pass
             fwd.deadline = float("inf")
+        if fwd is not None:
+            self._check_request_deadlines(fwd, now)
 
-    def _ready_forwarder(self) -> _Forwarder:
-        """The running forwarder for an API request.  If one is starting,
-        wait for it (bounded): a request during a restart is answered once
-        the new forwarder is up."""
-        fwd = self.fwd
-        if fwd is None:
-            raise ForwardError("forwarder not running (restart pending)")
-        while not fwd.ready and not fwd.ctl_eof and time.monotonic() < fwd.deadline:
-            msg = fwd.receive(block_until=min(fwd.deadline, time.monotonic() + CONTROL_TIMEOUT))
-            if msg is not None:
-                self._on_forwarder_message(fwd, msg)
-        if not fwd.ready:
-            raise ForwardError("forwarder not running (starting)")
-        return fwd
-
-    def _forwarder_request(self, msg: dict[str, Any]) -> dict[str, Any]:
-        fwd = self._ready_forwarder()
-        try:
-            return fwd.request(msg)
-        except TimeoutError:
+    def _check_request_deadlines(self, fwd: _Forwarder, now: float) -> None:
+        late = [m for m in fwd.queued if m[2] <= now]
+        if late:
+            fwd.queued = [m for m in fwd.queued if m[2] > now]
+            for _msg, fut, _deadline in late:
+                fut.fail(ForwardError("forwarder not running (starting)"))
+        if any(d <= now for _, _, d in fwd.pending.values()):
             # Its loop answers between turns of at most a second: it hangs.
             # Kill it; its pidfd brings the restart.
             self.log.warning(f"forwarder (pid {fwd.pid}) did not answer within "
                              f"{CONTROL_TIMEOUT:g} s; killing it")
             fwd.events.append({"event": "failed", "error": "hung (no answer)"})
+            fwd.broken = "hung (no answer)"
+            fwd.fail_all("forwarder: did not answer")
             try:
                 os.kill(fwd.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            raise ForwardError("forwarder: did not answer") from None
-        except (OSError, ValueError) as e:
-            raise ForwardError(f"forwarder: {e}") from None
 
+    def _forwarder_request(self, msg: dict[str, Any]) -> Future:
+        """A request to the forwarder; the Future settles with its reply
+        (a checked dict) or fails with ForwardError.  Never blocks: a
+        request while it starts is sent once it is ready."""
+        fwd = self.fwd
+        if fwd is None:
+            raise ForwardError("forwarder not running (restart pending)")
+        if fwd.broken:
+            raise ForwardError("forwarder not running (being replaced)")
+        return fwd.submit(msg)

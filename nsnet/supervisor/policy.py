@@ -15,7 +15,7 @@ import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable
+    from typing import Any, Callable, Generator
 
 from .. import log
 from ..policy import Policy, PolicyError
@@ -72,18 +72,20 @@ class PolicyControl:
         except PolicyError as e:
             raise PolicyControlError(str(e)) from None
 
-    def send(self, request: Callable[[dict[str, Any]], dict[str, Any]], pol: Policy,
-             keep_established: bool) -> None:
-        """Replace the running forwarder's policy (request: one control
-        round trip).  Raises PolicyControlError when it refuses."""
+    def send(self, request: Callable[[dict[str, Any]], Any], pol: Policy,
+             keep_established: bool) -> Generator[Any, Any, None]:
+        """Replace the running forwarder's policy, as a task
+        (supervisor/tasks.py: request sends one control request and returns
+        the Future of its reply).  Raises PolicyControlError when it refuses."""
         text = json.dumps(pol.to_json(), separators=(",", ":"))
         parts = [text[i:i + PART] for i in range(0, len(text), PART)] or [""]
         for i, part in enumerate(parts[:-1]):
-            reply = request({"op": "policy_part", "index": i, "data": part})
+            reply = yield request({"op": "policy_part", "index": i, "data": part})
             if not reply.get("ok"):
                 raise PolicyControlError(str(reply.get("error", "refused")))
-        reply = request({"op": "policy", "last_part": parts[-1], "parts": len(parts),
-                         "keep_established": keep_established, "audit_all": self.audit_all})
+        reply = yield request({"op": "policy", "last_part": parts[-1], "parts": len(parts),
+                               "keep_established": keep_established,
+                               "audit_all": self.audit_all})
         if not reply.get("ok"):
             raise PolicyControlError(str(reply.get("error", "refused")))
 

@@ -179,3 +179,27 @@ def test_generated_files_follow_the_table(what, path):
         f"{path} is out of date: python3 -m nsnet.manpage {what} > {path}"
     for o in O.TABLE:
         assert f"--{o.name}".replace("-", "\\-" if what == "man" else "-") in committed, o
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("fd00:1::/48", "needs a /64"), ("fd00:1::", "needs a /64"), ("fd00:1::1/64", "network address"),
+    ("bogus/64", "invalid IPv6 prefix"), ("fe80::/64", "not a unicast prefix"),
+    ("10.0.2.0/24", "invalid IPv6 prefix"),
+])
+def test_cidr6_refused(text, msg):
+    from nsnet.netconfig import ConfigError, parse_cidr6
+
+    with pytest.raises(ConfigError, match=msg):
+        parse_cidr6(text)
+
+
+def test_cidr6_addresses():
+    from nsnet.netconfig import NetConfig, parse_cidr6
+
+    net = NetConfig(ipv6=True, cidr6=parse_cidr6("fd00:1:2:3::/64"))
+    assert (str(net.prefix6), str(net.gateway6), str(net.dns6)) == (
+        "fd00:1:2:3::", "fd00:1:2:3::2", "fd00:1:2:3::3")
+    assert NetConfig.from_wire(net.to_wire()) == net
+    assert str(NetConfig(ipv6=True).gateway6) == "fd00::2"
+    with pytest.raises(run_mod.UsageError, match="needs -6"):
+        run_mod.parse_args(["--cidr6=fd00:1::/64", "--", "true"])

@@ -1,0 +1,66 @@
+"""What a child may put on the caller's terminal (nsnet/children.py): its
+log lines pass through the supervisor, which replaces control characters,
+so a compromised child cannot send escape sequences (retitle the window,
+rewrite the screen, answerback tricks) to the user's terminal.  And a
+child's stdio never is a terminal."""
+from __future__ import annotations
+
+import os
+import pty
+
+import pytest
+
+from nsnet import children
+
+
+@pytest.fixture
+def log_pipe(monkeypatch, capsys):
+    """The supervisor's end of a log pipe; what copy_log shows, via capsys."""
+    r, w = os.pipe2(os.O_NONBLOCK)
+    monkeypatch.setattr(children, "_log_r", r)
+    monkeypatch.setattr(children, "_log_w", w)
+    yield w, capsys
+    os.close(r)
+    os.close(w)
+
+
+@pytest.mark.parametrize("raw,shown", [
+    (b"nsnet: relay: fine\n", "nsnet: relay: fine\n"),
+    (b"\x1b]0;owned\x07title\n", "?]0;owned?title\n"),          # OSC: window title
+    (b"\x1b[2J\x1b[Hcleared\r\n", "?[2J?[Hcleared?\n"),        # CSI, carriage return
+    ("\u009b31mred\n".encode(), "?31mred\n"),                   # C1 CSI, UTF-8 encoded
+    (b"tab\tok\x7f\x00\n", "tab\tok??\n"),                      # DEL, NUL
+    (b"\xff\xfe bad utf-8\n", "\ufffd\ufffd bad utf-8\n"),
+])
+def test_child_log_sanitised(log_pipe, raw, shown):
+    w, out = log_pipe
+    os.write(w, raw)
+    children.copy_log()
+    assert out.readouterr().err == shown
+
+
+def test_copy_log_bounded_and_nonblocking(log_pipe):
+    w, out = log_pipe
+    children.copy_log()  # nothing there: returns at once
+    os.write(w, b"x" * (children.LOG_CHUNK + 100))
+    children.copy_log()
+    assert len(out.readouterr().err) == children.LOG_CHUNK  # one read per call
+
+
+def test_detach_stdio_in_a_child():
+    """A forked child that had a terminal on 0, 1 and 2 keeps none of them."""
+    master, slave = pty.openpty()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for fd in (0, 1, 2):
+                os.dup2(slave, fd)
+            children.detach_stdio()
+            code = 0 if not any(os.isatty(fd) for fd in (0, 1, 2)) else 3
+        finally:
+            os._exit(code)
+    os.close(slave)
+    _, status = os.waitpid(pid, 0)
+    os.close(master)
+    assert os.waitstatus_to_exitcode(status) == 0
