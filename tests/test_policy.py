@@ -110,6 +110,9 @@ def run_probe(user, probe, flags, steps, timeout=90, argv_prefix=None):
         cp = subprocess.run([*argv_prefix, *user.wrap(argv)], timeout=timeout, cwd="/",
                             env=user.env(), stdin=subprocess.DEVNULL, capture_output=True)
     assert cp.returncode == 0, (cp.returncode, cp.stdout, cp.stderr)
+    # the forwarder never died on the way (a restart would hide a bug, and
+    # forget the learned names)
+    assert b"restarting" not in cp.stderr, cp.stderr
     return json.loads(cp.stdout.decode().strip().splitlines()[-1]), cp.stderr.decode()
 
 
@@ -193,12 +196,14 @@ def test_ipv6(user, probe, servers):
         ["tcp_until_ok", "fd00::2", a.port, 15],  # the SLAAC address passes DAD first
         ["tcp", "fd00::2", b.port],
         ["tcp_dstopts", "fd00::2", b.port],
-        ["udp", "fd00::2", u.port, 16]])
+        ["udp", "fd00::2", u.port, 16],
+        ["udp", "fd00::2", u.port, 4000]])  # IPv6 fragments: judged on the first
     assert res[0]["result"] == "ok"
     assert res[1]["result"] == "ECONNREFUSED" and res[1]["seconds"] < 1.0
     # a destination-options header does not hide the TCP header
     assert res[2]["result"] == "ECONNREFUSED" and res[2]["seconds"] < 1.0
     assert res[3]["result"] == "EACCES"  # ICMPv6 administratively prohibited
+    assert res[4]["result"] == "EACCES"
     assert b.connections == 0 and u.count == 0
 
 
@@ -543,6 +548,8 @@ def test_dns_names(user, probe, dns_env):
     assert "allowed.test" in resolver.queries
     assert [s.connections for s in dns_env["servers"]] == [1, 0, 1, 1, 0, 0]
     assert f"-> {ADDRS[0]}:{port} (allowed.test) by allow allowed.test:{port}" in err
+    # a refused query is an audit record too, with its name
+    assert "-> 10.0.2.3:53 (other.test) by dns: no rule allows this name" in err
 
 
 

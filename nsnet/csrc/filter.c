@@ -355,11 +355,15 @@ static int judge(struct nsnet_filter *f, const struct flow_key *k, int32_t *rule
     return action;
 }
 
+/* An audit record (rule -1: the default; NSNET_POL_RULE_DNS: a DNS query
+ * refused by name, which is not counted as a flow). */
 static void audit(struct nsnet_filter *f, const struct flow_key *k, int action, int32_t rule,
                   const char *name)
 {
     struct nsnet_pol_event *e;
-    if (action == NSNET_POL_DENY)
+    if (rule == NSNET_POL_RULE_DNS)
+        ;
+    else if (action == NSNET_POL_DENY)
         f->st.flows_denied++;
     else
         f->st.flows_allowed++;
@@ -964,6 +968,7 @@ static int rx_dns(struct nsnet_filter *f, uint8_t *frame, struct pkt *p, nsnet_f
             nsnet_policy_name_allowed(f->pol, name))
             return 1;
         f->st.dns_refused++;
+        audit(f, &p->k, NSNET_POL_DENY, NSNET_POL_RULE_DNS, qend ? name : "");
         if (mlen >= 12 && !(m[2] & 0x80) && rd16(m + 4) == 1 && qend > 12)
             send_refused(frame, p, qend, to_ns, opaque);
         return deny_packet(f);
@@ -997,6 +1002,7 @@ static int rx_dns(struct nsnet_filter *f, uint8_t *frame, struct pkt *p, nsnet_f
             return deny_packet(f);
         if (!tcp_dns_ok(f, p->l4 + doff, dlen)) {
             f->st.dns_refused++;
+            audit(f, &p->k, NSNET_POL_DENY, NSNET_POL_RULE_DNS, "");
             fl->action = NSNET_POL_DENY;
             goto cut;
         }
