@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import pwd
+import resource
 import socket
 import statistics
 import subprocess
@@ -38,15 +39,19 @@ if mode == "tput":
     while time.monotonic() < end:
         n += s.send(buf)
     s.close()
-    print(json.dumps({"value": n * 8 / (time.monotonic() - t0) / 1e9}))
+    print(json.dumps({"value": n * 8 / (time.monotonic() - t0) / 1e9, "count": n / 1e9}))
 else:
-    n = 0
+    n = failed = 0
     t0 = time.monotonic()
     while time.monotonic() < end:
-        c = socket.create_connection(("10.0.2.2", port), timeout=10)
+        try:
+            c = socket.create_connection(("10.0.2.2", port), timeout=10)
+        except OSError:
+            failed += 1
+            continue
         c.close()
         n += 1
-    print(json.dumps({"value": n / (time.monotonic() - t0)}))
+    print(json.dumps({"value": n / (time.monotonic() - t0), "count": n, "failed": failed}))
 """
 
 
@@ -112,7 +117,8 @@ def main() -> int:
     pw = pwd.getpwnam(a.user)
     wrap = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups", "--"]
     cands = {"no policy": [], f"{a.rules} rules": [f"--policy={pol}"]}
-    results: dict[str, dict[str, list[float]]] = {c: {"tput": [], "conn": []} for c in cands}
+    results: dict[str, dict[str, list[float]]] = {
+        c: {"tput": [], "conn": [], "tput_cpu": [], "conn_cpu": []} for c in cands}
     try:
         for rep in range(a.reps):
             order = list(cands) if rep % 2 == 0 else list(reversed(cands))
@@ -120,26 +126,34 @@ def main() -> int:
                 for mode, port in (("tput", tput_port), ("conn", conn_port)):
                     argv = [*wrap, a.nsnet, "run", f"--mtu={a.mtu}", *cands[cand], "--",
                             "/usr/bin/python3", "-c", CLIENT, mode, str(port), str(a.duration)]
+                    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                     cp = subprocess.run(argv, capture_output=True, timeout=a.duration + 60,
                                         cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir})
                     if cp.returncode != 0:
                         print(cp.stderr.decode(), file=sys.stderr)
                         return 1
-                    results[cand][mode].append(json.loads(cp.stdout.decode().splitlines()[-1])["value"])
-                    print(f"rep {rep} {cand:>12} {mode}: {results[cand][mode][-1]:.3f}",
+                    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    r = json.loads(cp.stdout.decode().splitlines()[-1])
+                    results[cand][mode].append(r["value"])
+                    # CPU seconds of nsnet and the client together, per GB
+                    # or per connection: steadier than rates on a busy host
+                    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+                    results[cand][mode + "_cpu"].append(cpu / max(r["count"], 1e-9))
+                    print(f"rep {rep} {cand:>12} {mode}: {r['value']:.3f}"
+                          + (f" ({r['failed']} connects failed)" if r.get("failed") else ""),
                           file=sys.stderr)
     finally:
         os.unlink(pol)
     base = list(cands)[0]
     print(f"\nMTU {a.mtu}, {a.reps} reps x {a.duration:g} s, medians\n")
-    print("| candidate | ns->host Gbit/s | ratio | connections/s | ratio |")
-    print("|---|---|---|---|---|")
+    print("| candidate | ns->host Gbit/s | ratio | CPU s/GB | connections/s | ratio "
+          "| CPU us/connection |")
+    print("|---|---|---|---|---|---|---|")
+    med = {c: {k: statistics.median(v) for k, v in r.items()} for c, r in results.items()}
     for cand in cands:
-        t = statistics.median(results[cand]["tput"])
-        c = statistics.median(results[cand]["conn"])
-        tb = statistics.median(results[base]["tput"])
-        cb = statistics.median(results[base]["conn"])
-        print(f"| {cand} | {t:.2f} | {t / tb:.3f} | {c:.0f} | {c / cb:.3f} |")
+        m, b = med[cand], med[base]
+        print(f"| {cand} | {m['tput']:.2f} | {m['tput'] / b['tput']:.3f} | {m['tput_cpu']:.2f} "
+              f"| {m['conn']:.0f} | {m['conn'] / b['conn']:.3f} | {m['conn_cpu'] * 1e6:.0f} |")
     print("\n" + json.dumps({"mtu": a.mtu, "results": results}))
     return 0
 

@@ -155,6 +155,8 @@ def parse(argv: list[str]):
                                 "(use --netns-type=path for a path)") from None
             if pid <= 0:
                 raise BadOption(f"PID must be a positive integer, not {args[0]!r}")
+            if not os.path.exists(f"/proc/{pid}"):
+                raise BadOption(f"target PID {pid} does not exist (has the process exited?)")
             target = Target.from_pid(pid)
             if userns_path is not None:
                 # slirp4netns 1.2.0: joins that user namespace instead of the PID's.
@@ -170,12 +172,14 @@ def parse(argv: list[str]):
     except DiagError as e:
         raise BadOption(str(e)) from None
 
-    from .policy import PolicyError, from_options
+    policy = None
+    if v["egress"] or v["policy_rules"] or v["policy_file"]:  # else not on the path to ready
+        from .policy import PolicyError, from_options
 
-    try:
-        policy = from_options(v["egress"], v["policy_rules"], v["policy_file"])
-    except PolicyError as e:
-        raise BadOption(str(e)) from None
+        try:
+            policy = from_options(v["egress"], v["policy_rules"], v["policy_file"])
+        except PolicyError as e:
+            raise BadOption(str(e)) from None
 
     out4 = resolve_outbound(v["outbound4"], 4) if v["outbound4"] else None
     out6 = resolve_outbound(v["outbound6"], 6) if v["outbound6"] else None

@@ -215,12 +215,13 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     ro.seccomp = v["seccomp"]
     ro.max_restarts = v["max_restarts"]
     ro.restart_window = float(v["restart_window"])
-    from .policy import PolicyError, from_options
+    if v["egress"] or v["policy_rules"] or v["policy_file"]:  # else not on the path to ready
+        from .policy import PolicyError, from_options
 
-    try:
-        ro.policy = from_options(v["egress"], v["policy_rules"], v["policy_file"])
-    except PolicyError as e:
-        raise UsageError(str(e)) from None
+        try:
+            ro.policy = from_options(v["egress"], v["policy_rules"], v["policy_file"])
+        except PolicyError as e:
+            raise UsageError(str(e)) from None
     ro.audit_all = v["audit"] == "all"
     ro.audit_log = v["audit_log"]
     ro.bypass = v["bypass"]

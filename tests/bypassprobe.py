@@ -91,6 +91,33 @@ def timeout(host, port):
                 seconds=round(time.monotonic() - t0, 2))
 
 
+def interrupted(host, port):
+    """A blocking connect that hangs (the host listener's queue is full),
+    interrupted by SIGALRM whose handler raises: connect gives up at once,
+    the process goes on (never a hang), a later connect works normally."""
+    import signal
+
+    class Alarm(Exception):
+        pass
+
+    def on_alarm(signo, frame):
+        raise Alarm()
+    signal.signal(signal.SIGALRM, on_alarm)
+    s = socket.socket(fam(host), socket.SOCK_STREAM)
+    t0 = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    try:
+        s.connect((host, port))
+        what = "connected"
+    except Alarm:
+        what = "interrupted"
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    secs = time.monotonic() - t0
+    s.close()
+    time.sleep(1.5)  # the handler notices the abandoned call within 1 s
+    return dict(what=what, seconds=round(secs, 2))
+
+
 async def _aio(host, port, n):
     async def one(i):
         r, w = await asyncio.open_connection(host, port)

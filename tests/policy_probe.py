@@ -14,7 +14,8 @@ argv[1] is a JSON list of steps; each step is a list:
   ["spoof_dns", name, addr]      an "answer" from 10.0.2.3:53 sent from inside (to ourselves)
   ["sleep", seconds]
   ["retry_tcp", host, port, n]   n connects in a row: the set of outcomes
-  ["api", path, request]         one request on nsnet's API socket: its reply
+  ["pause", file]                print PAUSED, wait until file exists (the test
+                                 asks nsnet's API from outside meanwhile)
   ["hold_tcp", host, port, file] an echo before and after file appears
 Only the hosts the test gives are ever contacted.
 """
@@ -217,22 +218,6 @@ def spoof_dns(name, addr):
     return {"result": "sent"}
 
 
-def api(path, request):
-    """One request on nsnet's API socket (a unix socket: reachable by path)."""
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
-    s.connect(path)
-    s.sendall(json.dumps(request).encode())
-    s.shutdown(socket.SHUT_WR)
-    buf = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        buf += chunk
-    return {"result": json.loads(buf)}
-
-
 def hold_tcp(host, port, go_file):
     """Connect and echo once; wait until go_file exists (the test changed
     the policy meanwhile); echo again: "ok" or the errno."""
@@ -283,8 +268,13 @@ def main():
             out.append(dns(*args))
         elif kind == "spoof_dns":
             out.append(spoof_dns(*args))
-        elif kind == "api":
-            out.append(api(*args))
+        elif kind == "pause":
+            # the test asks nsnet's API from outside (the command may not)
+            print("PAUSED", flush=True)
+            end = time.monotonic() + 60
+            while not os.path.exists(args[0]) and time.monotonic() < end:
+                time.sleep(0.02)
+            out.append({"result": "resumed"})
         elif kind == "hold_tcp":
             out.append(hold_tcp(*args))
         elif kind == "sleep":

@@ -108,6 +108,30 @@ def test_connect_timeouts(user, workdir, probe):
     assert r["seconds"] < 30
 
 
+def test_blocking_connect_interrupted(user, workdir, probe):
+    """SIGALRM interrupts a blocking connect waiting in the handler: the
+    command gets it back at once, and the handler drops the wait."""
+    lst = socket.socket()
+    fillers = []
+    try:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(0)
+        port = lst.getsockname()[1]
+        for _ in range(2):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(("127.0.0.1", port))
+            fillers.append(f)
+        time.sleep(0.2)
+        r = run_probe(user, workdir, probe, ["interrupted", "10.0.2.2", port])
+    finally:
+        for f in fillers:
+            f.close()
+        lst.close()
+    assert r["what"] == "interrupted" and r["seconds"] < 5
+    assert r["stats"]["pending"] == 0 and r["stats"]["bypassed"] == 0
+
+
 def test_asyncio(user, workdir, probe, host_server):
     srv = host_server("echo")
     r = run_probe(user, workdir, probe, ["aio", "10.0.2.2", srv.port, 20])
@@ -218,6 +242,7 @@ for _ in range(5):
     with socket.create_connection((host, port), timeout=10) as b:
         b.sendall(b"new"); res.append(b.recv(3) == b"new")
 print(json.dumps({"old": old.decode(), "new": res, "peer": a.getpeername()[0]}), flush=True)
+sys.stdin.readline()  # stay (and nsnet run with it) until the test has read the stats
 """
 
 
@@ -253,9 +278,15 @@ def test_failures(user, workdir, host_server, what):
         if stopped:
             os.kill(p.pid, signal.SIGCONT)
             stopped = False
+        # After a forwarder's death get_stats needs its replacement (it
+        # answers an error while a restart is pending): wait for it.
+        harness.wait_until(lambda: "return" in json.loads(api_call(
+            sock, {"execute": "get_stats"})), 15, what="get_stats answered")
         st = stats(sock)
         assert st["bypassed"] == 6
         assert st["restarts"] == (1 if what == "handler" else 0)
+        p.stdin.write(b"bye\n")
+        p.stdin.flush()
         assert p.wait(timeout=30) == 0, p.stderr.read()
     finally:
         if stopped:
@@ -408,6 +439,7 @@ try:
 except OSError as e:
     new = type(e).__name__
 print(json.dumps({"old": old.decode(), "new": new}), flush=True)
+sys.stdin.readline()
 """
 
 
@@ -440,6 +472,8 @@ def test_set_policy_narrows_bypass(user, workdir, host_server):
         r = json.loads(read_line(p.stdout, 30))
         assert r["old"] == "old" and r["new"] != "new"
         assert stats(sock)["bypassed"] == 1
+        p.stdin.write(b"end\n")
+        p.stdin.flush()
         assert srv.connections == 1
         assert p.wait(timeout=30) == 0, p.stderr.read()
     finally:

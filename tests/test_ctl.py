@@ -189,3 +189,21 @@ def test_run_publish_kernel_chosen_port(user):
     assert len(lines) == 2 and lines[0].startswith("nsnet run: published 127.0.0.1:")
     assert lines[0].endswith(" -> port 8080/tcp") and lines[1].endswith(" -> port 9090/udp")
     assert lines[1].startswith("nsnet run: published 0.0.0.0:")
+
+
+def test_ctl_splice_forward(user, ns, xdg, procs):
+    """add-forward --mode splice: nsnet's TCP fast path (to the namespace's
+    address unless the spec names a guest address)."""
+    start(user, xdg, procs, "--name", "fast", "-c", ns.pid, "tap0")
+    port = free_port()
+    cp = nsnet(user, xdg, "ctl", "add-forward", f"127.0.0.1:{port}:8080", "--mode", "splice")
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout == f"forward 1: 127.0.0.1:{port}/tcp -> guest port 8080 (splice)\n"
+    cp = nsnet(user, xdg, "ctl", "list-forwards")
+    assert cp.stdout.split()[5:] == ["1", "tcp", f"127.0.0.1:{port}", "10.0.2.100:8080",
+                                     "splice"]
+    srv = ns.start_server("tcp-serve", "0.0.0.0", 8080, "echo", 1)
+    assert tcp_send("127.0.0.1", port, b"spliced") == b"spliced"
+    srv.result()
+    cp = nsnet(user, xdg, "ctl", "add-forward", "127.0.0.1::53/udp", "--mode=splice")
+    assert cp.returncode == 1 and "splice is for tcp only" in cp.stderr

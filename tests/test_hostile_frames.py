@@ -107,8 +107,13 @@ def fuzz_and_check(net, fuzzer, host_server, seeds, seconds, record_property):
 
 @unpriv_only
 @pytest.mark.parametrize("impl", ["nsnet"], indirect=True)
-@pytest.mark.parametrize("flags", [(), ("--enable-sandbox", "--enable-seccomp")],
-                         ids=["plain", "sandboxed"])
+@pytest.mark.parametrize("flags", [(), ("--enable-sandbox", "--enable-seccomp"),
+                                   # the egress filter (docs/policy.md) judges every
+                                   # frame: resets, ICMP errors, IPv6 walks under fuzz
+                                   ("--egress=deny", "--allow=10.0.2.0/24",
+                                    "--deny=tcp:10.0.2.2:1-1023", "--deny=udp:10.0.2.2:1-1023",
+                                    "--allow=*.test", "--audit=all")],
+                         ids=["plain", "sandboxed", "policy"])
 def test_hostile_frames_forwarder_survives(connect, fuzzer, host_server, flags,
                                           record_property):
     net = connect("--enable-ipv6", *flags)

@@ -14,6 +14,7 @@ import signal
 import socket
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -80,6 +81,26 @@ def servers():
         s.close()
 
 
+def run_paused(user, probe, flags, steps, go, at_pause, timeout=90):
+    """run_probe with a ["pause", go] step: at_pause() runs (outside: the
+    command may not drive nsnet's API) while the command waits."""
+    # stderr to a file: nsnet's log (an audit line per denied flow) must
+    # not fill a pipe nobody reads while the command waits
+    with tempfile.TemporaryFile() as errf:
+        p = user.popen([harness.nsnet_bin(), "run", *[str(f) for f in flags], "--", NS_PYTHON,
+                        probe, json.dumps(steps)], stdout=subprocess.PIPE, stderr=errf)
+        try:
+            assert read_line(p.stdout, 60) == b"PAUSED\n"
+            got = at_pause()
+            open(go, "w").close()
+            out, _ = p.communicate(timeout=timeout)
+        finally:
+            kill_and_reap(p)
+        errf.seek(0)
+        assert p.returncode == 0, (p.returncode, out, errf.read()[-4000:])
+    return json.loads(out.decode().strip().splitlines()[-1]), got
+
+
 def run_probe(user, probe, flags, steps, timeout=90, argv_prefix=None):
     argv = [harness.nsnet_bin(), "run", *[str(f) for f in flags], "--", NS_PYTHON, probe,
             json.dumps(steps)]
@@ -89,6 +110,9 @@ def run_probe(user, probe, flags, steps, timeout=90, argv_prefix=None):
         cp = subprocess.run([*argv_prefix, *user.wrap(argv)], timeout=timeout, cwd="/",
                             env=user.env(), stdin=subprocess.DEVNULL, capture_output=True)
     assert cp.returncode == 0, (cp.returncode, cp.stdout, cp.stderr)
+    # the forwarder never died on the way (a restart would hide a bug, and
+    # forget the learned names)
+    assert b"restarting" not in cp.stderr, cp.stderr
     return json.loads(cp.stdout.decode().strip().splitlines()[-1]), cp.stderr.decode()
 
 
@@ -172,12 +196,14 @@ def test_ipv6(user, probe, servers):
         ["tcp_until_ok", "fd00::2", a.port, 15],  # the SLAAC address passes DAD first
         ["tcp", "fd00::2", b.port],
         ["tcp_dstopts", "fd00::2", b.port],
-        ["udp", "fd00::2", u.port, 16]])
+        ["udp", "fd00::2", u.port, 16],
+        ["udp", "fd00::2", u.port, 4000]])  # IPv6 fragments: judged on the first
     assert res[0]["result"] == "ok"
     assert res[1]["result"] == "ECONNREFUSED" and res[1]["seconds"] < 1.0
     # a destination-options header does not hide the TCP header
     assert res[2]["result"] == "ECONNREFUSED" and res[2]["seconds"] < 1.0
     assert res[3]["result"] == "EACCES"  # ICMPv6 administratively prohibited
+    assert res[4]["result"] == "EACCES"
     assert b.connections == 0 and u.count == 0
 
 
@@ -188,7 +214,8 @@ def test_ipv6(user, probe, servers):
 def test_bypass_attempts(user, probe, servers, workdir):
     a, b, u = servers(), servers(), servers("udp")
     api_path = os.path.join(workdir, "api.sock")
-    res, _ = run_probe(user, probe, [
+    go = os.path.join(workdir, "go")
+    res, stats = run_paused(user, probe, [
         "--egress=deny", f"--allow=tcp:10.0.2.2:{a.port}", "--mtu=1500", f"--api-socket={api_path}"], [
         ["retry_tcp", "10.0.2.2", b.port, 50],          # a denied flow retried rapidly
         ["syn_flags", "10.0.2.2", b.port, 0x02 | 0x08],  # SYN|PSH: libslirp opens on it
@@ -200,16 +227,16 @@ def test_bypass_attempts(user, probe, servers, workdir):
         ["rawproto", "10.0.2.2", 47],                    # GRE
         ["rawproto", "10.0.2.2", 132],                   # SCTP
         ["sleep", 0.3],
-        ["api", api_path, {"execute": "get_stats"}],
+        ["pause", go],
         ["tcp", "10.0.2.2", a.port],                     # the allowed one still works
-    ])
+    ], go, lambda: api_call(api_path, {"execute": "get_stats"})["return"])
     assert res[0]["result"] == ["ECONNREFUSED"]
     assert [r["result"] for r in res[1:4]] == ["rst"] * 3
     # libslirp resets a SYN|ACK of no connection itself; nothing opens
     assert res[4]["result"] in ("rst", "none")
     assert res[5]["result"] == "EHOSTUNREACH"
     assert res[6]["result"] == "EHOSTUNREACH"
-    pstats = res[10]["result"]["return"]["policy"]
+    pstats = stats["policy"]
     assert pstats["unclassified_denied"] >= 2
     assert pstats["flows_denied"] >= 50 + 3
     assert res[11]["result"] == "ok"
@@ -521,6 +548,8 @@ def test_dns_names(user, probe, dns_env):
     assert "allowed.test" in resolver.queries
     assert [s.connections for s in dns_env["servers"]] == [1, 0, 1, 1, 0, 0]
     assert f"-> {ADDRS[0]}:{port} (allowed.test) by allow allowed.test:{port}" in err
+    # a refused query is an audit record too, with its name
+    assert "-> 10.0.2.3:53 (other.test) by dns: no rule allows this name" in err
 
 
 
@@ -563,22 +592,23 @@ def as_user(user):
 
 def test_python_api(user, probe, servers, workdir):
     import nsnet
+    from nsnet.client import Popen, run  # (nsnet.run is the submodule once imported)
 
     a, b = servers(), servers()
     steps = [["tcp", "10.0.2.2", a.port], ["tcp", "10.0.2.2", b.port]]
     # two lists: the default's own action (deny) first, so the deny rule
     # carves b out of the allowed /24
-    cp = nsnet.run([NS_PYTHON, probe, json.dumps(steps)], egress="deny",
+    cp = run([NS_PYTHON, probe, json.dumps(steps)], egress="deny",
                    allow=["10.0.2.0/24"], deny=[f"tcp:10.0.2.2:{b.port}"],
                    capture_output=True, timeout=60, **as_user(user))
     assert cp.returncode == 0, cp.stderr
     res = json.loads(cp.stdout.decode().strip().splitlines()[-1])
     assert [r["result"] for r in res] == ["ok", "ECONNREFUSED"]
     with pytest.raises(TypeError, match="list of rules"):
-        nsnet.run(["true"], allow="10.0.2.2")
+        run(["true"], allow="10.0.2.2")
 
     go = os.path.join(workdir, "go")
-    with nsnet.Popen([NS_PYTHON, probe, json.dumps([["hold_tcp", "10.0.2.2", a.port, go],
+    with Popen([NS_PYTHON, probe, json.dumps([["hold_tcp", "10.0.2.2", a.port, go],
                                                     ["tcp", "10.0.2.2", b.port]])],
                      stdout=subprocess.PIPE, **as_user(user)) as p:
         p.wait_ready()
@@ -606,17 +636,40 @@ def test_bypass_obeys_the_policy(user, probe, servers, workdir):
     it); without a policy at start, set_policy is refused while it runs."""
     a, b = servers(), servers()
     api_path = os.path.join(workdir, "api.sock")
-    res, _ = run_probe(user, probe, ["--bypass", f"--api-socket={api_path}", "--egress=deny",
-                                     f"--allow=tcp:10.0.2.2:{a.port}"],
-                       [["tcp", "10.0.2.2", a.port], ["tcp", "10.0.2.2", b.port],
-                        ["api", api_path, {"execute": "get_stats"}]])
+    go = os.path.join(workdir, "go")
+    res, st = run_paused(user, probe, ["--bypass", f"--api-socket={api_path}", "--egress=deny",
+                                       f"--allow=tcp:10.0.2.2:{a.port}"],
+                         [["tcp", "10.0.2.2", a.port], ["tcp", "10.0.2.2", b.port],
+                          ["pause", go]], go,
+                         lambda: api_call(api_path, {"execute": "get_stats"})["return"])
     assert [r["result"] for r in res[:2]] == ["ok", "ECONNREFUSED"]
-    st = res[2]["result"]["return"]
     assert st["bypass"]["bypassed"] == 0 and not any(st["bypass"]["scope"].values())
     assert b.connections == 0
-    res, _ = run_probe(user, probe, ["--bypass", f"--api-socket={api_path}"],
-                       [["api", api_path, {"execute": "set_policy", "arguments": {
-                           "egress": "deny", "rules": []}}],
-                        ["tcp", "10.0.2.2", a.port]])
-    assert "set_policy: --bypass" in res[0]["result"]["error"]["desc"]
+    os.unlink(go)
+    res, reply = run_paused(user, probe, ["--bypass", f"--api-socket={api_path}"],
+                            [["pause", go], ["tcp", "10.0.2.2", a.port]], go,
+                            lambda: api_call(api_path, {"execute": "set_policy", "arguments": {
+                                "egress": "deny", "rules": []}}))
+    assert "set_policy: --bypass" in reply["error"]["desc"]
     assert res[1]["result"] == "ok"
+
+
+def test_audit_flood_is_bounded(user, probe, servers, workdir):
+    """A namespace that opens denied flows in a loop gets them all refused,
+    but at most 500 audit records a second (bursts of 1,024) are written;
+    the rest are counted, and the API keeps answering."""
+    b = servers()
+    api_path = os.path.join(workdir, "api.sock")
+    audit = os.path.join(workdir, "audit.log")
+    go = os.path.join(workdir, "go")
+    res, pol = run_paused(user, probe, ["--egress=deny", f"--api-socket={api_path}",
+                                        f"--audit-log={audit}"],
+                          [["retry_tcp", "10.0.2.2", b.port, 4000], ["pause", go]], go,
+                          lambda: api_call(api_path, {"execute": "get_stats"})["return"]["policy"],
+                          timeout=120)
+    assert res[0]["result"] == ["ECONNREFUSED"]
+    lines = sum(1 for _ in open(audit))
+    assert pol["flows_denied"] == 4000
+    assert pol["audit_lost"] > 0
+    assert lines + pol["audit_lost"] == 4000
+    assert b.connections == 0

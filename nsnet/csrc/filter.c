@@ -39,6 +39,10 @@
 #define LEARN_GRACE_MS 5000
 #define LEARN_TTL_MAX 86400
 #define AUDIT_RING 1024
+/* Audit records per second (token bucket, burst AUDIT_RING): a namespace
+ * opening denied flows in a loop must not turn the supervisor into a log
+ * writer; the rest are counted in audit_lost. */
+#define AUDIT_RATE 500
 #define MAX_NAMES 8
 
 #define TH_FIN 0x01
@@ -82,6 +86,8 @@ struct nsnet_filter {
     uint8_t udp_fwd[65536 / 8];
     struct nsnet_pol_event *ring;
     unsigned ring_head, ring_len;
+    double audit_tokens;
+    int64_t audit_refill_ms;
     struct nsnet_filter_stats st;
 };
 
@@ -171,6 +177,8 @@ struct nsnet_filter *nsnet_filter_new(void)
     }
     clock_gettime(CLOCK_MONOTONIC, &ts);
     f->seed = (uint32_t)ts.tv_nsec ^ (uint32_t)(uintptr_t)f ^ 0x9e3779b9u;
+    f->audit_tokens = AUDIT_RING;
+    f->audit_refill_ms = mono_ms();
     return f;
 }
 
@@ -347,20 +355,32 @@ static int judge(struct nsnet_filter *f, const struct flow_key *k, int32_t *rule
     return action;
 }
 
+/* An audit record (rule -1: the default; NSNET_POL_RULE_DNS: a DNS query
+ * refused by name, which is not counted as a flow). */
 static void audit(struct nsnet_filter *f, const struct flow_key *k, int action, int32_t rule,
                   const char *name)
 {
     struct nsnet_pol_event *e;
-    if (action == NSNET_POL_DENY)
+    if (rule == NSNET_POL_RULE_DNS)
+        ;
+    else if (action == NSNET_POL_DENY)
         f->st.flows_denied++;
     else
         f->st.flows_allowed++;
     if (action != NSNET_POL_DENY && !f->audit_all)
         return;
-    if (f->ring_len == AUDIT_RING) {
+    {
+        int64_t now = mono_ms();
+        f->audit_tokens += (double)(now - f->audit_refill_ms) * AUDIT_RATE / 1000.0;
+        if (f->audit_tokens > AUDIT_RING)
+            f->audit_tokens = AUDIT_RING;
+        f->audit_refill_ms = now;
+    }
+    if (f->ring_len == AUDIT_RING || f->audit_tokens < 1.0) {
         f->st.audit_lost++;
         return;
     }
+    f->audit_tokens -= 1.0;
     e = &f->ring[(f->ring_head + f->ring_len) % AUDIT_RING];
     f->ring_len++;
     memset(e, 0, sizeof(*e));
@@ -948,6 +968,7 @@ static int rx_dns(struct nsnet_filter *f, uint8_t *frame, struct pkt *p, nsnet_f
             nsnet_policy_name_allowed(f->pol, name))
             return 1;
         f->st.dns_refused++;
+        audit(f, &p->k, NSNET_POL_DENY, NSNET_POL_RULE_DNS, qend ? name : "");
         if (mlen >= 12 && !(m[2] & 0x80) && rd16(m + 4) == 1 && qend > 12)
             send_refused(frame, p, qend, to_ns, opaque);
         return deny_packet(f);
@@ -981,6 +1002,7 @@ static int rx_dns(struct nsnet_filter *f, uint8_t *frame, struct pkt *p, nsnet_f
             return deny_packet(f);
         if (!tcp_dns_ok(f, p->l4 + doff, dlen)) {
             f->st.dns_refused++;
+            audit(f, &p->k, NSNET_POL_DENY, NSNET_POL_RULE_DNS, "");
             fl->action = NSNET_POL_DENY;
             goto cut;
         }

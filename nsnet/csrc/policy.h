@@ -19,6 +19,8 @@
 #define NSNET_POL_TCP 1
 #define NSNET_POL_UDP 2
 #define NSNET_POL_ICMP 4
+/* The rule of an audit record for a DNS query refused by name. */
+#define NSNET_POL_RULE_DNS (-2)
 
 struct nsnet_pol_rule {
     uint8_t action;  /* NSNET_POL_ALLOW / NSNET_POL_DENY */

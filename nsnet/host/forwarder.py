@@ -137,6 +137,7 @@ class Forwarder:
                 i = r.get("rule")
                 r["rule_text"] = (f"{rules[i].action} {rules[i].text()}"
                                   if i is not None and 0 <= i < len(rules)
+                                  else "dns: no rule allows this name" if r.get("dns_refused")
                                   else f"default {r['action']}")
             _send(self.ctl, {"event": "audit", "records": records})
 

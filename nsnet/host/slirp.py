@@ -284,6 +284,8 @@ class Slirp:
                 "action": "allow" if e.action == 0 else "deny",
                 "rule": None if e.rule < 0 else int(e.rule),
             }
+            if e.rule == -2:  # NSNET_POL_RULE_DNS: a query refused by name
+                rec["dns_refused"] = True
             if proto != "icmp":
                 rec["sport"] = int(e.sport)
                 rec["dport"] = int(e.dport)

@@ -50,7 +50,8 @@ POLICY_TEXT = MAX_MSG   # a part of a policy's JSON text
 AUDIT_RECORD = Obj({"time": Num(), "proto": Str(8, ("tcp", "udp", "icmp")), "src": ADDR,
                     "dst": ADDR, "action": Str(8, ("allow", "deny")),
                     "rule": Either(Int(0), Null())},
-                   {"sport": PORT, "dport": PORT, "name": Str(255), "rule_text": Str(4096)})
+                   {"sport": PORT, "dport": PORT, "name": Str(255), "rule_text": Str(4096),
+                    "dns_refused": Bool()})
 
 EVENTS = {
     "audit": Obj({"event": Str(), "records": List(AUDIT_RECORD, MAX_AUDIT)}),

@@ -109,3 +109,49 @@ def test_openat_rule_in_filter(pfc):
     assert seccomp.RESTRICTED["openat"] == [[(2, "masked_eq", seccomp.OPEN_WRITE_FLAGS, 0)]]
     assert seccomp.OPEN_WRITE_FLAGS & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) == \
         O_WRONLY | O_RDWR | O_CREAT | O_TRUNC
+
+
+# -- the relay's and the connector's profiles ---------------------------------
+
+@pytest.mark.parametrize("profile", ["relay", "connector"])
+def test_profiles_kill_by_default_and_differ(profile):
+    pfc = seccomp.export_bpf_text(profile)
+    assert pfc.split("# default action", 1)[1].split(";")[0].strip() == "action KILL_PROCESS"
+    names = set(seccomp.resolve(profile=profile))
+    assert not names & {"execve", "openat", "open", "mprotect", "ptrace", "mount", "setns",
+                        "unshare", "pidfd_getfd", "process_vm_readv"}
+    assert names != set(seccomp.resolve())
+
+
+def test_connector_profile_has_no_server_calls():
+    names = set(seccomp.resolve(profile="connector"))
+    assert not names & {"bind", "listen", "accept", "accept4", "splice", "ioctl", "fcntl"}
+
+
+def test_derive_per_profile(tmp_path):
+    """derive --profile reads only that process's traces (PR_SET_NAME),
+    from the point its confinement was in, and names what is missing."""
+    (tmp_path / "t.1").write_text(
+        'prctl(PR_SET_NAME, "nsnet-relay")       = 0\n'
+        "epoll_create1(EPOLL_CLOEXEC)            = 3\n"
+        "capset({version=_LINUX_CAPABILITY_VERSION_3, pid=0}, {}) = 0\n"
+        "epoll_wait(3, [], 128, 1000)            = 0\n"
+        "splice(5, NULL, 7, NULL, 65536, SPLICE_F_NONBLOCK) = 10\n"
+        'openat(AT_FDCWD, "/etc/x", O_RDONLY)     = -1 ENOENT\n')
+    (tmp_path / "t.2").write_text(
+        'prctl(PR_SET_NAME, "nsnet-forwarder")   = 0\n'
+        "capset({version=_LINUX_CAPABILITY_VERSION_3, pid=0}, {}) = 0\n"
+        "writev(4, [], 2)                        = 0\n")
+    (tmp_path / "t.3").write_text(
+        'prctl(PR_SET_NAME, "nsnet-connect")     = 0\n'
+        "setns(4, CLONE_NEWUSER)                 = 0\n"
+        "setns(5, CLONE_NEWNET)                  = 0\n"
+        "connect(6, {sa_family=AF_INET}, 16)     = -1 EINPROGRESS\n"
+        "bind(6, {sa_family=AF_INET}, 16)        = 0\n")
+    paths = [str(p) for p in sorted(tmp_path.iterdir())]
+    relay = seccomp.derive(paths, "relay")
+    assert relay["traces"] == 1 and relay["missing"] == ["openat"]
+    assert relay["calls"] == {"epoll_wait": 1, "splice": 1, "openat": 1}
+    conn = seccomp.derive(paths, "connector")
+    assert conn["traces"] == 1 and conn["missing"] == ["bind"]
+    assert seccomp.derive(paths)["calls"] == {"writev": 1}
