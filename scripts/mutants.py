@@ -22,7 +22,8 @@ whether they failed (KILLED) or passed (SURVIVED).
 
 Exit status: 0 when every mutant is killed (or SURVIVED with a `survives:`
 reason in the list), 1 when one survived without a reason or had an
-ERROR, 2 when the baseline failed.
+ERROR, 2 when the baseline failed.  With --ci, a mutant whose `from` text
+no longer applies is skipped with a warning instead of failing the run.
 
     bash scripts/mutants.sh                  # every mutant
     bash scripts/mutants.sh --only ID,ID     # some
@@ -251,12 +252,21 @@ def main() -> int:
         mutants = [m for m in mutants if m.ci]
 
     bad = 0
+    stale = []
     for m in mutants:
         try:
             apply((REPO / m.file).read_text(), m)
         except (OSError, ValueError) as e:
             say(f"ERROR {m.id}: {e}")
             bad += 1
+            stale.append(m)
+    if opts.ci and stale and not opts.list:
+        # In CI a list entry that drifted from the code (a moved file, a
+        # reworded line) is reported, not a failure of everyone's submission.
+        say(f"WARNING: --ci skips {len(stale)} mutant(s) that no longer apply: "
+            f"{', '.join(m.id for m in stale)}; fix their from:/file: lines")
+        mutants = [m for m in mutants if m not in stale]
+        bad = 0
     if opts.list:
         for m in mutants:
             print(f"{m.id:32} {m.file:34} {' | '.join(' '.join(t) for t in m.tests)}")

@@ -264,7 +264,9 @@ def test_attach_namespace_root_cannot_take_over_nsnet(user, ns, workdir, start_f
     check_host_view(seen, ns.pid)
 
 
-def test_run_command_cannot_take_over_nsnet(user, workdir, base_dir):
+@pytest.mark.parametrize("flags", [[], ["--enable-sandbox", "--enable-seccomp"]],
+                         ids=["plain", "sandbox"])
+def test_run_command_cannot_take_over_nsnet(user, workdir, base_dir, flags):
     """`nsnet run --share-pid -p ... -- ATTACKER`: the command, root of its
     user namespace, sharing the PID namespace with nsnet (by default it has
     its own and sees none of nsnet's processes: tests/test_api_peer.py),
@@ -273,7 +275,7 @@ def test_run_command_cannot_take_over_nsnet(user, workdir, base_dir):
     att = Attacker(workdir)
     api = os.path.join(workdir, "run.sock")
     port = free_port()
-    proc = user.popen([harness.nsnet_bin(), "run", "--share-pid", "--api-socket", api,
+    proc = user.popen([harness.nsnet_bin(), "run", *flags, "--share-pid", "--api-socket", api,
                        "-p", f"127.0.0.1:{port}:8080", "--", *att.argv()],
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     host = HostWatch(proc.pid)

@@ -19,10 +19,10 @@ included.  So each one (issue 11):
   log);
 - drops every capability once its namespace work is done;
 - never has libslirp or glib mapped: it is forked from the supervisor
-  while the supervisor has not loaded the libslirp binding (before ready),
-  and after that it execs a fresh interpreter before it does anything
-  else (spawn(); the exec happens in the host's user namespace, before
-  the process becomes undumpable and joins the target's).
+  while the supervisor has not loaded the libslirp binding (during
+  set-up), and once it has, it execs a fresh interpreter before it does
+  anything else (spawn(); the exec happens in the host's user namespace,
+  before the process becomes undumpable and joins the target's).
 
 Each is forked from the single-threaded supervisor, so setns(CLONE_NEWUSER)
 is allowed, and it always leaves with os._exit: nothing of the parent's
