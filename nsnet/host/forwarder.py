@@ -105,6 +105,29 @@ class Forwarder:
         self.slirp = Slirp(net, tap_fd, ctl.fileno())
         self.policy: Any = None  # policy.Policy in force
         self._policy_parts: list[str] = []
+        self.pcap_on = False
+        self.pcap_max = 0
+        self.pcap_logged = False
+
+    def set_pcap(self, fd: int, max_bytes: int) -> None:
+        """--pcap: the supervisor's open capture file.  A restarted
+        forwarder appends where its predecessor stopped (the offset of the
+        open file it shares)."""
+        offset = os.lseek(fd, 0, os.SEEK_END)
+        self.pcap_on = True
+        self.pcap_max = max_bytes
+        self.pcap_logged = offset >= max_bytes > 0  # its predecessor said so
+        self.slirp.set_pcap(fd, offset, max_bytes)
+
+    def check_pcap(self) -> None:
+        """Say once that the capture stopped."""
+        full = self.slirp.pcap_full()
+        if full:
+            self.pcap_logged = True
+            log.get("nsnet.forwarder").warning(
+                f"--pcap: capture stopped: the file reached --pcap-max-bytes={self.pcap_max}"
+                if full == 1 else
+                "--pcap: capture stopped: a write to the capture file failed (disk full?)")
 
     def set_policy(self, req: dict[str, Any]) -> None:
         """Enforce a policy from the next frame on.  At start: {"policy":
@@ -191,6 +214,8 @@ class Forwarder:
         self.ctl.setblocking(False)
         while True:
             rc = self.slirp.run(TURN_BUDGET_MS)
+            if self.pcap_on and not self.pcap_logged:
+                self.check_pcap()
             if self.policy is not None:
                 self.send_audit()  # RUN_EVENTS, or what a turn left
             if rc == RUN_CONTROL:
@@ -241,12 +266,14 @@ def _receive_tap(ctl: socket.socket) -> int | None:
 
 def main(net: NetConfig, tap_fd: int | None, ctl: socket.socket,
          forwards: list[tuple[int, Forward]], sandbox: bool = False,
-         seccomp: bool = False, policy: dict[str, Any] | None = None) -> int:
+         seccomp: bool = False, policy: dict[str, Any] | None = None,
+         pcap: tuple[int, int] | None = None) -> int:
     """Entry point in the forked forwarder process.  tap_fd None: the TAP
     comes over ctl once the namespace helper has made it (the first
     forwarder sets libslirp up meanwhile).  policy: {"policy": the egress
     policy's JSON form, "audit_all": bool} (the supervisor's current one:
-    a restarted forwarder enforces what its predecessor did)."""
+    a restarted forwarder enforces what its predecessor did).  pcap: (the
+    capture file's fd, opened by the supervisor; its size cap, 0 none)."""
     # fork_child (children.py) has set PR_SET_PDEATHSIG, the process name,
     # and the signals: terminal signals go to the whole process group, so
     # SIGINT and SIGHUP are ignored (the supervisor decides what happens),
@@ -271,6 +298,12 @@ def main(net: NetConfig, tap_fd: int | None, ctl: socket.socket,
             fw.set_policy(policy)
         except (SlirpError, ValueError) as e:
             _send(ctl, {"event": "failed", "error": f"egress policy: {e}"})
+            return EXIT_SLIRP_FAILED
+    if pcap is not None:
+        try:
+            fw.set_pcap(*pcap)
+        except OSError as e:
+            _send(ctl, {"event": "failed", "error": f"--pcap: {e.strerror or e}"})
             return EXIT_SLIRP_FAILED
     if tap_fd is None:
         tap_fd = _receive_tap(ctl)

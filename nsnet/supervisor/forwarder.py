@@ -235,6 +235,7 @@ class ForwarderControl:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         tap_fd = self.tap_fd if with_tap else None
         policy = self.policy.forwarder_arg() if self.policy is not None else None
+        pcap = (self.pcap_fd, self.opts.pcap_max_bytes) if self.pcap_fd >= 0 else None
 
         def forwarder() -> int:
             # The first forwarder imports its code itself, before any
@@ -246,9 +247,11 @@ class ForwarderControl:
             return helper_host.main(self.opts.net, tap_fd, child,
                                     self.forwards.libslirp_items(),
                                     sandbox=self.opts.sandbox, seccomp=self.opts.seccomp,
-                                    policy=policy)
+                                    policy=policy, pcap=pcap)
 
         keep = [child.fileno()] if tap_fd is None else [tap_fd, child.fileno()]
+        if pcap is not None:
+            keep.append(self.pcap_fd)  # inherited: the same open file, appended to
         try:
             pid = fork_child("nsnet-forwarder", forwarder, keep)
         except OSError:
