@@ -223,6 +223,20 @@ class _Controls:
         with an egress policy, its counters under "policy"."""
         return dict(self._call("get_stats")["return"])
 
+    def start_capture(self, path: "str | os.PathLike[str]", max_bytes: int | None = None) -> None:
+        """start_capture: capture every frame to path (pcap; created mode
+        0600 or truncated, by nsnet; docs/capture.md) until stop_capture();
+        at most max_bytes (default 1 GiB, 0: no limit).  ApiError if nsnet
+        cannot (the errno is in the message) or a capture is running."""
+        args: dict[str, Any] = {"path": os.path.abspath(os.fspath(path))}
+        if max_bytes is not None:
+            args["max_bytes"] = max_bytes
+        self._call("start_capture", args)
+
+    def stop_capture(self) -> None:
+        """stop_capture: close the capture file (ApiError if none is open)."""
+        self._call("stop_capture")
+
     def policy(self) -> dict[str, Any]:
         """The egress policy in force, in its JSON form
         ({"egress": "allow"|"deny", "rules": [...]}, docs/policy.md)."""

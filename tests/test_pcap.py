@@ -283,3 +283,31 @@ def test_api_start_capture_errors(nsnet_impl, ns, workdir, attach, host_server):
     srv = host_server("echo")
     assert ns.client("tcp-echo", GW, srv.port, 100_000)["received"] == 100_000
     assert 24 < os.path.getsize(path) <= 2000
+
+
+def test_python_api_capture(ns, workdir, host_server):
+    """nsnet.attach(pcap=...) from the start; start_capture()/stop_capture()
+    on the handle; an error reply is nsnet.ApiError with the errno."""
+    import nsnet
+
+    first, second = host_server("sink"), host_server("sink")
+    start = os.path.join(workdir, "from-start.pcap")
+    live = os.path.join(workdir, "live.pcap")
+    with nsnet.attach(ns.pid, pcap=start, pcap_max_bytes=1_000_000) as net:
+        assert ns.client("connect", GW, first.port)["ok"] is True
+        net.stop_capture()
+        try:
+            net.start_capture("/proc/nsnet-no-such-dir/x.pcap")
+        except nsnet.ApiError as e:
+            assert "ENOENT" in str(e), e
+        else:
+            raise AssertionError("start_capture to a missing directory succeeded")
+        net.start_capture(live, max_bytes=0)
+        ns.run(["ping", "-c1", "-W5", GW], check=True, timeout=20)
+        assert ns.client("connect", GW, second.port)["ok"] is True
+        net.stop_capture()
+    _lt, frames, _rest = read_pcap(start)
+    assert syns_to(frames, first.port) and not syns_to(frames, second.port)
+    _lt, frames, rest = read_pcap(live)
+    assert rest == 0
+    assert_both_directions(frames, second.port)
