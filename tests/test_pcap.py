@@ -225,3 +225,61 @@ def test_attach_pcap_sandbox_seccomp(nsnet_impl, ns, workdir, attach, host_serve
     assert_both_directions(frames, srv.port)
     info = json.loads(harness.api_call(net.api, {"execute": "get_info"}))["return"]
     assert info["restarts"] == 0, info  # seccomp did not kill it
+
+
+# --------------------------------------------------------------------------
+# start_capture / stop_capture on a running instance (the JSON API)
+# --------------------------------------------------------------------------
+
+def api(sock: str, execute: str, **arguments) -> dict:
+    req = {"execute": execute, "arguments": arguments} if arguments else {"execute": execute}
+    return json.loads(harness.api_call(sock, req))
+
+
+def syns_to(frames: list[bytes], port: int) -> list:
+    return [d for d in map(decode, frames) if d and d[0] == "tcp" and d[3] == GW
+            and d[4] == port and d[5] & SYN]
+
+
+def test_api_start_stop_capture(nsnet_impl, ns, workdir, attach, host_server):
+    """Capture from a running instance (sandboxed, seccomp-confined
+    forwarder): only what happens between start_capture and stop_capture."""
+    before, during, after = host_server("sink"), host_server("sink"), host_server("sink")
+    path = os.path.join(workdir, "live.pcap")
+    net = attach(nsnet_impl, ns, "--enable-sandbox", "--enable-seccomp")
+    assert ns.client("connect", GW, before.port)["ok"] is True
+    assert api(net.api, "stop_capture") == {"error": {"desc": "bad request: stop_capture: no capture is running"}}
+    assert api(net.api, "start_capture", path=path) == {"return": {}}
+    assert api(net.api, "get_info")["return"]["capture"] == path
+    again = api(net.api, "start_capture", path=path + ".2")
+    assert "a capture to" in again["error"]["desc"] and not os.path.exists(path + ".2")
+    ns.run(["ping", "-c1", "-W5", GW], check=True, timeout=20)
+    assert ns.client("connect", GW, during.port)["ok"] is True
+    assert api(net.api, "stop_capture") == {"return": {}}
+    assert api(net.api, "get_info")["return"]["capture"] is None
+    assert ns.client("connect", GW, after.port)["ok"] is True
+    st = os.stat(path)
+    assert st.st_mode & 0o777 == 0o600
+    _lt, frames, rest = read_pcap(path)
+    assert rest == 0
+    assert_both_directions(frames, during.port)
+    assert not syns_to(frames, before.port) and not syns_to(frames, after.port)
+    assert api(net.api, "get_info")["return"]["restarts"] == 0
+
+
+def test_api_start_capture_errors(nsnet_impl, ns, workdir, attach, host_server):
+    net = attach(nsnet_impl, ns)
+    bad = "/proc/nsnet-no-such-dir/x.pcap"
+    r = api(net.api, "start_capture", path=bad)
+    assert "ENOENT" in r["error"]["desc"] and bad in r["error"]["desc"], r
+    r = api(net.api, "start_capture", path=os.path.join(workdir, "x.pcap"), max_bytes=-1)
+    assert r == {"error": {"desc": "bad request: start_capture: bad arguments.max_bytes "
+                                   "(a non-negative integer; 0: no limit)"}}
+    r = api(net.api, "start_capture")
+    assert r["error"]["desc"].startswith("bad request: start_capture: bad arguments.path"), r
+    # Still serving, with a cap given through the API.
+    path = os.path.join(workdir, "capped.pcap")
+    assert api(net.api, "start_capture", path=path, max_bytes=2000) == {"return": {}}
+    srv = host_server("echo")
+    assert ns.client("tcp-echo", GW, srv.port, 100_000)["received"] == 100_000
+    assert 24 < os.path.getsize(path) <= 2000

@@ -106,6 +106,7 @@ class Forwarder:
         self.policy: Any = None  # policy.Policy in force
         self._policy_parts: list[str] = []
         self.pcap_on = False
+        self.pcap_fd = -1  # this process's copy of the capture file
         self.pcap_max = 0
         self.pcap_logged = False
 
@@ -114,10 +115,29 @@ class Forwarder:
         forwarder appends where its predecessor stopped (the offset of the
         open file it shares)."""
         offset = os.lseek(fd, 0, os.SEEK_END)
+        self.stop_pcap()
+        self.pcap_fd = fd
         self.pcap_on = True
         self.pcap_max = max_bytes
         self.pcap_logged = offset >= max_bytes > 0  # its predecessor said so
         self.slirp.set_pcap(fd, offset, max_bytes)
+
+    def start_pcap(self, fd: int, max_bytes: int) -> None:
+        """start_capture: a file the supervisor just created (empty: no
+        lseek, which seccomp does not allow)."""
+        self.stop_pcap()
+        self.pcap_fd = fd
+        self.pcap_on = True
+        self.pcap_max = max_bytes
+        self.pcap_logged = False
+        self.slirp.set_pcap(fd, 0, max_bytes)
+
+    def stop_pcap(self) -> None:
+        if self.pcap_fd >= 0:
+            self.slirp.set_pcap(-1, 0, 0)
+            os.close(self.pcap_fd)
+        self.pcap_fd = -1
+        self.pcap_on = False
 
     def check_pcap(self) -> None:
         """Say once that the capture stopped."""
@@ -173,7 +193,17 @@ class Forwarder:
         if not fwd.is_udp:
             _raise_backlog(lowest, fwd.host_port)
 
-    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+    def handle(self, req: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
+        """One request; fds: what came with it (a "pcap" request's file;
+        any other is closed)."""
+        fds = list(fds or [])
+        try:
+            return self._handle(req, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _handle(self, req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         op = req.get("op")
         try:
             if op == "add":
@@ -205,6 +235,14 @@ class Forwarder:
                         "connections_total": max(0, len(lines) - 1)}
             if op == "ping":
                 return {"ok": True}
+            if op == "pcap":
+                if not fds:
+                    return {"ok": False, "error": "pcap: no file descriptor came with it"}
+                self.start_pcap(fds.pop(), int(req["max_bytes"]))
+                return {"ok": True}
+            if op == "pcap_stop":
+                self.stop_pcap()
+                return {"ok": True}
         except (SlirpError, KeyError, TypeError, ValueError) as e:  # PolicyError too
             return {"ok": False, "error": str(e)}
         return {"ok": False, "error": f"unknown op {op!r}"}
@@ -221,7 +259,7 @@ class Forwarder:
             if rc == RUN_CONTROL:
                 while True:
                     try:
-                        data = self.ctl.recv(MAX_MSG + 1)
+                        data, fds, _flags, _addr = socket.recv_fds(self.ctl, MAX_MSG + 1, 1)
                     except BlockingIOError:
                         break
                     except OSError:
@@ -231,10 +269,12 @@ class Forwarder:
                     try:
                         req = proto.parse_request(data)
                     except ProtocolError as e:
+                        for fd in fds:
+                            os.close(fd)
                         log.get("nsnet.forwarder").error(
                             f"forwarder: bad request from the supervisor ({e}); exiting")
                         return EXIT_PROTOCOL
-                    reply = self.handle(req)
+                    reply = self.handle(req, fds)
                     reply["reply_to"] = req["seq"]
                     _send(self.ctl, reply)
             elif rc == RUN_TAP_ERROR:

@@ -191,6 +191,8 @@ class Supervisor(ForwarderControl, ApiServer):
         self.fastpath: FastPath | None = None  # splice forwards, from the first one on
         self.policy: PolicyControl | None = None  # the egress policy (policy.py)
         self.pcap_fd = -1  # --pcap: every forwarder gets this fd and appends
+        self.pcap_max = opts.pcap_max_bytes
+        self.pcap_path: str | None = None  # get_info's "capture"
         # get_stats sections of other parts (nsnet run --bypass: "bypass")
         self.stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
         # told of set_policy: fn(old policy, new policy, done)
@@ -211,6 +213,7 @@ class Supervisor(ForwarderControl, ApiServer):
                 raise SetupError(str(e)) from None
         if o.pcap is not None:
             self.pcap_fd = open_pcap(o.pcap)
+            self.pcap_path = o.pcap
         self._install_signals()
         # Every API client and splice connection holds fds: the soft limit
         # up to the hard one (the forwarder and relay raise theirs too).
