@@ -145,6 +145,8 @@ struct nsnet_stats {
     uint64_t rx_mss_adjusted;
     uint64_t tx_fragmented;
     uint64_t tx_mss_raised;
+    uint64_t pcap_frames;
+    uint64_t pcap_dropped;
 };
 struct nsnet_dp;
 struct nsnet_dp *nsnet_dp_new(const SlirpConfig *cfg, int tap_fd, int ctl_fd,
@@ -152,6 +154,8 @@ struct nsnet_dp *nsnet_dp_new(const SlirpConfig *cfg, int tap_fd, int ctl_fd,
 Slirp *nsnet_dp_slirp(struct nsnet_dp *dp);
 void nsnet_dp_set_tap(struct nsnet_dp *dp, int tap_fd);
 int nsnet_dp_run(struct nsnet_dp *dp, int budget_ms);
+void nsnet_dp_set_pcap(struct nsnet_dp *dp, int fd, uint64_t offset, uint64_t max_bytes);
+int nsnet_dp_pcap_full(struct nsnet_dp *dp);
 int nsnet_dp_tap_errno(struct nsnet_dp *dp);
 void nsnet_dp_get_stats(struct nsnet_dp *dp, struct nsnet_stats *out);
 const char *nsnet_dp_last_guest_error(struct nsnet_dp *dp);

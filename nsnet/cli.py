@@ -217,6 +217,8 @@ def parse(argv: list[str]):
         policy=policy,
         audit_all=v["audit"] == "all",
         audit_log=v["audit_log"],
+        pcap=v["pcap"],
+        pcap_max_bytes=v["pcap_max_bytes"],
     )
     opts.name = v["name"]  # nsnet ps, nsnet ctl --instance (the registry: cli.main)
     return opts

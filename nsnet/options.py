@@ -192,6 +192,9 @@ class Opt:
         return f"<Opt --{self.name}>"
 
 
+# --pcap-max-bytes's default: 1 GiB.
+PCAP_MAX_BYTES = 1 << 30
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -341,6 +344,15 @@ TABLE: list[Opt] = [
         api="audit", help="log denied flows (default), or every flow"),
     Opt("audit-log", arg="FILE", api="audit_log", complete="file",
         help="also append the audit records (JSON lines) to FILE"),
+    # ---- packet capture --------------------------------------------------
+    Opt("pcap", arg="FILE", api="pcap", complete="file",
+        help="capture every frame between the namespace and nsnet to\n"
+             "FILE (pcap, for tcpdump -r and Wireshark; created mode\n"
+             "0600 or truncated; never through a symbolic link)"),
+    Opt("pcap-max-bytes", arg="BYTES", conv=nonneg_int("pcap-max-bytes"), default=PCAP_MAX_BYTES,
+        api="pcap_max_bytes",
+        help="stop capturing before FILE exceeds BYTES (default={default};\n"
+             "0: no limit)"),
     Opt("quiet", short=None, dest="log_level", value="warning", fronts=(ATTACH, RUN),
         help="no start-up and ready lines: only warnings and errors\n"
              "(the same as --log-level=warning)"),

@@ -143,6 +143,8 @@ class RunOptions:
     policy: Any = None  # policy.Policy
     audit_all: bool = False
     audit_log: str | None = None
+    pcap: str | None = None
+    pcap_max_bytes: int = 0
     error_fd: int | None = None
     name: str | None = None
     registry_socket: bool = False
@@ -224,6 +226,8 @@ def parse_args(argv: list[str]) -> RunOptions | None:
             raise UsageError(str(e)) from None
     ro.audit_all = v["audit"] == "all"
     ro.audit_log = v["audit_log"]
+    ro.pcap = v["pcap"]
+    ro.pcap_max_bytes = v["pcap_max_bytes"]
     ro.bypass = v["bypass"]
     ro.share_pid = v["share_pid"]
     if v["dns"] and v["disable_dns"]:
@@ -963,7 +967,8 @@ class Runner:
                         seccomp=o.seccomp, max_restarts=o.max_restarts,
                         restart_window=o.restart_window, on_ready=self._release,
                         watch_fds={self.sigfd: self.on_signals}, policy=o.policy,
-                        audit_all=o.audit_all, audit_log=o.audit_log)
+                        audit_all=o.audit_all, audit_log=o.audit_log,
+                        pcap=o.pcap, pcap_max_bytes=o.pcap_max_bytes)
         sup = Supervisor(sopts)
         try:
             sup.setup()

@@ -673,3 +673,22 @@ def test_audit_flood_is_bounded(user, probe, servers, workdir):
     assert pol["audit_lost"] > 0
     assert lines + pol["audit_lost"] == 4000
     assert b.connections == 0
+
+
+def test_slirp4netns_style_command_line(user, probe, servers, ns, attach, nsnet_impl, workdir):
+    """`nsnet --egress=deny --allow=... PID tap0` (the drop-in's command
+    line) enforces the same policy; get_policy answers it."""
+    a, b = servers(), servers()
+    audit = os.path.join(workdir, "audit.log")
+    net = attach(nsnet_impl, ns, "--egress=deny", f"--allow=tcp:10.0.2.2:{a.port}",
+                 f"--audit-log={audit}")
+    cp = ns.run([NS_PYTHON, probe, json.dumps([["tcp", "10.0.2.2", a.port],
+                                               ["tcp", "10.0.2.2", b.port],
+                                               ["ping", "10.0.2.2"]])], timeout=60)
+    res = json.loads(cp.stdout.decode().strip().splitlines()[-1])
+    assert [r["result"] for r in res] == ["ok", "ECONNREFUSED", "prohibited"]
+    assert api_call(net.api, {"execute": "get_policy"})["return"] == {
+        "egress": "deny", "rules": [{"action": "allow", "proto": "tcp", "dest": "10.0.2.2",
+                                     "ports": str(a.port)}]}
+    assert api_call(net.api, {"execute": "get_stats"})["return"]["policy"]["flows_denied"] == 2
+    assert (a.connections, b.connections) == (1, 0)

@@ -50,6 +50,10 @@ struct nsnet_dp {
     char last_guest_error[160];
     struct nsnet_filter *filter; /* egress policy; NULL until one is set */
     int64_t events_ms;           /* last return for audit records */
+    int pcap_fd;                 /* --pcap: -1 when not capturing */
+    int pcap_full;               /* 1: the cap was reached, 2: a write failed */
+    uint64_t pcap_size;          /* bytes in the capture file */
+    uint64_t pcap_max;           /* 0: no cap */
 };
 
 static int64_t now_ms(void)
@@ -57,6 +61,90 @@ static int64_t now_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ---- packet capture (--pcap) ---- */
+
+/* pcap's file format (tcpdump, Wireshark): a 24-byte global header, then
+ * per frame a 16-byte record header (seconds, microseconds, captured and
+ * original length) and the frame, all in host byte order (the magic says
+ * which).  Link type 1: Ethernet. */
+#define PCAP_SNAPLEN 262144
+
+static void pcap_append(struct nsnet_dp *dp, const struct iovec *iov, int n_iov, size_t len)
+{
+    ssize_t w;
+    if (dp->pcap_max && dp->pcap_size + len > dp->pcap_max) {
+        dp->pcap_full = 1;
+        dp->st.pcap_dropped++;
+        return;
+    }
+    do {
+        w = writev(dp->pcap_fd, iov, n_iov);
+    } while (w < 0 && errno == EINTR);
+    if (w < 0 || (size_t)w != len) {
+        /* Disk full, a pipe without room: stop, leaving at most one
+         * truncated record at the end. */
+        dp->pcap_full = 2;
+        dp->st.pcap_dropped++;
+        if (w > 0)
+            dp->pcap_size += (size_t)w;
+        return;
+    }
+    dp->pcap_size += len;
+}
+
+static void pcap_frame(struct nsnet_dp *dp, const void *frame, size_t len)
+{
+    struct timespec ts;
+    uint32_t rec[4];
+    struct iovec iov[2];
+    if (dp->pcap_fd < 0)
+        return;
+    if (dp->pcap_full) {
+        dp->st.pcap_dropped++;
+        return;
+    }
+    clock_gettime(CLOCK_REALTIME, &ts);
+    rec[0] = (uint32_t)ts.tv_sec;
+    rec[1] = (uint32_t)(ts.tv_nsec / 1000);
+    rec[2] = (uint32_t)len; /* frames are at most NSNET_FRAME_MAX < snaplen */
+    rec[3] = (uint32_t)len;
+    iov[0].iov_base = rec;
+    iov[0].iov_len = sizeof(rec);
+    iov[1].iov_base = (void *)frame;
+    iov[1].iov_len = len;
+    pcap_append(dp, iov, 2, sizeof(rec) + len);
+    if (!dp->pcap_full)
+        dp->st.pcap_frames++;
+}
+
+void nsnet_dp_set_pcap(struct nsnet_dp *dp, int fd, uint64_t offset, uint64_t max_bytes)
+{
+    dp->pcap_fd = fd;
+    dp->pcap_size = offset;
+    dp->pcap_max = max_bytes;
+    dp->pcap_full = 0;
+    if (fd >= 0 && offset == 0) {
+        struct {
+            uint32_t magic;
+            uint16_t major, minor;
+            int32_t thiszone;
+            uint32_t sigfigs, snaplen, linktype;
+        } g = {0xa1b2c3d4 /* microsecond timestamps */, 2, 4, 0, 0, PCAP_SNAPLEN,
+               1 /* LINKTYPE_ETHERNET */};
+        struct iovec iov;
+        iov.iov_base = &g;
+        iov.iov_len = sizeof(g);
+        pcap_append(dp, &iov, 1, sizeof(g));
+    } else if (fd >= 0 && max_bytes && offset >= max_bytes) {
+        dp->pcap_full = 1; /* a predecessor filled it */
+    }
+}
+
+int nsnet_dp_pcap_full(struct nsnet_dp *dp)
+{
+    return dp->pcap_full;
 }
 
 /* ---- libslirp callbacks (all in C: none of them may call Python) ---- */
@@ -77,6 +165,7 @@ static ssize_t tap_write(struct nsnet_dp *dp, const uint8_t *hdr, const void *bu
     iov[n_iov].iov_base = (void *)buf;
     iov[n_iov].iov_len = len;
     n_iov++;
+    pcap_frame(dp, buf, len); /* the Ethernet frame, never the vnet header */
     do {
         n = writev(dp->tap_fd, iov, n_iov);
     } while (n < 0 && errno == EINTR);
@@ -357,6 +446,7 @@ static int drain_tap(struct nsnet_dp *dp)
                 dp->st.rx_csum_completed++;
             }
         }
+        pcap_frame(dp, frame, flen);
         switch (nsnet_frame_check(frame, flen)) {
         case 1:
             if (!filter_ok(dp, frame, flen))
@@ -532,6 +622,7 @@ struct nsnet_dp *nsnet_dp_new(const SlirpConfig *cfg, int tap_fd, int ctl_fd,
     dp->vnet_hdr = vnet_hdr;
     dp->tap_mtu = tap_mtu;
     dp->slirp_mtu = (int)cfg->if_mtu;
+    dp->pcap_fd = -1;
     dp->cb.send_packet = cb_send_packet;
     dp->cb.guest_error = cb_guest_error;
     dp->cb.clock_get_ns = cb_clock_get_ns;

@@ -42,6 +42,8 @@ struct nsnet_stats {
     uint64_t rx_mss_adjusted;    /* SYN MSS options rewritten (NSNET_SLIRP_MSS) */
     uint64_t tx_fragmented;      /* oversize packets cut into fragments */
     uint64_t tx_mss_raised;      /* libslirp's SYN MSS options raised (see offload.c) */
+    uint64_t pcap_frames;        /* frames written to the capture (--pcap) */
+    uint64_t pcap_dropped;       /* frames not captured: cap reached or write failed */
 };
 
 struct nsnet_dp;
@@ -59,6 +61,16 @@ Slirp *nsnet_dp_slirp(struct nsnet_dp *dp);
  * the namespace helper has the TAP); before the first nsnet_dp_run. */
 void nsnet_dp_set_tap(struct nsnet_dp *dp, int tap_fd);
 int nsnet_dp_run(struct nsnet_dp *dp, int budget_ms);
+/* Packet capture (--pcap): every frame read from the TAP and every frame
+ * written to it (without the virtio-net header) goes to fd in pcap format
+ * (LINKTYPE_ETHERNET).  offset: the fd's current size (the supervisor
+ * opened it; a restarted forwarder appends): the global header is written
+ * when it is 0.  No record makes the file exceed max_bytes (0: no cap);
+ * once one would, capture stops (nsnet_dp_pcap_full says so).  The fd
+ * belongs to the caller. */
+void nsnet_dp_set_pcap(struct nsnet_dp *dp, int fd, uint64_t offset, uint64_t max_bytes);
+/* 1 once the cap stopped the capture (write failures: 2), else 0. */
+int nsnet_dp_pcap_full(struct nsnet_dp *dp);
 int nsnet_dp_tap_errno(struct nsnet_dp *dp);
 void nsnet_dp_get_stats(struct nsnet_dp *dp, struct nsnet_stats *out);
 /* Last message libslirp passed to guest_error(), "" if none. */

@@ -105,6 +105,49 @@ class Forwarder:
         self.slirp = Slirp(net, tap_fd, ctl.fileno())
         self.policy: Any = None  # policy.Policy in force
         self._policy_parts: list[str] = []
+        self.pcap_on = False
+        self.pcap_fd = -1  # this process's copy of the capture file
+        self.pcap_max = 0
+        self.pcap_logged = False
+
+    def set_pcap(self, fd: int, max_bytes: int) -> None:
+        """--pcap: the supervisor's open capture file.  A restarted
+        forwarder appends where its predecessor stopped (the offset of the
+        open file it shares)."""
+        offset = os.lseek(fd, 0, os.SEEK_END)
+        self.stop_pcap()
+        self.pcap_fd = fd
+        self.pcap_on = True
+        self.pcap_max = max_bytes
+        self.pcap_logged = offset >= max_bytes > 0  # its predecessor said so
+        self.slirp.set_pcap(fd, offset, max_bytes)
+
+    def start_pcap(self, fd: int, max_bytes: int) -> None:
+        """start_capture: a file the supervisor just created (empty: no
+        lseek, which seccomp does not allow)."""
+        self.stop_pcap()
+        self.pcap_fd = fd
+        self.pcap_on = True
+        self.pcap_max = max_bytes
+        self.pcap_logged = False
+        self.slirp.set_pcap(fd, 0, max_bytes)
+
+    def stop_pcap(self) -> None:
+        if self.pcap_fd >= 0:
+            self.slirp.set_pcap(-1, 0, 0)
+            os.close(self.pcap_fd)
+        self.pcap_fd = -1
+        self.pcap_on = False
+
+    def check_pcap(self) -> None:
+        """Say once that the capture stopped."""
+        full = self.slirp.pcap_full()
+        if full:
+            self.pcap_logged = True
+            log.get("nsnet.forwarder").warning(
+                f"--pcap: capture stopped: the file reached --pcap-max-bytes={self.pcap_max}"
+                if full == 1 else
+                "--pcap: capture stopped: a write to the capture file failed (disk full?)")
 
     def set_policy(self, req: dict[str, Any]) -> None:
         """Enforce a policy from the next frame on.  At start: {"policy":
@@ -150,7 +193,17 @@ class Forwarder:
         if not fwd.is_udp:
             _raise_backlog(lowest, fwd.host_port)
 
-    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+    def handle(self, req: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
+        """One request; fds: what came with it (a "pcap" request's file;
+        any other is closed)."""
+        fds = list(fds or [])
+        try:
+            return self._handle(req, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _handle(self, req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         op = req.get("op")
         try:
             if op == "add":
@@ -182,6 +235,14 @@ class Forwarder:
                         "connections_total": max(0, len(lines) - 1)}
             if op == "ping":
                 return {"ok": True}
+            if op == "pcap":
+                if not fds:
+                    return {"ok": False, "error": "pcap: no file descriptor came with it"}
+                self.start_pcap(fds.pop(), int(req["max_bytes"]))
+                return {"ok": True}
+            if op == "pcap_stop":
+                self.stop_pcap()
+                return {"ok": True}
         except (SlirpError, KeyError, TypeError, ValueError) as e:  # PolicyError too
             return {"ok": False, "error": str(e)}
         return {"ok": False, "error": f"unknown op {op!r}"}
@@ -191,12 +252,14 @@ class Forwarder:
         self.ctl.setblocking(False)
         while True:
             rc = self.slirp.run(TURN_BUDGET_MS)
+            if self.pcap_on and not self.pcap_logged:
+                self.check_pcap()
             if self.policy is not None:
                 self.send_audit()  # RUN_EVENTS, or what a turn left
             if rc == RUN_CONTROL:
                 while True:
                     try:
-                        data = self.ctl.recv(MAX_MSG + 1)
+                        data, fds, _flags, _addr = socket.recv_fds(self.ctl, MAX_MSG + 1, 1)
                     except BlockingIOError:
                         break
                     except OSError:
@@ -206,10 +269,12 @@ class Forwarder:
                     try:
                         req = proto.parse_request(data)
                     except ProtocolError as e:
+                        for fd in fds:
+                            os.close(fd)
                         log.get("nsnet.forwarder").error(
                             f"forwarder: bad request from the supervisor ({e}); exiting")
                         return EXIT_PROTOCOL
-                    reply = self.handle(req)
+                    reply = self.handle(req, fds)
                     reply["reply_to"] = req["seq"]
                     _send(self.ctl, reply)
             elif rc == RUN_TAP_ERROR:
@@ -241,12 +306,14 @@ def _receive_tap(ctl: socket.socket) -> int | None:
 
 def main(net: NetConfig, tap_fd: int | None, ctl: socket.socket,
          forwards: list[tuple[int, Forward]], sandbox: bool = False,
-         seccomp: bool = False, policy: dict[str, Any] | None = None) -> int:
+         seccomp: bool = False, policy: dict[str, Any] | None = None,
+         pcap: tuple[int, int] | None = None) -> int:
     """Entry point in the forked forwarder process.  tap_fd None: the TAP
     comes over ctl once the namespace helper has made it (the first
     forwarder sets libslirp up meanwhile).  policy: {"policy": the egress
     policy's JSON form, "audit_all": bool} (the supervisor's current one:
-    a restarted forwarder enforces what its predecessor did)."""
+    a restarted forwarder enforces what its predecessor did).  pcap: (the
+    capture file's fd, opened by the supervisor; its size cap, 0 none)."""
     # fork_child (children.py) has set PR_SET_PDEATHSIG, the process name,
     # and the signals: terminal signals go to the whole process group, so
     # SIGINT and SIGHUP are ignored (the supervisor decides what happens),
@@ -271,6 +338,12 @@ def main(net: NetConfig, tap_fd: int | None, ctl: socket.socket,
             fw.set_policy(policy)
         except (SlirpError, ValueError) as e:
             _send(ctl, {"event": "failed", "error": f"egress policy: {e}"})
+            return EXIT_SLIRP_FAILED
+    if pcap is not None:
+        try:
+            fw.set_pcap(*pcap)
+        except OSError as e:
+            _send(ctl, {"event": "failed", "error": f"--pcap: {e.strerror or e}"})
             return EXIT_SLIRP_FAILED
     if tap_fd is None:
         tap_fd = _receive_tap(ctl)

@@ -55,6 +55,8 @@ STATS_FIELDS = (
     "rx_mss_adjusted",
     "tx_fragmented",
     "tx_mss_raised",
+    "pcap_frames",
+    "pcap_dropped",
 )
 
 # libslirp's if_mtu with TAP offloads below linux.TSO_MTU_LIMIT: libslirp
@@ -233,6 +235,14 @@ class Slirp:
     def tap_error(self) -> str:
         err = lib.nsnet_dp_tap_errno(self._dp)
         return f"{errno.errorcode.get(err, err)}: {os.strerror(err)}"
+
+    def set_pcap(self, fd: int, offset: int, max_bytes: int) -> None:
+        """Capture every frame to fd (pcap; see datapath.h)."""
+        lib.nsnet_dp_set_pcap(self._dp, fd, offset, max_bytes)
+
+    def pcap_full(self) -> int:
+        """0 while capturing, 1 once the cap is reached, 2 after a write failed."""
+        return int(lib.nsnet_dp_pcap_full(self._dp))
 
     def stats(self) -> dict[str, int]:
         lib.nsnet_dp_get_stats(self._dp, self._stats)

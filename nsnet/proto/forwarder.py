@@ -7,6 +7,8 @@ Supervisor -> forwarder (requests; the forwarder answers each in order):
   {"op": "add"|"remove", "forward": FORWARD, "seq": N}
   {"op": "stats", "seq": N}
   {"op": "ping", "seq": N}
+  {"op": "pcap", "max_bytes": B, "seq": N}   + the capture file's fd (start_capture)
+  {"op": "pcap_stop", "seq": N}                         (stop_capture)
   {"op": "policy_part", "index": I, "data": str, "seq": N}   (the egress
   {"op": "policy", "last_part": str, "parts": n,               policy,
    "keep_established": bool, "audit_all": bool, "seq": N}     in parts)
@@ -70,6 +72,8 @@ REQUESTS = {
     "remove": Obj({"op": Str(), "forward": FORWARD, "seq": SEQ}),
     "stats": Obj({"op": Str(), "seq": SEQ}),
     "ping": Obj({"op": Str(), "seq": SEQ}),
+    "pcap": Obj({"op": Str(), "max_bytes": Int(0), "seq": SEQ}),
+    "pcap_stop": Obj({"op": Str(), "seq": SEQ}),
     "policy_part": Obj({"op": Str(), "index": Int(0), "data": Str(POLICY_TEXT), "seq": SEQ}),
     "policy": Obj({"op": Str(), "last_part": Str(POLICY_TEXT), "parts": Int(1),
                    "keep_established": Bool(), "audit_all": Bool(), "seq": SEQ}),

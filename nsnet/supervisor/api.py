@@ -55,6 +55,10 @@ if TYPE_CHECKING:
 
         def api_set_policy(self, args: dict[str, Any]) -> None: ...
 
+        def api_start_capture(self, path: str, max_bytes: int) -> None: ...
+
+        def api_stop_capture(self) -> None: ...
+
         @property
         def default_guest_addr(self) -> str: ...
 
@@ -240,6 +244,21 @@ def handle_task(data: bytes, backend: ApiBackend) -> Generator[Any, Any, bytes]:
                 raise ApiError('set_policy: arguments must be the policy, '
                                '{"egress":"allow"|"deny","rules":[...]}')
             yield from wait(backend.api_set_policy(args))
+            return encode({"return": {}})
+        if execute == "start_capture":
+            from ..options import PCAP_MAX_BYTES
+
+            path = args.get("path")
+            if not isinstance(path, str) or not path or "\0" in path:
+                raise ApiError("start_capture: bad arguments.path (the capture file's path)")
+            max_bytes = args.get("max_bytes", PCAP_MAX_BYTES)
+            if type(max_bytes) is not int or not 0 <= max_bytes < 1 << 63:
+                raise ApiError("start_capture: bad arguments.max_bytes "
+                               "(a non-negative integer; 0: no limit)")
+            yield from wait(backend.api_start_capture(path, max_bytes))
+            return encode({"return": {}})
+        if execute == "stop_capture":
+            yield from wait(backend.api_stop_capture())
             return encode({"return": {}})
         raise ApiError("unknown execute")
     except ApiError as e:

@@ -213,6 +213,7 @@ class ApiServer:
             "supervisor_pid": os.getpid(),
             "forwarder_pid": fwd.pid if fwd else None,
             "forwarder_state": self._forwarder_state(),
+            "capture": self.pcap_path,  # --pcap or start_capture's file, else null
             "forwarder_uptime_s": (round(now - fwd.ready_at, 3)
                                    if fwd is not None and fwd.ready_at is not None else None),
             "target": {
@@ -267,13 +268,19 @@ class ApiServer:
             info["interface"] = {"error": str(e)}
         return info
 
-    def api_stats(self) -> Generator[Any, Any, dict[str, Any]]:
+    def _ask_forwarder(self, what: str, msg: dict[str, Any]) -> Generator[Any, Any, dict[str, Any]]:
+        """A request to the forwarder for the API command `what`: its
+        successful reply, else ApiError saying why."""
         try:
-            reply = yield from wait(self._forwarder_request({"op": "stats"}))
+            reply = yield from wait(self._forwarder_request(msg))
         except ForwardError as e:
-            raise api.ApiError(f"get_stats: {e}") from None
+            raise api.ApiError(f"{what}: {e}") from None
         if not reply.get("ok"):
-            raise api.ApiError(f"get_stats: {reply.get('error', 'failed')}")
+            raise api.ApiError(f"{what}: {reply.get('error', 'failed')}")
+        return reply
+
+    def api_stats(self) -> Generator[Any, Any, dict[str, Any]]:
+        reply = yield from self._ask_forwarder("get_stats", {"op": "stats"})
         conns = parse_connection_info(reply.get("connections", ""))
         active = [c for c in conns if c["state"] != "HOST_FORWARD"]
         n_active = len(active)
@@ -295,6 +302,36 @@ class ApiServer:
             except ForwardError as e:
                 out["fastpath"] = {"error": str(e)}
         return out
+
+    def api_start_capture(self, path: str, max_bytes: int) -> Generator[Any, Any, None]:
+        """start_capture (docs/capture.md): the supervisor opens the file,
+        the forwarder gets the fd; later forwarders inherit it."""
+        from .core import open_pcap
+
+        if self.pcap_fd >= 0:
+            raise api.ApiError(f"start_capture: a capture to {self.pcap_path} is running "
+                               "(stop_capture first)")
+        try:
+            fd = open_pcap(path)
+        except SetupError as e:
+            raise api.ApiError(f"start_capture: {str(e).replace('--pcap=', '', 1)}") from None
+        try:
+            yield from self._ask_forwarder(
+                "start_capture", {"op": "pcap", "max_bytes": max_bytes, "__fds": [fd]})
+        except api.ApiError:
+            os.close(fd)
+            raise
+        self.pcap_fd, self.pcap_max, self.pcap_path = fd, max_bytes, path
+        self.log.info(f"capture started: {path} (at most {max_bytes} bytes)")
+
+    def api_stop_capture(self) -> Generator[Any, Any, None]:
+        if self.pcap_fd < 0:
+            raise api.ApiError("stop_capture: no capture is running")
+        fd, path = self.pcap_fd, self.pcap_path
+        self.pcap_fd, self.pcap_path = -1, None  # the next forwarder does not capture
+        os.close(fd)
+        yield from self._ask_forwarder("stop_capture", {"op": "pcap_stop"})
+        self.log.info(f"capture stopped: {path}")
 
     def api_get_policy(self) -> dict[str, Any]:
         if self.policy is None:

@@ -101,6 +101,8 @@ class Options:
         policy: Any = None,
         audit_all: bool = False,
         audit_log: str | None = None,
+        pcap: str | None = None,
+        pcap_max_bytes: int = 0,
     ) -> None:
         self.target = target
         self.tapname = tapname
@@ -122,7 +124,33 @@ class Options:
         self.policy = policy
         self.audit_all = audit_all
         self.audit_log = audit_log
+        # --pcap: the capture file (opened here, written by the forwarder)
+        self.pcap = pcap
+        self.pcap_max_bytes = pcap_max_bytes
 
+
+
+def open_pcap(path: str) -> int:
+    """--pcap=FILE: the capture file, created (mode 0600) or truncated,
+    never through a symbolic link; a regular file only (a FIFO would stall
+    the data path).  The forwarder, which has no filesystem once
+    sandboxed, writes to this fd."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                     | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+    except OSError as e:
+        name = errno.errorcode.get(e.errno or 0, str(e.errno))
+        hint = (" (it is a symbolic link: give the file itself)" if e.errno == errno.ELOOP
+                else " (give a path in a directory you may write)")
+        raise SetupError(f"--pcap={path}: cannot open it for writing: {e.strerror} "
+                         f"({name}){hint}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SetupError(f"--pcap={path}: not a regular file (give a file path)")
+    os.set_blocking(fd, True)
+    return fd
 
 
 class Supervisor(ForwarderControl, ApiServer):
@@ -162,6 +190,9 @@ class Supervisor(ForwarderControl, ApiServer):
         self.log_pipe: int | None = None  # children's stderr when ours is a terminal
         self.fastpath: FastPath | None = None  # splice forwards, from the first one on
         self.policy: PolicyControl | None = None  # the egress policy (policy.py)
+        self.pcap_fd = -1  # --pcap: every forwarder gets this fd and appends
+        self.pcap_max = opts.pcap_max_bytes
+        self.pcap_path: str | None = None  # get_info's "capture"
         # get_stats sections of other parts (nsnet run --bypass: "bypass")
         self.stats_sources: dict[str, Callable[[], dict[str, Any]]] = {}
         # told of set_policy: fn(old policy, new policy, done)
@@ -180,6 +211,9 @@ class Supervisor(ForwarderControl, ApiServer):
                 self.policy = PolicyControl(o.policy, o.audit_all, o.audit_log)
             except PolicyControlError as e:
                 raise SetupError(str(e)) from None
+        if o.pcap is not None:
+            self.pcap_fd = open_pcap(o.pcap)
+            self.pcap_path = o.pcap
         self._install_signals()
         # Every API client and splice connection holds fds: the soft limit
         # up to the hard one (the forwarder and relay raise theirs too).
@@ -523,13 +557,13 @@ class Supervisor(ForwarderControl, ApiServer):
         if self.sigpipe_w >= 0:
             signal.set_wakeup_fd(-1)
         for fd in (self.tap_fd, self.target_pidfd, self.sigpipe_r, self.sigpipe_w,
-                   self.opts.exit_fd, self.opts.ready_fd):
+                   self.opts.exit_fd, self.opts.ready_fd, self.pcap_fd):
             if fd is not None and fd >= 0:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-        self.tap_fd = self.sigpipe_r = self.sigpipe_w = -1
+        self.tap_fd = self.sigpipe_r = self.sigpipe_w = self.pcap_fd = -1
         self.target_pidfd = None
         self.opts.exit_fd = self.opts.ready_fd = None
         self.notify.close()

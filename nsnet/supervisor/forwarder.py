@@ -156,8 +156,13 @@ class _Forwarder:
 
     def _send(self, msg: dict[str, Any], fut: Future, deadline: float) -> None:
         self.seq += 1
+        fds = msg.get("__fds")  # a request with fds (start_capture's file)
+        msg = {k: v for k, v in msg.items() if k != "__fds"}
         try:
-            self.ctl.send(wire.encode(dict(msg, seq=self.seq)))
+            if fds:
+                socket.send_fds(self.ctl, [wire.encode(dict(msg, seq=self.seq))], fds)
+            else:
+                self.ctl.send(wire.encode(dict(msg, seq=self.seq)))
         except OSError as e:
             fut.fail(ForwardError(f"forwarder: {e.strerror or e}"))
             return
@@ -235,6 +240,7 @@ class ForwarderControl:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         tap_fd = self.tap_fd if with_tap else None
         policy = self.policy.forwarder_arg() if self.policy is not None else None
+        pcap = (self.pcap_fd, self.pcap_max) if self.pcap_fd >= 0 else None
 
         def forwarder() -> int:
             # The first forwarder imports its code itself, before any
@@ -246,9 +252,11 @@ class ForwarderControl:
             return helper_host.main(self.opts.net, tap_fd, child,
                                     self.forwards.libslirp_items(),
                                     sandbox=self.opts.sandbox, seccomp=self.opts.seccomp,
-                                    policy=policy)
+                                    policy=policy, pcap=pcap)
 
         keep = [child.fileno()] if tap_fd is None else [tap_fd, child.fileno()]
+        if pcap is not None:
+            keep.append(self.pcap_fd)  # inherited: the same open file, appended to
         try:
             pid = fork_child("nsnet-forwarder", forwarder, keep)
         except OSError:
