@@ -124,6 +124,13 @@ def test_event_flood_while_a_reply_is_awaited(connect, ns_echo, user):  # noqa: 
         os.kill(old, signal.SIGSTOP)
         t = threading.Thread(target=lambda: result.update(api(net.api, "get_stats", timeout=30)))
         t.start()
+        # Flood only once the request is pending: take it off the stolen
+        # socket (the stopped forwarder would not read it anyway).  A flood
+        # that starts first gets the forwarder replaced before get_stats
+        # arrives, and the new forwarder answers it.
+        ctl.settimeout(10)
+        req = json.loads(ctl.recv(65536))
+        assert req.get("op") == "stats", req
         ctl.settimeout(2)
         try:
             for i in range(5000):
