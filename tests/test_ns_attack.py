@@ -235,9 +235,12 @@ def test_attach_namespace_root_cannot_take_over_nsnet(user, ns, workdir, start_f
         (conn,) = [p for p in harness.descendants(fwd.pid)
                    if Path(f"/proc/{p}/comm").read_text().strip() == "nsnet-connect"]
         ns.run(["kill", "-KILL", conn], check=False)
-        harness.wait_until(lambda: not os.path.exists(f"/proc/{conn}/comm")
-                           or "Z" in Path(f"/proc/{conn}/stat").read_text().split()[2], 10,
-                           what="the killed connector gone")
+        def gone() -> bool:
+            try:  # reaped (no /proc entry) or a zombie
+                return Path(f"/proc/{conn}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            except FileNotFoundError:
+                return True
+        harness.wait_until(gone, 10, what="the killed connector gone")
 
         def works() -> bool:
             try:
