@@ -182,6 +182,21 @@ static uint64_t netns_cookie(int s)
     return c;
 }
 
+/* One read of a small /proc file (f: an open fd, or < 0 when the open
+ * failed; closed here); the text after `key`, or NULL. */
+static const char *proc_field(int f, char *buf, size_t size, const char *key)
+{
+    if (f < 0)
+        return NULL;
+    ssize_t n = read(f, buf, size - 1);
+    close(f);
+    if (n <= 0)
+        return NULL;
+    buf[n] = 0;
+    const char *p = strstr(buf, key);
+    return p ? p + strlen(key) : NULL;
+}
+
 /* The fd's flags in the command: the file's status flags (O_NONBLOCK) and
  * the fd's close-on-exec flag, from /proc/TID/fdinfo/FD ("flags:\t0NNN",
  * octal).  -1 if it cannot be read. */
@@ -196,17 +211,8 @@ static long fd_flags(int infofd, int tid, int fd)
         snprintf(path, sizeof path, "/proc/%d/fdinfo/%d", tid, fd);
         f = open(path, O_RDONLY | O_CLOEXEC);
     }
-    if (f < 0)
-        return -1;
-    ssize_t n = read(f, buf, sizeof buf - 1);
-    close(f);
-    if (n <= 0)
-        return -1;
-    buf[n] = 0;
-    char *p = strstr(buf, "flags:");
-    if (!p)
-        return -1;
-    return (long)strtoul(p + 6, NULL, 8);
+    const char *p = proc_field(f, buf, sizeof buf, "flags:");
+    return p ? (long)strtoul(p, NULL, 8) : -1;
 }
 
 static int read_mem(int pid, uint64_t addr, void *buf, size_t len)
@@ -227,16 +233,8 @@ static int tgid_of(int tid)
 {
     char path[64], buf[512];
     snprintf(path, sizeof path, "/proc/%d/status", tid);
-    int f = open(path, O_RDONLY | O_CLOEXEC);
-    if (f < 0)
-        return -1;
-    ssize_t n = read(f, buf, sizeof buf - 1);
-    close(f);
-    if (n <= 0)
-        return -1;
-    buf[n] = 0;
-    char *p = strstr(buf, "\nTgid:");
-    return p ? atoi(p + 6) : -1;
+    const char *p = proc_field(open(path, O_RDONLY | O_CLOEXEC), buf, sizeof buf, "\nTgid:");
+    return p ? atoi(p) : -1;
 }
 
 static void pc_drop(struct pcache *e)
