@@ -604,6 +604,8 @@ class _Child:
         try:
             facts = bypassfilter.namespace_facts()
             listener = bypassfilter.install()
+        except bypassfilter.FilterError as e:
+            self.fail(str(e.strerror))
         except OSError as e:
             self.fail(f"--bypass: {e.strerror or e}")
         try:

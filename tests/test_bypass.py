@@ -372,6 +372,32 @@ def test_python_api(user, base_dir, host_server):
     assert srv.connections == 1
 
 
+@pytest.mark.parametrize("mode,what", [
+    ("addfd", "--bypass needs SECCOMP_ADDFD_FLAG_SEND (Linux 5.14 or later)"),
+    ("cookie", "--bypass needs SO_NETNS_COOKIE (Linux 5.14 or later)"),
+    ("listener", "--bypass needs seccomp user notification"),
+])
+def test_old_kernel_refused_at_start(user, workdir, base_dir, mode, what):
+    """A kernel without what --bypass needs (tests/oldkernel.py makes the
+    feature fail with the errno an older kernel gives): a clear error at
+    start and exit 125; the command never runs (no silent fallback)."""
+    wrapper = f"{base_dir}/oldkernel.py"
+    shutil.copy(f"{HERE}/oldkernel.py", wrapper)
+    os.chmod(wrapper, 0o644)
+    marker = f"{workdir}/ran"
+    cp = user.run([NS_PYTHON, wrapper, mode, harness.nsnet_bin(), "run", "--bypass", "--",
+                   "sh", "-c", f"touch {marker}"], timeout=60, text=True)
+    assert cp.returncode == 125, (cp.returncode, cp.stderr)
+    assert what in cp.stderr and "run without --bypass" in cp.stderr, cp.stderr
+    assert "Traceback" not in cp.stderr
+    assert not os.path.exists(marker)
+    # the same filter, without --bypass: the command runs (the filter
+    # touches nothing else nsnet run needs)
+    cp = user.run([NS_PYTHON, wrapper, mode, harness.nsnet_bin(), "run", "--",
+                   "sh", "-c", f"touch {marker}"], timeout=60, text=True)
+    assert cp.returncode == 0 and os.path.exists(marker), cp.stderr
+
+
 def test_usage_lists_bypass(user):
     cp = user.run([harness.nsnet_bin(), "run", "--help"], timeout=30, capture_output=True,
                   text=True)
