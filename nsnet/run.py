@@ -960,7 +960,8 @@ class Runner:
 
         o = self.opts
         line, fields = diag.start_line(o.net, target=f"pid {self.cmd}", tapname=o.tapname,
-                                       api_socket=o.api_socket,
+                                       api_socket=o.api_socket, pcap=o.pcap,
+                                       pcap_max_bytes=o.pcap_max_bytes,
                                        extra={"publish": [str(p) for p in o.publish]})
         log.get("nsnet").info(line, extra={"fields": fields})
         sopts = Options(target=Target.from_pid(self.cmd), tapname=o.tapname, net=o.net,
