@@ -47,6 +47,7 @@ struct nsb_shared {
     uint64_t errors;
     uint64_t pending;
     uint64_t scope;
+    uint64_t sync_wakeup;
     uint64_t inflight[...];
 };
 int nsb_probe(int listener);

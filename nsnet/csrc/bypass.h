@@ -49,6 +49,7 @@ struct nsb_shared {
     uint64_t pending;       /* blocking connects waiting now */
     uint64_t scope;         /* NSB_GATEWAY|NSB_EGRESS allowed now: written by the
                              * supervisor (the policy can change at run time) */
+    uint64_t sync_wakeup;   /* 1: the listener has SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP */
     uint64_t inflight[NSB_SLOTS];
 };
 

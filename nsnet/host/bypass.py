@@ -268,7 +268,7 @@ class Handler:
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: int(getattr(self.shared, k)) for k in COUNTERS}
         out.update(handler_pid=self.pid if self.pid > 0 else None, restarts=self.restarts,
-                   scope=dict(self.scope))
+                   scope=dict(self.scope), sync_wakeup=bool(self.shared.sync_wakeup))
         return out
 
     def close_listener(self) -> None:
