@@ -35,6 +35,7 @@ struct nsb_config {
     int32_t def_sndbuf;
     int32_t def_rcvbuf;
     int32_t nr_connect, nr_getsockname, nr_getpeername;
+    uint32_t audit_arch;
 };
 struct nsb_shared {
     uint64_t notifications;

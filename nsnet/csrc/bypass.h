@@ -32,6 +32,9 @@ struct nsb_config {
     int32_t def_sndbuf;  /* SO_SNDBUF/SO_RCVBUF of a fresh socket there */
     int32_t def_rcvbuf;
     int32_t nr_connect, nr_getsockname, nr_getpeername;
+    uint32_t audit_arch; /* AUDIT_ARCH_* of those numbers: notifications of
+                          * another ABI (an OCI profile may list several)
+                          * are let through */
 };
 
 /* Shared with the supervisor (MAP_SHARED): plain counters, written by the
