@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         log.fail(PROG, str(e))
         return EXIT_FAILURE
     line, fields = diag.start_line(opts.net, target=_describe_target(opts.target),
-                                   tapname=opts.tapname, api_socket=opts.api_socket)
+                                   tapname=opts.tapname, api_socket=opts.api_socket,
+                                   pcap=opts.pcap, pcap_max_bytes=opts.pcap_max_bytes)
     logger.info(line, extra={"fields": fields})
 
     def ready(sup) -> None:

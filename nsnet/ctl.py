@@ -34,6 +34,11 @@ Commands:
   remove-forward ID    remove a forward (several IDs: each)
   info                 versions, PIDs, target, TAP, addresses
   stats                frames, bytes, drops, connections
+  start-capture PATH [--max-bytes N]
+                       capture every frame to PATH (pcap; created mode 0600
+                       or truncated; at most N bytes, default 1 GiB, 0: no
+                       limit; docs/capture.md)
+  stop-capture         stop the capture (--pcap's or start-capture's)
   call EXECUTE [JSON]  any API request (e.g. the policy commands), reply as JSON
 
 Options:
@@ -96,7 +101,12 @@ def _call(path: str, execute: str, arguments: dict | None = None) -> dict:
     try:
         return api_call(path, execute, arguments)
     except ApiError as e:
-        raise CtlError(f"{execute}: {e}") from None
+        desc = str(e)
+        for head in (f"bad request: {execute}: ", f"{execute}: "):  # said once is enough
+            if desc.startswith(head):
+                desc = desc[len(head):]
+                break
+        raise CtlError(f"{execute}: {desc}") from None
     except OSError as e:
         hint = {errno.ENOENT: "is nsnet running with this -a/--api-socket?",
                 errno.ECONNREFUSED: "the nsnet that made it has exited",
@@ -215,6 +225,61 @@ def _add_forward(path: str, args: list[str], as_json: bool) -> int:
     return EXIT_OK
 
 
+def _start_capture(path: str, args: list[str], as_json: bool) -> int:
+    import os
+
+    from .options import PCAP_MAX_BYTES
+
+    max_bytes: int | None = None
+    rest = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--max-bytes="):
+            text: str | None = a.split("=", 1)[1]
+        elif a == "--max-bytes":
+            if i + 1 == len(args):
+                raise CtlError("--max-bytes needs a number of bytes", EXIT_USAGE)
+            i += 1
+            text = args[i]
+        else:
+            rest.append(a)
+            text = None
+        if text is not None:
+            if not text.isdigit():
+                raise CtlError(f"--max-bytes must be a non-negative integer (0: no limit), "
+                               f"not {text!r}", EXIT_USAGE)
+            max_bytes = int(text)
+        i += 1
+    if len(rest) != 1 or not rest[0]:
+        raise CtlError("start-capture takes one PATH (the pcap file to write)", EXIT_USAGE)
+    # The supervisor opens it, from its own working directory: send it absolute.
+    file = os.path.abspath(rest[0])
+    arguments: dict = {"path": file}
+    if max_bytes is not None:
+        arguments["max_bytes"] = max_bytes
+    reply = _call(path, "start_capture", arguments)
+    if as_json:
+        print(json.dumps(reply))
+        return EXIT_OK
+    cap = PCAP_MAX_BYTES if max_bytes is None else max_bytes
+    print(f"capturing to {file} (" + (f"at most {cap} bytes)" if cap else "no size limit)"))
+    return EXIT_OK
+
+
+def _stop_capture(path: str, as_json: bool) -> int:
+    file = None
+    if not as_json:  # to say which file was closed (best effort)
+        try:
+            file = _call(path, "get_info")["return"].get("capture")
+        except (CtlError, AttributeError, KeyError, TypeError):
+            file = None
+    reply = _call(path, "stop_capture")
+    print(json.dumps(reply) if as_json else
+          "capture stopped" + (f": {file}" if isinstance(file, str) else ""))
+    return EXIT_OK
+
+
 def ctl_main(argv: list[str]) -> int:
     from .getopt_long import GetoptError, getopt_long
 
@@ -274,6 +339,11 @@ def _run(path: str, cmd: str, rest: list[str], as_json: bool) -> int:
         reply = _call(path, "get_info" if cmd == "info" else "get_stats")
         sys.stdout.write(json.dumps(reply) + "\n" if as_json else kv_text(reply["return"]))
         return EXIT_OK
+    if cmd == "start-capture":
+        return _start_capture(path, rest, as_json)
+    if cmd == "stop-capture":
+        _no_args(cmd, rest)
+        return _stop_capture(path, as_json)
     if cmd == "call":
         if not rest or len(rest) > 2:
             raise CtlError("call takes EXECUTE and optionally a JSON object of arguments",

@@ -113,6 +113,7 @@ def check_socket_dir(path: str, what: str = "API socket") -> None:
 
 
 def start_line(net, *, target: str, tapname: str, api_socket: str | None,
+               pcap: str | None = None, pcap_max_bytes: int = 0,
                extra: dict | None = None) -> tuple[str, dict]:
     """The start-up line: the settings in effect (what slirp4netns prints
     as its "* MTU: ..." block, on one line), and the JSON fields."""
@@ -121,7 +122,8 @@ def start_line(net, *, target: str, tapname: str, api_socket: str | None,
               "dns": None if net.disable_dns else str(net.dns),
               "dhcp_start": str(net.dhcp_start), "ipv6": net.ipv6,
               "host_loopback": not net.disable_host_loopback, "egress": not net.restricted,
-              "offload": net.offload, "api_socket": api_socket}
+              "offload": net.offload, "api_socket": api_socket,
+              "pcap": pcap, "pcap_max_bytes": pcap_max_bytes if pcap else None}
     if net.ipv6:
         fields["prefix6"] = f"{net.prefix6}/64"
     fields.update(extra or {})
@@ -136,6 +138,9 @@ def start_line(net, *, target: str, tapname: str, api_socket: str | None,
     parts.append("offloads " + ("on" if net.offload else "off"))
     if api_socket:
         parts.append(f"API socket {api_socket}")
+    if pcap:
+        parts.append(f"capture to {pcap} (" + (f"at most {pcap_max_bytes} bytes)"
+                                              if pcap_max_bytes else "no size limit)"))
     line = ", ".join(parts)
     if not net.disable_host_loopback and not net.restricted:
         line += (f"; 127.0.0.1 on the host is reachable as {net.gateway} "

@@ -69,6 +69,12 @@ def man() -> str:
             ".TP\n\\fBlist\\-forwards\\fR\n" + _roff("the port forwards"),
             ".TP\n\\fBremove\\-forward\\fR \\fIID\\fR...\n" + _roff("remove forwards"),
             ".TP\n\\fBinfo\\fR, \\fBstats\\fR\n" + _roff("get_info, get_stats"),
+            ".TP\n\\fBstart\\-capture\\fR \\fIPATH\\fR [\\fB\\-\\-max\\-bytes\\fR \\fIN\\fR]\n"
+            + _roff("capture every frame between the namespace and nsnet to PATH (pcap; "
+                    "created mode 0600 or truncated; at most N bytes, default 1 GiB, 0: no "
+                    "limit)"),
+            ".TP\n\\fBstop\\-capture\\fR\n" + _roff("stop the capture (--pcap's or "
+                                                       "start-capture's)"),
             ".TP\n\\fBcall\\fR \\fIEXECUTE\\fR [\\fIJSON\\fR]\n" + _roff("any API request"),
             ".SH EXIT STATUS",
             _roff("nsnet: 0 on an exit-fd event, SIGTERM, SIGINT, SIGHUP, the target's exit, "
@@ -133,10 +139,10 @@ _nsnet() {{
     case "$sub" in
     ctl)
         case "$prev" in
-        --socket|-s) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --socket|-s|start-capture) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         esac
-        _nsnet_words "add-forward list-forwards remove-forward info stats call \\
---socket= --instance= --json --help"
+        _nsnet_words "add-forward list-forwards remove-forward info stats start-capture \\
+stop-capture call --socket= --instance= --json --help"
         return ;;
     ps)
         _nsnet_words "--json --help"

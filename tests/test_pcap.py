@@ -109,6 +109,18 @@ def test_run_pcap_both_directions(user, base_dir, workdir, host_server):
     assert_both_directions(frames, srv.port)
 
 
+def test_run_pcap_start_line_json(user, workdir):
+    """nsnet run's start-up line (JSON) has the capture file and its cap
+    (default 1 GiB)."""
+    path = os.path.join(workdir, "json.pcap")
+    cp = nsnet_run(user, [f"--pcap={path}", "--log-level=info", "--log-format=json", "--",
+                          "true"])
+    assert cp.returncode == 0, cp.stderr
+    [start] = [e for e in map(json.loads, cp.stderr.splitlines()) if e.get("event") == "start"]
+    assert (start["pcap"], start["pcap_max_bytes"]) == (path, 1 << 30), start
+    assert f"capture to {path} (at most {1 << 30} bytes)" in start["msg"], start
+
+
 def test_run_pcap_truncates_and_refuses_symlink(user, base_dir, workdir, host_server):
     srv = host_server("sink")
     path = os.path.join(workdir, "old.pcap")
@@ -184,6 +196,9 @@ def test_attach_pcap_cap(nsnet_impl, ns, workdir, attach, host_server):
     assert net.fwd.log().count("capture stopped") == 1, net.fwd.log()
     assert f"--pcap-max-bytes={cap}" in net.fwd.log()
     assert stats["pcap_dropped"] > 0 and stats["pcap_frames"] > 0, stats
+    # the start-up line names the capture and its cap
+    start = [ln for ln in net.fwd.log().splitlines() if "nsnet: starting:" in ln]
+    assert start and f"capture to {path} (at most {cap} bytes)" in start[0], start
 
 
 def test_attach_pcap_restarted_forwarder_appends(nsnet_impl, ns, workdir, attach, host_server):

@@ -276,7 +276,7 @@ class Supervisor(ForwarderControl, ApiServer):
             raise SetupError(f"--bypass-listener: {e}") from None
         oci = OciListener(path, self.nsfds.net, self.opts.net, facts,
                           lambda: self.default_guest_addr6,
-                          lambda: self.policy.policy if self.policy is not None else None)
+                          lambda: self.policy)
         self.io_sources.append(oci)
         self.stats_sources["bypass"] = oci.stats
         self.policy_listeners.append(oci.policy_changed)

@@ -99,7 +99,7 @@ class OciListener:
     open), closed at teardown."""
 
     def __init__(self, path: str, netns_fd: int, net: NetConfig, facts: tuple[int, int, int],
-                 guest6: Callable[[], str | None], policy: Callable[[], Any]) -> None:
+                 guest6: Callable[[], str | None], policy_control: Callable[[], Any]) -> None:
         from .apiserver import bind_unix_socket
 
         self.log = log.get("nsnet.supervisor")
@@ -107,7 +107,7 @@ class OciListener:
         self.net = net
         self.facts = facts
         self.guest6 = guest6
-        self.policy = policy
+        self.policy_control = policy_control  # the supervisor's PolicyControl, or None
         self.netns = _ns_ident(netns_fd)
         self.sock, self.ino = bind_unix_socket(path, "--bypass-listener socket")
         self.conns: dict[int, _Conn] = {}
@@ -131,8 +131,11 @@ class OciListener:
         for fd in self.conns:
             out.append((fd, select.POLLIN, self._reader(fd)))
         for c in self.containers:
-            if c.handler.pidfd >= 0:
-                out.append((c.handler.pidfd, select.POLLIN, self._on_exit(c)))
+            h = c.handler
+            if h.pidfd >= 0:
+                out.append((h.pidfd, select.POLLIN, self._on_exit(c)))
+            if h.audit_sock is not None:
+                out.append((h.audit_sock.fileno(), select.POLLIN, h.read_audit))
         return out
 
     def deadline(self) -> float | None:
@@ -164,22 +167,26 @@ class OciListener:
             self.sock = None
             unlink_if_ours(self.path, self.ino)
 
-    # -- get_stats, set_policy -------------------------------------------------
+    # -- get_stats, set_policy, the audit log -----------------------------------
+
+    def policy(self) -> Any:
+        pc = self.policy_control()
+        return pc.policy if pc is not None else None
 
     def stats(self) -> dict[str, Any]:
-        from ..host.bypass import COUNTERS
+        from ..host.bypass import COUNTERS, scope
 
-        total = {k: self.ended.get(k, 0) for k in COUNTERS}
+        keys = (*COUNTERS, "protocol_errors")
+        total = {k: self.ended.get(k, 0) for k in keys}
         listed = []
         for c in self.containers:
             st = c.handler.stats()
-            for k in COUNTERS:
+            for k in keys:
                 total[k] += st[k]
             listed.append({"id": c.id, "pid": c.pid, "handler_pid": st["handler_pid"],
                            "restarts": st["restarts"]})
-        total["pending"] = sum(c.handler.stats()["pending"] for c in self.containers)
-        from ..host.bypass import scope
-
+        pc = self.policy_control()
+        total["audit_lost"] += pc.bypass_audit_capped if pc is not None else 0
         total.update(listener=self.path, containers=listed, accepted=self.accepted,
                      refused=self.refused, scope=scope(self.net, self.policy()))
         return total
@@ -187,6 +194,19 @@ class OciListener:
     def policy_changed(self, old: Any, new: Any, done: bool) -> None:
         for c in self.containers:
             c.handler.policy_changed(old, new, done)
+            self._audit_settings(c.handler)
+
+    def _audit_settings(self, h: Handler) -> None:
+        """The egress policy's audit log records the handlers' decisions
+        (docs/policy.md): which ones depends on the policy, which set_policy
+        can create at run time."""
+        pc = self.policy_control()
+        h.set_audit(pc is not None and pc.active, pc is not None and pc.audit_all)
+
+    def _on_audit(self, records: list[dict[str, Any]]) -> None:
+        pc = self.policy_control()
+        if pc is not None:
+            pc.on_bypass_audit(records)
 
     def may_have_bypassed(self) -> bool:
         from ..host.bypass import scope
@@ -326,6 +346,8 @@ class OciListener:
                     on_give_up=lambda why: self.log.error(
                         f"--bypass-listener: container {cid[:64]!r}: {why}; its listener is "
                         "closed (its connects fail with ENOSYS from now on)"))
+        self._audit_settings(h)
+        h.on_audit = self._on_audit
         try:
             h.start()
         except OSError as e:
@@ -366,11 +388,11 @@ class OciListener:
                 return
             from ..host.bypass import COUNTERS
 
+            h.stop()  # the last audit records; closes the listener
             st = h.stats()
-            for k in COUNTERS:
+            for k in (*COUNTERS, "protocol_errors"):
                 if k != "pending":
                     self.ended[k] = self.ended.get(k, 0) + st[k]
-            h.stop()  # closes the listener
             self.containers.remove(c)
             if not h.gave_up:
                 self.log.info(f"--bypass-listener: container {c.id[:64]!r} ended "
