@@ -172,16 +172,18 @@ def stats(net) -> dict:
     return json.loads(api_call(net.api, {"execute": "get_stats"}, timeout=10))["return"]["bypass"]
 
 
-def start_nsnet(attach, nsnet_impl, ns, workdir) -> tuple:
+def start_nsnet(attach, nsnet_impl, ns, workdir, *flags) -> tuple:
     listener = f"{workdir}/oci.sock"
-    net = attach(nsnet_impl, ns, f"--bypass-listener={listener}")
+    net = attach(nsnet_impl, ns, f"--bypass-listener={listener}", *flags)
     return net, listener
 
 
 def test_container_connects_are_bypassed(nsnet_impl, ns, attach, workdir, bundle,
                                          run_container, host_server):
     tcp, udp = host_server("echo"), host_server("echo", "udp")
-    net, listener = start_nsnet(attach, nsnet_impl, ns, workdir)
+    audit = f"{workdir}/audit.jsonl"
+    net, listener = start_nsnet(attach, nsnet_impl, ns, workdir, "--audit=all",
+                                f"--audit-log={audit}")
     b = bundle(ns.net_path, listener, ["python3", "/t/probe.py", str(tcp.port), str(udp.port)])
     c = run_container(b)
     r = c.line()
@@ -198,6 +200,11 @@ def test_container_connects_are_bypassed(nsnet_impl, ns, attach, workdir, bundle
     # the container is gone: its listener hung up, its handler ended
     harness.wait_until(lambda: stats(net)["containers"] == [], 10, what="handler gone")
     assert "container 'c1' ended" in net.fwd.log()
+    # the egress policy's audit log has the bypassed connect, as with nsnet run --bypass
+    with open(audit) as f:
+        recs = [json.loads(line) for line in f if '"bypass"' in line]
+    assert [(x["action"], x["dst"], x["dport"], x["bypass"]) for x in recs] == [
+        ("allow", "10.0.2.2", tcp.port, True)], recs
 
 
 def test_handler_restart_keeps_the_container_bypassed(nsnet_impl, ns, attach, workdir, bundle,
