@@ -5,8 +5,12 @@ listenerPath is nsnet's socket, get the socket bypass of `nsnet run
 
 The container's root filesystem is an empty directory with read-only bind
 mounts of the host's /usr (so /usr/bin/python3 runs inside) and of the
-test's scripts; runc runs as root.  Attacks on the listener socket come
-from this process and from the unprivileged test user."""
+test's scripts.  runc runs as root, or (rootless) as the unprivileged test
+user inside the target's user namespace, where it is root (as
+bypass4netns runs it under rootlesskit: runc 1.1 outside a user namespace
+of its own cannot take the listener from its init, pidfd_getfd EPERM);
+nsnet runs as the same user.  Attacks on the listener socket come from
+this process and from the unprivileged test user."""
 from __future__ import annotations
 
 import array
@@ -63,10 +67,11 @@ if len(sys.argv) > 3:
 """
 
 
-@pytest.fixture
-def user():
-    """runc runs as root here (see the module doc): so does nsnet."""
-    return User.root()
+@pytest.fixture(params=["root"])
+def user(request):
+    """Who runs nsnet, the namespace and runc: root unless a test asks for
+    "unpriv" (rootless)."""
+    return User.root() if request.param == "root" else User.unpriv()
 
 
 @pytest.fixture
@@ -128,13 +133,16 @@ def bundle(base_dir):
 
 class Container:
     """`runc run` of a bundle in the foreground (its stdin/stdout are the
-    container's); killed and deleted by id at the end, whatever happened."""
+    container's); killed and deleted by id at the end, whatever happened.
+    Rootless: runc runs as `user` inside the namespace's user namespace."""
 
-    def __init__(self, bundle: str, state: str, cid: str):
-        self.state, self.cid = state, cid
-        self.p = subprocess.Popen([RUNC, "--root", state, "run", "--bundle", bundle, cid],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE)
+    def __init__(self, bundle: str, state: str, cid: str, user: User, ns):
+        self.state, self.cid, self.user = state, cid, user
+        self.prefix = [] if user.is_root else [
+            "nsenter", f"--target={ns.pid}", "--user", "--preserve-credentials", "--"]
+        self.p = user.popen([*self.prefix, RUNC, "--root", state, "run", "--bundle", bundle, cid],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
 
     def line(self, timeout: float = 20) -> dict:
         raw = read_line(self.p.stdout, timeout)
@@ -142,11 +150,11 @@ class Container:
         return json.loads(raw.splitlines()[0])
 
     def stop(self) -> str:
-        subprocess.run([RUNC, "--root", self.state, "kill", self.cid, "KILL"],
-                       capture_output=True, timeout=10)
+        self.user.run([*self.prefix, RUNC, "--root", self.state, "kill", self.cid, "KILL"],
+                      timeout=10)
         harness.kill_and_reap(self.p)
-        subprocess.run([RUNC, "--root", self.state, "delete", "--force", self.cid],
-                       capture_output=True, timeout=10)
+        self.user.run([*self.prefix, RUNC, "--root", self.state, "delete", "--force", self.cid],
+                      timeout=10)
         err = self.p.stderr.read().decode(errors="replace")
         for f in (self.p.stdin, self.p.stdout, self.p.stderr):
             f.close()
@@ -154,11 +162,11 @@ class Container:
 
 
 @pytest.fixture
-def run_container(workdir):
+def run_container(workdir, user, ns):
     started: list[Container] = []
 
     def run(bundle: str, cid: str = "c1") -> Container:
-        c = Container(bundle, f"{workdir}/runc", cid)
+        c = Container(bundle, f"{workdir}/runc", cid, user, ns)
         started.append(c)
         return c
 
@@ -178,6 +186,7 @@ def start_nsnet(attach, nsnet_impl, ns, workdir, *flags) -> tuple:
     return net, listener
 
 
+@pytest.mark.parametrize("user", ["root", "unpriv"], indirect=True)
 def test_container_connects_are_bypassed(nsnet_impl, ns, attach, workdir, bundle,
                                          run_container, host_server):
     tcp, udp = host_server("echo"), host_server("echo", "udp")
