@@ -13,6 +13,7 @@ accelerates; it is not a security boundary, the namespace stays one.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import socket
@@ -90,7 +91,13 @@ def install() -> int:
                       ctypes.byref(fprog))
     if fd < 0:
         err = ctypes.get_errno()
-        raise FilterError(err, f"seccomp(SECCOMP_SET_MODE_FILTER, NEW_LISTENER): "
+        if err == errno.EINVAL:  # the flag is unknown before Linux 5.0
+            raise FilterError(err, "--bypass needs seccomp user notification "
+                                   "(SECCOMP_FILTER_FLAG_NEW_LISTENER; all of --bypass: Linux "
+                                   "5.14 or later): seccomp(SECCOMP_SET_MODE_FILTER): "
+                                   f"{os.strerror(err)} on {os.uname().release}: "
+                                   "run without --bypass")
+        raise FilterError(err, f"--bypass: seccomp(SECCOMP_SET_MODE_FILTER, NEW_LISTENER): "
                                f"{os.strerror(err)}")
     os.set_inheritable(int(fd), False)
     return int(fd)
@@ -103,8 +110,9 @@ def namespace_facts() -> bytes:
         try:
             raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
         except OSError as e:
-            raise FilterError(e.errno, "SO_NETNS_COOKIE (Linux 5.14) is not available: "
-                                       f"{e.strerror}") from None
+            raise FilterError(e.errno, "--bypass needs SO_NETNS_COOKIE (Linux 5.14 or later): "
+                                       f"getsockopt: {e.strerror} on {os.uname().release}: "
+                                       "run without --bypass") from None
         cookie = struct.unpack("=Q", raw)[0]
         snd = s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         rcv = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)

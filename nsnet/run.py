@@ -619,6 +619,8 @@ class _Child:
         try:
             facts = bypassfilter.namespace_facts()
             listener = bypassfilter.install()
+        except bypassfilter.FilterError as e:
+            self.fail(str(e.strerror))
         except OSError as e:
             self.fail(f"--bypass: {e.strerror or e}")
         try:
@@ -938,17 +940,47 @@ class Runner:
             raise RunError(str(e)) from None
         self.bypass_listener = -1
         self.bypass = h
+
+        # The egress policy's audit log records the handler's decisions
+        # (docs/policy.md): which ones depends on the policy, which
+        # set_policy can create at run time.
+        def audit_settings(*_args: Any) -> None:
+            pc = sup.policy
+            h.set_audit(pc is not None and pc.active, pc is not None and pc.audit_all)
+
+        def on_audit(records: list[dict[str, Any]]) -> None:
+            if sup.policy is not None:
+                sup.policy.on_bypass_audit(records)
+
+        audit_settings()
+        h.on_audit = on_audit
         h.start()
         watch = sup.opts.watch_fds
+        mine: dict[int, Any] = {}
 
-        def on_exit(ev: int) -> None:  # the handler's pidfd changes with a restart
-            watch.pop(h.pidfd, None)
-            h.on_exit(ev)
+        def rewatch() -> None:  # the handler's fds change with a restart
+            for fd, fn in mine.items():
+                if watch.get(fd) is fn:
+                    del watch[fd]
+            mine.clear()
             if h.pidfd >= 0:
-                watch[h.pidfd] = on_exit
+                mine[h.pidfd] = on_exit
+            if h.audit_sock is not None:
+                mine[h.audit_sock.fileno()] = on_audit_readable
+            watch.update(mine)
 
-        watch[h.pidfd] = on_exit
-        sup.stats_sources["bypass"] = h.stats
+        def on_exit(ev: int) -> None:
+            h.on_exit(ev)
+            rewatch()
+
+        def on_audit_readable(ev: int) -> None:
+            h.read_audit(ev)
+            rewatch()
+
+        rewatch()
+        sup.stats_sources["bypass"] = lambda: h.stats(
+            sup.policy.bypass_audit_capped if sup.policy is not None else 0)
+        sup.policy_listeners.append(audit_settings)
         # set_policy: new connects follow it (policy_changed narrows the
         # scope); connections already bypassed cannot be cut, so a
         # set_policy that would cut established flows is refused once

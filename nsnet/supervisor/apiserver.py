@@ -296,6 +296,9 @@ class ApiServer:
         pstats = reply.get("policy")
         if isinstance(pstats, dict) and self.policy is not None:
             out["policy"] = dict(pstats, audit_log_lost=self.policy.audit_lost)
+            bypass = out.get("bypass")  # nsnet run --bypass: its records left out too
+            if isinstance(bypass, dict) and isinstance(pstats.get("audit_lost"), int):
+                out["policy"]["audit_lost"] = pstats["audit_lost"] + bypass["audit_lost"]
         if self.fastpath is not None:  # splice forwards: the relay's own counters
             try:
                 out["fastpath"] = yield from wait(self.fastpath.stats())
