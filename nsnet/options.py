@@ -218,10 +218,13 @@ TABLE: list[Opt] = [
         help="splice (default): TCP through nsnet's fast path;\n"
              "slirp: through libslirp; both to the namespace's\n"
              "address (not its loopback)"),
-    Opt("dns", fronts=(RUN,), api="dns",
-        help="bind-mount a resolv.conf naming the built-in DNS\n"
-             "(CIDR+3) over /etc/resolv.conf, in COMMAND's mount\n"
-             "namespace only"),
+    Opt("dns", value=True, default=None, fronts=(RUN,), api="dns",
+        help="resolve names through nsnet (the default, unless\n"
+             "--disable-dns): a resolv.conf naming the built-in\n"
+             "DNS (CIDR+3, fd00::3 with -6) is bind-mounted over\n"
+             "/etc/resolv.conf in COMMAND's mount namespace only"),
+    Opt("no-dns", dest="dns", value=False, default=None, fronts=(RUN,), api="dns",
+        help="keep the host's /etc/resolv.conf in COMMAND"),
     Opt("tapname", arg="NAME", default="tap0", fronts=(RUN,), api="tapname",
         help="the name of the TAP in COMMAND's namespace (default {default})"),
     Opt("error-fd", arg="FD", conv=nonneg_int("error-fd"), fronts=(RUN,),
