@@ -19,6 +19,10 @@ CDEF = r"""
 #define NSB_OUT4 ...
 #define NSB_OUT6 ...
 #define NSB_GUEST6 ...
+#define NSB_AUDIT_DENY ...
+#define NSB_AUDIT_ALL ...
+#define NSB_AUDIT_RATE ...
+#define NSB_AUDIT_BURST ...
 
 struct nsb_config {
     uint32_t flags;
@@ -35,6 +39,16 @@ struct nsb_config {
     int32_t def_sndbuf;
     int32_t def_rcvbuf;
     int32_t nr_connect, nr_getsockname, nr_getpeername;
+    int32_t audit_fd;
+    uint32_t audit_arch;
+};
+struct nsb_audit {
+    int64_t time_ms;
+    uint8_t family;
+    uint8_t action;
+    uint16_t sport, dport;
+    uint8_t pad[2];
+    uint8_t src[16], dst[16];
 };
 struct nsb_shared {
     uint64_t notifications;
@@ -47,6 +61,8 @@ struct nsb_shared {
     uint64_t errors;
     uint64_t pending;
     uint64_t scope;
+    uint64_t audit;
+    uint64_t audit_lost;
     uint64_t sync_wakeup;
     uint64_t inflight[...];
 };

@@ -450,11 +450,9 @@ def test_policy_denied_port_stays_denied(user, workdir, probe, host_server):
     assert srv.connections == 0 and r["stats"]["bypassed"] == 0
 
 
-def test_attack_reconnect_bypassed_socket(user, workdir, probe, outside):
-    """Attacker's side: the command disconnects its bypassed host socket
-    (AF_UNSPEC) and connects it to an outside address the policy denies.
-    The handler decides that connect on its own copy (never CONTINUE for a
-    host socket): refused, and the socket is bound to lo anyway."""
+def _reconnect(user, workdir, probe, flags=()):
+    """bypassprobe's reconnect under --egress=deny --allow=tcp:10.0.2.2: its
+    result, and the server on the outside address it tried (closed)."""
     lst = socket.socket()  # the kernel accepts; the reset of the disconnect is fine
     target = PeerServer("198.51.100.1")
     try:
@@ -462,10 +460,19 @@ def test_attack_reconnect_bypassed_socket(user, workdir, probe, outside):
         lst.listen(4)
         r = run_probe(user, workdir, probe,
                       ["reconnect", "10.0.2.2", lst.getsockname()[1], target.port],
-                      flags=["--egress=deny", "--allow=tcp:10.0.2.2"])
+                      flags=["--egress=deny", "--allow=tcp:10.0.2.2", *flags])
     finally:
         target.close()
         lst.close()
+    return r, target
+
+
+def test_attack_reconnect_bypassed_socket(user, workdir, probe, outside):
+    """Attacker's side: the command disconnects its bypassed host socket
+    (AF_UNSPEC) and connects it to an outside address the policy denies.
+    The handler decides that connect on its own copy (never CONTINUE for a
+    host socket): refused, and the socket is bound to lo anyway."""
+    r, target = _reconnect(user, workdir, probe)
     assert r["stats"]["bypassed"] == 1 and r["bound"] == "lo"
     assert r["unspec"] == 0
     assert r["reconnect"] != 0 and target.peers == []
@@ -582,3 +589,120 @@ def test_no_leak(user, workdir, host_server):
 @pytest.mark.soak
 def test_no_leak_soak(user, workdir, host_server):
     _no_leak(user, workdir, host_server, 200, 10_000)
+
+
+# --------------------------------------------------------------------------
+# The egress policy's audit log (docs/policy.md "Audit") records the
+# handler's decisions: bypassed connects (--audit=all) and the connects of
+# host sockets it refuses, with "bypass": true
+# --------------------------------------------------------------------------
+
+def _bypass_records(path):
+    with open(path) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    return [r for r in recs if r.get("bypass")]
+
+
+@pytest.mark.parametrize("case", ["no-policy", "policy", "ipv6"])
+def test_audit_log_records_bypassed_connects(user, workdir, probe, host_server, case):
+    log = f"{workdir}/audit.jsonl"
+    flags = ["--audit=all", f"--audit-log={log}"]
+    host, addr = "10.0.2.2", "127.0.0.1"
+    if case == "policy":
+        flags += ["--egress=deny", "--allow=tcp:10.0.2.2"]
+    elif case == "ipv6":
+        flags += ["-6"]
+        host, addr = "fd00::2", "::1"
+    srv = host_server("echo", addr=addr)
+    r = run_probe(user, workdir, probe, ["blocking", host, srv.port], flags=flags)
+    assert r["rc"] == 0 and r["stats"]["bypassed"] == 1
+    recs = _bypass_records(log)
+    assert len(recs) == 1, recs
+    rec = recs[0]
+    assert abs(rec.pop("time") - time.time()) < 300
+    want = {"action": "allow", "proto": "tcp", "src": r["local"][0], "sport": r["local"][1],
+            "dst": host, "dport": srv.port, "bypass": True, "rule": None,
+            "rule_text": "default allow"}
+    if case == "policy":
+        want.update(rule=0, rule_text="allow tcp:10.0.2.2")
+    assert rec == want
+    assert r["stats"]["audit_lost"] == 0
+
+
+def test_audit_log_every_bypassed_connect(user, workdir, probe, host_server):
+    """300 connects in a row: 300 records (within the burst), one per
+    connection (the namespace's source ports), none lost."""
+    srv = host_server("echo")
+    log = f"{workdir}/audit.jsonl"
+    r = run_probe(user, workdir, probe, ["many", "10.0.2.2", srv.port, 300],
+                  flags=["--audit=all", f"--audit-log={log}"])
+    assert r["good"] == 300 and r["stats"]["bypassed"] == 300
+    recs = _bypass_records(log)
+    assert len(recs) == 300
+    assert len({rec["sport"] for rec in recs}) == 300
+    assert {(rec["action"], rec["dst"], rec["dport"]) for rec in recs} == {
+        ("allow", "10.0.2.2", srv.port)}
+
+
+def test_audit_log_records_refused_reconnect(user, workdir, probe, outside):
+    """The handler's own refusal (a host socket reconnected to an address
+    the policy denies) is a deny record; the allowed, bypassed connect
+    before it is not recorded without --audit=all."""
+    log = f"{workdir}/audit.jsonl"
+    r, target = _reconnect(user, workdir, probe, [f"--audit-log={log}"])
+    assert r["stats"]["bypassed"] == 1 and r["reconnect"] != 0
+    recs = _bypass_records(log)
+    assert len(recs) == 1, recs
+    rec = recs[0]
+    del rec["time"]
+    assert rec == {"action": "deny", "proto": "tcp", "src": "10.0.2.100", "sport": 0,
+                   "dst": "198.51.100.1", "dport": target.port, "bypass": True,
+                   "rule": None, "rule_text": "default deny"}
+
+
+def test_audit_stream_protocol_break_replaces_handler(user, workdir, host_server):
+    """Attacker's side: whoever holds the handler's audit socket writes a
+    record that breaks nsnet/proto/bypass.py: the supervisor kills and
+    replaces the handler, logs nothing of it, and the command's connects
+    are still bypassed."""
+    srv = host_server("echo")
+    sock = f"{workdir}/api.sock"
+    log = f"{workdir}/audit.jsonl"
+    p = user.popen([harness.nsnet_bin(), "run", "--bypass", f"--api-socket={sock}",
+                    "--audit=all", f"--audit-log={log}", "--",
+                    NS_PYTHON, "-c", HOLDER, "10.0.2.2", str(srv.port)],
+                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert read_line(p.stdout, 30).startswith(b"READY")
+        harness.wait_until(lambda: len(_bypass_records(log)) == 1, 15,
+                           what="the first connect's record")
+        pid = stats(sock)["handler_pid"]
+        from nsnet.proto import bypass as pb
+        from test_proto_attack import pidfd_getfd
+        stolen = None
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            if os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                stolen = socket.socket(fileno=pidfd_getfd(pid, int(name)))
+        assert stolen is not None
+        with stolen:
+            stolen.sendall(pb.pack(int(time.time() * 1000), 7, 0, 1, 80, bytes(4), bytes(4)))
+        harness.wait_until(lambda: stats(sock)["restarts"] == 1, 15,
+                           what="the handler replaced")
+        st = stats(sock)
+        assert st["protocol_errors"] == 1 and st["handler_pid"] != pid
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        r = json.loads(read_line(p.stdout, 30))
+        assert r == {"old": "old", "new": [True] * 5, "peer": "10.0.2.2"}
+        assert stats(sock)["bypassed"] == 6
+        p.stdin.write(b"bye\n")
+        p.stdin.flush()
+        assert p.wait(timeout=30) == 0, p.stderr.read()
+        err = p.stderr.read().decode(errors="replace")
+        assert "broke its protocol" in err, err
+    finally:
+        harness.kill_and_reap(p)
+        for f in (p.stdin, p.stdout, p.stderr):
+            f.close()
+    recs = _bypass_records(log)
+    assert len(recs) == 6 and all(rec["dst"] == "10.0.2.2" for rec in recs)

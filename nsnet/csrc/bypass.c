@@ -114,6 +114,8 @@ struct handler {
     uint64_t host_cookie;
     struct pending *pend;
     size_t npend, cappend;
+    double audit_tokens; /* token bucket of audit records */
+    int64_t audit_refill_ms;
 };
 
 static int64_t now_ms(void)
@@ -260,6 +262,63 @@ static uint32_t scope_now(struct handler *h)
 {
     return (uint32_t)__atomic_load_n(&h->sh->scope, __ATOMIC_ACQUIRE) &
            (NSB_GATEWAY | NSB_EGRESS);
+}
+
+/* Whether a decision of this kind goes to the audit log now (the
+ * supervisor sets nsb_shared.audit from --audit and the policy). */
+static int auditing(struct handler *h, uint64_t what)
+{
+    return h->cfg->audit_fd >= 0 && (__atomic_load_n(&h->sh->audit, __ATOMIC_ACQUIRE) & what);
+}
+
+/* One audit record to the supervisor: a write to a non-blocking stream
+ * socket, never a wait.  Over NSB_AUDIT_RATE a second (burst
+ * NSB_AUDIT_BURST), or when the supervisor has not read the socket, it is
+ * counted in audit_lost instead.  `sock`: the host socket (its port is the
+ * source port), or -1; `dst`: the address the command asked for. */
+static void audit(struct handler *h, int action, int sock, const struct sockaddr_storage *dst)
+{
+    int64_t now = now_ms();
+    h->audit_tokens += (double)(now - h->audit_refill_ms) * NSB_AUDIT_RATE / 1000.0;
+    if (h->audit_tokens > NSB_AUDIT_BURST)
+        h->audit_tokens = NSB_AUDIT_BURST;
+    h->audit_refill_ms = now;
+    if (h->audit_tokens < 1.0) {
+        h->sh->audit_lost++;
+        return;
+    }
+    h->audit_tokens -= 1.0;
+    struct nsb_audit r;
+    memset(&r, 0, sizeof r);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    r.time_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    r.action = (uint8_t)action;
+    struct sockaddr_storage local;
+    socklen_t len = sizeof local;
+    uint16_t sport = 0;
+    if (sock >= 0 && getsockname(sock, (struct sockaddr *)&local, &len) == 0)
+        sport = local.ss_family == AF_INET ? ((struct sockaddr_in *)&local)->sin_port
+                                           : ((struct sockaddr_in6 *)&local)->sin6_port;
+    r.sport = ntohs(sport);
+    if (dst->ss_family == AF_INET) {
+        const struct sockaddr_in *d = (const struct sockaddr_in *)dst;
+        r.family = 4;
+        memcpy(r.src, h->cfg->guest4, 4);
+        memcpy(r.dst, &d->sin_addr, 4);
+        r.dport = ntohs(d->sin_port);
+    } else {
+        const struct sockaddr_in6 *d = (const struct sockaddr_in6 *)dst;
+        r.family = 6;
+        if (h->cfg->flags & NSB_GUEST6)
+            memcpy(r.src, h->cfg->guest6, 16);
+        memcpy(r.dst, &d->sin6_addr, 16);
+        r.dport = ntohs(d->sin6_port);
+    }
+    if (send(h->cfg->audit_fd, &r, sizeof r, MSG_DONTWAIT | MSG_NOSIGNAL) != (ssize_t)sizeof r) {
+        h->sh->audit_lost++; /* full (the supervisor is stopped) or gone */
+        h->audit_tokens += 1.0;
+    }
 }
 
 /* A copy of the command's fd, or -1 (errno).  A new pidfd is opened after
@@ -545,7 +604,7 @@ static void add_pending(struct handler *h, const struct seccomp_notif *n, int sl
 /* Connect a new host socket for the command's `orig` (its fd `fd`). */
 static void bypass_connect(struct handler *h, const struct seccomp_notif *n, int slot, int fd,
                            int orig, int infofd, int family, const struct sockaddr_storage *dst,
-                           int lo)
+                           int lo, const struct sockaddr_storage *asked)
 {
     long fl = fd_flags(infofd, (int)n->pid, fd);
     if (fl < 0) { /* the command is gone, or /proc says no: the file's flags */
@@ -598,6 +657,8 @@ static void bypass_connect(struct handler *h, const struct seccomp_notif *n, int
     }
     int rc = connect(s, (const struct sockaddr *)dst, dlen);
     int err = rc == 0 ? 0 : errno;
+    if (auditing(h, NSB_AUDIT_ALL))
+        audit(h, 0, s, asked); /* allowed, whatever the host answers (as on the SYN) */
     if (err == EINPROGRESS && connected_now(s))
         err = sock_error(s), rc = err ? -1 : 0; /* loopback: decided already */
     else if (rc == 0)
@@ -681,7 +742,7 @@ static void on_connect(struct handler *h, const struct seccomp_notif *n, int slo
             (family == AF_INET6 && ulen >= 24 /* SIN6_LEN_RFC2133 */)) {
             if (decide(h->cfg, scope_now(h), family, &dst, &host, &hlen, &lo) && replaceable(orig, family)) {
                 later(h, orig);
-                bypass_connect(h, n, slot, fd, orig, infofd, family, &host, lo);
+                bypass_connect(h, n, slot, fd, orig, infofd, family, &host, lo, &dst);
                 return;
             }
         }
@@ -725,8 +786,10 @@ static void on_connect(struct handler *h, const struct seccomp_notif *n, int slo
              (family == AF_INET6 && ulen >= 24)) &&
             decide(h->cfg, scope_now(h), family, &dst, &host, &hlen, &lo)) {
             later(h, orig);
-            bypass_connect(h, n, slot, fd, orig, infofd, family, &host, lo);
+            bypass_connect(h, n, slot, fd, orig, infofd, family, &host, lo, &dst);
         } else {
+            if ((family == AF_INET || family == AF_INET6) && auditing(h, NSB_AUDIT_DENY))
+                audit(h, 1, -1, &dst);
             later(h, orig);
             reply(h, n->id, 0, ENETUNREACH, 0);
         }
@@ -844,7 +907,8 @@ static void answer_leftovers(struct handler *h)
 
 int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh)
 {
-    struct handler h = {.lfd = listener, .cfg = cfg, .sh = sh};
+    struct handler h = {.lfd = listener, .cfg = cfg, .sh = sh,
+                        .audit_tokens = NSB_AUDIT_BURST, .audit_refill_ms = now_ms()};
     for (int i = 0; i < PCACHE; i++)
         h.pc[i].tid = 0, h.pc[i].pidfd = h.pc[i].infofd = -1;
     int t = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -942,7 +1006,9 @@ int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh)
             int slot = slot_take(&h, n->id);
             int nr = n->data.nr;
             size_t before = h.npend;
-            if (nr == cfg->nr_connect)
+            if (n->data.arch != cfg->audit_arch) /* another ABI: its numbers mean other calls */
+                cont(&h, n->id);
+            else if (nr == cfg->nr_connect)
                 on_connect(&h, n, slot);
             else if (nr == cfg->nr_getsockname)
                 on_name(&h, n, 0);

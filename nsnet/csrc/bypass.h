@@ -17,6 +17,27 @@
 #define NSB_OUT6 16   /* egress: bind outbound6 first */
 #define NSB_GUEST6 32 /* guest6 is known (getsockname translation) */
 
+/* nsb_shared.audit: which decisions go to the egress policy's audit log */
+#define NSB_AUDIT_DENY 1 /* connects the handler refuses itself */
+#define NSB_AUDIT_ALL 2  /* ... and the connects it bypasses (--audit=all) */
+/* Audit records a second, burst NSB_AUDIT_BURST: as the forwarder's
+ * (csrc/filter.c); the rest are counted in audit_lost. */
+#define NSB_AUDIT_RATE 500
+#define NSB_AUDIT_BURST 1024
+
+/* One audit record on the handler's audit socket (SOCK_STREAM, a sequence
+ * of these; nsnet/proto/bypass.py checks them).  Addresses and ports are
+ * the namespace's view: the command's address and the host socket's port,
+ * the address the command connected to. */
+struct nsb_audit {
+    int64_t time_ms;        /* CLOCK_REALTIME */
+    uint8_t family;         /* 4 or 6 */
+    uint8_t action;         /* 0: allowed (bypassed), 1: denied by the handler */
+    uint16_t sport, dport;  /* host byte order */
+    uint8_t pad[2];
+    uint8_t src[16], dst[16];
+};
+
 struct nsb_config {
     uint32_t flags;
     uint8_t net4[4];     /* the namespace's IPv4 network */
@@ -32,6 +53,10 @@ struct nsb_config {
     int32_t def_sndbuf;  /* SO_SNDBUF/SO_RCVBUF of a fresh socket there */
     int32_t def_rcvbuf;
     int32_t nr_connect, nr_getsockname, nr_getpeername;
+    int32_t audit_fd;    /* where audit records go (struct nsb_audit), or -1 */
+    uint32_t audit_arch; /* AUDIT_ARCH_* of those numbers: notifications of
+                          * another ABI (an OCI profile may list several)
+                          * are let through */
 };
 
 /* Shared with the supervisor (MAP_SHARED): plain counters, written by the
@@ -49,6 +74,8 @@ struct nsb_shared {
     uint64_t pending;       /* blocking connects waiting now */
     uint64_t scope;         /* NSB_GATEWAY|NSB_EGRESS allowed now: written by the
                              * supervisor (the policy can change at run time) */
+    uint64_t audit;         /* NSB_AUDIT_*: written by the supervisor */
+    uint64_t audit_lost;    /* audit records over the rate, or the socket was full */
     uint64_t sync_wakeup;   /* 1: the listener has SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP */
     uint64_t inflight[NSB_SLOTS];
 };

@@ -21,6 +21,7 @@ import ipaddress
 import mmap
 import os
 import signal
+import socket
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 COUNTERS = ("notifications", "bypassed", "bypassed6", "failed", "fallback", "translated",
-            "aborted", "errors", "pending")
+            "aborted", "errors", "pending", "audit_lost")
 
 
 class BypassError(Exception):
@@ -155,6 +156,9 @@ def _fill_config(cfg: Any, net: "NetConfig", facts: tuple[int, int, int],
     cfg.flags = flags
     cfg.ns_cookie, cfg.def_sndbuf, cfg.def_rcvbuf = facts
     cfg.nr_connect, cfg.nr_getsockname, cfg.nr_getpeername = nrs
+    from ..bypassfilter import audit_arch
+
+    cfg.audit_arch = audit_arch()
 
 
 class Handler:
@@ -172,6 +176,7 @@ class Handler:
         self.scope = scope(net, policy)
         self.cfg = self.ffi.new("struct nsb_config *")
         _fill_config(self.cfg, net, facts, guest6, self.scope, syscall_numbers())
+        self.cfg.audit_fd = -1
         size = self.ffi.sizeof("struct nsb_shared")
         self.shm = mmap.mmap(-1, (size + 4095) // 4096 * 4096,
                              mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
@@ -184,25 +189,101 @@ class Handler:
         self.restarts = 0
         self.on_give_up = on_give_up
         self.gave_up = False
+        # the audit stream (nsnet/proto/bypass.py): the supervisor's end,
+        # a new socketpair per handler; on_audit gets the checked records
+        self.audit_sock: socket.socket | None = None
+        self.audit_rest = b""
+        self.on_audit: Callable[[list[dict[str, Any]]], None] | None = None
+        self.protocol_errors = 0
+
+    def set_audit(self, deny: bool, allow: bool) -> None:
+        """Which decisions the handler reports from now on: the connects it
+        refuses itself (deny), the ones it bypasses (allow: --audit=all)."""
+        lib = self.lib
+        self.shared.audit = (lib.NSB_AUDIT_DENY if deny else 0) | (
+            lib.NSB_AUDIT_ALL if allow else 0)
 
     def start(self) -> None:
         import sys
 
         sys.stdout.flush()
         sys.stderr.flush()
+        self.drain_audit()  # what a dead predecessor wrote
+        self.close_audit()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.cfg.audit_fd = theirs.fileno()
         pid = os.fork()
-        if pid == 0:  # the handler: the listener, the shared page, nothing else
+        if pid == 0:  # the handler: the listener, the shared page, its audit socket
             code = 70
             try:
-                self._child()
+                mine.close()
+                self._child(theirs.detach())
                 code = 0
             except BaseException:
                 pass
             os._exit(code)
+        theirs.close()
+        mine.setblocking(False)
+        self.audit_sock = mine
+        self.audit_rest = b""
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)
 
-    def _child(self) -> None:
+    def read_audit(self, _revents: int = 0) -> None:
+        """The audit socket is readable: check and hand on what came (at most
+        one handler burst per call).  A record that breaks the protocol gets
+        the handler killed (and replaced, as a crashed one)."""
+        from .. import log
+        from ..proto.bypass import MAX_READ, ProtocolError, parse
+
+        if self.audit_sock is None:
+            return
+        try:
+            data = self.audit_sock.recv(MAX_READ)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the handler is gone: its pidfd says so
+            self.close_audit()
+            return
+        try:
+            records, self.audit_rest = parse(self.audit_rest + data)
+        except ProtocolError as e:
+            self.protocol_errors += 1
+            log.get().error(f"the bypass handler broke its protocol ({e}); replacing it")
+            self.close_audit()
+            if self.pid > 0:
+                try:
+                    os.kill(self.pid, signal.SIGKILL)  # on_exit replaces it
+                except ProcessLookupError:
+                    pass
+            return
+        if records and self.on_audit is not None:
+            self.on_audit(records)
+
+    def drain_audit(self) -> None:
+        for _ in range(64):  # bounded: a live handler could write forever
+            sock = self.audit_sock
+            if sock is None:
+                return
+            try:
+                if not sock.recv(1, socket.MSG_PEEK):
+                    self.close_audit()
+                    return
+            except BlockingIOError:
+                return
+            except OSError:
+                self.close_audit()
+                return
+            self.read_audit()
+
+    def close_audit(self) -> None:
+        if self.audit_sock is not None:
+            self.audit_sock.close()
+            self.audit_sock = None
+
+    def _child(self, audit_fd: int) -> None:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
@@ -211,13 +292,14 @@ class Handler:
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(s, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        keep = self.listener
+        keep = sorted((self.listener, audit_fd))
         from ..children import detach_stdio
 
         detach_stdio()  # /dev/null; stderr never the terminal (the log pipe)
-        os.closerange(3, keep)
-        os.closerange(keep + 1, 1 << 20)
-        rc = self.lib.nsb_run(keep, self.cfg, self.shared)
+        os.closerange(3, keep[0])
+        os.closerange(keep[0] + 1, keep[1])
+        os.closerange(keep[1] + 1, 1 << 20)
+        rc = self.lib.nsb_run(self.listener, self.cfg, self.shared)
         if rc < 0:
             os.write(2, f"nsnet: bypass handler: {os.strerror(-rc)}\n".encode())
             os._exit(71)
@@ -235,6 +317,7 @@ class Handler:
         os.close(self.pidfd)
         self.pidfd = -1
         self.pid = -1
+        self.drain_audit()
         if status == 0:  # the listener hung up: every task of the command is gone
             return
         now = time.monotonic()
@@ -265,10 +348,14 @@ class Handler:
         self.scope = sc
         self.shared.scope = _scope_bits(sc)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, audit_capped: int = 0) -> dict[str, Any]:
+        """get_stats' "bypass" section; audit_capped: records the supervisor
+        left out over its own cap (counted in audit_lost)."""
         out: dict[str, Any] = {k: int(getattr(self.shared, k)) for k in COUNTERS}
+        out["audit_lost"] += audit_capped
         out.update(handler_pid=self.pid if self.pid > 0 else None, restarts=self.restarts,
-                   scope=dict(self.scope), sync_wakeup=bool(self.shared.sync_wakeup))
+                   scope=dict(self.scope), protocol_errors=self.protocol_errors,
+                   sync_wakeup=bool(self.shared.sync_wakeup))
         return out
 
     def close_listener(self) -> None:
@@ -287,7 +374,9 @@ class Handler:
             except ChildProcessError:
                 pass
             self.pid = -1
+        self.drain_audit()  # the records of the last moments
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
+        self.close_audit()
         self.close_listener()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -23,6 +24,12 @@ from ..policy import Policy, PolicyError
 # A policy crosses the forwarder's control socket (SEQPACKET, one message
 # per request) in parts of this many characters.
 PART = 32768
+# The bypass handler's audit records the supervisor writes at most, a
+# second (burst): the forwarder's cap (csrc/filter.c AUDIT_RATE, AUDIT_RING;
+# the handler applies it too, csrc/bypass.h), kept here because the
+# supervisor believes no child.
+BYPASS_AUDIT_RATE = 500
+BYPASS_AUDIT_BURST = 1024
 
 
 class PolicyControlError(Exception):
@@ -37,6 +44,9 @@ class PolicyControl:
         self.log = log.get("nsnet.policy")
         self.audit_fd = -1
         self.audit_lost = 0
+        self.bypass_audit_capped = 0
+        self._bypass_tokens = float(BYPASS_AUDIT_BURST)
+        self._bypass_refill = time.monotonic()
         if audit_log is not None:
             try:
                 self.audit_fd = os.open(audit_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT
@@ -105,7 +115,8 @@ class PolicyControl:
             port = rec.get("dport")
             where = f"{dst}:{port}" if port is not None else str(dst)
             name = f" ({rec['name']})" if rec.get("name") else ""
-            level(f"egress {rec.get('action')}: {rec.get('proto')} {rec.get('src')} -> "
+            how = " (bypass)" if rec.get("bypass") else ""
+            level(f"egress {rec.get('action')}{how}: {rec.get('proto')} {rec.get('src')} -> "
                   f"{where}{name} by {rec.get('rule_text', '?')}",
                   extra={"fields": dict(rec, event="egress")})
         if self.audit_fd >= 0 and lines:
@@ -115,6 +126,37 @@ class PolicyControl:
             except OSError as e:
                 self.audit_lost += len(lines)
                 self.log.warning(f"--audit-log: write failed: {e.strerror}")
+
+    def on_bypass_audit(self, records: list[dict[str, Any]]) -> None:
+        """Records of `nsnet run --bypass`'s handler (nsnet/proto/bypass.py,
+        already checked): connects it bypassed (allow) or refused itself
+        (deny).  The deciding rule is the policy's for that destination; a
+        refusal the policy did not decide (a host socket reconnected to an
+        address the bypass does not serve) names no rule."""
+        import ipaddress
+
+        now = time.monotonic()
+        self._bypass_tokens = min(float(BYPASS_AUDIT_BURST), self._bypass_tokens
+                                  + (now - self._bypass_refill) * BYPASS_AUDIT_RATE)
+        self._bypass_refill = now
+        take = min(len(records), int(self._bypass_tokens))
+        self._bypass_tokens -= take
+        self.bypass_audit_capped += len(records) - take
+        pol = self.policy or Policy()
+        out = []
+        for rec in records[:take]:
+            d = pol.decide("tcp", ipaddress.ip_address(rec["dst"]), rec["dport"])
+            if d.action == rec["action"]:
+                rule = d.rule_index
+                text = f"{d.rule.action} {d.rule.text()}" if d.rule is not None \
+                    else f"default {d.action}"
+            elif rec["action"] == "deny":
+                rule, text = None, "bypass: a host socket cannot connect there"
+            else:  # the policy changed since (set_policy with keep_established)
+                rule, text = None, "bypass: allowed by the policy in force then"
+            out.append(dict(rec, rule=rule, rule_text=text, bypass=True))
+        if out:
+            self.on_audit({"records": out})
 
     def close(self) -> None:
         if self.audit_fd >= 0:

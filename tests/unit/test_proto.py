@@ -8,6 +8,7 @@ import socket
 
 import pytest
 
+from nsnet.proto import bypass as pb
 from nsnet.proto import fastpath as fp
 from nsnet.proto import forwarder as fw
 from nsnet.proto import helper as hp
@@ -209,6 +210,8 @@ def test_connector_protocol():
     pending = {5: object()}
     assert fp.parse_connect_reply(enc({"tag": 5, "ok": True}), 1, pending)["tag"] == 5
     assert fp.parse_connect_reply(enc({"tag": 5, "ok": False, "error": "refused"}), 0, pending)
+    assert fp.parse_connect_reply(enc({"tag": 5, "ok": False, "error": "Connection refused",
+                                       "errno": 111}), 0, pending)["errno"] == 111
     # What a connector taken over from inside the namespace might forge
     # (a list as tag crashed the relay: unhashable).
     for msg, nfds in (({"tag": [5], "ok": True}, 1),
@@ -217,7 +220,11 @@ def test_connector_protocol():
                       ({"tag": 5, "ok": True}, 0),      # ok without the fd
                       ({"tag": 5, "ok": True}, 2),
                       ({"tag": 5, "ok": False}, 1),     # an fd with a refusal
-                      ({"tag": 5, "ok": 1}, 1)):
+                      ({"tag": 5, "ok": 1}, 1),
+                      ({"tag": 5, "ok": False, "errno": 0}, 0),      # errno 1..4095
+                      ({"tag": 5, "ok": False, "errno": 4096}, 0),
+                      ({"tag": 5, "ok": False, "errno": "111"}, 0),
+                      ({"tag": 5, "ok": False, "errno": True}, 0)):
         with pytest.raises(ProtocolError):
             fp.parse_connect_reply(enc(msg), nfds, pending)
 
@@ -297,3 +304,57 @@ def test_forwarder_policy_messages():
     with pytest.raises(ProtocolError):
         fw.parse_request(enc({"op": "policy", "last_part": "}", "parts": "2",
                               "keep_established": False, "audit_all": True, "seq": 5}))
+
+
+# -- the bypass handler's audit stream ------------------------------------------------
+
+GW, GUEST = bytes([10, 0, 2, 2]), bytes([10, 0, 2, 100])
+
+
+def test_bypass_audit_records():
+    one = pb.pack(1_800_000_000_123, 4, 0, 40000, 8000, GUEST, GW)
+    six = pb.pack(1_800_000_000_456, 6, 1, 0, 443, bytes(16),
+                  bytes.fromhex("fd000000000000000000000000000002"))
+    assert len(one) == pb.RECORD_SIZE == 48
+    recs, rest = pb.parse(one + six + one[:10])
+    assert rest == one[:10]
+    assert recs == [
+        {"time": 1_800_000_000.123, "proto": "tcp", "src": "10.0.2.100", "sport": 40000,
+         "dst": "10.0.2.2", "dport": 8000, "action": "allow"},
+        {"time": 1_800_000_000.456, "proto": "tcp", "src": "::", "sport": 0,
+         "dst": "fd00::2", "dport": 443, "action": "deny"}]
+    assert pb.parse(rest + one[10:])[0] == recs[:1]  # a record split over two reads
+    for bad in (pb.pack(1, 5, 0, 1, 80, GUEST, GW),            # family
+                pb.pack(1, 4, 2, 1, 80, GUEST, GW),            # action
+                pb.pack(1, 4, 0, 1, 80, GUEST, GW, pad=b"\0x"),  # padding
+                pb.pack(1, 4, 0, 1, 80, GUEST + b"x", GW),     # IPv4 with more bytes
+                pb.pack(1, 4, 0, 1, 0, GUEST, GW),             # destination port 0
+                pb.pack(0, 4, 0, 1, 80, GUEST, GW),            # no time
+                pb.pack(-5, 4, 0, 1, 80, GUEST, GW),
+                pb.pack(1 << 62, 4, 0, 1, 80, GUEST, GW)):
+        with pytest.raises(ProtocolError):
+            pb.parse(one + bad)
+
+
+def test_bypass_audit_capped_by_the_supervisor():
+    """The supervisor writes at most the forwarder's burst of the handler's
+    records at once, whatever the handler sends; the rest are counted."""
+    from nsnet.policy import Policy
+    from nsnet.supervisor.policy import BYPASS_AUDIT_BURST, PolicyControl
+
+    pc = PolicyControl(Policy.parse_json({"egress": "deny", "rules": [
+        {"action": "allow", "proto": "tcp", "dest": "10.0.2.2"}]}), audit_all=True)
+    got = []
+    pc.on_audit = lambda msg: got.extend(msg["records"])
+    rec = pb.parse(pb.pack(1_800_000_000_000, 4, 0, 40000, 8000, GUEST, GW))[0][0]
+    pc.on_bypass_audit([rec] * (BYPASS_AUDIT_BURST + 500))
+    assert len(got) == BYPASS_AUDIT_BURST and pc.bypass_audit_capped == 500
+    assert got[0] == dict(rec, rule=0, rule_text="allow tcp:10.0.2.2", bypass=True)
+    deny = dict(rec, dst="192.0.2.1", action="deny")
+    got.clear()
+    pc._bypass_tokens = 10.0
+    # a refusal the policy decided names its rule; one it did not (the
+    # policy allows the gateway, the handler refused) says so
+    pc.on_bypass_audit([deny, dict(rec, dport=22, action="deny")])
+    assert [(r["rule"], r["rule_text"]) for r in got] == [
+        (None, "default deny"), (None, "bypass: a host socket cannot connect there")]
