@@ -40,6 +40,7 @@ struct nsb_config {
     int32_t def_rcvbuf;
     int32_t nr_connect, nr_getsockname, nr_getpeername;
     int32_t audit_fd;
+    uint32_t audit_arch;
 };
 struct nsb_audit {
     int64_t time_ms;

@@ -54,6 +54,9 @@ struct nsb_config {
     int32_t def_rcvbuf;
     int32_t nr_connect, nr_getsockname, nr_getpeername;
     int32_t audit_fd;    /* where audit records go (struct nsb_audit), or -1 */
+    uint32_t audit_arch; /* AUDIT_ARCH_* of those numbers: notifications of
+                          * another ABI (an OCI profile may list several)
+                          * are let through */
 };
 
 /* Shared with the supervisor (MAP_SHARED): plain counters, written by the

@@ -156,6 +156,9 @@ def _fill_config(cfg: Any, net: "NetConfig", facts: tuple[int, int, int],
     cfg.flags = flags
     cfg.ns_cookie, cfg.def_sndbuf, cfg.def_rcvbuf = facts
     cfg.nr_connect, cfg.nr_getsockname, cfg.nr_getpeername = nrs
+    from ..bypassfilter import audit_arch
+
+    cfg.audit_arch = audit_arch()
 
 
 class Handler:
