@@ -203,12 +203,11 @@ def dns_warning(net, *, rewrite: bool, why_not: str = "", policy=None,
             reason = "no-nameserver"
             if v6:
                 what = (f"only IPv6 nameservers ({', '.join(v6)}), which nsnet's DNS "
-                        "reaches only with -6")
+                        "reaches only with -6; give -6, or --no-dns")
             else:
-                what = none
+                what = f"{none}; fix the host's resolver configuration, or give --no-dns"
             msg = (f"nsnet's DNS ({at}) forwards queries to the host's resolver, but {path} "
-                   f"names {what}; fix the host's resolver configuration, or give -6 or "
-                   "--no-dns")
+                   f"names {what}")
         elif policy is not None and policy.refuses_every_name():
             reason = "policy"
             msg = ("the egress policy allows no DNS name (default deny, no --allow rule "

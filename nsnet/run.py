@@ -462,6 +462,10 @@ def _bind_resolv_conf(libc: _Libc, net: "NetConfig") -> None:
             break
         except FileExistsError:
             continue
+        except OSError as e:
+            from .diag import why
+
+            raise RunError(f"cannot make a directory in {base} (TMPDIR): {why(e)}") from None
     else:
         raise RunError(f"cannot make a directory in {base}")
     path = os.path.join(d, "resolv.conf")
@@ -541,9 +545,9 @@ class _Child:
             except OSError as e:
                 self.fail("cannot make the mount namespace a slave of the host's: "
                           f"{e.strerror}")
-            # (No file at all in the default mode: nothing to mount over, and
-            # nsnet's warning about the resolver has said it.)
-            if r.opts.dns and (r.opts.dns_explicit or os.path.lexists("/etc/resolv.conf")):
+            # (No file, or a dangling symlink, in the default mode: nothing to
+            # mount over, and nsnet's warning about the resolver has said it.)
+            if r.opts.dns and (r.opts.dns_explicit or os.path.exists("/etc/resolv.conf")):
                 try:
                     _bind_resolv_conf(libc, r.opts.net)
                 except RunError as e:

@@ -213,6 +213,50 @@ def test_warning_when_names_cannot_resolve(user, stub, host_conf, client, case):
     assert stub.queries == []
 
 
+def test_no_resolv_conf_at_all(user):
+    """A host without /etc/resolv.conf (a tmpfs over /etc in a private mount
+    namespace): by default COMMAND still runs (nothing to mount over; the
+    warning says why names will not resolve); --dns asked for it: an error."""
+    prefix = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+              'mount -t tmpfs tmpfs /etc && exec "$@"', "sh"]
+    if not user.is_root:
+        prefix += ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups",
+                   "--"]
+    cp = User.root().run([*prefix, harness.nsnet_bin(), "run", "--", "echo", "ran"],
+                         timeout=60, text=True, env=user.env())
+    assert (cp.returncode, cp.stdout) == (0, "ran\n"), cp.stderr
+    assert cp.stderr.splitlines() == [
+        "nsnet: warning: names will not resolve: nsnet's DNS (10.0.2.3) forwards queries to "
+        "the host's resolver, but /etc/resolv.conf names no nameserver (it cannot be read: "
+        "No such file or directory (ENOENT)); fix the host's resolver configuration, or give "
+        "--no-dns"], cp.stderr
+    cp = User.root().run([*prefix, harness.nsnet_bin(), "run", "--dns", "--", "echo", "ran"],
+                         timeout=60, text=True, env=user.env())
+    assert cp.returncode == EXIT_SETUP and cp.stdout == "", cp.stderr
+    assert "--dns: /etc/resolv.conf does not exist" in cp.stderr, cp.stderr
+
+
+def test_default_mount_failure_is_a_warning(user, host_conf):
+    """When the resolv.conf cannot be mounted (here: TMPDIR, where it is
+    written, does not exist), the default mode says so and COMMAND runs
+    with the host's file; --dns asked for it: an error, COMMAND never runs."""
+    conf = host_conf(f"nameserver {STUB}\n")
+    env = user.env(TMPDIR="/nonexistent-nsnet-tmp")
+    argv = with_resolv_conf(conf, user) + [harness.nsnet_bin(), "run", "--", "cat",
+                                           "/etc/resolv.conf"]
+    cp = User.root().run(argv, timeout=60, text=True, env=env)
+    assert (cp.returncode, cp.stdout) == (0, f"nameserver {STUB}\n"), cp.stderr
+    assert cp.stderr.splitlines() == [
+        "nsnet run: warning: cat keeps the host's /etc/resolv.conf: cannot make a directory "
+        "in /nonexistent-nsnet-tmp (TMPDIR): No such file or directory (ENOENT)"], cp.stderr
+    argv[argv.index("run") + 1:argv.index("run") + 1] = ["--dns"]
+    cp = User.root().run(argv, timeout=60, text=True, env=env)
+    assert (cp.returncode, cp.stdout) == (EXIT_SETUP, ""), cp.stderr
+    assert "--dns: cannot make a directory in /nonexistent-nsnet-tmp (TMPDIR): No such file " \
+        "or directory (ENOENT)" in cp.stderr, cp.stderr
+    assert "Traceback" not in cp.stderr and "OSError" not in cp.stderr
+
+
 def test_warning_text_and_levels(user, host_conf):
     """The text form names what to do; --quiet keeps it (a warning);
     --log-level=error silences it; a policy allowing a name: no warning."""
@@ -222,8 +266,7 @@ def test_warning_text_and_levels(user, host_conf):
     assert warnings(cp.stderr) == [
         "nsnet: warning: names will not resolve: nsnet's DNS (10.0.2.3) forwards queries to "
         "the host's resolver, but /etc/resolv.conf names only IPv6 nameservers (::1), which "
-        "nsnet's DNS reaches only with -6; fix the host's resolver configuration, or give -6 "
-        "or --no-dns"], cp.stderr
+        "nsnet's DNS reaches only with -6; give -6, or --no-dns"], cp.stderr
     cp = run(user, conf, ["--log-level=error"], ["true"])
     assert cp.returncode == 0 and cp.stderr == "", cp.stderr
     cp = run(user, host_conf(f"nameserver {STUB}\n"), ["--egress=deny", "--allow=*.test"],
