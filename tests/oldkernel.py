@@ -13,6 +13,9 @@ PROGRAM.  MODE:
             before Linux 5.14 sock_getsockopt does not know the option
   listener  seccomp(SECCOMP_SET_MODE_FILTER) with FILTER_FLAG_NEW_LISTENER
             fails EINVAL: before Linux 5.0 the flag is unknown
+  nodestroy setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP) fails EPERM, as
+            where the TCP destroy notifications are refused (a kernel
+            before 4.9, an LSM): --bypass then counts bytes by sampling
 
 Only x86_64 and aarch64 (the machines --bypass supports)."""
 import ctypes
@@ -22,10 +25,11 @@ import platform
 import struct
 import sys
 
-# machine: (AUDIT_ARCH_*, ioctl, getsockopt, seccomp)
-ARCHES = {"x86_64": (0xC000003E, 16, 55, 317), "aarch64": (0xC00000B7, 29, 209, 277)}
+# machine: (AUDIT_ARCH_*, ioctl, getsockopt, seccomp, setsockopt)
+ARCHES = {"x86_64": (0xC000003E, 16, 55, 317, 54), "aarch64": (0xC00000B7, 29, 209, 277, 208)}
 ADDFD = 0x40182103  # _IOW('!', 3, struct seccomp_notif_addfd)
 SOL_SOCKET, SO_NETNS_COOKIE = 1, 71
+SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
 SECCOMP_SET_MODE_FILTER, NEW_LISTENER = 1, 1 << 3
 RET_ALLOW, RET_ERRNO = 0x7FFF0000, 0x00050000
 LD_W_ABS, JEQ_K, JSET_K, RET_K = 0x20, 0x15, 0x45, 0x06
@@ -33,7 +37,7 @@ NR, ARCH, ARG0, ARG1, ARG2 = 0, 4, 16, 24, 32  # seccomp_data offsets (low halve
 
 
 def program(mode):
-    audit, nr_ioctl, nr_getsockopt, nr_seccomp = ARCHES[platform.machine()]
+    audit, nr_ioctl, nr_getsockopt, nr_seccomp, nr_setsockopt = ARCHES[platform.machine()]
     # (syscall, [(offset, test, value)], errno): every test must hold
     nr, checks, err = {
         "addfd": (nr_ioctl, [(ARG1, JEQ_K, ADDFD)], errno.EINVAL),
@@ -41,6 +45,8 @@ def program(mode):
                    errno.ENOPROTOOPT),
         "listener": (nr_seccomp, [(ARG0, JEQ_K, SECCOMP_SET_MODE_FILTER),
                                   (ARG1, JSET_K, NEW_LISTENER)], errno.EINVAL),
+        "nodestroy": (nr_setsockopt, [(ARG1, JEQ_K, SOL_NETLINK),
+                                      (ARG2, JEQ_K, NETLINK_ADD_MEMBERSHIP)], errno.EPERM),
     }[mode]
     # a jump skips that many instructions after its own: to RET ALLOW, the last
     n = 2 * len(checks)

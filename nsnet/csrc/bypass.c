@@ -539,6 +539,7 @@ static int install(struct handler *h, uint64_t id, int fd, int sock, int cloexec
         close(sock);
         return -1; /* interrupted (ESRCH/ENOENT): the syscall restarts or is gone */
     }
+    nsb_diag_track(sock); /* its bytes, for get_stats (bypassdiag.c) */
     later(h, sock);
     /* counted before the reply: what the command does next may read them */
     h->sh->bypassed++;
@@ -913,6 +914,7 @@ int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh)
     if (!h.host_cookie)
         return -ENOPROTOOPT;
     answer_leftovers(&h);
+    nsb_diag_start(sh);
     struct seccomp_notif_sizes sizes;
     if (syscall(SYS_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, &sizes) < 0)
         return -errno;
