@@ -350,3 +350,19 @@ def test_slow_sender_is_cut_at_the_deadline(nsnet_impl, ns, attach, workdir):
     st = stats(net)
     assert st["refused"] == 1, st
     assert "no whole message in 5 s" in net.fwd.log()
+
+
+def test_bad_listener_path_is_an_error_at_start(nsnet_impl, ns, start_fwd, workdir):
+    """A path nsnet cannot bind, or one a live process listens on: exit 1
+    with what failed."""
+    busy = f"{workdir}/busy.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+        live.bind(busy)
+        live.listen()
+        for path, why in ((f"{workdir}/no/such/dir/x.sock",
+                           "cannot bind --bypass-listener socket"),
+                          (busy, "is in use by another process")):
+            fwd = start_fwd(nsnet_impl, ["--configure", f"--bypass-listener={path}", ns.pid,
+                                         "tap0"], wait=False)
+            assert fwd.wait_exit(15) == 1, fwd.log()
+            assert why in fwd.log(), fwd.log()

@@ -239,6 +239,8 @@ class Supervisor(ForwarderControl, ApiServer):
             self.nsfds = helper_ns.open_namespaces(o.target)
         except helper_ns.HelperError as e:
             raise SetupError(str(e)) from None
+        if o.bypass_listener:  # its errors before the TAP exists
+            self._start_oci_listener(o.bypass_listener)
         # The namespace helper creates the TAP while this process binds the
         # API socket and starts the forwarder, which loads libslirp, sets it
         # up and then waits for the TAP.  (This process has not loaded the
@@ -257,8 +259,6 @@ class Supervisor(ForwarderControl, ApiServer):
                 self._fastpath().add_initial(self.forwards.items())
         except ForwardError as e:
             raise SetupError(f"cannot publish a port: {e}") from None
-        if o.bypass_listener:
-            self._start_oci_listener(o.bypass_listener)
         if o.pidfile:
             self._write_pidfile(o.pidfile)
 
