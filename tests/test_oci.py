@@ -366,3 +366,36 @@ def test_bad_listener_path_is_an_error_at_start(nsnet_impl, ns, start_fwd, workd
                                          "tap0"], wait=False)
             assert fwd.wait_exit(15) == 1, fwd.log()
             assert why in fwd.log(), fwd.log()
+
+
+def test_set_policy_narrows_the_containers_bypass(nsnet_impl, ns, attach, workdir, bundle,
+                                                  run_container, host_server):
+    """The egress policy rules a running container's connects as nsnet run
+    --bypass's: once a connect was bypassed, a set_policy that cannot cut it
+    is refused unless keep_established; with it, a policy that allows the
+    gateway on one port only takes the gateway out of the bypass (libslirp's
+    path, which applies the policy per flow, carries the next connect)."""
+    tcp, udp = host_server("echo"), host_server("echo", "udp")
+    net, listener = start_nsnet(attach, nsnet_impl, ns, workdir)
+    b = bundle(ns.net_path, listener,
+               ["python3", "/t/probe.py", str(tcp.port), str(udp.port), "again"])
+    c = run_container(b)
+    assert c.line()["peer"] == "10.0.2.2"
+    assert stats(net)["bypassed"] == 1
+    pol = {"egress": "deny", "rules": [
+        {"action": "allow", "proto": "tcp", "dest": "10.0.2.2", "ports": tcp.port},
+        {"action": "allow", "proto": "udp", "dest": "10.0.2.2", "ports": udp.port}]}
+    r = json.loads(api_call(net.api, {"execute": "set_policy", "arguments": pol}))
+    assert "--bypass-listener" in r["error"]["desc"], r
+    r = json.loads(api_call(net.api, {"execute": "set_policy",
+                                      "arguments": {**pol, "keep_established": True}}))
+    assert r == {"return": {}}, r
+    fallback = stats(net)["fallback"]
+    c.p.stdin.write(b"go\n")
+    c.p.stdin.flush()
+    r = c.line()
+    assert r["echo"] == "ping" and r["peer"] == "10.0.2.2", r
+    assert c.p.wait(timeout=20) == 0, c.stop()
+    st = stats(net)
+    assert st["bypassed"] == 1 and st["fallback"] == fallback + 1, st
+    assert st["scope"] == {"gateway": False, "egress": False}, st
