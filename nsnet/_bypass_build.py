@@ -63,6 +63,7 @@ struct nsb_shared {
     uint64_t scope;
     uint64_t audit;
     uint64_t audit_lost;
+    uint64_t sync_wakeup;
     uint64_t inflight[...];
 };
 int nsb_probe(int listener);

@@ -13,6 +13,8 @@ PROGRAM.  MODE:
             before Linux 5.14 sock_getsockopt does not know the option
   listener  seccomp(SECCOMP_SET_MODE_FILTER) with FILTER_FLAG_NEW_LISTENER
             fails EINVAL: before Linux 5.0 the flag is unknown
+  syncwake  ioctl(SECCOMP_IOCTL_NOTIF_SET_FLAGS) fails EINVAL: before Linux
+            6.6 there is no such ioctl (no SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
 
 Only x86_64 and aarch64 (the machines --bypass supports)."""
 import ctypes
@@ -25,6 +27,7 @@ import sys
 # machine: (AUDIT_ARCH_*, ioctl, getsockopt, seccomp)
 ARCHES = {"x86_64": (0xC000003E, 16, 55, 317), "aarch64": (0xC00000B7, 29, 209, 277)}
 ADDFD = 0x40182103  # _IOW('!', 3, struct seccomp_notif_addfd)
+SET_FLAGS = 0x40082104  # _IOW('!', 4, __u64)
 SOL_SOCKET, SO_NETNS_COOKIE = 1, 71
 SECCOMP_SET_MODE_FILTER, NEW_LISTENER = 1, 1 << 3
 RET_ALLOW, RET_ERRNO = 0x7FFF0000, 0x00050000
@@ -41,6 +44,7 @@ def program(mode):
                    errno.ENOPROTOOPT),
         "listener": (nr_seccomp, [(ARG0, JEQ_K, SECCOMP_SET_MODE_FILTER),
                                   (ARG1, JSET_K, NEW_LISTENER)], errno.EINVAL),
+        "syncwake": (nr_ioctl, [(ARG1, JEQ_K, SET_FLAGS)], errno.EINVAL),
     }[mode]
     # a jump skips that many instructions after its own: to RET ALLOW, the last
     n = 2 * len(checks)

@@ -76,6 +76,7 @@ struct nsb_shared {
                              * supervisor (the policy can change at run time) */
     uint64_t audit;         /* NSB_AUDIT_*: written by the supervisor */
     uint64_t audit_lost;    /* audit records over the rate, or the socket was full */
+    uint64_t sync_wakeup;   /* 1: the listener has SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP */
     uint64_t inflight[NSB_SLOTS];
 };
 

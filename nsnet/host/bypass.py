@@ -354,7 +354,8 @@ class Handler:
         out: dict[str, Any] = {k: int(getattr(self.shared, k)) for k in COUNTERS}
         out["audit_lost"] += audit_capped
         out.update(handler_pid=self.pid if self.pid > 0 else None, restarts=self.restarts,
-                   scope=dict(self.scope), protocol_errors=self.protocol_errors)
+                   scope=dict(self.scope), protocol_errors=self.protocol_errors,
+                   sync_wakeup=bool(self.shared.sync_wakeup))
         return out
 
     def close_listener(self) -> None:
