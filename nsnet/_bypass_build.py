@@ -43,6 +43,7 @@ struct nsb_config {
     int32_t def_rcvbuf;
     int32_t nr_connect, nr_getsockname, nr_getpeername;
     int32_t audit_fd;
+    uint32_t audit_arch;
 };
 struct nsb_audit {
     int64_t time_ms;
@@ -75,6 +76,7 @@ struct nsb_shared {
     uint64_t bytes_untracked;
     uint64_t bytes_mode;
     uint64_t bytes_samples;
+    uint64_t sync_wakeup;
     uint64_t inflight[...];
     struct nsb_conn conns[...];
 };

@@ -16,6 +16,8 @@ PROGRAM.  MODE:
   nodestroy setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP) fails EPERM, as
             where the TCP destroy notifications are refused (a kernel
             before 4.9, an LSM): --bypass then counts bytes by sampling
+  syncwake  ioctl(SECCOMP_IOCTL_NOTIF_SET_FLAGS) fails EINVAL: before Linux
+            6.6 there is no such ioctl (no SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
 
 Only x86_64 and aarch64 (the machines --bypass supports)."""
 import ctypes
@@ -28,6 +30,7 @@ import sys
 # machine: (AUDIT_ARCH_*, ioctl, getsockopt, seccomp, setsockopt)
 ARCHES = {"x86_64": (0xC000003E, 16, 55, 317, 54), "aarch64": (0xC00000B7, 29, 209, 277, 208)}
 ADDFD = 0x40182103  # _IOW('!', 3, struct seccomp_notif_addfd)
+SET_FLAGS = 0x40082104  # _IOW('!', 4, __u64)
 SOL_SOCKET, SO_NETNS_COOKIE = 1, 71
 SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
 SECCOMP_SET_MODE_FILTER, NEW_LISTENER = 1, 1 << 3
@@ -47,6 +50,7 @@ def program(mode):
                                   (ARG1, JSET_K, NEW_LISTENER)], errno.EINVAL),
         "nodestroy": (nr_setsockopt, [(ARG1, JEQ_K, SOL_NETLINK),
                                       (ARG2, JEQ_K, NETLINK_ADD_MEMBERSHIP)], errno.EPERM),
+        "syncwake": (nr_ioctl, [(ARG1, JEQ_K, SET_FLAGS)], errno.EINVAL),
     }[mode]
     # a jump skips that many instructions after its own: to RET ALLOW, the last
     n = 2 * len(checks)

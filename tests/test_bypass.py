@@ -20,6 +20,7 @@ from harness import NS_PYTHON, api_call, read_line
 
 pytestmark = pytest.mark.timeout(180)
 HERE = os.path.dirname(os.path.abspath(__file__))
+KERNEL = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +31,12 @@ def probe(base_dir):
     return path
 
 
-def run_probe(user, workdir, probe, args, flags=(), timeout=120):
+def run_probe(user, workdir, probe, args, flags=(), timeout=120, prefix=()):
     """The probe's result, with nsnet's bypass counters as "stats" (asked
-    from outside: the API refuses the command), read while it waits."""
+    from outside: the API refuses the command), read while it waits.
+    prefix: argv that runs nsnet (tests/oldkernel.py)."""
     sock = f"{workdir}/api.sock"
-    argv = [harness.nsnet_bin(), "run", "--bypass", f"--api-socket={sock}", *flags, "--",
+    argv = [*prefix, harness.nsnet_bin(), "run", "--bypass", f"--api-socket={sock}", *flags, "--",
             NS_PYTHON, probe, "--wait", *[str(a) for a in args]]
     p = user.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -65,6 +67,23 @@ def test_blocking_connect(user, workdir, probe, host_server):
     assert r["local"][0] == "10.0.2.100"
     assert r["stats"]["bypassed"] == 1 and r["stats"]["translated"] >= 2
     assert srv.connections == 1
+    # Linux 6.6 and later: the handler runs on the command's CPU
+    assert r["stats"]["sync_wakeup"] is (KERNEL >= (6, 6))
+
+
+def test_no_sync_wakeup_kernel(user, workdir, base_dir, probe, host_server):
+    """A kernel without SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP (before 6.6;
+    tests/oldkernel.py makes the ioctl fail EINVAL as there): connects are
+    bypassed all the same, the wake-ups are ordinary ones."""
+    wrapper = f"{base_dir}/oldkernel.py"
+    shutil.copy(f"{HERE}/oldkernel.py", wrapper)
+    os.chmod(wrapper, 0o644)
+    srv = host_server("echo")
+    r = run_probe(user, workdir, probe, ["blocking", "10.0.2.2", srv.port],
+                  prefix=[NS_PYTHON, wrapper, "syncwake"])
+    assert r["rc"] == 0 and r["echo"] and r["cloexec"]
+    assert r["stats"]["bypassed"] == 1 and r["stats"]["errors"] == 0
+    assert r["stats"]["sync_wakeup"] is False
 
 
 def test_nonblocking_connect(user, workdir, probe, host_server):

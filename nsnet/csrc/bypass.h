@@ -60,6 +60,9 @@ struct nsb_config {
     int32_t def_rcvbuf;
     int32_t nr_connect, nr_getsockname, nr_getpeername;
     int32_t audit_fd;    /* where audit records go (struct nsb_audit), or -1 */
+    uint32_t audit_arch; /* AUDIT_ARCH_* of those numbers: notifications of
+                          * another ABI (an OCI profile may list several)
+                          * are let through */
 };
 
 /* A tracked bypassed connection (nsb_shared.conns): its socket cookie (0:
@@ -92,6 +95,7 @@ struct nsb_shared {
     uint64_t bytes_untracked; /* bypassed connections not tracked (table full) */
     uint64_t bytes_mode;    /* NSB_BYTES_*, set by the handler */
     uint64_t bytes_samples; /* the handler's samples of the live connections */
+    uint64_t sync_wakeup;   /* 1: the listener has SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP */
     uint64_t inflight[NSB_SLOTS];
     struct nsb_conn conns[NSB_CONNS]; /* written by the handler only */
 };

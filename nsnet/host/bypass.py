@@ -33,6 +33,8 @@ RESTART_WINDOW = 60.0
 COUNTERS = ("notifications", "bypassed", "bypassed6", "failed", "fallback", "translated",
             "aborted", "errors", "pending", "audit_lost", "bytes_inexact", "bytes_untracked",
             "bytes_samples")
+# get_stats' byte counts (Handler.byte_counts): sums over handlers too
+BYTE_COUNTS = ("bytes_sent", "bytes_received", "bytes_live")
 
 
 class BypassError(Exception):
@@ -157,6 +159,9 @@ def _fill_config(cfg: Any, net: "NetConfig", facts: tuple[int, int, int],
     cfg.flags = flags
     cfg.ns_cookie, cfg.def_sndbuf, cfg.def_rcvbuf = facts
     cfg.nr_connect, cfg.nr_getsockname, cfg.nr_getpeername = nrs
+    from ..bypassfilter import audit_arch
+
+    cfg.audit_arch = audit_arch()
 
 
 class Handler:
@@ -354,7 +359,8 @@ class Handler:
         out["audit_lost"] += audit_capped
         out.update(self.byte_counts())
         out.update(handler_pid=self.pid if self.pid > 0 else None, restarts=self.restarts,
-                   scope=dict(self.scope), protocol_errors=self.protocol_errors)
+                   scope=dict(self.scope), protocol_errors=self.protocol_errors,
+                   sync_wakeup=bool(self.shared.sync_wakeup))
         return out
 
     def byte_counts(self) -> dict[str, Any]:
