@@ -56,6 +56,8 @@
 #define SAMPLE_MS 5000
 #define FALLBACK_MS 1000
 #define BATCH_MS 5
+#define BATCH 32     /* notifications per recvmmsg */
+#define MSGMAX 2048  /* room for one (a destroy notification is ~400 bytes) */
 #define HSIZE (2 * NSB_CONNS) /* open addressing, at most half full */
 /* TCP states worth dumping: not LISTEN (10), TIME_WAIT (6, no tcp_info),
  * NEW_SYN_RECV (12) */
@@ -380,7 +382,7 @@ static int64_t mono_ms(void)
 static void *diag_thread(void *arg)
 {
     (void)arg;
-    char *buf = malloc(65536);
+    char *buf = malloc(BATCH * MSGMAX);
     if (!buf)
         return NULL;
     int64_t next = 0;
@@ -402,21 +404,35 @@ static void *diag_thread(void *arg)
         struct pollfd p = {T.nl, POLLIN, 0};
         if (poll(&p, 1, timeout) <= 0)
             continue;
-        for (int k = 0; k < 64; k++) {
-            ssize_t n = recv(T.nl, buf, 65536, MSG_DONTWAIT);
-            if (n < 0) {
+        /* many notifications per syscall: each is a datagram of ~400 bytes */
+        for (int k = 0; k < 16; k++) {
+            struct mmsghdr mm[BATCH];
+            struct iovec iov[BATCH];
+            for (int i = 0; i < BATCH; i++) {
+                iov[i].iov_base = buf + i * MSGMAX;
+                iov[i].iov_len = MSGMAX;
+                memset(&mm[i], 0, sizeof mm[i]);
+                mm[i].msg_hdr.msg_iov = &iov[i];
+                mm[i].msg_hdr.msg_iovlen = 1;
+            }
+            int got = recvmmsg(T.nl, mm, BATCH, MSG_DONTWAIT, NULL);
+            if (got < 0) {
                 if (errno == ENOBUFS)
                     T.resync = 1; /* some were dropped: settle with a dump */
                 if (errno == EINTR || errno == ENOBUFS)
                     continue;
                 break;
             }
-            int left = (int)n;
             pthread_mutex_lock(&T.mu);
-            for (struct nlmsghdr *nh = (struct nlmsghdr *)buf; NLMSG_OK(nh, left);
-                 nh = NLMSG_NEXT(nh, left))
-                diag_msg(nh, on_destroyed, NULL);
+            for (int i = 0; i < got; i++) {
+                int left = (int)mm[i].msg_len;
+                for (struct nlmsghdr *nh = (struct nlmsghdr *)(buf + i * MSGMAX);
+                     NLMSG_OK(nh, left); nh = NLMSG_NEXT(nh, left))
+                    diag_msg(nh, on_destroyed, NULL);
+            }
             pthread_mutex_unlock(&T.mu);
+            if (got < BATCH)
+                break;
         }
         /* Let notifications gather: one wake-up per BATCH_MS at most, not
          * one per closed connection (they queue in the socket meanwhile) */
