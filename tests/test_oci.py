@@ -186,13 +186,15 @@ def start_nsnet(attach, nsnet_impl, ns, workdir, *flags) -> tuple:
     return net, listener
 
 
-@pytest.mark.parametrize("user", ["root", "unpriv"], indirect=True)
+@pytest.mark.parametrize("user, flags", [("root", ()), ("unpriv", ()),
+                                         ("root", ("--enable-sandbox", "--enable-seccomp"))],
+                         indirect=["user"], ids=["root", "unpriv", "root-sandbox"])
 def test_container_connects_are_bypassed(nsnet_impl, ns, attach, workdir, bundle,
-                                         run_container, host_server):
+                                         run_container, host_server, flags):
     tcp, udp = host_server("echo"), host_server("echo", "udp")
     audit = f"{workdir}/audit.jsonl"
     net, listener = start_nsnet(attach, nsnet_impl, ns, workdir, "--audit=all",
-                                f"--audit-log={audit}")
+                                f"--audit-log={audit}", *flags)
     b = bundle(ns.net_path, listener, ["python3", "/t/probe.py", str(tcp.port), str(udp.port)])
     c = run_container(b)
     r = c.line()
@@ -399,3 +401,27 @@ def test_set_policy_narrows_the_containers_bypass(nsnet_impl, ns, attach, workdi
     st = stats(net)
     assert st["bypassed"] == 1 and st["fallback"] == fallback + 1, st
     assert st["scope"] == {"gateway": False, "egress": False}, st
+
+
+def test_two_containers_in_one_namespace(nsnet_impl, ns, attach, workdir, bundle,
+                                         run_container, host_server):
+    """A pod: two containers share the namespace, each with its listener
+    and handler; one ending leaves the other served, and its counts stay
+    in the totals."""
+    tcp, udp = host_server("echo"), host_server("echo", "udp")
+    net, listener = start_nsnet(attach, nsnet_impl, ns, workdir)
+    args = ["python3", "/t/probe.py", str(tcp.port), str(udp.port)]
+    a = run_container(bundle(ns.net_path, listener, [*args, "again"], name="a"), cid="a")
+    assert a.line()["peer"] == "10.0.2.2"
+    b = run_container(bundle(ns.net_path, listener, args, name="b"), cid="b")
+    assert b.line()["peer"] == "10.0.2.2"
+    assert b.p.wait(timeout=20) == 0, b.stop()
+    harness.wait_until(lambda: [c["id"] for c in stats(net)["containers"]] == ["a"], 10,
+                       what="b's handler gone, a's kept")
+    a.p.stdin.write(b"go\n")
+    a.p.stdin.flush()
+    assert a.line()["peer"] == "10.0.2.2"
+    assert a.p.wait(timeout=20) == 0, a.stop()
+    st = stats(net)
+    assert st["accepted"] == 2 and st["bypassed"] == 3, st
+    assert len({p[1] for p in tcp.peers}) == 3 and {p[0] for p in tcp.peers} == {"127.0.0.1"}

@@ -585,6 +585,7 @@ static int install(struct handler *h, uint64_t id, int fd, int sock, int cloexec
         close(sock);
         return -1; /* interrupted (ESRCH/ENOENT): the syscall restarts or is gone */
     }
+    nsb_diag_track(sock); /* its bytes, for get_stats (bypassdiag.c) */
     later(h, sock);
     /* counted before the reply: what the command does next may read them */
     h->sh->bypassed++;
@@ -965,6 +966,7 @@ int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh)
     if (!h.host_cookie)
         return -ENOPROTOOPT;
     answer_leftovers(&h);
+    nsb_diag_start(sh);
     /* The command waits while we work: the kernel may as well wake this
      * process on the command's CPU for the notification, and the command
      * on ours for the reply, instead of waking an idle CPU (an IPI, and on

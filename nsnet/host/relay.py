@@ -110,7 +110,9 @@ class Relay:
             try:
                 sock = listen(fwd)
             except OSError as e:
-                return {"ok": False, "error": f"{fwd.host_addr}:{fwd.host_port}: {e.strerror}"}
+                name = errno.errorcode.get(e.errno or 0, str(e.errno))
+                return {"ok": False, "error": f"{_addr(fwd.host_addr, fwd.host_port)}: "
+                                              f"{e.strerror} ({name})"}
             self.listeners[sock.fileno()] = _Listener(sock, fwd)
             if not self.paused:
                 self._watch(sock.fileno())

@@ -117,7 +117,9 @@ class ApiServer:
             try:
                 yield from wait(self._fastpath().add(fwd))
             except ForwardError as e:
-                self.log.warning(f"forward {_fwd_text(fwd)} failed: {e}")
+                self.log.warning(f"forward {_fwd_text(fwd)} failed: {e}",
+                                 extra={"fields": {"event": "forward_failed", "error": str(e),
+                                                   **fwd.to_dict()}})
                 raise
             fid = self.forwards.add(fwd)
             self.log.debug(f"forward {fid} added: {_fwd_text(fwd)}",
@@ -142,10 +144,7 @@ class ApiServer:
             raise KeyError(fid)
         if fwd.is_splice:  # the fast path: nsnet/supervisor/fastpath.py
             yield from wait(self._fastpath().remove(fwd))
-            if self.forwards.get(fid) is fwd:
-                self.forwards.remove(fid)
-            return
-        if fid not in self.inactive_forwards:  # else libslirp does not have it
+        elif fid not in self.inactive_forwards:  # else libslirp does not have it
             reply = yield from wait(self._forwarder_request({"op": "remove",
                                                              "forward": fwd.to_dict()}))
             if not reply.get("ok"):
