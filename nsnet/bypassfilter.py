@@ -47,6 +47,12 @@ def syscall_numbers() -> tuple[int, int, int]:
     return arch[2], arch[3], arch[4]
 
 
+def audit_arch() -> int:
+    """AUDIT_ARCH_* of syscall_numbers(): seccomp_data.arch of the native ABI."""
+    syscall_numbers()  # FilterError on another machine
+    return ARCHES[platform.machine()][0]
+
+
 def program() -> bytes:
     """The classic BPF program (struct sock_filter[])."""
     audit, _sys, nr_conn, nr_gsn, nr_gpn, x32 = ARCHES[platform.machine()]

@@ -219,6 +219,7 @@ def parse(argv: list[str]):
         audit_log=v["audit_log"],
         pcap=v["pcap"],
         pcap_max_bytes=v["pcap_max_bytes"],
+        bypass_listener=v["bypass_listener"],
     )
     opts.name = v["name"]  # nsnet ps, nsnet ctl --instance (the registry: cli.main)
     return opts

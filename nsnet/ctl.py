@@ -39,7 +39,14 @@ Commands:
                        or truncated; at most N bytes, default 1 GiB, 0: no
                        limit; docs/capture.md)
   stop-capture         stop the capture (--pcap's or start-capture's)
-  call EXECUTE [JSON]  any API request (e.g. the policy commands), reply as JSON
+  policy               the egress policy in force (get_policy)
+  set-policy [FILE] [--egress allow|deny] [--allow RULE]... [--deny RULE]...
+             [--keep-established]
+                       replace the egress policy (set_policy), built as the
+                       command line builds it: FILE's rules (JSON, - for
+                       stdin), then --allow/--deny in order; --egress replaces
+                       FILE's default (docs/policy.md)
+  call EXECUTE [JSON]  any API request, reply as JSON
 
 Options:
   -s, --socket=PATH    the API socket (nsnet -a PATH)
@@ -280,6 +287,72 @@ def _stop_capture(path: str, as_json: bool) -> int:
     return EXIT_OK
 
 
+def _policy(path: str, as_json: bool) -> int:
+    reply = _call(path, "get_policy")
+    if as_json:
+        print(json.dumps(reply))
+        return EXIT_OK
+    from .policy import PolicyError, rule_from_json
+
+    pol = reply.get("return", {})
+    rows = []
+    for i, r in enumerate(pol.get("rules", [])):
+        try:
+            text = rule_from_json(r, i).text()
+        except PolicyError:
+            text = json.dumps(r)
+        rows.append([i, r.get("action") if isinstance(r, dict) else None, text])
+    sys.stdout.write(f"egress {pol.get('egress')} (what no rule matches gets)\n")
+    if rows:
+        sys.stdout.write(table(["#", "ACTION", "RULE"], rows))
+    return EXIT_OK
+
+
+def _set_policy(path: str, args: list[str], as_json: bool) -> int:
+    from .policy import PolicyError, from_options
+
+    egress = file = None
+    ordered: list[tuple[str, str]] = []
+    keep = False
+    i = 0
+    while i < len(args):
+        a = args[i]
+        name, eq, val = a.partition("=")
+        if name in ("--egress", "--allow", "--deny"):
+            if not eq:
+                if i + 1 == len(args):
+                    raise CtlError(f"{name} needs a value", EXIT_USAGE)
+                i += 1
+                val = args[i]
+            if name == "--egress":
+                if val not in ("allow", "deny"):
+                    raise CtlError(f"--egress must be allow or deny, not {val!r}", EXIT_USAGE)
+                egress = val
+            else:
+                ordered.append((name[2:], val))
+        elif a == "--keep-established":
+            keep = True
+        elif a.startswith("--"):
+            raise CtlError(f"set-policy: unknown option {a!r}", EXIT_USAGE)
+        elif file is None:
+            file = "/dev/stdin" if a == "-" else a
+        else:
+            raise CtlError("set-policy takes one FILE", EXIT_USAGE)
+        i += 1
+    try:
+        pol = from_options(egress, ordered, file)
+    except PolicyError as e:
+        raise CtlError(str(e), EXIT_USAGE) from None
+    if pol is None:
+        raise CtlError("set-policy needs a FILE or --egress, --allow, --deny", EXIT_USAGE)
+    reply = _call(path, "set_policy", dict(pol.to_json(), keep_established=keep))
+    n = len(pol.rules)
+    print(json.dumps(reply) if as_json else
+          f"policy set: egress {pol.default}, {n} rule{'' if n == 1 else 's'}"
+          + (" (established flows kept)" if keep else ""))
+    return EXIT_OK
+
+
 def ctl_main(argv: list[str]) -> int:
     from .getopt_long import GetoptError, getopt_long
 
@@ -344,6 +417,11 @@ def _run(path: str, cmd: str, rest: list[str], as_json: bool) -> int:
     if cmd == "stop-capture":
         _no_args(cmd, rest)
         return _stop_capture(path, as_json)
+    if cmd == "policy":
+        _no_args(cmd, rest)
+        return _policy(path, as_json)
+    if cmd == "set-policy":
+        return _set_policy(path, rest, as_json)
     if cmd == "call":
         if not rest or len(rest) > 2:
             raise CtlError("call takes EXECUTE and optionally a JSON object of arguments",

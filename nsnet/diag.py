@@ -146,3 +146,101 @@ def start_line(net, *, target: str, tapname: str, api_socket: str | None,
         line += (f"; 127.0.0.1 on the host is reachable as {net.gateway} "
                  "(--disable-host-loopback to prohibit)")
     return line, fields
+
+
+RESOLV_CONF = "/etc/resolv.conf"
+
+
+def nameservers(path: str = RESOLV_CONF) -> list[str]:
+    """The nameserver addresses of a resolv.conf, in order (a scope
+    suffix such as %eth0 dropped).  OSError if it cannot be read."""
+    import ipaddress
+
+    with open(path, errors="replace") as f:
+        lines = f.read(1 << 20).splitlines()
+    out = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                out.append(str(ipaddress.ip_address(parts[1].split("%")[0])))
+            except ValueError:
+                continue
+    return out
+
+
+def dns_warning(net, *, rewrite: bool, why_not: str = "", policy=None,
+                path: str = RESOLV_CONF) -> tuple[str, dict] | None:
+    """nsnet run: why COMMAND's names will not resolve, or None.
+
+    rewrite: COMMAND's /etc/resolv.conf names nsnet's DNS (CIDR+3, and
+    the IPv6 one with -6), which forwards to the nameservers of the host's
+    resolv.conf, IPv4 ones for CIDR+3, IPv6 ones for ::3 (libslirp 4.7;
+    loopback ones too, even with --disable-host-loopback).  Otherwise
+    COMMAND keeps the host's file (why_not: the option that said so), and
+    its nameservers are reached from COMMAND's namespace like any address:
+    a loopback one is COMMAND's own loopback there."""
+    import ipaddress
+
+    try:
+        servers = nameservers(path)
+        none = "no nameserver"
+    except OSError as e:
+        servers = []
+        none = f"no nameserver (it cannot be read: {why(e)})"
+    fields = {"event": "dns_unreachable", "resolv_conf": "nsnet" if rewrite else "host",
+              "nameservers": servers}
+    if rewrite:
+        at = str(net.dns) + (f" and {net.dns6}" if net.ipv6 else "")
+        v4 = [s for s in servers if ":" not in s]
+        v6 = [s for s in servers if ":" in s]
+        if net.restricted:
+            reason = "no-egress"
+            msg = (f"COMMAND's resolv.conf names nsnet's DNS ({at}), and --no-egress drops "
+                   "every query to it (libslirp's restricted mode); use addresses, or "
+                   "--no-dns for a resolver of COMMAND's own")
+        elif not v4 and not (net.ipv6 and v6):
+            reason = "no-nameserver"
+            if v6:
+                what = (f"only IPv6 nameservers ({', '.join(v6)}), which nsnet's DNS "
+                        "reaches only with -6; give -6, or --no-dns")
+            else:
+                what = f"{none}; fix the host's resolver configuration, or give --no-dns"
+            msg = (f"nsnet's DNS ({at}) forwards queries to the host's resolver, but {path} "
+                   f"names {what}")
+        elif policy is not None and policy.refuses_every_name():
+            reason = "policy"
+            msg = ("the egress policy allows no DNS name (default deny, no --allow rule "
+                   f"for a name), so nsnet's DNS ({at}) answers every query REFUSED; allow "
+                   "the names COMMAND needs (--allow='NAME[:PORTS]', --allow='*.SUFFIX')")
+        else:
+            return None
+    else:
+        keep = f"COMMAND keeps the host's {path} ({why_not})"
+        usable = []
+        blocked = []
+        for s in servers:
+            ip = ipaddress.ip_address(s)
+            if ip.is_loopback:
+                blocked.append(f"{s}: loopback, COMMAND's own in its namespace")
+            elif net.restricted:
+                blocked.append(f"{s}: --no-egress")
+            elif ip.version == 6 and not net.ipv6:
+                blocked.append(f"{s}: IPv6 without -6")
+            elif policy is not None and not policy.decide("udp", ip, 53).allowed:
+                blocked.append(f"{s}: denied by the egress policy")
+            else:
+                usable.append(s)
+        if usable:
+            return None
+        reason = "host-resolv-conf"
+        if not servers:
+            msg = f"{keep}, which names {none}"
+        else:
+            msg = f"{keep}, and none of its nameservers can be reached ({'; '.join(blocked)})"
+        if why_not == "--no-dns" and not net.restricted and not net.disable_dns:
+            msg += "; without --no-dns, names resolve through nsnet's DNS"
+        elif why_not == "--disable-dns" and not net.restricted:
+            msg += "; without --disable-dns, names resolve through nsnet's DNS"
+    fields["reason"] = reason
+    return f"names will not resolve: {msg}", fields

@@ -75,6 +75,12 @@ def man() -> str:
                     "limit)"),
             ".TP\n\\fBstop\\-capture\\fR\n" + _roff("stop the capture (--pcap's or "
                                                        "start-capture's)"),
+            ".TP\n\\fBpolicy\\fR\n" + _roff("the egress policy in force"),
+            ".TP\n\\fBset\\-policy\\fR [\\fIFILE\\fR] [\\fB\\-\\-egress\\fR allow|deny] "
+            "[\\fB\\-\\-allow\\fR \\fIRULE\\fR]... [\\fB\\-\\-deny\\fR \\fIRULE\\fR]... "
+            "[\\fB\\-\\-keep\\-established\\fR]\n"
+            + _roff("replace the egress policy: FILE's rules (JSON, - for stdin), then --allow "
+                    "and --deny in order; --egress replaces FILE's default"),
             ".TP\n\\fBcall\\fR \\fIEXECUTE\\fR [\\fIJSON\\fR]\n" + _roff("any API request"),
             ".SH EXIT STATUS",
             _roff("nsnet: 0 on an exit-fd event, SIGTERM, SIGINT, SIGHUP, the target's exit, "
@@ -142,7 +148,7 @@ _nsnet() {{
         --socket|-s|start-capture) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         esac
         _nsnet_words "add-forward list-forwards remove-forward info stats start-capture \\
-stop-capture call --socket= --instance= --json --help"
+stop-capture policy set-policy call --socket= --instance= --json --help"
         return ;;
     ps)
         _nsnet_words "--json --help"

@@ -104,13 +104,18 @@ def policy_rule(action: str):
     return conv
 
 
-def socket_path(value: str) -> str:
+def unix_socket_path(what: str):
     """A path for a unix socket: 1 to SUN_PATH_MAX-1 bytes."""
-    n = len(value.encode())
-    if n == 0 or n >= SUN_PATH_MAX:
-        raise OptionError(f"API socket path too long ({n} bytes, max {SUN_PATH_MAX - 1})"
-                          if n else "API socket path is empty")
-    return value
+    def conv(value: str) -> str:
+        n = len(value.encode())
+        if n == 0 or n >= SUN_PATH_MAX:
+            raise OptionError(f"{what} path too long ({n} bytes, max {SUN_PATH_MAX - 1})"
+                              if n else f"{what} path is empty")
+        return value
+    return conv
+
+
+socket_path = unix_socket_path("API socket")
 
 
 def check_socket_path(path: str) -> str:
@@ -213,10 +218,13 @@ TABLE: list[Opt] = [
         help="splice (default): TCP through nsnet's fast path;\n"
              "slirp: through libslirp; both to the namespace's\n"
              "address (not its loopback)"),
-    Opt("dns", fronts=(RUN,), api="dns",
-        help="bind-mount a resolv.conf naming the built-in DNS\n"
-             "(CIDR+3) over /etc/resolv.conf, in COMMAND's mount\n"
-             "namespace only"),
+    Opt("dns", value=True, default=None, fronts=(RUN,), api="dns",
+        help="resolve names through nsnet (the default, unless\n"
+             "--disable-dns): a resolv.conf naming the built-in\n"
+             "DNS (CIDR+3, fd00::3 with -6) is bind-mounted over\n"
+             "/etc/resolv.conf in COMMAND's mount namespace only"),
+    Opt("no-dns", dest="dns", value=False, default=None, fronts=(RUN,), api="dns",
+        help="keep the host's /etc/resolv.conf in COMMAND"),
     Opt("tapname", arg="NAME", default="tap0", fronts=(RUN,), api="tapname",
         help="the name of the TAP in COMMAND's namespace (default {default})"),
     Opt("error-fd", arg="FD", conv=nonneg_int("error-fd"), fronts=(RUN,),
@@ -227,6 +235,13 @@ TABLE: list[Opt] = [
              "alias) and beyond get sockets connected in the\n"
              "host's network namespace: loopback speed (seccomp\n"
              "user notification, Linux 5.14; docs/bypass.md)"),
+    Opt("bypass-listener", arg="PATH", conv=unix_socket_path("--bypass-listener socket"),
+        fronts=(ATTACH,), api="bypass_listener", complete="file",
+        help="accept the seccomp listener of containers an OCI\n"
+             "runtime starts in the target's network namespace\n"
+             "(linux.seccomp.listenerPath=PATH in config.json):\n"
+             "their TCP connects get the socket bypass of\n"
+             "`nsnet run --bypass` (docs/bypass.md, \"OCI\")"),
     Opt("share-pid", fronts=(RUN,), api="share_pid",
         help="keep the caller's PID namespace (default: COMMAND\n"
              "gets its own, behind a small init of nsnet's, so it\n"

@@ -521,6 +521,13 @@ class Policy:
                 return False
         return self.default == ALLOW
 
+    def refuses_every_name(self) -> bool:
+        """Whether every DNS query to the built-in forwarder is answered
+        REFUSED: the default is deny and no allow rule names a name or a
+        suffix (address rules never allow a name)."""
+        return self.default == DENY and not any(
+            r.action == ALLOW and r.net is None for r in self.rules)
+
     # -- the C data path's tables -------------------------------------------
 
     def compile(self) -> dict[str, Any]:

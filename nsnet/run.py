@@ -16,7 +16,7 @@ first instruction already has a configured network.
   fork                                   -->   unshare(USER|NET|NS|PID)
                                                uid/gid map (self), "U"
   [newuidmap/newgidmap]             "M"  -->
-                                               mounts: rslave /, --dns
+                                               mounts: rslave /, resolv.conf
                                                fork init; "P" + its PID
                                                (the child: waiter, outside)
                                          <--   init: mount /proc; "N"
@@ -128,7 +128,8 @@ class RunOptions:
     net: "NetConfig"
     publish: list["PortSpec"] = field(default_factory=list)
     publish_mode: str = DEFAULT_PUBLISH_MODE
-    dns: bool = False
+    dns: bool = True  # COMMAND's /etc/resolv.conf names nsnet's DNS
+    dns_explicit: bool = False  # --dns given: a failure to do it is an error
     api_socket: str | None = None
     ready_fd: int | None = None
     map_mode: str = MAP_ROOT
@@ -181,7 +182,10 @@ def parse_args(argv: list[str]) -> RunOptions | None:
         except PortSpecError as e:
             raise UsageError(f"--publish {e}") from None
     ro.publish_mode = v["publish_mode"]
-    ro.dns = v["dns"]
+    # Names resolve through nsnet by default (as with pasta); --no-dns, or
+    # --disable-dns (no DNS to point at), keeps the host's resolv.conf.
+    ro.dns = (not v["disable_dns"]) if v["dns"] is None else bool(v["dns"])
+    ro.dns_explicit = v["dns"] is True
     ro.api_socket = v["api_socket"]
     ro.name = v["name"]
     if ro.name is not None:
@@ -230,7 +234,7 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     ro.pcap_max_bytes = v["pcap_max_bytes"]
     ro.bypass = v["bypass"]
     ro.share_pid = v["share_pid"]
-    if v["dns"] and v["disable_dns"]:
+    if v["dns"] is True and v["disable_dns"]:
         raise UsageError("--dns names the built-in DNS, which --disable-dns turns off: "
                          "give one of them")
     if v["cidr6"] and not v["ipv6"]:
@@ -432,8 +436,8 @@ def _wait_ipv6(tapname: str, timeout: float) -> bool:
 
 
 def _resolv_conf(net: "NetConfig") -> bytes:
-    lines = ["# nsnet run --dns: the built-in DNS of nsnet's virtual network,",
-             "# which forwards queries to the host's resolver.",
+    lines = ["# nsnet run: the built-in DNS of nsnet's virtual network, which",
+             "# forwards queries to the host's resolver (--no-dns keeps the host's file).",
              f"nameserver {net.dns}"]
     if net.ipv6:
         lines.append(f"nameserver {net.dns6}")
@@ -446,8 +450,10 @@ def _resolv_conf(net: "NetConfig") -> bytes:
 
 
 def _bind_resolv_conf(libc: _Libc, net: "NetConfig") -> None:
+    """Bind-mount a resolv.conf naming nsnet's DNS over /etc/resolv.conf
+    (in this mount namespace).  RunError says why not."""
     if not os.path.exists("/etc/resolv.conf"):
-        raise RunError("--dns: /etc/resolv.conf does not exist (nothing to mount over)")
+        raise RunError("/etc/resolv.conf does not exist (nothing to mount over)")
     base = os.environ.get("TMPDIR") or "/tmp"
     for _ in range(100):
         d = os.path.join(base, f"nsnet-run.{os.getpid()}.{os.urandom(4).hex()}")
@@ -456,8 +462,12 @@ def _bind_resolv_conf(libc: _Libc, net: "NetConfig") -> None:
             break
         except FileExistsError:
             continue
+        except OSError as e:
+            from .diag import why
+
+            raise RunError(f"cannot make a directory in {base} (TMPDIR): {why(e)}") from None
     else:
-        raise RunError(f"--dns: cannot make a directory in {base}")
+        raise RunError(f"cannot make a directory in {base}")
     path = os.path.join(d, "resolv.conf")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -467,8 +477,10 @@ def _bind_resolv_conf(libc: _Libc, net: "NetConfig") -> None:
             os.close(fd)
         libc.mount(path, "/etc/resolv.conf", MS_BIND)
     except OSError as e:
-        raise RunError(f"--dns: cannot bind-mount a resolv.conf over /etc/resolv.conf: "
-                       f"{e.strerror}") from None
+        from .diag import why
+
+        raise RunError(f"cannot bind-mount a resolv.conf over /etc/resolv.conf: {why(e)}"
+                       ) from None
     finally:
         # The mount keeps the file; nothing is left in TMPDIR.
         for rm, p in ((os.unlink, path), (os.rmdir, d)):
@@ -533,11 +545,18 @@ class _Child:
             except OSError as e:
                 self.fail("cannot make the mount namespace a slave of the host's: "
                           f"{e.strerror}")
-            if r.opts.dns:
+            # (No file, or a dangling symlink, in the default mode: nothing to
+            # mount over, and nsnet's warning about the resolver has said it.)
+            if r.opts.dns and (r.opts.dns_explicit or os.path.exists("/etc/resolv.conf")):
                 try:
                     _bind_resolv_conf(libc, r.opts.net)
                 except RunError as e:
-                    self.fail(str(e))
+                    if r.opts.dns_explicit:
+                        self.fail(f"--dns: {e}")
+                    from . import log
+
+                    log.say(f"{PROG}: warning: {r.opts.argv[0]} keeps the host's "
+                            f"/etc/resolv.conf: {e}", "warning")
             if not r.opts.share_pid:
                 self.become_init()  # the rest runs as PID 1 of the new namespace
             self.send(b"N")
@@ -992,8 +1011,13 @@ class Runner:
         line, fields = diag.start_line(o.net, target=f"pid {self.cmd}", tapname=o.tapname,
                                        api_socket=o.api_socket, pcap=o.pcap,
                                        pcap_max_bytes=o.pcap_max_bytes,
-                                       extra={"publish": [str(p) for p in o.publish]})
+                                       extra={"publish": [str(p) for p in o.publish],
+                                              "resolv_conf": "nsnet" if o.dns else "host"})
         log.get("nsnet").info(line, extra={"fields": fields})
+        warn = diag.dns_warning(o.net, rewrite=o.dns, policy=o.policy,
+                                why_not="--disable-dns" if o.net.disable_dns else "--no-dns")
+        if warn is not None:
+            log.get("nsnet").warning(warn[0], extra={"fields": warn[1]})
         sopts = Options(target=Target.from_pid(self.cmd), tapname=o.tapname, net=o.net,
                         configure=False, ready_fd=o.ready_fd, api_socket=o.api_socket,
                         exit_with_target=True, pidfile=o.pidfile, sandbox=o.sandbox,

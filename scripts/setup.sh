@@ -27,7 +27,7 @@ LOG_DIR="${NSNET_LOG_DIR:-/tmp/nsnet-setup}"
 APT_PACKAGES=(
     libslirp-dev libglib2.0-dev pkg-config gcc python3-dev python3-venv
     iproute2 uidmap slirp4netns passt iperf3 rootlesskit libseccomp-dev
-    util-linux procps iputils-ping
+    util-linux procps iputils-ping runc
 )
 
 say() { printf 'setup.sh: %s\n' "$*" >&2; }

@@ -199,6 +199,57 @@ def test_ctl_capture(user, ns, xdg, procs, workdir, host_server):
     assert read_pcap(os.path.join(cwd, "j.pcap"))[0] == 1
 
 
+def test_ctl_policy(user, ns, xdg, procs, workdir, host_server):
+    """policy (get_policy as a table) and set-policy (built as the command
+    line builds it: FILE's rules, then --allow/--deny, --egress), enforced
+    at once; bad rules are refused before anything is sent."""
+    from test_pcap import GW
+
+    start(user, xdg, procs, "--name", "pol", "-c", ns.pid, "tap0")
+    ok, other = host_server("sink"), host_server("sink")
+    cp = nsnet(user, xdg, "ctl", "policy")
+    assert (cp.returncode, cp.stdout) == (0, "egress allow (what no rule matches gets)\n"), \
+        cp.stderr
+    assert ns.client("connect", GW, other.port)["ok"] is True
+    cp = nsnet(user, xdg, "ctl", "set-policy", "--egress", "deny",
+               f"--allow=tcp:{GW}:{ok.port}")
+    assert (cp.returncode, cp.stdout) == (0, "policy set: egress deny, 1 rule\n"), cp.stderr
+    assert ns.client("connect", GW, ok.port)["ok"] is True
+    assert "ConnectionRefused" in ns.client("connect", GW, other.port)["error"]
+    cp = nsnet(user, xdg, "ctl", "policy")
+    assert cp.stdout.splitlines() == ["egress deny (what no rule matches gets)",
+                                      "#  ACTION  RULE",
+                                      f"0  allow   tcp:{GW}:{ok.port}"], cp.stdout
+    # FILE's rules first, then --deny; its default stays without --egress
+    path = os.path.join(workdir, "policy.json")
+    with open(path, "w") as f:
+        json.dump({"egress": "allow", "rules": [{"action": "allow", "proto": "tcp",
+                                                 "dest": GW, "ports": ok.port}]}, f)
+    os.chmod(path, 0o644)
+    cp = nsnet(user, xdg, "ctl", "set-policy", path, "--deny", f"tcp:{GW}",
+               "--keep-established", "--json")
+    assert json.loads(cp.stdout) == {"return": {}}, cp.stderr
+    cp = nsnet(user, xdg, "ctl", "--json", "policy")
+    assert json.loads(cp.stdout)["return"] == {
+        "egress": "allow", "rules": [
+            {"action": "allow", "proto": "tcp", "dest": GW, "ports": str(ok.port)},
+            {"action": "deny", "proto": "tcp", "dest": GW}]}, cp.stdout
+    assert ns.client("connect", GW, ok.port)["ok"] is True
+    assert "ConnectionRefused" in ns.client("connect", GW, other.port)["error"]
+    # refused before sending: the policy in force stays
+    for args, msg in ((["set-policy"], "needs a FILE or --egress"),
+                      (["set-policy", "--allow=tcp:10.0.2.1/24"], "host bits set"),
+                      (["set-policy", "--egress=maybe"], "allow or deny"),
+                      (["set-policy", "/nonexistent-policy.json"], "cannot read it"),
+                      (["set-policy", "--bogus"], "unknown option"),
+                      (["policy", "x"], "takes no arguments")):
+        cp = nsnet(user, xdg, "ctl", *args)
+        assert cp.returncode == 2 and msg in cp.stderr, (args, cp.stderr)
+        assert "Traceback" not in cp.stderr
+    assert json.loads(nsnet(user, xdg, "ctl", "--json", "policy").stdout)["return"][
+        "rules"][1]["action"] == "deny"
+
+
 def test_ctl_port_syntax(user, ns, xdg, procs):
     """Docker/Podman port syntax: kernel-chosen host port (printed and
     listed), ranges (all or nothing), /udp."""

@@ -59,6 +59,49 @@ def test_json_log_every_line(impl, ns, connect):
     assert events[:2] == ["start", "ready"] and events[-1] == "exit"
 
 
+@nsnet_only
+def test_debug_lines_for_forwards_and_requests(impl, ns, connect):
+    """--log-level=debug: a line for each forward added, removed or failed
+    (the errno in the failure), libslirp's and the fast path's alike, and
+    one per API request."""
+    from harness import api_call
+
+    net = connect("--log-level=debug", "--log-format=json")
+    ports = [free_port(), free_port()]
+
+    def call(execute, **arguments):
+        return json.loads(api_call(net.api, {"execute": execute, "arguments": arguments}))
+
+    ids = [call("add_hostfwd", proto="tcp", host_addr="127.0.0.1", host_port=p, guest_port=80,
+                mode=mode)["return"]["id"] for p, mode in zip(ports, ("slirp", "splice"))]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        for mode in ("slirp", "splice"):
+            assert "error" in call("add_hostfwd", proto="tcp", host_addr="127.0.0.1",
+                                   host_port=taken, guest_port=81, mode=mode)
+    for fid in ids:
+        assert call("remove_hostfwd", id=fid) == {"return": {}}
+    events = [json.loads(ln) for ln in net.fwd.log().splitlines() if ln.startswith("{")]
+
+    def of(kind):
+        return [e for e in events if e.get("event") == kind]
+
+    assert [(e["level"], e["id"], e["host_port"], e.get("mode", "slirp"))
+            for e in of("forward_added")] == [("debug", ids[0], ports[0], "slirp"),
+                                              ("debug", ids[1], ports[1], "splice")]
+    assert [(e["level"], e["id"]) for e in of("forward_removed")] == \
+        [("debug", ids[0]), ("debug", ids[1])]
+    failed = of("forward_failed")
+    assert [(e["level"], e["host_port"], e.get("mode", "slirp")) for e in failed] == \
+        [("warning", taken, "slirp"), ("warning", taken, "splice")], failed
+    assert all("Address already in use (EADDRINUSE)" in e["error"] for e in failed), failed
+    requests = [e["request"] for e in of("api_request")]
+    assert sum('"add_hostfwd"' in r for r in requests) == 4, requests
+    assert sum('"remove_hostfwd"' in r for r in requests) == 2, requests
+
+
 @pytest.mark.parametrize("args", [
     ["--log-format=json", "--mtu=0", "1", "tap0"],
     ["--log-format", "json", "--netns-type=path", "/etc/passwd", "tap0"],

@@ -316,6 +316,43 @@ def test_no_listener_on_guest_port(fnet, guest):
     echo_check(good, 100_000)
 
 
+def test_refused_connections_logged_at_debug(nsnet_impl, ns, start_fwd, workdir):
+    """Issue 14: at debug level, one line per connection the guest refused
+    (nothing listens on the guest port), with the errno and the client;
+    counted in get_stats' fastpath.refused; none at the default level.  The
+    debug run has the relay sandboxed and under its seccomp list, which the
+    logging must fit (a killed relay would be restarted with its count at 0)."""
+    lines = {}
+    for level in ("debug", "info"):
+        api = os.path.join(workdir, f"{level}.sock")
+        confine = ["--enable-sandbox", "--enable-seccomp"] if level == "debug" else []
+        fwd = start_fwd(nsnet_impl, ["--configure", f"--log-level={level}", "--log-format=json",
+                                     *confine, "--api-socket", api, ns.pid, "tap0"])
+        port, dead_port = free_port(), free_port()
+        added(api, port, dead_port)
+        for _ in range(3):
+            assert harness.refused_through(port)
+        wait_until(lambda: relay_stats(api)["refused"] == 3, 10, what="3 refusals counted")
+        if level == "debug":
+            wait_until(lambda: fwd.log().count('"fastpath_refused"') == 3, 10,
+                       what="3 debug lines")
+        log = [json.loads(ln) for ln in fwd.log().splitlines() if ln.startswith("{")]
+        lines[level] = (port, dead_port, [e for e in log if e.get("event") == "fastpath_refused"],
+                        [e for e in log if e.get("level") in ("warning", "error")])
+        fwd.stop()
+    assert lines["info"][2] == []
+    port, dead_port, debug, trouble = lines["debug"]
+    assert trouble == []  # no relay killed by seccomp, nothing restarted
+    for e in debug:
+        assert (e["level"], e["errno"], e["host_port"], e["guest_port"]) == \
+            ("debug", "ECONNREFUSED", port, dead_port), e
+        assert e["client"].startswith("127.0.0.1:"), e
+        assert e["msg"].startswith(f"fast path: the guest refused 10.0.2.100:{dead_port} "
+                                   f"(forward 127.0.0.1:{port}/tcp): Connection refused "
+                                   "(ECONNREFUSED)"), e
+    assert len({e["client"] for e in debug}) == 3  # one line per connection
+
+
 def test_loopback_only_server_stays_private(fnet, guest, ns):
     """Issue 11 item 3: a default splice forward connects to the guest's
     TAP address, as libslirp's forwards do: a server bound only to the

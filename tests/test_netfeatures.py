@@ -138,10 +138,11 @@ class Resolver:
     sealed namespace: A/AAAA for names under .test, REFUSED for the rest.
     Records every question it gets."""
 
-    def __init__(self):
+    def __init__(self, addrs: tuple[str, ...] = ("127.0.0.1", "::1")):
         self.queries: list[tuple[str, int, str]] = []  # (name, qtype, peer)
         self.socks = []
-        for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        for addr in addrs:
+            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
             s = socket.socket(family, socket.SOCK_DGRAM)
             s.bind((addr, 53))
             s.settimeout(0.2)

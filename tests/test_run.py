@@ -508,15 +508,17 @@ def _host_state():
     (["--cidr", "10.9.0.0/24", "-6"], ["10.9.0.3", "fd00::3"]),
 ])
 def test_dns_resolv_conf_inside_only(user, flags, servers):
-    """Only the file's contents are checked: no DNS query is ever sent."""
+    """Only the file's contents are checked: no DNS query is ever sent
+    (test_run_dns.py resolves through it)."""
     before = _host_state()
-    cp = nsnet_run(user, ["--dns", *flags, "--", "cat", "/etc/resolv.conf"], text=True)
-    assert cp.returncode == 0, cp.stderr
-    names = [ln.split()[1] for ln in cp.stdout.splitlines() if ln.startswith("nameserver")]
-    assert names == servers
-    assert _host_state() == before  # host file, host mounts, no temp files left
-    # Without --dns, COMMAND sees the host's file.
-    cp = nsnet_run(user, ["--", "cat", "/etc/resolv.conf"])
+    for dns in ([], ["--dns"]):  # the default, and asked for
+        cp = nsnet_run(user, [*dns, *flags, "--", "cat", "/etc/resolv.conf"], text=True)
+        assert cp.returncode == 0, cp.stderr
+        names = [ln.split()[1] for ln in cp.stdout.splitlines() if ln.startswith("nameserver")]
+        assert names == servers
+        assert _host_state() == before  # host file, host mounts, no temp files left
+    # With --no-dns, COMMAND sees the host's file.
+    cp = nsnet_run(user, ["--no-dns", "--", "cat", "/etc/resolv.conf"])
     assert cp.stdout == before[0]
 
 

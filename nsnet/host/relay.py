@@ -4,10 +4,12 @@ opened in the namespace (csrc/relay.c); see nsnet/supervisor/fastpath.py."""
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
 import struct
+import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
@@ -22,6 +24,7 @@ from ..proto.wire import MAX_MSG, ProtocolError
 RELAY_TURN_MS = 1000      # the C loop returns to Python at least this often
 PIPE_SIZE = 256 * 1024    # per direction and connection (falls back to 64 KiB)
 MAX_PENDING = 128         # connections waiting for the connector
+REFUSED_LOG_PER_SECOND = 10  # debug lines for connections the guest refused
 
 
 def _reset_close(sock: socket.socket) -> None:
@@ -71,9 +74,16 @@ class Relay:
             raise OSError(ffi.errno, "relay_new failed")
         self.listeners: dict[int, _Listener] = {}  # by fd
         self.connector: socket.socket | None = None
-        self.pending: dict[int, socket.socket] = {}  # tag -> accepted client
+        # tag -> (accepted client, its forward, its peer address)
+        self.pending: dict[int, tuple[socket.socket, Forward, Any]] = {}
         self.next_tag = 1
         self.paused = False  # listeners unwatched: too many pending
+        self.refused = 0  # connections the guest refused (get_stats)
+        # debug lines for them: at most REFUSED_LOG_PER_SECOND a second
+        self.clock = time.monotonic
+        self.refused_window = -1e9
+        self.refused_logged = 0
+        self.refused_hidden = 0
         ctl.setblocking(False)
         self._watch(ctl.fileno())
 
@@ -100,7 +110,9 @@ class Relay:
             try:
                 sock = listen(fwd)
             except OSError as e:
-                return {"ok": False, "error": f"{fwd.host_addr}:{fwd.host_port}: {e.strerror}"}
+                name = errno.errorcode.get(e.errno or 0, str(e.errno))
+                return {"ok": False, "error": f"{_addr(fwd.host_addr, fwd.host_port)}: "
+                                              f"{e.strerror} ({name})"}
             self.listeners[sock.fileno()] = _Listener(sock, fwd)
             if not self.paused:
                 self._watch(sock.fileno())
@@ -127,7 +139,7 @@ class Relay:
                 "active": st.active, "total": st.total, "closed": st.closed,
                 "reset": st.reset, "failed": st.failed, "bytes_in": st.bytes[0],
                 "bytes_out": st.bytes[1], "pending": len(self.pending),
-                "listeners": len(self.listeners)}}
+                "listeners": len(self.listeners), "refused": self.refused}}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
     def _control(self) -> bool:
@@ -167,7 +179,7 @@ class Relay:
             self._unwatch(self.connector.fileno())
             self.connector.close()
             self.connector = None
-        for client in self.pending.values():
+        for client, _fwd, _peer in self.pending.values():
             _reset_close(client)
         self.pending.clear()
         self._pause(False)
@@ -182,7 +194,7 @@ class Relay:
     def _accept(self, lst: _Listener) -> None:
         while len(self.pending) < MAX_PENDING:
             try:
-                client, _ = lst.sock.accept()
+                client, peer = lst.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # EMFILE and friends: try again next turn
@@ -200,7 +212,7 @@ class Relay:
                 _reset_close(client)
                 self._drop_connector()
                 return
-            self.pending[tag] = client
+            self.pending[tag] = (client, lst.fwd, peer)
         self._pause(True)
 
     def _connected(self) -> None:
@@ -228,17 +240,55 @@ class Relay:
                     os.close(fd)
                 self._drop_connector()  # it sees EOF and exits; a new one comes
                 break
-            client = self.pending.pop(reply["tag"], None)
+            waiting = self.pending.pop(reply["tag"], None)
+            client = waiting[0] if waiting is not None else None
             if client is not None and reply["ok"] and fds:
                 rc = self.lib.relay_add(self.ctx, client.detach(), fds.pop(0))
                 if rc < 0:
                     self.log.warning(f"relay: cannot relay a connection: {os.strerror(-rc)}")
-            elif client is not None:
-                _reset_close(client)
+            elif waiting is not None:
+                _reset_close(waiting[0])
+                self._refused(waiting[1], waiting[2], reply.get("errno"))
             for fd in fds:
                 os.close(fd)
         if len(self.pending) < MAX_PENDING // 2:
             self._pause(False)
+
+    def _refused(self, fwd: Forward, peer: Any, err: int | None) -> None:
+        """The connector could not connect to the guest port (nothing
+        listens: ECONNREFUSED; a firewall: ETIMEDOUT...): counted, and one
+        debug line, at most REFUSED_LOG_PER_SECOND a second (a client
+        hammering a closed port must not flood the log).  Only the errno
+        number comes from the connector (it lives in the namespace)."""
+        self.refused += 1
+        if not self.log.isEnabledFor("debug"):
+            return
+        self._refused_window(self.clock())
+        if self.refused_logged >= REFUSED_LOG_PER_SECOND:
+            self.refused_hidden += 1
+            return
+        self.refused_logged += 1
+        name = errno.errorcode.get(err or 0, "")
+        why = f"{os.strerror(err)} ({name})" if name else "unknown error"
+        client = _addr(peer[0], peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else "?"
+        self.log.debug(
+            f"fast path: the guest refused {_addr(fwd.guest_addr, fwd.guest_port)} "
+            f"(forward {_addr(fwd.host_addr, fwd.host_port)}/tcp): {why}; the connection "
+            f"from {client} was reset",
+            extra={"fields": {"event": "fastpath_refused", "errno": name or None,
+                              "client": client, **fwd.to_dict()}})
+
+    def _refused_window(self, now: float) -> None:
+        """A new second: say how many refusals were not logged in the last."""
+        if now - self.refused_window < 1.0:
+            return
+        if self.refused_hidden:
+            self.log.debug(f"fast path: {self.refused_hidden} more connections refused by "
+                           f"the guest were not logged (at most {REFUSED_LOG_PER_SECOND} "
+                           "lines a second)",
+                           extra={"fields": {"event": "fastpath_refused_unlogged",
+                                             "count": self.refused_hidden}})
+        self.refused_window, self.refused_logged, self.refused_hidden = now, 0, 0
 
     def step(self) -> bool:
         """After the C loop woke up: serve whatever is readable."""
@@ -266,6 +316,12 @@ class Relay:
                 return 4
             if rc == self.lib.RELAY_WAKE and not self.step():
                 return 0
+            if self.refused_hidden:
+                self._refused_window(self.clock())
+
+
+def _addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _poll_now(fds: list[int]) -> list[tuple[int, int]]:

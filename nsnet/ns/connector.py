@@ -76,12 +76,12 @@ def connector_main(ns: helper_ns.NsFds, sock: socket.socket,
     poller.register(sock.fileno(), select.POLLIN)
     pending: dict[int, tuple[Any, socket.socket, float]] = {}
 
-    def answer(tag: Any, conn: socket.socket | None, error: str = "") -> None:
+    def answer(tag: Any, conn: socket.socket | None, err: int = 0) -> None:
         if conn is not None:
             fdpass.send_fds(sock, {"tag": tag, "ok": True}, [conn.fileno()])
             conn.close()
         else:
-            send_json(sock, {"tag": tag, "ok": False, "error": error})
+            send_json(sock, {"tag": tag, "ok": False, "error": os.strerror(err), "errno": err})
 
     while True:
         now = time.monotonic()
@@ -107,14 +107,14 @@ def connector_main(ns: helper_ns.NsFds, sock: socket.socket,
                     poller.register(conn.fileno(), select.POLLOUT)
                 else:
                     conn.close()
-                    answer(tag, None, os.strerror(err))
+                    answer(tag, None, err)
                 continue
             tag, conn, _ = pending.pop(fd)
             poller.unregister(fd)
             err = conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 conn.close()
-                answer(tag, None, os.strerror(err))
+                answer(tag, None, err)
             else:
                 answer(tag, conn)
         now = time.monotonic()
@@ -123,4 +123,4 @@ def connector_main(ns: helper_ns.NsFds, sock: socket.socket,
                 del pending[fd]
                 poller.unregister(fd)
                 conn.close()
-                answer(tag, None, os.strerror(errno.ETIMEDOUT))
+                answer(tag, None, errno.ETIMEDOUT)

@@ -213,6 +213,38 @@ def _interface(ns: NsFds, sock: socket.socket, tapname: str) -> int:
     return _describe(tapname, sock)
 
 
+def _netfacts(ns: NsFds, sock: socket.socket) -> int:
+    """What the bypass handler must know of the namespace (--bypass-listener):
+    its SO_NETNS_COOKIE, a fresh TCP socket's buffer sizes."""
+    if not enter_namespaces(ns) or not drop_capabilities():
+        return 1
+    from ..bypassfilter import FilterError, namespace_facts, unpack_facts
+
+    try:
+        cookie, snd, rcv = unpack_facts(namespace_facts())
+    except FilterError as e:
+        fdpass.send_fds(sock, {"error": str(e)}, [])
+        return 0
+    fdpass.send_fds(sock, {"cookie": cookie, "sndbuf": snd, "rcvbuf": rcv}, [])
+    return 0
+
+
+def netfacts(ns: NsFds, timeout: float = 10.0) -> tuple[int, int, int]:
+    """(netns cookie, SO_SNDBUF, SO_RCVBUF) of the target's namespace, read
+    by a helper inside it.  HelperError when that fails."""
+    data, fds, status = _in_namespaces("nsnet-nshelper", "netfacts", ns, {}, timeout)
+    for fd in fds:
+        os.close(fd)
+    try:
+        msg = proto.parse_netfacts(data or b"", len(fds))
+    except ProtocolError as e:
+        raise HelperError(f"namespace helper failed({status})" if data is None
+                          else f"namespace helper: protocol error: {e}") from None
+    if "error" in msg:
+        raise HelperError(msg["error"])
+    return msg["cookie"], msg["sndbuf"], msg["rcvbuf"]
+
+
 def _connector(ns: NsFds, sock: socket.socket, seccomp: bool = False) -> int:
     from .connector import connector_main
 
@@ -221,7 +253,7 @@ def _connector(ns: NsFds, sock: socket.socket, seccomp: bool = False) -> int:
 
 # What spawn() can start after an exec (their arguments are JSON): the TAP
 # helper is not among them, it runs before the supervisor loads libslirp.
-_EXEC_KINDS = {"interface": _interface, "connector": _connector}
+_EXEC_KINDS = {"interface": _interface, "connector": _connector, "netfacts": _netfacts}
 
 # The fresh interpreter's first code (started with -I -S: no site, no
 # environment): the parent's import path, so that it imports this very

@@ -12,7 +12,9 @@ Connector -> supervisor (once, at start): {"event": "ready", "pid": P}
                                         or {"event": "failed", "error": str}
 Relay -> connector:  {"tag": T, "addr": str, "port": int}
 Connector -> relay:  {"tag": T, "ok": true} + the connected fd
-                   | {"tag": T, "ok": false, "error": str}
+                   | {"tag": T, "ok": false, "error": str, "errno": E}
+                     (E: connect's errno, 1..4095; the relay logs it at debug
+                     level by its number, never the connector's text)
 
 The connector lives in the target's namespaces: whatever it says is
 checked (shape, a tag the relay is waiting for, one fd exactly with ok);
@@ -45,7 +47,8 @@ CONNECTOR_START = {
     "failed": Obj({"event": Str(), "error": ERROR}),
 }
 CONNECT_REQUEST = Obj({"tag": TAG, "addr": ADDR, "port": PORT})
-CONNECT_REPLY = Obj({"tag": TAG, "ok": Bool()}, {"error": ERROR})
+ERRNO = Int(1, 4095)
+CONNECT_REPLY = Obj({"tag": TAG, "ok": Bool()}, {"error": ERROR, "errno": ERRNO})
 
 
 def send_json(sock: socket.socket, msg: dict[str, Any]) -> None:

@@ -8,6 +8,9 @@ Interface helper (get_info "interface": true), no fd:
                   {"ifname", "ifindex", "mtu", "mac", "operstate", "up",
                    "addresses": [str], "routes": [{"dst", "gateway", "family"}]}
                or {"error": str}
+Netfacts helper (--bypass-listener), no fd:
+                  {"cookie": SO_NETNS_COOKIE, "sndbuf": int, "rcvbuf": int}
+               or {"error": str}
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ INTERFACE = Obj({"ifname": Str(15), "ifindex": Int(0, (1 << 31) - 1), "mtu": OPT
                  "routes": List(Obj({"dst": Str(64), "gateway": OPT_STR,
                                      "family": Str(8, ("inet", "inet6"))}), MAX_ROUTES)})
 INTERFACE_ERROR = Obj({"error": ERROR})
+NETFACTS = Obj({"cookie": Int(1, (1 << 64) - 1), "sndbuf": Int(1, (1 << 31) - 1),
+                "rcvbuf": Int(1, (1 << 31) - 1)})
 
 
 def parse_tap_result(data: bytes, nfds: int) -> tuple[int, bytes | None]:
@@ -54,3 +59,13 @@ def parse_interface(data: bytes, nfds: int) -> dict[str, Any]:
     if type(msg) is dict and "error" in msg:
         return INTERFACE_ERROR(msg, "interface helper error")
     return INTERFACE(msg, "interface helper message")
+
+
+def parse_netfacts(data: bytes, nfds: int) -> dict[str, Any]:
+    """The netfacts helper's answer: the facts, or {"error": str}."""
+    msg = decode(data)
+    if nfds:
+        raise ProtocolError(f"netfacts helper message with {nfds} fds (expected none)")
+    if type(msg) is dict and "error" in msg:
+        return INTERFACE_ERROR(msg, "netfacts helper error")
+    return NETFACTS(msg, "netfacts helper message")

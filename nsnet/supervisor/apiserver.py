@@ -71,40 +71,7 @@ class ApiServer:
     supervisor.core.Supervisor)."""
 
     def _bind_api(self, path: str) -> None:
-        if len(path.encode()) >= 108:
-            raise SetupError(f"API socket path too long ({len(path.encode())} bytes, max 107)")
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        if st is not None:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise SetupError(f"API socket path {path} exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except ConnectionRefusedError:
-                os.unlink(path)  # stale socket of a dead process
-            except OSError as e:
-                raise SetupError(f"API socket {path}: {e.strerror}") from None
-            else:
-                raise SetupError(f"API socket {path} is in use by another process")
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)  # 0600: only the invoking user may talk to it
-        try:
-            sock.bind(path)
-        except OSError as e:
-            sock.close()
-            raise SetupError(f"cannot bind API socket {path}: {e.strerror}") from None
-        finally:
-            os.umask(old)
-        sock.listen(1024)  # bursts of clients wait in the queue, not EAGAIN
-        sock.setblocking(False)
-        st = os.lstat(path)  # never follow a symlink swapped in after bind
-        self.api_sock = sock
-        self.api_ino = (st.st_dev, st.st_ino)
+        self.api_sock, self.api_ino = bind_unix_socket(path, "API socket")
         ns = self.nsfds
         self.peer_check = PeerCheck(ns.user if ns else None, ns.net if ns else None,
                                     self.opts.target.pid)
@@ -150,7 +117,9 @@ class ApiServer:
             try:
                 yield from wait(self._fastpath().add(fwd))
             except ForwardError as e:
-                self.log.warning(f"forward {_fwd_text(fwd)} failed: {e}")
+                self.log.warning(f"forward {_fwd_text(fwd)} failed: {e}",
+                                 extra={"fields": {"event": "forward_failed", "error": str(e),
+                                                   **fwd.to_dict()}})
                 raise
             fid = self.forwards.add(fwd)
             self.log.debug(f"forward {fid} added: {_fwd_text(fwd)}",
@@ -175,10 +144,7 @@ class ApiServer:
             raise KeyError(fid)
         if fwd.is_splice:  # the fast path: nsnet/supervisor/fastpath.py
             yield from wait(self._fastpath().remove(fwd))
-            if self.forwards.get(fid) is fwd:
-                self.forwards.remove(fid)
-            return
-        if fid not in self.inactive_forwards:  # else libslirp does not have it
+        elif fid not in self.inactive_forwards:  # else libslirp does not have it
             reply = yield from wait(self._forwarder_request({"op": "remove",
                                                              "forward": fwd.to_dict()}))
             if not reply.get("ok"):
@@ -538,16 +504,60 @@ class ApiServer:
     def _unlink_api(self) -> None:
         if self.peer_check is not None:
             self.peer_check.close()
-        path = self.opts.api_socket
-        if not path or self.api_ino is None:
-            return
-        try:
-            st = os.lstat(path)
-            if (st.st_dev, st.st_ino) == self.api_ino:
-                os.unlink(path)
-        except OSError:
-            pass
+        unlink_if_ours(self.opts.api_socket, self.api_ino)
 
+
+def bind_unix_socket(path: str, what: str) -> tuple[socket.socket, tuple[int, int]]:
+    """A listening, non-blocking unix socket at path, mode 0600 (only the
+    invoking user; root passes anyway), and its file's (st_dev, st_ino) for
+    removing it later only if it is still ours.  A stale socket file of a
+    dead process is replaced; a live one, or anything else at path, is a
+    SetupError naming `what`."""
+    if len(path.encode()) >= 108:
+        raise SetupError(f"{what} path too long ({len(path.encode())} bytes, max 107)")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SetupError(f"{what} path {path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale socket of a dead process
+        except OSError as e:
+            raise SetupError(f"{what} {path}: {e.strerror}") from None
+        else:
+            raise SetupError(f"{what} {path} is in use by another process")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)  # 0600: only the invoking user may talk to it
+    try:
+        sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise SetupError(f"cannot bind {what} {path}: {e.strerror}") from None
+    finally:
+        os.umask(old)
+    sock.listen(1024)  # bursts of clients wait in the queue, not EAGAIN
+    sock.setblocking(False)
+    st = os.lstat(path)  # never follow a symlink swapped in after bind
+    return sock, (st.st_dev, st.st_ino)
+
+
+def unlink_if_ours(path: str | None, ino: tuple[int, int] | None) -> None:
+    """Remove the socket file at path if it is still the one we bound."""
+    if not path or ino is None:
+        return
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == ino:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def refusal_reply(why: str) -> bytes:

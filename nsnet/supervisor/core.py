@@ -103,6 +103,7 @@ class Options:
         audit_log: str | None = None,
         pcap: str | None = None,
         pcap_max_bytes: int = 0,
+        bypass_listener: str | None = None,
     ) -> None:
         self.target = target
         self.tapname = tapname
@@ -127,6 +128,8 @@ class Options:
         # --pcap: the capture file (opened here, written by the forwarder)
         self.pcap = pcap
         self.pcap_max_bytes = pcap_max_bytes
+        # --bypass-listener: the socket OCI runtimes send seccomp listeners to
+        self.bypass_listener = bypass_listener
 
 
 
@@ -236,6 +239,8 @@ class Supervisor(ForwarderControl, ApiServer):
             self.nsfds = helper_ns.open_namespaces(o.target)
         except helper_ns.HelperError as e:
             raise SetupError(str(e)) from None
+        if o.bypass_listener:  # its errors before the TAP exists
+            self._start_oci_listener(o.bypass_listener)
         # The namespace helper creates the TAP while this process binds the
         # API socket and starts the forwarder, which loads libslirp, sets it
         # up and then waits for the TAP.  (This process has not loaded the
@@ -257,6 +262,34 @@ class Supervisor(ForwarderControl, ApiServer):
         if o.pidfile:
             self._write_pidfile(o.pidfile)
 
+    def _start_oci_listener(self, path: str) -> None:
+        """--bypass-listener (supervisor/ocilistener.py): the namespace's
+        facts for the handlers, then the socket, served by the loop."""
+        from ..bypassfilter import FilterError, syscall_numbers
+        from .ocilistener import OciListener
+
+        assert self.nsfds is not None
+        try:
+            syscall_numbers()
+            facts = helper_ns.netfacts(self.nsfds)
+        except (FilterError, helper_ns.HelperError) as e:
+            raise SetupError(f"--bypass-listener: {e}") from None
+        oci = OciListener(path, self.nsfds.net, self.opts.net, facts,
+                          lambda: self.default_guest_addr6,
+                          lambda: self.policy)
+        self.io_sources.append(oci)
+        self.stats_sources["bypass"] = oci.stats
+        self.policy_listeners.append(oci.policy_changed)
+
+        def blocked_by() -> str | None:
+            if not oci.may_have_bypassed():
+                return None
+            return ("--bypass-listener: connections that bypass libslirp cannot be cut by a "
+                    "policy set at run time; give keep_established: true (connects from "
+                    "then on follow the new policy), or start nsnet with the policy")
+
+        self.policy_blocked_by = blocked_by
+
     def _confine(self) -> None:
         """--enable-sandbox: the supervisor too, as far as its job allows
         (nsnet/sandbox.py confine_supervisor; SECURITY.md).  Without a
@@ -273,7 +306,8 @@ class Supervisor(ForwarderControl, ApiServer):
         from .. import sandbox
 
         try:
-            done = sandbox.confine_supervisor([self.opts.api_socket, self.opts.pidfile])
+            done = sandbox.confine_supervisor([self.opts.api_socket, self.opts.pidfile,
+                                               self.opts.bypass_listener])
         except sandbox.SandboxError as e:
             raise SetupError(str(e)) from None
         self.log.debug(f"supervisor confined: {done}")

@@ -88,6 +88,18 @@ def test_run_no_egress_reaches_the_net_config():
     assert run.parse_args(["true"]).net.restricted is False
 
 
+@pytest.mark.parametrize("flags,dns,explicit", [
+    ([], True, False),                   # names resolve through nsnet by default
+    (["--dns"], True, True),
+    (["--no-dns"], False, False),
+    (["--disable-dns"], False, False),   # no DNS to point at: the host's file
+    (["--no-dns", "--dns"], True, True),  # the last one wins
+])
+def test_run_dns_default(flags, dns, explicit):
+    ro = run.parse_args([*flags, "true"])
+    assert (ro.dns, ro.dns_explicit) == (dns, explicit)
+
+
 def test_run_options():
     ro = run.parse_args(["-6", "--mtu", "9000", "--cidr", "10.1.0.0/24", "-p",
                          "[::1]:8080:80", "--disable-host-loopback", "--", "sh", "-c", "x"])
@@ -102,6 +114,7 @@ def test_run_options():
     (["--mtu", "x", "true"], "MTU must be a positive integer"),  # the same words as nsnet
     (["--log-level", "loud", "true"], "log-level must be debug, info, warning or error"),
     (["-p", "80-82:80", "true"], "--publish"),
+    (["--dns", "--disable-dns", "true"], "--dns names the built-in DNS"),
 ])
 def test_run_bad_options(argv, msg):
     with pytest.raises(run.UsageError, match=msg):

@@ -110,6 +110,18 @@ def test_api_false_offload_passes_no_offload():
     assert client.run_flags() == []
 
 
+def test_api_dns_follows_the_table():
+    """nsnet.run/Popen's dns: None (the table's default) passes nothing, so
+    names resolve through nsnet as on the command line; False is --no-dns."""
+    assert O.default("dns", O.RUN) is None
+    assert client.run_flags() == [] and client.run_flags(dns=None) == []
+    assert client.run_flags(dns=False) == ["--no-dns"]
+    assert client.run_flags(dns=True) == ["--dns"]
+    for dns in (None, False, True):
+        v, _, _ = O.parse(O.RUN, client.run_flags(dns=dns))
+        assert v["dns"] is dns
+
+
 def test_api_flags_round_trip():
     """What the API passes parses back to the values it was given."""
     kw = dict(mtu=9000, cidr="10.9.0.0/24", ipv6=True, disable_host_loopback=True,

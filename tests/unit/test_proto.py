@@ -210,6 +210,8 @@ def test_connector_protocol():
     pending = {5: object()}
     assert fp.parse_connect_reply(enc({"tag": 5, "ok": True}), 1, pending)["tag"] == 5
     assert fp.parse_connect_reply(enc({"tag": 5, "ok": False, "error": "refused"}), 0, pending)
+    assert fp.parse_connect_reply(enc({"tag": 5, "ok": False, "error": "Connection refused",
+                                       "errno": 111}), 0, pending)["errno"] == 111
     # What a connector taken over from inside the namespace might forge
     # (a list as tag crashed the relay: unhashable).
     for msg, nfds in (({"tag": [5], "ok": True}, 1),
@@ -218,7 +220,11 @@ def test_connector_protocol():
                       ({"tag": 5, "ok": True}, 0),      # ok without the fd
                       ({"tag": 5, "ok": True}, 2),
                       ({"tag": 5, "ok": False}, 1),     # an fd with a refusal
-                      ({"tag": 5, "ok": 1}, 1)):
+                      ({"tag": 5, "ok": 1}, 1),
+                      ({"tag": 5, "ok": False, "errno": 0}, 0),      # errno 1..4095
+                      ({"tag": 5, "ok": False, "errno": 4096}, 0),
+                      ({"tag": 5, "ok": False, "errno": "111"}, 0),
+                      ({"tag": 5, "ok": False, "errno": True}, 0)):
         with pytest.raises(ProtocolError):
             fp.parse_connect_reply(enc(msg), nfds, pending)
 
