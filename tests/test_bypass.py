@@ -365,6 +365,7 @@ class PeerServer:
             pass
 
     def close(self):
+        harness.wake_listener(self.sock)  # the accept() waiting for another peer
         self.sock.close()
         self.t.join(5)
 
