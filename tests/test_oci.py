@@ -186,13 +186,15 @@ def start_nsnet(attach, nsnet_impl, ns, workdir, *flags) -> tuple:
     return net, listener
 
 
-@pytest.mark.parametrize("user", ["root", "unpriv"], indirect=True)
+@pytest.mark.parametrize("user, flags", [("root", ()), ("unpriv", ()),
+                                         ("root", ("--enable-sandbox", "--enable-seccomp"))],
+                         indirect=["user"], ids=["root", "unpriv", "root-sandbox"])
 def test_container_connects_are_bypassed(nsnet_impl, ns, attach, workdir, bundle,
-                                         run_container, host_server):
+                                         run_container, host_server, flags):
     tcp, udp = host_server("echo"), host_server("echo", "udp")
     audit = f"{workdir}/audit.jsonl"
     net, listener = start_nsnet(attach, nsnet_impl, ns, workdir, "--audit=all",
-                                f"--audit-log={audit}")
+                                f"--audit-log={audit}", *flags)
     b = bundle(ns.net_path, listener, ["python3", "/t/probe.py", str(tcp.port), str(udp.port)])
     c = run_container(b)
     r = c.line()
