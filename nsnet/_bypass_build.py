@@ -13,6 +13,9 @@ CSRC = os.path.join(HERE, "csrc")
 
 CDEF = r"""
 #define NSB_SLOTS ...
+#define NSB_CONNS ...
+#define NSB_BYTES_AT_CLOSE ...
+#define NSB_BYTES_SAMPLED ...
 #define NSB_GATEWAY ...
 #define NSB_EGRESS ...
 #define NSB_IPV6 ...
@@ -50,6 +53,10 @@ struct nsb_audit {
     uint8_t pad[2];
     uint8_t src[16], dst[16];
 };
+struct nsb_conn {
+    uint64_t cookie;
+    uint64_t sent, received;
+};
 struct nsb_shared {
     uint64_t notifications;
     uint64_t bypassed;
@@ -63,11 +70,19 @@ struct nsb_shared {
     uint64_t scope;
     uint64_t audit;
     uint64_t audit_lost;
+    uint64_t bytes_sent;
+    uint64_t bytes_received;
+    uint64_t bytes_inexact;
+    uint64_t bytes_untracked;
+    uint64_t bytes_mode;
+    uint64_t bytes_samples;
     uint64_t sync_wakeup;
     uint64_t inflight[...];
+    struct nsb_conn conns[...];
 };
 int nsb_probe(int listener);
 int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh);
+int nsb_sample(struct nsb_shared *sh, uint64_t *out);
 """
 
 ffibuilder = FFI()
@@ -75,7 +90,8 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "nsnet._bypass_cffi",
     '#include "bypass.h"\n',
-    sources=[os.path.relpath(os.path.join(CSRC, "bypass.c"), os.path.dirname(HERE))],
+    sources=[os.path.relpath(os.path.join(CSRC, f), os.path.dirname(HERE))
+             for f in ("bypass.c", "bypassdiag.c")],
     include_dirs=[CSRC],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )

@@ -13,6 +13,9 @@ PROGRAM.  MODE:
             before Linux 5.14 sock_getsockopt does not know the option
   listener  seccomp(SECCOMP_SET_MODE_FILTER) with FILTER_FLAG_NEW_LISTENER
             fails EINVAL: before Linux 5.0 the flag is unknown
+  nodestroy setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP) fails EPERM, as
+            where the TCP destroy notifications are refused (a kernel
+            before 4.9, an LSM): --bypass then counts bytes by sampling
   syncwake  ioctl(SECCOMP_IOCTL_NOTIF_SET_FLAGS) fails EINVAL: before Linux
             6.6 there is no such ioctl (no SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
 
@@ -24,11 +27,12 @@ import platform
 import struct
 import sys
 
-# machine: (AUDIT_ARCH_*, ioctl, getsockopt, seccomp)
-ARCHES = {"x86_64": (0xC000003E, 16, 55, 317), "aarch64": (0xC00000B7, 29, 209, 277)}
+# machine: (AUDIT_ARCH_*, ioctl, getsockopt, seccomp, setsockopt)
+ARCHES = {"x86_64": (0xC000003E, 16, 55, 317, 54), "aarch64": (0xC00000B7, 29, 209, 277, 208)}
 ADDFD = 0x40182103  # _IOW('!', 3, struct seccomp_notif_addfd)
 SET_FLAGS = 0x40082104  # _IOW('!', 4, __u64)
 SOL_SOCKET, SO_NETNS_COOKIE = 1, 71
+SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
 SECCOMP_SET_MODE_FILTER, NEW_LISTENER = 1, 1 << 3
 RET_ALLOW, RET_ERRNO = 0x7FFF0000, 0x00050000
 LD_W_ABS, JEQ_K, JSET_K, RET_K = 0x20, 0x15, 0x45, 0x06
@@ -36,7 +40,7 @@ NR, ARCH, ARG0, ARG1, ARG2 = 0, 4, 16, 24, 32  # seccomp_data offsets (low halve
 
 
 def program(mode):
-    audit, nr_ioctl, nr_getsockopt, nr_seccomp = ARCHES[platform.machine()]
+    audit, nr_ioctl, nr_getsockopt, nr_seccomp, nr_setsockopt = ARCHES[platform.machine()]
     # (syscall, [(offset, test, value)], errno): every test must hold
     nr, checks, err = {
         "addfd": (nr_ioctl, [(ARG1, JEQ_K, ADDFD)], errno.EINVAL),
@@ -44,6 +48,8 @@ def program(mode):
                    errno.ENOPROTOOPT),
         "listener": (nr_seccomp, [(ARG0, JEQ_K, SECCOMP_SET_MODE_FILTER),
                                   (ARG1, JSET_K, NEW_LISTENER)], errno.EINVAL),
+        "nodestroy": (nr_setsockopt, [(ARG1, JEQ_K, SOL_NETLINK),
+                                      (ARG2, JEQ_K, NETLINK_ADD_MEMBERSHIP)], errno.EPERM),
         "syncwake": (nr_ioctl, [(ARG1, JEQ_K, SET_FLAGS)], errno.EINVAL),
     }[mode]
     # a jump skips that many instructions after its own: to RET ALLOW, the last

@@ -2,6 +2,7 @@
 sockets (seccomp user notification; csrc/bypass.c, nsnet/host/bypass.py).
 Every scenario runs tests/bypassprobe.py inside the namespace against a
 server on the host's loopback (reached as 10.0.2.2 / fd00::2)."""
+import contextlib
 import errno
 import json
 import os
@@ -68,6 +69,16 @@ def test_blocking_connect(user, workdir, probe, host_server):
     assert srv.connections == 1
     # Linux 6.6 and later: the handler runs on the command's CPU
     assert r["stats"]["sync_wakeup"] is (KERNEL >= (6, 6))
+
+
+def test_fd_flags_kept(user, workdir, probe, host_server):
+    """close-on-exec and O_NONBLOCK of the command's fd, both ways, on one fd
+    number reused with other flags and on two fds the handler's fdinfo
+    cache files in one place: each bypassed socket has its own fd's."""
+    srv = host_server("echo")
+    r = run_probe(user, workdir, probe, ["flags", "10.0.2.2", srv.port])
+    assert r["same_fd"] and r["bad"] == [], r
+    assert r["stats"]["bypassed"] == r["n"] == 8
 
 
 def test_no_sync_wakeup_kernel(user, workdir, base_dir, probe, host_server):
@@ -354,6 +365,7 @@ class PeerServer:
             pass
 
     def close(self):
+        harness.wake_listener(self.sock)  # the accept() waiting for another peer
         self.sock.close()
         self.t.join(5)
 
@@ -591,6 +603,33 @@ def test_no_leak_soak(user, workdir, host_server):
     _no_leak(user, workdir, host_server, 200, 10_000)
 
 
+@contextlib.contextmanager
+def bypass_run(user, sock, script, args, flags=(), wrap=()):
+    """nsnet run --bypass [flags] -- python3 -c script args, pipes to the
+    test (say() writes a line); killed and reaped however the test ends."""
+    p = user.popen([*wrap, harness.nsnet_bin(), "run", "--bypass", f"--api-socket={sock}",
+                    *flags, "--", NS_PYTHON, "-c", script, *map(str, args)],
+                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        yield p
+    finally:
+        harness.kill_and_reap(p)
+        for f in (p.stdin, p.stdout, p.stderr):
+            f.close()
+
+
+def say(p, line=b"go\n"):
+    p.stdin.write(line)
+    p.stdin.flush()
+
+
+def finish(p):
+    """The script's last line; nsnet run exits 0 with it.  Its stderr."""
+    say(p, b"end\n")
+    assert p.wait(timeout=30) == 0, p.stderr.read()
+    return p.stderr.read().decode(errors="replace")
+
+
 # --------------------------------------------------------------------------
 # The egress policy's audit log (docs/policy.md "Audit") records the
 # handler's decisions: bypassed connects (--audit=all) and the connects of
@@ -668,11 +707,8 @@ def test_audit_stream_protocol_break_replaces_handler(user, workdir, host_server
     srv = host_server("echo")
     sock = f"{workdir}/api.sock"
     log = f"{workdir}/audit.jsonl"
-    p = user.popen([harness.nsnet_bin(), "run", "--bypass", f"--api-socket={sock}",
-                    "--audit=all", f"--audit-log={log}", "--",
-                    NS_PYTHON, "-c", HOLDER, "10.0.2.2", str(srv.port)],
-                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with bypass_run(user, sock, HOLDER, ["10.0.2.2", srv.port],
+                    flags=["--audit=all", f"--audit-log={log}"]) as p:
         assert read_line(p.stdout, 30).startswith(b"READY")
         harness.wait_until(lambda: len(_bypass_records(log)) == 1, 15,
                            what="the first connect's record")
@@ -682,7 +718,11 @@ def test_audit_stream_protocol_break_replaces_handler(user, workdir, host_server
         stolen = None
         for name in os.listdir(f"/proc/{pid}/fd"):
             if os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
-                stolen = socket.socket(fileno=pidfd_getfd(pid, int(name)))
+                s = socket.socket(fileno=pidfd_getfd(pid, int(name)))
+                if s.family == socket.AF_UNIX and stolen is None:
+                    stolen = s  # the audit stream (the other: sock_diag)
+                else:
+                    s.close()
         assert stolen is not None
         with stolen:
             stolen.sendall(pb.pack(int(time.time() * 1000), 7, 0, 1, 80, bytes(4), bytes(4)))
@@ -690,19 +730,141 @@ def test_audit_stream_protocol_break_replaces_handler(user, workdir, host_server
                            what="the handler replaced")
         st = stats(sock)
         assert st["protocol_errors"] == 1 and st["handler_pid"] != pid
-        p.stdin.write(b"go\n")
-        p.stdin.flush()
+        say(p)
         r = json.loads(read_line(p.stdout, 30))
         assert r == {"old": "old", "new": [True] * 5, "peer": "10.0.2.2"}
         assert stats(sock)["bypassed"] == 6
-        p.stdin.write(b"bye\n")
-        p.stdin.flush()
-        assert p.wait(timeout=30) == 0, p.stderr.read()
-        err = p.stderr.read().decode(errors="replace")
+        err = finish(p)
         assert "broke its protocol" in err, err
-    finally:
-        harness.kill_and_reap(p)
-        for f in (p.stdin, p.stdout, p.stderr):
-            f.close()
     recs = _bypass_records(log)
     assert len(recs) == 6 and all(rec["dst"] == "10.0.2.2" for rec in recs)
+
+
+# --------------------------------------------------------------------------
+# get_stats counts the bytes of bypassed connections (sock_diag by socket
+# cookie, csrc/bypassdiag.c): live ones at get_stats, closed ones at close
+# --------------------------------------------------------------------------
+
+BYTES = """
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+
+def echo(s, n):
+    s.sendall(b"x" * n)
+    got = 0
+    while got < n:
+        d = s.recv(65536)
+        assert d
+        got += len(d)
+
+a = socket.create_connection((host, port), timeout=10)
+echo(a, 100000)
+print("OPEN", flush=True)
+sys.stdin.readline()
+a.close()
+for _ in range(20):  # short connections: closed long before any sample
+    with socket.create_connection((host, port), timeout=10) as b:
+        echo(b, 1000)
+print("CLOSED", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("dest", ["gateway", "egress"])
+def test_stats_count_bypassed_bytes(user, workdir, host_server, request, dest):
+    """The gateway's sockets (bound to lo) and an outside address's."""
+    host = "10.0.2.2"
+    if dest == "egress":
+        request.getfixturevalue("outside")
+        host = "198.51.100.1"
+    srv = host_server("echo", addr="127.0.0.1" if dest == "gateway" else host)
+    sock = f"{workdir}/api.sock"
+    with bypass_run(user, sock, BYTES, [host, srv.port]) as p:
+        assert read_line(p.stdout, 30).startswith(b"OPEN")
+        st = stats(sock)
+        assert st["bytes_counted"] == "at close" and "bytes_error" not in st
+        # open: what the peer acknowledged and what came in order, no FIN yet
+        assert st["bytes_live"] == 1 and st["bypassed"] == 1
+        assert st["bytes_sent"] == 100000 and st["bytes_received"] == 100000
+        say(p)
+        assert read_line(p.stdout, 60).startswith(b"CLOSED")
+        # each closed connection adds at most 1 per direction (its FINs)
+        want = 100000 + 20 * 1000
+        harness.wait_until(lambda: stats(sock)["bytes_live"] == 0, 30,
+                           what="every connection's destruction seen")
+        st = stats(sock)
+        assert want <= st["bytes_sent"] <= want + 21, st
+        assert want <= st["bytes_received"] <= want + 21, st
+        assert st["bytes_inexact"] == 0 and st["bytes_untracked"] == 0
+        assert st["bypassed"] == 21
+        finish(p)
+
+
+LONG = """
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+a = socket.create_connection((host, port), timeout=10)
+a.sendall(b"x" * 100000)
+got = 0
+while got < 100000:
+    got += len(a.recv(65536))
+print("OPEN", flush=True)
+sys.stdin.readline()
+a.close()
+print("CLOSED", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_stats_bytes_sampled_without_destroy_events(user, workdir, base_dir, host_server):
+    """Where the kernel's TCP destroy notifications are refused (the
+    subscription fails EPERM under tests/oldkernel.py), get_stats says the
+    bytes are sampled: a closed connection counts with its last sample and
+    is counted in bytes_inexact."""
+    wrapper = f"{base_dir}/oldkernel.py"
+    shutil.copy(f"{HERE}/oldkernel.py", wrapper)
+    os.chmod(wrapper, 0o644)
+    srv = host_server("echo")
+    sock = f"{workdir}/api.sock"
+    with bypass_run(user, sock, LONG, ["10.0.2.2", srv.port],
+                    wrap=[NS_PYTHON, wrapper, "nodestroy"]) as p:
+        assert read_line(p.stdout, 30).startswith(b"OPEN")
+        st = stats(sock)
+        assert st["bytes_counted"] == "sampled"
+        assert st["bytes_sent"] == st["bytes_received"] == 100000 and st["bytes_live"] == 1
+        n = st["bytes_samples"]  # a whole sample of the handler's after the transfer
+        harness.wait_until(lambda: stats(sock)["bytes_samples"] >= n + 2, 30,
+                           what="two samples of the handler")
+        say(p)
+        assert read_line(p.stdout, 30).startswith(b"CLOSED")
+        harness.wait_until(lambda: stats(sock)["bytes_live"] == 0, 30,
+                           what="the closed connection settled by a sample")
+        st = stats(sock)
+        assert st["bytes_sent"] == st["bytes_received"] == 100000
+        assert st["bytes_inexact"] == 1
+        finish(p)
+
+
+def test_stats_bytes_across_handler_restart(user, workdir, host_server):
+    """The handler is killed while a bypassed connection is open: its
+    replacement takes over the table (the connection is still there) and
+    sees its end: exact counts."""
+    srv = host_server("echo")
+    sock = f"{workdir}/api.sock"
+    with bypass_run(user, sock, LONG, ["10.0.2.2", srv.port]) as p:
+        assert read_line(p.stdout, 30).startswith(b"OPEN")
+        os.kill(stats(sock)["handler_pid"], signal.SIGKILL)
+        harness.wait_until(lambda: stats(sock)["restarts"] == 1, 15, what="a new handler")
+        # its first sample settles what the dead one tracked
+        harness.wait_until(lambda: stats(sock)["bytes_samples"] >= 1, 15,
+                           what="the new handler's first sample")
+        st = stats(sock)
+        assert st["bytes_live"] == 1 and st["bytes_sent"] == 100000
+        say(p)
+        assert read_line(p.stdout, 30).startswith(b"CLOSED")
+        harness.wait_until(lambda: stats(sock)["bytes_live"] == 0, 30,
+                           what="the connection's end seen by the new handler")
+        st = stats(sock)
+        assert 100000 <= st["bytes_sent"] <= 100001 and 100000 <= st["bytes_received"] <= 100001
+        assert st["bytes_inexact"] == 0
+        finish(p)

@@ -8,6 +8,12 @@
 #include <stdint.h>
 
 #define NSB_SLOTS 256 /* notifications the handler may hold at once */
+#define NSB_CONNS 16384 /* bypassed connections whose bytes are tracked at once */
+
+/* nsb_shared.bytes_mode: how the bytes of bypassed connections are known
+ * (csrc/bypassdiag.c); 0: they are not counted */
+#define NSB_BYTES_AT_CLOSE 1 /* final counts from the kernel's destroy notifications */
+#define NSB_BYTES_SAMPLED 2  /* no notifications: each one's last sample (1 s) */
 
 /* nsb_config.flags */
 #define NSB_GATEWAY 1 /* gateway alias -> host loopback (bound to lo) */
@@ -59,6 +65,13 @@ struct nsb_config {
                           * are let through */
 };
 
+/* A tracked bypassed connection (nsb_shared.conns): its socket cookie (0:
+ * a free slot) and its counts at the last sample. */
+struct nsb_conn {
+    uint64_t cookie;
+    uint64_t sent, received;
+};
+
 /* Shared with the supervisor (MAP_SHARED): plain counters, written by the
  * handler only (but `scope`); inflight[] holds the ids of notifications received and
  * not yet answered, so that a replacement handler can answer them. */
@@ -76,8 +89,15 @@ struct nsb_shared {
                              * supervisor (the policy can change at run time) */
     uint64_t audit;         /* NSB_AUDIT_*: written by the supervisor */
     uint64_t audit_lost;    /* audit records over the rate, or the socket was full */
+    uint64_t bytes_sent;    /* bytes of the tracked connections that are gone */
+    uint64_t bytes_received;
+    uint64_t bytes_inexact; /* ... of them counted with their last sample */
+    uint64_t bytes_untracked; /* bypassed connections not tracked (table full) */
+    uint64_t bytes_mode;    /* NSB_BYTES_*, set by the handler */
+    uint64_t bytes_samples; /* the handler's samples of the live connections */
     uint64_t sync_wakeup;   /* 1: the listener has SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP */
     uint64_t inflight[NSB_SLOTS];
+    struct nsb_conn conns[NSB_CONNS]; /* written by the handler only */
 };
 
 /* 0 if this kernel can do what the handler needs on `listener`, else an
@@ -86,5 +106,12 @@ int nsb_probe(int listener);
 /* Runs until the listener hangs up (every task of the command is gone):
  * returns 0, or -errno on a fatal error. */
 int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh);
+
+/* csrc/bypassdiag.c.  In the handler: start tracking (a thread); track
+ * one installed host socket.  In the supervisor: the bytes now (out[0]
+ * sent, out[1] received, out[2] live tracked connections); 0 or -errno. */
+void nsb_diag_start(struct nsb_shared *sh);
+void nsb_diag_track(int sock);
+int nsb_sample(struct nsb_shared *sh, uint64_t *out);
 
 #endif

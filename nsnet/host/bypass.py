@@ -31,7 +31,10 @@ if TYPE_CHECKING:
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 COUNTERS = ("notifications", "bypassed", "bypassed6", "failed", "fallback", "translated",
-            "aborted", "errors", "pending", "audit_lost")
+            "aborted", "errors", "pending", "audit_lost", "bytes_inexact", "bytes_untracked",
+            "bytes_samples")
+# get_stats' byte counts (Handler.byte_counts): sums over handlers too
+BYTE_COUNTS = ("bytes_sent", "bytes_received", "bytes_live")
 
 
 class BypassError(Exception):
@@ -195,6 +198,7 @@ class Handler:
         self.audit_rest = b""
         self.on_audit: Callable[[list[dict[str, Any]]], None] | None = None
         self.protocol_errors = 0
+        self._bytes = (0, 0)
 
     def set_audit(self, deny: bool, allow: bool) -> None:
         """Which decisions the handler reports from now on: the connects it
@@ -353,9 +357,30 @@ class Handler:
         left out over its own cap (counted in audit_lost)."""
         out: dict[str, Any] = {k: int(getattr(self.shared, k)) for k in COUNTERS}
         out["audit_lost"] += audit_capped
+        out.update(self.byte_counts())
         out.update(handler_pid=self.pid if self.pid > 0 else None, restarts=self.restarts,
                    scope=dict(self.scope), protocol_errors=self.protocol_errors,
                    sync_wakeup=bool(self.shared.sync_wakeup))
+        return out
+
+    def byte_counts(self) -> dict[str, Any]:
+        """The bytes of the bypassed connections (csrc/bypassdiag.c): those
+        that are gone, plus the live ones now, read through sock_diag here.
+        Never less than the last answer (a connection that ends while this
+        reads is counted short once, not twice)."""
+        lib = self.lib
+        buf = self.ffi.new("uint64_t[3]")
+        rc = lib.nsb_sample(self.shared, buf)
+        sent = max(self._bytes[0], int(buf[0]))
+        received = max(self._bytes[1], int(buf[1]))
+        self._bytes = (sent, received)
+        mode = int(self.shared.bytes_mode)
+        out: dict[str, Any] = {
+            "bytes_sent": sent, "bytes_received": received, "bytes_live": int(buf[2]),
+            "bytes_counted": {lib.NSB_BYTES_AT_CLOSE: "at close",
+                              lib.NSB_BYTES_SAMPLED: "sampled"}.get(mode, "no")}
+        if rc < 0:
+            out["bytes_error"] = f"sock_diag: {os.strerror(-rc)}"
         return out
 
     def close_listener(self) -> None:

@@ -174,9 +174,9 @@ class OciListener:
         return pc.policy if pc is not None else None
 
     def stats(self) -> dict[str, Any]:
-        from ..host.bypass import COUNTERS, scope
+        from ..host.bypass import BYTE_COUNTS, COUNTERS, scope
 
-        keys = (*COUNTERS, "protocol_errors")
+        keys = (*COUNTERS, *BYTE_COUNTS, "protocol_errors")
         total = {k: self.ended.get(k, 0) for k in keys}
         listed = []
         for c in self.containers:
@@ -386,12 +386,12 @@ class OciListener:
             h.on_exit(ev)  # a restart on the same listener, or the end
             if h.pid > 0:
                 return
-            from ..host.bypass import COUNTERS
+            from ..host.bypass import BYTE_COUNTS, COUNTERS
 
             h.stop()  # the last audit records; closes the listener
             st = h.stats()
-            for k in (*COUNTERS, "protocol_errors"):
-                if k != "pending":
+            for k in (*COUNTERS, *BYTE_COUNTS, "protocol_errors"):
+                if k not in ("pending", "bytes_live"):
                     self.ended[k] = self.ended.get(k, 0) + st[k]
             self.containers.remove(c)
             if not h.gave_up:
