@@ -71,6 +71,16 @@ def test_blocking_connect(user, workdir, probe, host_server):
     assert r["stats"]["sync_wakeup"] is (KERNEL >= (6, 6))
 
 
+def test_fd_flags_kept(user, workdir, probe, host_server):
+    """close-on-exec and O_NONBLOCK of the command's fd, both ways, on one fd
+    number reused with other flags and on two fds the handler's fdinfo
+    cache files in one place: each bypassed socket has its own fd's."""
+    srv = host_server("echo")
+    r = run_probe(user, workdir, probe, ["flags", "10.0.2.2", srv.port])
+    assert r["same_fd"] and r["bad"] == [], r
+    assert r["stats"]["bypassed"] == r["n"] == 8
+
+
 def test_no_sync_wakeup_kernel(user, workdir, base_dir, probe, host_server):
     """A kernel without SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP (before 6.6;
     tests/oldkernel.py makes the ioctl fail EINVAL as there): connects are
