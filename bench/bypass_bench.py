@@ -3,8 +3,10 @@
 side by side in one run (run mode: each candidate starts the client command).
 
   sudo python3 bench/bypass_bench.py [--rounds N] [--time S] [--mtu M] [--out FILE]
+        [--candidates C,C] [--metrics M,M] [--conn-client python|c]
 
-Candidates (each client command runs in namespaces the candidate makes):
+Candidates (each client command runs in namespaces the candidate makes; any
+nsnet one as NAME@VENV runs that venv's nsnet, for A/B runs of two builds):
   loopback      the client on the host's own loopback (127.0.0.1): the limit
   nsnet-bypass  nsnet run --bypass -- CLIENT, to 10.0.2.2
   nsnet-run     nsnet run -- CLIENT, to 10.0.2.2 (libslirp's path)
@@ -12,8 +14,13 @@ Candidates (each client command runs in namespaces the candidate makes):
                 maps to the host's loopback)
 Measures, per round, candidates rotated: iperf3 throughput namespace->host
 and host->namespace (-R), 1-byte round-trip latency p50, and connections
-per second (connect, 1 byte each way, close).  Prints medians and the
-ratios to the loopback and to pasta; --out writes the samples as JSON.
+per second (connect, 1 byte each way, close; --conn-client c: a C client
+built here with gcc, for the connection's own cost without Python's).
+--metrics picks some of them.  Prints each candidate's median with the
+range over the rounds, and the ratios of each bypass candidate to the
+loopback and to pasta: the median of the per-round ratios (a candidate's
+sample against the other's of the same round, which saw the same load),
+with their range; --out writes the samples as JSON.
 
 Network safety: the script re-executes itself in a new network namespace
 (`unshare --net`, prepared by bench.py's prepare_host_netns: lo, and a veth
@@ -26,14 +33,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import (CONN_CLIENT, LAT_CLIENT, NS_PYTHON, PASTA_GW, USER,  # noqa: E402
-                   EchoServer, Runner, free_port, kill, prepare_host_netns, wait_listen)
+                   EchoServer, Runner, ensure_isolated, free_port, kill, prepare_host_netns,
+                   wait_listen)
 
 ISOLATED_ENV = "NSNET_BYPASS_BENCH_ISOLATED"
 VENV = os.environ.get("NSNET_VENV", "/opt/nsnet/venv")
@@ -44,24 +54,70 @@ METRICS = ("tput_ns2host", "tput_host2ns", "latency_p50_us", "conn_per_s")
 
 
 def isolate() -> None:
-    if os.environ.get(ISOLATED_ENV) != "1":
-        if os.geteuid() != 0:
-            sys.exit("run as root (the benchmark makes a network namespace of its own)")
-        env = dict(os.environ, **{ISOLATED_ENV: "1"})
-        os.execvpe("unshare", ["unshare", "--net", "--", sys.executable,
-                               os.path.abspath(__file__), *sys.argv[1:]], env)
+    ensure_isolated(__file__, ISOLATED_ENV)
     prepare_host_netns()
 
 
 def wrap(cand: str, mtu: int, argv: list[str]) -> tuple[list[str], str]:
-    """(argv that runs `argv` under the candidate, the host's address there)."""
+    """(argv that runs `argv` under the candidate, the host's address there).
+    `nsnet-bypass@VENV` / `nsnet-run@VENV`: the nsnet of another venv (A/B
+    comparisons of two builds in one run)."""
+    cand, _, venv = cand.partition("@")
+    nsnet = f"{venv}/bin/nsnet" if venv else NSNET
     if cand == "loopback":
         return argv, "127.0.0.1"
     if cand == "pasta":
         return [PASTA, "--config-net", "-f", "-q", "-4", "--mtu", str(mtu), "-t", "none",
                 "-u", "none", "-T", "none", "-U", "none", "--", *argv], PASTA_GW
     flags = ["--bypass"] if cand == "nsnet-bypass" else []
-    return [NSNET, "run", f"--mtu={mtu}", *flags, "--", *argv], "10.0.2.2"
+    return [nsnet, "run", f"--mtu={mtu}", *flags, "--", *argv], "10.0.2.2"
+
+
+# connect, 1 byte each way, close, for `seconds` (as CONN_CLIENT, in C)
+CONN_CLIENT_C = r"""
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+static double now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+int main(int argc, char **argv)
+{
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
+    if (argc != 4 || inet_pton(AF_INET, argv[1], &a.sin_addr) != 1)
+        return 2;
+    double start = now(), end = start + atof(argv[3]);
+    long n = 0;
+    char c = 'x';
+    while (now() < end) {
+        int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (s < 0 || connect(s, (struct sockaddr *)&a, sizeof a) < 0 || write(s, &c, 1) != 1 ||
+            read(s, &c, 1) != 1) {
+            perror("conn client");
+            return 1;
+        }
+        close(s);
+        n++;
+    }
+    printf("{\"conn_per_s\": %.1f}\n", n / (now() - start));
+    return 0;
+}
+"""
+
+
+def build_c_client(workdir: str) -> str:
+    src, exe = f"{workdir}/conn_client.c", f"{workdir}/conn_client"
+    with open(src, "w") as f:
+        f.write(CONN_CLIENT_C)
+    subprocess.run(["gcc", "-O2", "-o", exe, src], check=True)
+    os.chmod(workdir, 0o755)
+    return exe
 
 
 def run_client(runner: Runner, cand: str, mtu: int, make_argv, timeout: float) -> str:
@@ -84,11 +140,20 @@ def main() -> int:
     ap.add_argument("--mtu", type=int, default=65520)
     ap.add_argument("--rr", type=int, default=5000, help="round trips for the latency")
     ap.add_argument("--candidates", default=",".join(CANDIDATES))
+    ap.add_argument("--metrics", default=",".join(METRICS),
+                    help="which of " + ",".join(METRICS) + " to measure")
+    ap.add_argument("--conn-client", choices=("python", "c"), default="python",
+                    help="the connection-rate client (the same for every candidate)")
     ap.add_argument("--out")
     args = ap.parse_args()
     isolate()
     runner = Runner(USER)
     cands = [c for c in args.candidates.split(",") if c]
+    metrics = [m for m in METRICS if m in args.metrics.split(",")]
+    workdir = tempfile.mkdtemp(prefix="nsnet-bypass-bench.", dir="/tmp")
+    conn_client = [NS_PYTHON, "-c", CONN_CLIENT]
+    if args.conn_client == "c":
+        conn_client = [build_c_client(workdir)]
     iperf_port = free_port()
     iperf = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -102,47 +167,62 @@ def main() -> int:
             for cand in order:
                 s = samples[cand]
                 for rev, key in ((False, "tput_ns2host"), (True, "tput_host2ns")):
+                    if key not in metrics:
+                        continue
                     out = run_client(runner, cand, args.mtu, lambda h, rev=rev: [
                         "iperf3", "-c", h, "-p", str(iperf_port), "-t", str(args.time), "-J",
                         "--connect-timeout", "5000", *(["-R"] if rev else [])],
                         timeout=args.time + 60)
                     end = json.loads(out)["end"]
                     s[key].append(end["sum_received"]["bits_per_second"] / 1e9)
-                out = run_client(runner, cand, args.mtu, lambda h: [
-                    NS_PYTHON, "-c", LAT_CLIENT, h, str(echo.port), str(args.rr)], timeout=120)
-                s["latency_p50_us"].append(json.loads(out.strip().splitlines()[-1])["p50_us"])
-                out = run_client(runner, cand, args.mtu, lambda h: [
-                    NS_PYTHON, "-c", CONN_CLIENT, h, str(acceptor.port), str(args.time)],
-                    timeout=args.time + 60)
-                s["conn_per_s"].append(json.loads(out.strip().splitlines()[-1])["conn_per_s"])
+                if "latency_p50_us" in metrics:
+                    out = run_client(runner, cand, args.mtu, lambda h: [
+                        NS_PYTHON, "-c", LAT_CLIENT, h, str(echo.port), str(args.rr)],
+                        timeout=120)
+                    s["latency_p50_us"].append(
+                        json.loads(out.strip().splitlines()[-1])["p50_us"])
+                if "conn_per_s" in metrics:
+                    out = run_client(runner, cand, args.mtu, lambda h: [
+                        *conn_client, h, str(acceptor.port), str(args.time)],
+                        timeout=args.time + 60)
+                    s["conn_per_s"].append(json.loads(out.strip().splitlines()[-1])["conn_per_s"])
                 print(f"round {rnd + 1} {cand:13s} " + " ".join(
-                    f"{m}={s[m][-1]:.2f}" for m in METRICS), file=sys.stderr, flush=True)
+                    f"{m}={s[m][-1]:.2f}" for m in metrics), file=sys.stderr, flush=True)
     finally:
         kill(iperf)
         echo.close()
         acceptor.close()
+        shutil.rmtree(workdir, ignore_errors=True)
     med = {c: {m: statistics.median(v) for m, v in samples[c].items() if v} for c in cands}
-    cols = ["metric", *cands]
-    if "nsnet-bypass" in cands and "loopback" in cands:
-        cols.append("bypass / loopback")
-    if "nsnet-bypass" in cands and "pasta" in cands:
-        cols.append("bypass / pasta")
-    print(f"\nmedians of {args.rounds} rounds, MTU {args.mtu}, {time.strftime('%Y-%m-%d')}\n")
+    ratios = {(b, o): {m: [x / y for x, y in zip(samples[b][m], samples[o][m]) if y]
+                       for m in metrics}
+              for b in cands if b.partition("@")[0] == "nsnet-bypass"
+              for o in ("loopback", "pasta") if o in cands}
+    cols = ["metric", *cands, *(f"{b} / {o}" for b, o in ratios)]
+    print(f"\nmedians (range) of {args.rounds} rounds, MTU {args.mtu}, conn client "
+          f"{args.conn_client}, {time.strftime('%Y-%m-%d %H:%M')}; ratios: median (range) of "
+          "the per-round ratios\n")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     units = {"tput_ns2host": "ns->host Gbit/s", "tput_host2ns": "host->ns Gbit/s",
              "latency_p50_us": "RR latency p50 us", "conn_per_s": "conn/s"}
-    for m in METRICS:
-        row = [units[m]] + [f"{med[c].get(m, float('nan')):.2f}" for c in cands]
-        b = med.get("nsnet-bypass", {}).get(m)
-        for other in ("loopback", "pasta"):
-            if f"bypass / {other}" in cols:
-                row.append(f"{b / med[other][m]:.2f}" if b and med[other].get(m) else "-")
+
+    def cell(v: list[float], fmt: str) -> str:
+        if not v:
+            return "-"
+        return f"{statistics.median(v):{fmt}} ({min(v):{fmt}}-{max(v):{fmt}})"
+
+    for m in metrics:
+        fmt = ".0f" if m == "conn_per_s" else ".2f"
+        row = [units[m], *(cell(samples[c][m], fmt) for c in cands),
+               *(cell(r[m], ".2f") for r in ratios.values())]
         print("| " + " | ".join(row) + " |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"samples": samples, "medians": med, "mtu": args.mtu,
-                       "rounds": args.rounds}, f, indent=1)
+                       "rounds": args.rounds, "conn_client": args.conn_client,
+                       "ratios": {f"{b} / {o}": r for (b, o), r in ratios.items()}},
+                      f, indent=1)
     return 0
 
 

@@ -33,6 +33,7 @@ no longer applies is skipped with a warning instead of failing the run.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import shlex
 import shutil
@@ -239,6 +240,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=600, help="seconds per test run")
     ap.add_argument("--mutants", default=str(LIST))
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--jobs", type=int, default=int(os.environ.get("NSNET_MUTANT_JOBS", "4")),
+                    help="baseline test runs at a time (NSNET_MUTANT_JOBS, default 4)")
     opts = ap.parse_args()
 
     mutants = parse_list(Path(opts.mutants))
@@ -285,6 +288,7 @@ def main() -> int:
     say(f"copying the tree to {build.tree}; installing into {opts.venv} (log {build.log})")
     build.copy_tree()
     build.install(full=True)
+    say(f"installed in {time.monotonic() - t0:.0f}s")
 
     runs = []
     for m in mutants:
@@ -292,25 +296,39 @@ def main() -> int:
             if t not in runs:
                 runs.append(t)
     if not opts.skip_baseline:
-        say(f"baseline: {len(runs)} test runs against the unmutated build")
-        for t in runs:
-            res, took, tail = run_tests(opts.venv, t, opts.timeout)
+        # The runs are independent pytest processes (each end-to-end one in a
+        # sealed network namespace of its own) against one unchanged build:
+        # they can run side by side.
+        say(f"baseline: {len(runs)} test runs against the unmutated build, "
+            f"{opts.jobs} at a time")
+        with concurrent.futures.ThreadPoolExecutor(max(1, opts.jobs)) as pool:
+            done = list(pool.map(lambda t: (t, *run_tests(opts.venv, t, opts.timeout)), runs))
+        for t, res, took, tail in done:
             if res != "pass":
                 say(f"BASELINE {res.upper()} ({took:.0f}s): {' '.join(t)}\n{tail}")
                 return 2
+        say(f"baseline passed; {time.monotonic() - t0:.0f}s so far")
 
     results = []
     # Python mutants first (no rebuild), then the ones that need a rebuild.
     order = sorted(mutants, key=lambda m: build.site_file(m.file) is None)
+    # After a rebuilt mutant the tree is restored at once, but the install of
+    # the restored tree waits: the next rebuilt mutant's install includes it
+    # (one build instead of two), and the loop's end does it for the last.
+    stale = False
     for m in order:
         site = build.site_file(m.file)
         target = site if site is not None else build.tree / m.file
+        if site is not None and stale:
+            build.install(full=False)
+            stale = False
         original = target.read_text()
         try:
             target.write_text(apply(original, m))
         except ValueError as e:
             results.append((m, "ERROR", 0.0, str(e)))
             continue
+        completed = False
         try:
             if site is not None:
                 drop_pyc(target)
@@ -328,14 +346,19 @@ def main() -> int:
                     break
             if verdict == "SURVIVED" and m.survives:
                 detail = f"accepted: {m.survives}"
+            completed = True
         finally:
             target.write_text(original)
             if site is not None:
                 drop_pyc(target)
-            else:
+            elif completed:
+                stale = True
+            else:  # leaving early: never with a mutated build installed
                 build.install(full=False)
         results.append((m, verdict, took, detail))
         say(f"{verdict:8} {m.id} ({took:.0f}s) {detail}")
+    if stale:
+        build.install(full=False)
 
     killed = sum(1 for r in results if r[1] == "KILLED")
     failing = [r for r in results if r[1] == "ERROR" or (r[1] == "SURVIVED" and not r[0].survives)]

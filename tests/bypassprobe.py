@@ -177,6 +177,54 @@ def forkexec(host, port):
                 fork_ok=os.waitstatus_to_exitcode(st) == 0)
 
 
+def flags(host, port):
+    """The command's fd flags survive the swap, also when the same fd number
+    comes back with other flags, and for fd numbers the handler's fdinfo
+    cache keeps in one place (fd % 4): close-on-exec and O_NONBLOCK."""
+    def one(s, cloexec, nonblock):
+        os.set_inheritable(s.fileno(), not cloexec)
+        s.setblocking(not nonblock)
+        rc = s.connect_ex((host, port))
+        if nonblock:
+            select.select([], [s], [], 10)
+            rc = rc if rc != errno.EINPROGRESS else s.getsockopt(socket.SOL_SOCKET,
+                                                                  socket.SO_ERROR)
+        got = dict(fd=s.fileno(), rc=rc, cloexec=not os.get_inheritable(s.fileno()),
+                   nonblock=not os.get_blocking(s.fileno()))
+        s.setblocking(True)
+        got["echo"] = echo_once(s)
+        return got, dict(cloexec=cloexec, nonblock=nonblock)
+
+    seen, bad = [], []
+    # one fd number, again and again, with the flags changing
+    for cl, nb in [(True, False), (False, False), (True, True), (False, True), (True, False),
+                   (False, True)]:
+        s = socket.socket(fam(host), socket.SOCK_STREAM)
+        got, want = one(s, cl, nb)
+        s.close()
+        seen.append(got)
+        if got["rc"] or not got["echo"] or any(got[k] != v for k, v in want.items()):
+            bad.append((got, want))
+    # two live fds that share a cache place (fd % 4), opposite flags
+    a = socket.socket(fam(host), socket.SOCK_STREAM)
+    got, want = one(a, True, False)
+    seen.append(got)
+    if got["rc"] or any(got[k] != v for k, v in want.items()):
+        bad.append((got, want))
+    pad = []
+    b = socket.socket(fam(host), socket.SOCK_STREAM)
+    while b.fileno() % 4 != a.fileno() % 4:
+        pad.append(b)
+        b = socket.socket(fam(host), socket.SOCK_STREAM)
+    got, want = one(b, False, True)
+    seen.append(got)
+    if got["rc"] or any(got[k] != v for k, v in want.items()):
+        bad.append((got, want))
+    for x in [a, b, *pad]:
+        x.close()
+    return dict(same_fd=len({g["fd"] for g in seen[:6]}) == 1, bad=bad, n=len(seen))
+
+
 def many(host, port, n):
     def nfds():
         return len(os.listdir("/proc/self/fd"))

@@ -7,6 +7,12 @@ command under `unshare --net --` (as root) before any test runs; it refuses to
 run unprivileged outside such a namespace.  At session start it asserts that
 the namespace has only `lo` and no default route, so nothing a test does can
 reach any address but loopback and the namespaces the tests make themselves.
+
+Under pytest-xdist (scripts/test.sh runs the tier in NSNET_TEST_JOBS
+workers) every worker moves into a new network namespace of its own before
+its session starts: each worker is a sealed namespace as the whole suite is
+in one process, so the addresses a test adds to its `lo`, its resolver on
+port 53 and its free ports are never another worker's.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -58,8 +65,26 @@ def _assert_isolated() -> None:
         assert routes == [], f"test netns must have no default route, found {routes}"
 
 
+def _own_netns_for_worker() -> None:
+    """In a pytest-xdist worker (already inside the controller's sealed
+    namespace): unshare a fresh network namespace for this process.  The
+    worker runs its tests in its main thread (xdist's main_thread_only
+    execution model); unshare(CLONE_NEWNET) moves the calling thread, and
+    every process and thread it starts from now on is in the new one."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.exit("pytest-xdist worker not in its main thread: cannot give it a network "
+                    "namespace of its own", returncode=3)
+    try:
+        harness.unshare_net()
+    except OSError as e:
+        pytest.exit(f"pytest-xdist worker: unshare(CLONE_NEWNET) failed: {e} (a worker "
+                    "needs root for a namespace of its own; run with -n 0)", returncode=3)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker
+        _own_netns_for_worker()
     if _interfaces() != ["lo"]:
         if os.environ.get(ISOLATED_ENV) == "1":
             pytest.exit(f"{ISOLATED_ENV}=1 but the netns has interfaces {_interfaces()}; "

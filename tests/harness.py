@@ -111,6 +111,7 @@ def wait_until(pred, timeout: float, interval: float = 0.02, what: str = "condit
 # --------------------------------------------------------------------------
 
 PR_SET_CHILD_SUBREAPER = 36
+CLONE_NEWNET = 0x40000000
 
 
 def become_subreaper() -> None:
@@ -119,6 +120,14 @@ def become_subreaper() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def unshare_net() -> None:
+    """Move the calling thread into a new network namespace (only `lo`, down)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
 
 
 def child_pids(parent: int | None = None) -> list[int]:
@@ -728,15 +737,33 @@ class HostServer:
                 continue
             except OSError:
                 return
+            if self._stop.is_set():  # close()'s wake-up datagram
+                return
             self.peers.append(peer)
             self.connections += 1
             self.sock.sendto(data, peer)
 
     def close(self):
         self._stop.set()
+        wake_listener(self.sock)
         self.sock.close()
         for t in self._threads:
             t.join(timeout=5)
+
+
+def wake_listener(sock: socket.socket) -> None:
+    """Wake the thread blocked in sock's accept() or recvfrom() (closing the
+    socket does not): shut a TCP listener down, send a UDP socket an empty
+    datagram.  Its loop then sees its stop flag at once instead of at its
+    next poll timeout."""
+    try:
+        if sock.type == socket.SOCK_STREAM:
+            sock.shutdown(socket.SHUT_RDWR)
+        else:
+            with socket.socket(sock.family, socket.SOCK_DGRAM) as s:
+                s.sendto(b"", sock.getsockname())
+    except OSError:
+        pass  # already closed, or never bound: nothing waits on it
 
 
 def refused_through(port: int, host: str = "127.0.0.1", timeout: float = 10) -> bool:

@@ -71,6 +71,16 @@ def test_blocking_connect(user, workdir, probe, host_server):
     assert r["stats"]["sync_wakeup"] is (KERNEL >= (6, 6))
 
 
+def test_fd_flags_kept(user, workdir, probe, host_server):
+    """close-on-exec and O_NONBLOCK of the command's fd, both ways, on one fd
+    number reused with other flags and on two fds the handler's fdinfo
+    cache files in one place: each bypassed socket has its own fd's."""
+    srv = host_server("echo")
+    r = run_probe(user, workdir, probe, ["flags", "10.0.2.2", srv.port])
+    assert r["same_fd"] and r["bad"] == [], r
+    assert r["stats"]["bypassed"] == r["n"] == 8
+
+
 def test_no_sync_wakeup_kernel(user, workdir, base_dir, probe, host_server):
     """A kernel without SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP (before 6.6;
     tests/oldkernel.py makes the ioctl fail EINVAL as there): connects are
@@ -103,9 +113,10 @@ def test_refused(user, workdir, probe):
     assert r["stats"]["failed"] == 2 and r["stats"]["bypassed"] == 0
 
 
-def test_connect_timeouts(user, workdir, probe):
-    """A host listener whose accept queue is full drops SYNs: Python's
-    timeout fires, and a blocking connect with SO_SNDTIMEO says EINPROGRESS."""
+@contextlib.contextmanager
+def full_listener():
+    """The port of a host listener whose accept queue is full (backlog 0,
+    two connects it never accepts): it drops further SYNs."""
     lst = socket.socket()
     fillers = []
     try:
@@ -118,11 +129,18 @@ def test_connect_timeouts(user, workdir, probe):
             f.connect_ex(("127.0.0.1", port))
             fillers.append(f)
         time.sleep(0.2)
-        r = run_probe(user, workdir, probe, ["timeout", "10.0.2.2", port])
+        yield port
     finally:
         for f in fillers:
             f.close()
         lst.close()
+
+
+def test_connect_timeouts(user, workdir, probe):
+    """A host listener whose accept queue is full drops SYNs: Python's
+    timeout fires, and a blocking connect with SO_SNDTIMEO says EINPROGRESS."""
+    with full_listener() as port:
+        r = run_probe(user, workdir, probe, ["timeout", "10.0.2.2", port])
     assert r["py_timeout"] == "timeout"
     assert r["sndtimeo"] == "EINPROGRESS"
     assert r["seconds"] < 30
@@ -131,23 +149,8 @@ def test_connect_timeouts(user, workdir, probe):
 def test_blocking_connect_interrupted(user, workdir, probe):
     """SIGALRM interrupts a blocking connect waiting in the handler: the
     command gets it back at once, and the handler drops the wait."""
-    lst = socket.socket()
-    fillers = []
-    try:
-        lst.bind(("127.0.0.1", 0))
-        lst.listen(0)
-        port = lst.getsockname()[1]
-        for _ in range(2):
-            f = socket.socket()
-            f.setblocking(False)
-            f.connect_ex(("127.0.0.1", port))
-            fillers.append(f)
-        time.sleep(0.2)
+    with full_listener() as port:
         r = run_probe(user, workdir, probe, ["interrupted", "10.0.2.2", port])
-    finally:
-        for f in fillers:
-            f.close()
-        lst.close()
     assert r["what"] == "interrupted" and r["seconds"] < 5
     assert r["stats"]["pending"] == 0 and r["stats"]["bypassed"] == 0
 
@@ -355,6 +358,7 @@ class PeerServer:
             pass
 
     def close(self):
+        harness.wake_listener(self.sock)  # the accept() waiting for another peer
         self.sock.close()
         self.t.join(5)
 

@@ -177,6 +177,8 @@ class Resolver:
                 continue
             except OSError:
                 return
+            if self._stop.is_set():  # close()'s wake-up datagram
+                return
             try:
                 name, off = _dns_name(data, 12)
                 self.queries.append((name, struct.unpack_from("!H", data, off)[0], peer[0]))
@@ -187,6 +189,7 @@ class Resolver:
     def close(self):
         self._stop.set()
         for s in self.socks:
+            harness.wake_listener(s)
             s.close()
         for t in self.threads:
             t.join(timeout=5)

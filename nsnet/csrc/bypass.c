@@ -95,12 +95,20 @@ struct pending { /* a blocking connect that has not finished yet */
 /* pidfds (and /proc/TID/fdinfo dirs) of the threads that called lately,
  * by thread id.  Only thread pidfds (PIDFD_THREAD) are kept: a pidfd pins
  * its thread, so a stale entry fails (ESRCH) rather than reach a new
- * thread that reuses the id. */
+ * thread that reuses the id.  Also kept: the open /proc/TID/fdinfo/FD
+ * files of the last few fd numbers the thread connected (by fd % PFD).
+ * Such a file is not a snapshot: each read at offset 0 looks the fd up in
+ * the thread's fd table again, so it says what that fd number is now (or
+ * fails, ENOENT, once it is closed or the thread is gone); one pread
+ * instead of an open, a read and a close (7 us -> 1 us, measured). */
 #define PCACHE 64
+#define PFD 4
 struct pcache {
     int tid;
     int pidfd;
     int infofd;
+    int ffd[PFD];  /* open fdinfo file of fd number fnum[i], or -1 */
+    int fnum[PFD];
 };
 
 #define DEFER 8
@@ -205,21 +213,51 @@ static const char *proc_field(int f, char *buf, size_t size, const char *key)
     return p ? p + strlen(key) : NULL;
 }
 
+static long parse_flags(const char *buf, ssize_t n)
+{
+    if (n <= 0)
+        return -1;
+    const char *p = strstr(buf, "flags:");
+    return p ? (long)strtoul(p + 6, NULL, 8) : -1;
+}
+
 /* The fd's flags in the command: the file's status flags (O_NONBLOCK) and
  * the fd's close-on-exec flag, from /proc/TID/fdinfo/FD ("flags:\t0NNN",
- * octal).  -1 if it cannot be read. */
-static long fd_flags(int infofd, int tid, int fd)
+ * octal), read now.  e: the thread's cache entry, or NULL.  -1 if it
+ * cannot be read. */
+static long fd_flags(struct pcache *e, int tid, int fd)
 {
     char path[64], buf[256];
-    int f;
-    if (infofd >= 0) {
-        snprintf(path, sizeof path, "%d", fd);
-        f = openat(infofd, path, O_RDONLY | O_CLOEXEC);
-    } else {
-        snprintf(path, sizeof path, "/proc/%d/fdinfo/%d", tid, fd);
-        f = open(path, O_RDONLY | O_CLOEXEC);
+    if (e) {
+        int k = (int)((unsigned)fd % PFD);
+        if (e->ffd[k] >= 0 && e->fnum[k] == fd) {
+            ssize_t n = pread(e->ffd[k], buf, sizeof buf - 1, 0);
+            if (n > 0) {
+                buf[n] = 0;
+                return parse_flags(buf, n);
+            }
+            close(e->ffd[k]); /* closed meanwhile (ENOENT): look again */
+            e->ffd[k] = -1;
+        }
+        if (e->infofd >= 0) {
+            snprintf(path, sizeof path, "%d", fd);
+            int f = openat(e->infofd, path, O_RDONLY | O_CLOEXEC);
+            if (f >= 0) {
+                ssize_t n = pread(f, buf, sizeof buf - 1, 0);
+                if (n > 0) {
+                    if (e->ffd[k] >= 0)
+                        close(e->ffd[k]);
+                    e->ffd[k] = f;
+                    e->fnum[k] = fd;
+                    buf[n] = 0;
+                    return parse_flags(buf, n);
+                }
+                close(f);
+            }
+        }
     }
-    const char *p = proc_field(f, buf, sizeof buf, "flags:");
+    snprintf(path, sizeof path, "/proc/%d/fdinfo/%d", tid, fd);
+    const char *p = proc_field(open(path, O_RDONLY | O_CLOEXEC), buf, sizeof buf, "flags:");
     return p ? (long)strtoul(p, NULL, 8) : -1;
 }
 
@@ -251,9 +289,14 @@ static void pc_drop(struct pcache *e)
         close(e->pidfd);
         if (e->infofd >= 0)
             close(e->infofd);
+        for (int k = 0; k < PFD; k++)
+            if (e->ffd[k] >= 0)
+                close(e->ffd[k]);
     }
     e->tid = 0;
     e->pidfd = e->infofd = -1;
+    for (int k = 0; k < PFD; k++)
+        e->ffd[k] = e->fnum[k] = -1;
 }
 
 /* Which classes may be bypassed now: the supervisor rewrites it when the
@@ -323,15 +366,15 @@ static void audit(struct handler *h, int action, int sock, const struct sockaddr
 
 /* A copy of the command's fd, or -1 (errno).  A new pidfd is opened after
  * the notification and the id re-checked: the id cannot have been reused.
- * *infofd: the thread's /proc fdinfo directory, or -1. */
-static int grab_fd(struct handler *h, const struct seccomp_notif *n, int fd, int *infofd)
+ * *pe: the thread's cache entry (for fd_flags), or NULL. */
+static int grab_fd(struct handler *h, const struct seccomp_notif *n, int fd, struct pcache **pe)
 {
     struct pcache *e = &h->pc[n->pid % PCACHE];
-    *infofd = -1;
+    *pe = NULL;
     if (e->tid == (int)n->pid) {
         int s = (int)syscall(SYS_pidfd_getfd, e->pidfd, fd, 0);
         if (s >= 0) {
-            *infofd = e->infofd;
+            *pe = e;
             return s;
         }
         if (errno != ESRCH && errno != EBADF)
@@ -363,7 +406,7 @@ static int grab_fd(struct handler *h, const struct seccomp_notif *n, int fd, int
         e->tid = (int)n->pid;
         e->pidfd = pidfd;
         e->infofd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        *infofd = e->infofd;
+        *pe = e;
         return s;
     }
     close(pidfd);
@@ -529,11 +572,8 @@ static int replaceable(int s, int family)
 static int install(struct handler *h, uint64_t id, int fd, int sock, int cloexec,
                    int nonblock, int err, int family)
 {
-    if (!nonblock) {
-        int fl = fcntl(sock, F_GETFL);
-        if (fl >= 0)
-            fcntl(sock, F_SETFL, fl & ~O_NONBLOCK);
-    }
+    if (!nonblock) /* ours: O_NONBLOCK is the only status flag it has */
+        fcntl(sock, F_SETFL, 0);
     struct seccomp_notif_addfd a;
     memset(&a, 0, sizeof a);
     a.id = id;
@@ -564,10 +604,15 @@ static int sock_error(int s)
     return e;
 }
 
+/* Whether a connecting socket has finished: 0 not yet; 1 connected;
+ * 2 with an error or hung up (SO_ERROR says which).  POLLOUT alone is
+ * tcp_poll's "established, no error". */
 static int connected_now(int s)
 {
     struct pollfd p = {s, POLLOUT, 0};
-    return poll(&p, 1, 0) == 1;
+    if (poll(&p, 1, 0) != 1)
+        return 0;
+    return p.revents & (POLLERR | POLLHUP) ? 2 : 1;
 }
 
 static void add_pending(struct handler *h, const struct seccomp_notif *n, int slot, int fd,
@@ -604,10 +649,10 @@ static void add_pending(struct handler *h, const struct seccomp_notif *n, int sl
 
 /* Connect a new host socket for the command's `orig` (its fd `fd`). */
 static void bypass_connect(struct handler *h, const struct seccomp_notif *n, int slot, int fd,
-                           int orig, int infofd, int family, const struct sockaddr_storage *dst,
+                           int orig, struct pcache *pc, int family, const struct sockaddr_storage *dst,
                            int lo, const struct sockaddr_storage *asked)
 {
-    long fl = fd_flags(infofd, (int)n->pid, fd);
+    long fl = fd_flags(pc, (int)n->pid, fd);
     if (fl < 0) { /* the command is gone, or /proc says no: the file's flags */
         fl = fcntl(orig, F_GETFL);
         fl = fl < 0 ? O_CLOEXEC : fl | O_CLOEXEC;
@@ -660,10 +705,9 @@ static void bypass_connect(struct handler *h, const struct seccomp_notif *n, int
     int err = rc == 0 ? 0 : errno;
     if (auditing(h, NSB_AUDIT_ALL))
         audit(h, 0, s, asked); /* allowed, whatever the host answers (as on the SYN) */
-    if (err == EINPROGRESS && connected_now(s))
-        err = sock_error(s), rc = err ? -1 : 0; /* loopback: decided already */
-    else if (rc == 0)
-        err = 0;
+    int done = err == EINPROGRESS ? connected_now(s) : 0;
+    if (done) /* loopback: decided already */
+        err = done == 2 ? sock_error(s) : 0, rc = err ? -1 : 0;
     if (rc == 0 || err == EINPROGRESS) {
         if (rc == 0 || nonblock) {
             /* a non-blocking connect says EINPROGRESS, as the kernel does
@@ -722,8 +766,8 @@ static void on_connect(struct handler *h, const struct seccomp_notif *n, int slo
     if (!id_valid(h, n->id))
         return;
     int family = dst.ss_family;
-    int infofd;
-    int orig = grab_fd(h, n, fd, &infofd);
+    struct pcache *pc;
+    int orig = grab_fd(h, n, fd, &pc);
     if (orig < 0) {
         if (errno == EBADF || errno == ESRCH || errno == ENOENT) {
             cont(h, n->id); /* EBADF from the kernel, or gone */
@@ -743,7 +787,7 @@ static void on_connect(struct handler *h, const struct seccomp_notif *n, int slo
             (family == AF_INET6 && ulen >= 24 /* SIN6_LEN_RFC2133 */)) {
             if (decide(h->cfg, scope_now(h), family, &dst, &host, &hlen, &lo) && replaceable(orig, family)) {
                 later(h, orig);
-                bypass_connect(h, n, slot, fd, orig, infofd, family, &host, lo, &dst);
+                bypass_connect(h, n, slot, fd, orig, pc, family, &host, lo, &dst);
                 return;
             }
         }
@@ -787,7 +831,7 @@ static void on_connect(struct handler *h, const struct seccomp_notif *n, int slo
              (family == AF_INET6 && ulen >= 24)) &&
             decide(h->cfg, scope_now(h), family, &dst, &host, &hlen, &lo)) {
             later(h, orig);
-            bypass_connect(h, n, slot, fd, orig, infofd, family, &host, lo, &dst);
+            bypass_connect(h, n, slot, fd, orig, pc, family, &host, lo, &dst);
         } else {
             if ((family == AF_INET || family == AF_INET6) && auditing(h, NSB_AUDIT_DENY))
                 audit(h, 1, -1, &dst);
@@ -816,8 +860,8 @@ static void on_connect(struct handler *h, const struct seccomp_notif *n, int slo
 static void on_name(struct handler *h, const struct seccomp_notif *n, int peer)
 {
     int fd = (int)n->data.args[0];
-    int infofd;
-    int s = grab_fd(h, n, fd, &infofd);
+    struct pcache *pc;
+    int s = grab_fd(h, n, fd, &pc);
     if (s < 0) {
         cont(h, n->id);
         return;
@@ -910,8 +954,10 @@ int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh)
 {
     struct handler h = {.lfd = listener, .cfg = cfg, .sh = sh,
                         .audit_tokens = NSB_AUDIT_BURST, .audit_refill_ms = now_ms()};
-    for (int i = 0; i < PCACHE; i++)
-        h.pc[i].tid = 0, h.pc[i].pidfd = h.pc[i].infofd = -1;
+    for (int i = 0; i < PCACHE; i++) {
+        h.pc[i].tid = 0;
+        pc_drop(&h.pc[i]);
+    }
     int t = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (t < 0)
         return -errno;
