@@ -102,19 +102,22 @@ def interfaces() -> list[str]:
     return sorted(name for _, name in socket.if_nameindex())
 
 
-def ensure_isolated() -> None:
-    """Re-execute inside a fresh network namespace (lo only) unless already there."""
-    if os.environ.get(ISOLATED_ENV) == "1":
+def ensure_isolated(script: str = __file__, env_name: str = ISOLATED_ENV) -> None:
+    """Re-execute `script` (this one, or another bench that uses these
+    helpers, with its own marker variable `env_name`) inside a fresh network
+    namespace (lo only) unless already there."""
+    name = os.path.basename(script).removesuffix(".py")
+    if os.environ.get(env_name) == "1":
         if interfaces() != ["lo"]:
-            raise SystemExit(f"bench: {ISOLATED_ENV}=1 but netns has {interfaces()}")
+            raise SystemExit(f"{name}: {env_name}=1 but netns has {interfaces()}")
         return
     if os.geteuid() != 0:
-        raise SystemExit("bench: run as root (it makes its own network namespace)")
-    env = dict(os.environ, **{ISOLATED_ENV: "1"})
+        raise SystemExit(f"{name}: run as root (it makes its own network namespace)")
+    env = dict(os.environ, **{env_name: "1"})
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe("unshare", ["unshare", "--net", "--", sys.executable,
-                           os.path.abspath(__file__), *sys.argv[1:]], env)
+                           os.path.abspath(script), *sys.argv[1:]], env)
 
 
 def sh(*argv, timeout: float = 20, check: bool = True) -> subprocess.CompletedProcess:

@@ -42,7 +42,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import (CONN_CLIENT, LAT_CLIENT, NS_PYTHON, PASTA_GW, USER,  # noqa: E402
-                   EchoServer, Runner, free_port, kill, prepare_host_netns, wait_listen)
+                   EchoServer, Runner, ensure_isolated, free_port, kill, prepare_host_netns,
+                   wait_listen)
 
 ISOLATED_ENV = "NSNET_BYPASS_BENCH_ISOLATED"
 VENV = os.environ.get("NSNET_VENV", "/opt/nsnet/venv")
@@ -53,12 +54,7 @@ METRICS = ("tput_ns2host", "tput_host2ns", "latency_p50_us", "conn_per_s")
 
 
 def isolate() -> None:
-    if os.environ.get(ISOLATED_ENV) != "1":
-        if os.geteuid() != 0:
-            sys.exit("run as root (the benchmark makes a network namespace of its own)")
-        env = dict(os.environ, **{ISOLATED_ENV: "1"})
-        os.execvpe("unshare", ["unshare", "--net", "--", sys.executable,
-                               os.path.abspath(__file__), *sys.argv[1:]], env)
+    ensure_isolated(__file__, ISOLATED_ENV)
     prepare_host_netns()
 
 

@@ -35,8 +35,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The `speed` bench's helpers (processes, namespaces, isolation of the host side).
-from bench import (USER, Namespace, Runner, api_call, cpu_seconds, free_port,  # noqa: E402
-                   kill, prepare_host_netns, tree, wait_listen)
+from bench import (USER, Namespace, Runner, api_call, cpu_seconds,  # noqa: E402
+                   ensure_isolated, free_port, kill, prepare_host_netns, tree, wait_listen)
 
 ISOLATED_ENV = "NSNET_FASTPATH_BENCH_ISOLATED"
 VENV = os.environ.get("NSNET_VENV", "/opt/nsnet/venv")
@@ -50,12 +50,7 @@ CANDIDATES = ("nsnet-splice", "nsnet-slirp", "slirp4netns", "pasta", "loopback")
 def isolate() -> None:
     """Re-exec this script in a private netns, then prepare it as bench.py does
     (lo, and a veth pair with a default route to nowhere for pasta)."""
-    if os.environ.get(ISOLATED_ENV) != "1":
-        if os.geteuid() != 0:
-            sys.exit("run as root (the benchmark makes a network namespace of its own)")
-        env = dict(os.environ, **{ISOLATED_ENV: "1"})
-        os.execvpe("unshare", ["unshare", "--net", "--", sys.executable,
-                               os.path.abspath(__file__), *sys.argv[1:]], env)
+    ensure_isolated(__file__, ISOLATED_ENV)
     prepare_host_netns()
 
 

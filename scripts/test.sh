@@ -103,6 +103,10 @@ if [ "$run_e2e" = 1 ]; then
                      exit 2 ;;
         0|1) workers=() ;;
     esac
+    if [ "${#workers[@]}" -gt 0 ] && ! "$VENV/bin/python" -c 'import xdist' 2>/dev/null; then
+        echo "test.sh: pytest-xdist is not in $VENV (run scripts/setup.sh): one process" >&2
+        workers=()
+    fi
     for a in ${opts[@]+"${opts[@]}"}; do
         case "$a" in
             -n|-n[0-9]*|--numprocesses*|--dist*|no:xdist|--pdb) workers=() ;;

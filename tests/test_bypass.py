@@ -113,9 +113,10 @@ def test_refused(user, workdir, probe):
     assert r["stats"]["failed"] == 2 and r["stats"]["bypassed"] == 0
 
 
-def test_connect_timeouts(user, workdir, probe):
-    """A host listener whose accept queue is full drops SYNs: Python's
-    timeout fires, and a blocking connect with SO_SNDTIMEO says EINPROGRESS."""
+@contextlib.contextmanager
+def full_listener():
+    """The port of a host listener whose accept queue is full (backlog 0,
+    two connects it never accepts): it drops further SYNs."""
     lst = socket.socket()
     fillers = []
     try:
@@ -128,11 +129,18 @@ def test_connect_timeouts(user, workdir, probe):
             f.connect_ex(("127.0.0.1", port))
             fillers.append(f)
         time.sleep(0.2)
-        r = run_probe(user, workdir, probe, ["timeout", "10.0.2.2", port])
+        yield port
     finally:
         for f in fillers:
             f.close()
         lst.close()
+
+
+def test_connect_timeouts(user, workdir, probe):
+    """A host listener whose accept queue is full drops SYNs: Python's
+    timeout fires, and a blocking connect with SO_SNDTIMEO says EINPROGRESS."""
+    with full_listener() as port:
+        r = run_probe(user, workdir, probe, ["timeout", "10.0.2.2", port])
     assert r["py_timeout"] == "timeout"
     assert r["sndtimeo"] == "EINPROGRESS"
     assert r["seconds"] < 30
@@ -141,23 +149,8 @@ def test_connect_timeouts(user, workdir, probe):
 def test_blocking_connect_interrupted(user, workdir, probe):
     """SIGALRM interrupts a blocking connect waiting in the handler: the
     command gets it back at once, and the handler drops the wait."""
-    lst = socket.socket()
-    fillers = []
-    try:
-        lst.bind(("127.0.0.1", 0))
-        lst.listen(0)
-        port = lst.getsockname()[1]
-        for _ in range(2):
-            f = socket.socket()
-            f.setblocking(False)
-            f.connect_ex(("127.0.0.1", port))
-            fillers.append(f)
-        time.sleep(0.2)
+    with full_listener() as port:
         r = run_probe(user, workdir, probe, ["interrupted", "10.0.2.2", port])
-    finally:
-        for f in fillers:
-            f.close()
-        lst.close()
     assert r["what"] == "interrupted" and r["seconds"] < 5
     assert r["stats"]["pending"] == 0 and r["stats"]["bypassed"] == 0
 
@@ -697,6 +690,34 @@ def test_audit_log_records_refused_reconnect(user, workdir, probe, outside):
     assert rec == {"action": "deny", "proto": "tcp", "src": "10.0.2.100", "sport": 0,
                    "dst": "198.51.100.1", "dport": target.port, "bypass": True,
                    "rule": None, "rule_text": "default deny"}
+
+
+def test_audit_never_waits_for_a_stopped_supervisor(user, workdir, host_server):
+    """SIGSTOP the supervisor, then 1,500 bypassed connects with --audit=all:
+    none waits for it (the handler's writes never block; the records that
+    do not fit are counted), and every connect is either a record in the
+    log or counted in audit_lost (get_stats' policy.audit_lost too)."""
+    srv = host_server("echo")
+    sock = f"{workdir}/api.sock"
+    log = f"{workdir}/audit.jsonl"
+    stopped = False
+    with bypass_run(user, sock, PHASES, ["10.0.2.2", srv.port, 1, 1500],
+                    flags=["--audit=all", f"--audit-log={log}"]) as p:
+        try:
+            int(read_line(p.stdout, 60))
+            os.kill(p.pid, signal.SIGSTOP)
+            stopped = True
+            say(p)
+            assert read_line(p.stdout, 120), "the connects waited for the stopped supervisor"
+        finally:
+            if stopped:
+                os.kill(p.pid, signal.SIGCONT)
+        reply = json.loads(api_call(sock, {"execute": "get_stats"}))["return"]
+        st = reply["bypass"]
+        assert st["bypassed"] == 1501 and st["audit_lost"] > 0
+        assert reply["policy"]["audit_lost"] >= st["audit_lost"]
+        finish(p)
+    assert len(_bypass_records(log)) + st["audit_lost"] == 1501
 
 
 def test_audit_stream_protocol_break_replaces_handler(user, workdir, host_server):

@@ -35,46 +35,12 @@ def probe(base_dir):
     return dest
 
 
-class UdpCounter:
-    """A UDP echo server on the host side that counts what reaches it."""
-
-    def __init__(self, addr="127.0.0.1"):
-        fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
-        self.sock = socket.socket(fam, socket.SOCK_DGRAM)
-        self.sock.bind((addr, 0))
-        self.port = self.sock.getsockname()[1]
-        self.count = 0
-        self.sock.settimeout(0.2)
-        self._stop = False
-        self.t = threading.Thread(target=self._loop, daemon=True)
-        self.t.start()
-
-    def _loop(self):
-        while not self._stop:
-            try:
-                data, peer = self.sock.recvfrom(65535)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            if self._stop:  # close()'s wake-up datagram
-                return
-            self.count += 1
-            self.sock.sendto(data, peer)
-
-    def close(self):
-        self._stop = True
-        harness.wake_listener(self.sock)
-        self.t.join(2)
-        self.sock.close()
-
-
 @pytest.fixture
 def servers():
     made = []
 
     def make(kind="tcp", addr="127.0.0.1"):
-        s = HostServer("echo", "tcp", addr) if kind == "tcp" else UdpCounter(addr)
+        s = HostServer("echo", kind, addr)  # .connections: TCP connections or UDP datagrams
         made.append(s)
         return s
 
@@ -144,7 +110,7 @@ def test_default_deny_allows_one_port(user, probe, servers, workdir):
     assert res[1]["result"] == "ECONNREFUSED" and res[1]["seconds"] < 1.0
     assert res[2]["result"] == "EHOSTUNREACH"  # ICMP administratively prohibited
     assert res[3]["result"] == "prohibited"
-    counted(lambda: (a.connections, b.connections, u.count), (1, 0, 0))
+    counted(lambda: (a.connections, b.connections, u.connections), (1, 0, 0))
     # every denied flow is an audit record, on the log and in the file
     recs = [json.loads(line) for line in open(audit)]
     denied = {(r["proto"], r.get("dport")) for r in recs if r["action"] == "deny"}
@@ -159,7 +125,7 @@ def test_default_allow_with_deny_rule(user, probe, servers):
                        [["tcp", "10.0.2.2", a.port], ["tcp", "10.0.2.2", b.port],
                         ["udp", "10.0.2.2", u.port, 16], ["ping", "10.0.2.2"]])
     assert [r["result"] for r in res] == ["ok", "ECONNREFUSED", "reply", "reply"]
-    counted(lambda: (a.connections, b.connections, u.count), (1, 0, 1))
+    counted(lambda: (a.connections, b.connections, u.connections), (1, 0, 1))
 
 
 def test_first_match_wins_in_command_line_order(user, probe, servers):
@@ -216,7 +182,7 @@ def test_ipv6(user, probe, servers):
     assert res[2]["result"] == "ECONNREFUSED" and res[2]["seconds"] < 1.0
     assert res[3]["result"] == "EACCES"  # ICMPv6 administratively prohibited
     assert res[4]["result"] == "EACCES"
-    assert b.connections == 0 and u.count == 0
+    assert b.connections == 0 and u.connections == 0
 
 
 # --------------------------------------------------------------------------
@@ -254,7 +220,7 @@ def test_bypass_attempts(user, probe, servers, workdir):
     assert res[11]["result"] == "ok"
     # the allowed connect came last: once it is counted, the denied ones
     # before it have been decided
-    counted(lambda: (a.connections, b.connections, u.count), (1, 0, 0))
+    counted(lambda: (a.connections, b.connections, u.connections), (1, 0, 0))
 
 
 @pytest.mark.parametrize("flags,expect", [
