@@ -582,7 +582,9 @@ class _Child:
             self.exec()
         except BaseException as e:  # never return into the parent's code
             try:
-                os.write(2, f"{PROG}: {e!r}\n".encode())
+                from . import log
+
+                log.fail(PROG, f"setting up {r.opts.argv[0]} failed: {e!r}")
             finally:
                 os._exit(EXIT_SETUP)
 
@@ -664,7 +666,17 @@ class _Child:
         try:
             os.execvp(argv[0], argv)
         except OSError as e:
-            os.write(2, f"{PROG}: {argv[0]}: {e.strerror}\n".encode())
+            from . import log
+            from .diag import why
+
+            hint = ""
+            if isinstance(e, FileNotFoundError):
+                try:
+                    find_command(argv[0])
+                    hint = " (the file is there: is the interpreter its #! line names missing?)"
+                except RunError:
+                    pass
+            log.fail(PROG, f"{argv[0]}: {why(e)}{hint}")  # a JSON line with --log-format=json
             os._exit(EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_CANNOT_EXEC)
 
 

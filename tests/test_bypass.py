@@ -692,6 +692,34 @@ def test_audit_log_records_refused_reconnect(user, workdir, probe, outside):
                    "rule": None, "rule_text": "default deny"}
 
 
+def test_audit_never_waits_for_a_stopped_supervisor(user, workdir, host_server):
+    """SIGSTOP the supervisor, then 1,500 bypassed connects with --audit=all:
+    none waits for it (the handler's writes never block; the records that
+    do not fit are counted), and every connect is either a record in the
+    log or counted in audit_lost (get_stats' policy.audit_lost too)."""
+    srv = host_server("echo")
+    sock = f"{workdir}/api.sock"
+    log = f"{workdir}/audit.jsonl"
+    stopped = False
+    with bypass_run(user, sock, PHASES, ["10.0.2.2", srv.port, 1, 1500],
+                    flags=["--audit=all", f"--audit-log={log}"]) as p:
+        try:
+            int(read_line(p.stdout, 60))
+            os.kill(p.pid, signal.SIGSTOP)
+            stopped = True
+            say(p)
+            assert read_line(p.stdout, 120), "the connects waited for the stopped supervisor"
+        finally:
+            if stopped:
+                os.kill(p.pid, signal.SIGCONT)
+        reply = json.loads(api_call(sock, {"execute": "get_stats"}))["return"]
+        st = reply["bypass"]
+        assert st["bypassed"] == 1501 and st["audit_lost"] > 0
+        assert reply["policy"]["audit_lost"] >= st["audit_lost"]
+        finish(p)
+    assert len(_bypass_records(log)) + st["audit_lost"] == 1501
+
+
 def test_audit_stream_protocol_break_replaces_handler(user, workdir, host_server):
     """Attacker's side: whoever holds the handler's audit socket writes a
     record that breaks nsnet/proto/bypass.py: the supervisor kills and

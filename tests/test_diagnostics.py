@@ -115,6 +115,25 @@ def test_json_errors(user, args):
     assert lines and lines[-1]["level"] == "error" and lines[-1]["msg"]
 
 
+def test_run_exec_failure(user, workdir):
+    """COMMAND found but not executable by the kernel (its #! names a
+    missing interpreter): exit 127, the errno and a hint; a JSON line with
+    --log-format=json (it was plain text, from the child)."""
+    script = os.path.join(workdir, "bad-interp.sh")
+    with open(script, "w") as f:
+        f.write("#!/nonexistent-nsnet-interpreter\n")
+    os.chmod(script, 0o755)
+    cp = nsnet_cmd(user, ["run", "--", script])
+    assert cp.returncode == 127, cp.stderr
+    assert cp.stderr == (f"nsnet run: {script}: No such file or directory (ENOENT) (the file is "
+                         "there: is the interpreter its #! line names missing?)\n")
+    cp = nsnet_cmd(user, ["run", "--log-format=json", "--", script])
+    assert cp.returncode == 127, cp.stderr
+    lines = [json.loads(ln) for ln in cp.stderr.splitlines()]
+    assert (lines[-1]["level"], lines[-1]["event"]) == ("error", "error"), lines
+    assert "ENOENT" in lines[-1]["msg"], lines
+
+
 # ---- failures a user can cause --------------------------------------------------
 
 @unpriv_only
