@@ -97,7 +97,7 @@ if [ "$run_e2e" = 1 ]; then
     by_path=0
     [ "${e2e_paths[0]}" != tests ] && by_path=1
     jobs="${NSNET_TEST_JOBS:-4}"
-    workers=(-n "$jobs" --dist load)
+    workers=(-n "$jobs" --dist worksteal)
     case "$jobs" in
         ''|*[!0-9]*) echo "test.sh: NSNET_TEST_JOBS must be a number of workers, not '$jobs'" >&2
                      exit 2 ;;

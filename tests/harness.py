@@ -604,20 +604,25 @@ def api_call(path: str, request: bytes | str | dict, timeout: float = 5,
         s.sendall(request)
         if shutdown:
             s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                # A server that closes with part of an over-long request unread
-                # makes the kernel report ECONNRESET after the reply (slirp4netns
-                # on "too large message"): the reply read so far stands.
-                if not chunks:
-                    raise
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
+        return recv_to_eof(s, reset_ends=True)
+
+
+def recv_to_eof(s: socket.socket, reset_ends: bool = False) -> bytes:
+    """Everything s receives up to EOF.  reset_ends: an ECONNRESET after
+    some data ends the reply (a server that closes with part of an
+    over-long request unread makes the kernel report it after the reply:
+    slirp4netns on "too large message"); before any data it is raised."""
+    chunks = []
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            if not (reset_ends and chunks):
+                raise
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
     return b"".join(chunks)
 
 

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from harness import api_call, wait_until
+from harness import api_call, recv_to_eof, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -112,12 +112,7 @@ def test_api_at_emfile_does_not_spin(user, ns, attach, nsnet_impl):
             # An fd limit that allows it again: the waiting client is answered.
             user.run(["prlimit", f"--pid={pid}", f"--nofile={hard}:{hard}"], check=True,
                      timeout=10)
-            out = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                out += chunk
+            out = recv_to_eof(s)
         assert json.loads(out).get("entries") == [], out
     finally:
         for f in fill:
