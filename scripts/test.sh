@@ -37,6 +37,11 @@ for a in "$@"; do
     if [ -n "$p" ] && [ "${p#-}" = "$p" ] && [ -e "$p" ]; then
         case "$(realpath "$p")/" in
             "$REPO/tests/unit/"*) unit_paths+=("$a") ;;
+            # tests/ (or the repository) holds both tiers: each gets its own
+            # part, never the unit tier inside the end-to-end one (their
+            # test_policy.py files share a name).
+            "$REPO/tests/" | "$REPO/")
+                unit_paths+=(tests/unit); e2e_paths+=(tests --ignore=tests/unit) ;;
             *) e2e_paths+=("$a") ;;
         esac
     else
