@@ -67,6 +67,42 @@ class Logger:
         self._emit("error", msg, exc_info, extra)
 
 
+class Throttle:
+    """At most `burst` lines per `window` seconds, then a count: for a line
+    per event someone outside nsnet can cause (a refused API client or
+    listener peer, a connection the guest refused), which must not flood
+    the log.  The caller passes the time (its own clock), so that:
+
+        held, secs = t.roll(now)     # a window ended: say `held` lines were left out
+        if t.admit(): log the line   # else it is counted for the next roll
+    """
+
+    def __init__(self, burst: int, window: float) -> None:
+        self.burst = burst
+        self.window = window
+        self.start = float("-inf")  # the first event opens the first window
+        self.logged = 0
+        self.held = 0
+
+    def roll(self, now: float) -> tuple[int, float]:
+        """When the window has run out, open the next at `now`; returns the
+        lines the ended one held back and its length in seconds ((0, 0.0)
+        while it runs)."""
+        if now - self.start < self.window:
+            return 0, 0.0
+        held, secs = self.held, now - self.start
+        self.start, self.logged, self.held = now, 0, 0
+        return held, secs
+
+    def admit(self) -> bool:
+        """One more line in this window (True), or one more held back."""
+        if self.logged < self.burst:
+            self.logged += 1
+            return True
+        self.held += 1
+        return False
+
+
 def get(name: str = "nsnet") -> Logger:
     return Logger(name if name.startswith("nsnet") else f"nsnet.{name}")
 

@@ -81,9 +81,7 @@ class Relay:
         self.refused = 0  # connections the guest refused (get_stats)
         # debug lines for them: at most REFUSED_LOG_PER_SECOND a second
         self.clock = time.monotonic
-        self.refused_window = -1e9
-        self.refused_logged = 0
-        self.refused_hidden = 0
+        self.refused_log = log.Throttle(REFUSED_LOG_PER_SECOND, 1.0)
         ctl.setblocking(False)
         self._watch(ctl.fileno())
 
@@ -264,10 +262,8 @@ class Relay:
         if not self.log.isEnabledFor("debug"):
             return
         self._refused_window(self.clock())
-        if self.refused_logged >= REFUSED_LOG_PER_SECOND:
-            self.refused_hidden += 1
+        if not self.refused_log.admit():
             return
-        self.refused_logged += 1
         name = errno.errorcode.get(err or 0, "")
         why = f"{os.strerror(err)} ({name})" if name else "unknown error"
         client = _addr(peer[0], peer[1]) if isinstance(peer, tuple) and len(peer) >= 2 else "?"
@@ -280,15 +276,13 @@ class Relay:
 
     def _refused_window(self, now: float) -> None:
         """A new second: say how many refusals were not logged in the last."""
-        if now - self.refused_window < 1.0:
-            return
-        if self.refused_hidden:
-            self.log.debug(f"fast path: {self.refused_hidden} more connections refused by "
+        held, _ = self.refused_log.roll(now)
+        if held:
+            self.log.debug(f"fast path: {held} more connections refused by "
                            f"the guest were not logged (at most {REFUSED_LOG_PER_SECOND} "
                            "lines a second)",
                            extra={"fields": {"event": "fastpath_refused_unlogged",
-                                             "count": self.refused_hidden}})
-        self.refused_window, self.refused_logged, self.refused_hidden = now, 0, 0
+                                             "count": held}})
 
     def step(self) -> bool:
         """After the C loop woke up: serve whatever is readable."""
@@ -316,7 +310,7 @@ class Relay:
                 return 4
             if rc == self.lib.RELAY_WAKE and not self.step():
                 return 0
-            if self.refused_hidden:
+            if self.refused_log.held:
                 self._refused_window(self.clock())
 
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Any, Callable, Generator
 
 from ..forwards import Forward, ForwardError
+from ..log import Throttle
 from ..netconfig import slaac_address
 from ..ns import helper as helper_ns
 from . import api
@@ -72,6 +73,7 @@ class ApiServer:
 
     def _bind_api(self, path: str) -> None:
         self.api_sock, self.api_ino = bind_unix_socket(path, "API socket")
+        self._refusals = Throttle(REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW)
         ns = self.nsfds
         self.peer_check = PeerCheck(ns.user if ns else None, ns.net if ns else None,
                                     self.opts.target.pid)
@@ -397,17 +399,11 @@ class ApiServer:
         """One warning per refused client, at most REFUSAL_LOG_BURST per
         REFUSAL_LOG_WINDOW seconds (then a count): a flood of refused
         clients must not flood the log."""
-        now = time.monotonic()
-        w = self.__dict__.setdefault("_refusals", [now, 0, 0])  # start, logged, dropped
-        if now - w[0] >= REFUSAL_LOG_WINDOW:
-            if w[2]:
-                self.log.warning(f"API: {w[2]} more clients refused in {now - w[0]:.0f} s")
-            w[:] = [now, 0, 0]
-        if w[1] < REFUSAL_LOG_BURST:
-            w[1] += 1
+        held, secs = self._refusals.roll(time.monotonic())
+        if held:
+            self.log.warning(f"API: {held} more clients refused in {secs:.0f} s")
+        if self._refusals.admit():
             self.log.warning(f"API: refused client pid {pid}: {why}")
-        else:
-            w[2] += 1
 
     def _api_read(self, fd: int) -> None:
         c = self.api_clients[fd]

@@ -117,7 +117,7 @@ class OciListener:
         self.accepted = 0
         self.ended: dict[str, int] = {}  # counters of handlers that are gone
         self.finished = False
-        self._refusals = [time.monotonic(), 0, 0]  # window start, logged, dropped
+        self._refusals = log.Throttle(REFUSAL_LOG_BURST, REFUSAL_LOG_WINDOW)
 
     # -- the I/O-source interface of the supervisor's loop ------------------
 
@@ -307,17 +307,11 @@ class OciListener:
 
     def _warn(self, text: str) -> None:
         """One warning per refusal, at most REFUSAL_LOG_BURST a window."""
-        now = time.monotonic()
-        w = self._refusals
-        if now - w[0] >= REFUSAL_LOG_WINDOW:
-            if w[2]:
-                self.log.warning(f"--bypass-listener: {w[2]} more refusals in {now - w[0]:.0f} s")
-            w[:] = [now, 0, 0]
-        if w[1] < REFUSAL_LOG_BURST:
-            w[1] += 1
+        held, secs = self._refusals.roll(time.monotonic())
+        if held:
+            self.log.warning(f"--bypass-listener: {held} more refusals in {secs:.0f} s")
+        if self._refusals.admit():
             self.log.warning(f"--bypass-listener: {text}")
-        else:
-            w[2] += 1
 
     # -- listeners -------------------------------------------------------------
 
