@@ -232,16 +232,7 @@ def _netfacts(ns: NsFds, sock: socket.socket) -> int:
 def netfacts(ns: NsFds, timeout: float = 10.0) -> tuple[int, int, int]:
     """(netns cookie, SO_SNDBUF, SO_RCVBUF) of the target's namespace, read
     by a helper inside it.  HelperError when that fails."""
-    data, fds, status = _in_namespaces("nsnet-nshelper", "netfacts", ns, {}, timeout)
-    for fd in fds:
-        os.close(fd)
-    try:
-        msg = proto.parse_netfacts(data or b"", len(fds))
-    except ProtocolError as e:
-        raise HelperError(f"namespace helper failed({status})" if data is None
-                          else f"namespace helper: protocol error: {e}") from None
-    if "error" in msg:
-        raise HelperError(msg["error"])
+    msg = _ask("netfacts", ns, {}, timeout, proto.parse_netfacts)
     return msg["cookie"], msg["sndbuf"], msg["rcvbuf"]
 
 
@@ -466,10 +457,17 @@ def describe_interface(ns: NsFds, tapname: str, timeout: float = 10.0) -> dict:
     """Report the TAP's state inside the namespace, waiting for it (a
     blocking call; the supervisor uses start_describe). Raises HelperError
     when it cannot be read."""
-    data, fds, status = _in_namespaces("nsnet-nshelper", "interface", ns,
-                                       {"tapname": tapname}, timeout)
+    return _ask("interface", ns, {"tapname": tapname}, timeout, proto.parse_interface)
+
+
+def _ask(kind: str, ns: NsFds, args: dict, timeout: float,
+         parse: Callable[[bytes, int], dict]) -> dict:
+    """Run a helper of `kind` in the namespaces and wait for its one answer,
+    checked by `parse` (proto/helper.py); HelperError when it failed, broke
+    the protocol or answered an error."""
+    data, fds, status = _in_namespaces("nsnet-nshelper", kind, ns, args, timeout)
     try:
-        msg = proto.parse_interface(data or b"", len(fds))
+        msg = parse(data or b"", len(fds))
     except ProtocolError as e:
         raise HelperError(f"namespace helper failed({status})" if data is None
                           else f"namespace helper: protocol error: {e}") from None

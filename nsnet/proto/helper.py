@@ -51,21 +51,21 @@ def parse_tap_result(data: bytes, nfds: int) -> tuple[int, bytes | None]:
     return msg["ifindex"], bytes.fromhex(mac) if mac else None
 
 
-def parse_interface(data: bytes, nfds: int) -> dict[str, Any]:
-    """The interface helper's answer: the interface, or {"error": str}."""
+def _answer(data: bytes, nfds: int, who: str, schema: Obj) -> dict[str, Any]:
+    """A helper's one answer with no fd: `schema`, or {"error": str}."""
     msg = decode(data)
     if nfds:
-        raise ProtocolError(f"interface helper message with {nfds} fds (expected none)")
+        raise ProtocolError(f"{who} message with {nfds} fds (expected none)")
     if type(msg) is dict and "error" in msg:
-        return INTERFACE_ERROR(msg, "interface helper error")
-    return INTERFACE(msg, "interface helper message")
+        return INTERFACE_ERROR(msg, f"{who} error")
+    return schema(msg, f"{who} message")
+
+
+def parse_interface(data: bytes, nfds: int) -> dict[str, Any]:
+    """The interface helper's answer: the interface, or {"error": str}."""
+    return _answer(data, nfds, "interface helper", INTERFACE)
 
 
 def parse_netfacts(data: bytes, nfds: int) -> dict[str, Any]:
     """The netfacts helper's answer: the facts, or {"error": str}."""
-    msg = decode(data)
-    if nfds:
-        raise ProtocolError(f"netfacts helper message with {nfds} fds (expected none)")
-    if type(msg) is dict and "error" in msg:
-        return INTERFACE_ERROR(msg, "netfacts helper error")
-    return NETFACTS(msg, "netfacts helper message")
+    return _answer(data, nfds, "netfacts helper", NETFACTS)
