@@ -203,9 +203,10 @@ def add_splice(api: str) -> int:
 def test_attach_namespace_root_cannot_take_over_nsnet(user, ns, workdir, start_fwd,
                                                       nsnet_impl, base_dir, flags):
     """Attach mode: the namespace's root watches /proc while nsnet starts
-    (TAP helper), serves a splice forward (connector) and answers get_info
-    "interface" (interface helper), and attacks every nsnet process it
-    sees: everything is refused."""
+    (TAP helper; with --bypass-listener the netfacts helper too), serves a
+    splice forward (connector) and answers get_info "interface" (interface
+    helper), and attacks every nsnet process it sees: everything is
+    refused."""
     att = Attacker(workdir)
     watcher = ns.popen(att.argv(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     server = None
@@ -214,6 +215,7 @@ def test_attach_namespace_root_cannot_take_over_nsnet(user, ns, workdir, start_f
         assert read_line(watcher.stdout, 15).startswith(b"READY")
         api = os.path.join(workdir, "nsnet.sock")
         fwd = start_fwd(nsnet_impl, [*flags, "--configure", "--api-socket", api,
+                                     f"--bypass-listener={workdir}/oci.sock",
                                      ns.pid, "tap0"], wait=False)
         host = HostWatch(fwd.pid)
         host.start()
