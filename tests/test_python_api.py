@@ -156,7 +156,10 @@ def test_popen_takes_the_attach_options_of_nsnet_run(user, workdir):
     """enable_sandbox, enable_seccomp, disable_dns, pidfile, tapname: keywords
     of the option table, passed to `nsnet run`."""
     pidfile = os.path.join(workdir, "nsnet.pid")
-    with nsnet.Popen(["cat", "/proc/net/dev"], enable_sandbox=True,
+    # The command lives until its stdin ends (communicate() below): a
+    # command that ended at once would take nsnet and its API with it
+    # before info() asks.
+    with nsnet.Popen(["sh", "-c", "cat /proc/net/dev && cat >/dev/null"], enable_sandbox=True,
                      enable_seccomp=True, disable_dns=True, pidfile=pidfile, tapname="eth7",
                      mtu=1400, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                      **as_user(user)) as p:
