@@ -15,7 +15,10 @@ nsnet one as NAME@VENV runs that venv's nsnet, for A/B runs of two builds):
 Measures, per round, candidates rotated: iperf3 throughput namespace->host
 and host->namespace (-R), 1-byte round-trip latency p50, and connections
 per second (connect, 1 byte each way, close; --conn-client c: a C client
-built here with gcc, for the connection's own cost without Python's).
+built here with gcc, for the connection's own cost without Python's; it
+also times each connection, and the row "conn/s of the p50 connection" is
+1 / its median connection: a machine's bursts of load move the mean rate
+far more than the median).
 --metrics picks some of them.  Prints each candidate's median with the
 range over the rounds, and the ratios of each bypass candidate to the
 loopback and to pasta: the median of the per-round ratios (a candidate's
@@ -50,7 +53,7 @@ VENV = os.environ.get("NSNET_VENV", "/opt/nsnet/venv")
 NSNET = os.environ.get("NSNET_BIN") or f"{VENV}/bin/nsnet"
 PASTA = os.environ.get("PASTA_BIN", "/usr/bin/pasta")
 CANDIDATES = ("loopback", "nsnet-bypass", "nsnet-run", "pasta")
-METRICS = ("tput_ns2host", "tput_host2ns", "latency_p50_us", "conn_per_s")
+METRICS = ("tput_ns2host", "tput_host2ns", "latency_p50_us", "conn_per_s", "conn_per_s_p50")
 
 
 def isolate() -> None:
@@ -76,6 +79,7 @@ def wrap(cand: str, mtu: int, argv: list[str]) -> tuple[list[str], str]:
 # connect, 1 byte each way, close, for `seconds` (as CONN_CLIENT, in C)
 CONN_CLIENT_C = r"""
 #include <arpa/inet.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/socket.h>
@@ -87,6 +91,18 @@ static double now(void)
     clock_gettime(CLOCK_MONOTONIC, &t);
     return t.tv_sec + t.tv_nsec / 1e9;
 }
+#define MAXN (1 << 22)
+static float cyc[MAXN], con[MAXN];
+static int cmp(const void *a, const void *b)
+{
+    float x = *(const float *)a, y = *(const float *)b;
+    return x < y ? -1 : x > y;
+}
+static double p50(float *v, long n)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp);
+    return n ? v[n / 2] : 0;
+}
 int main(int argc, char **argv)
 {
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
@@ -95,17 +111,28 @@ int main(int argc, char **argv)
     double start = now(), end = start + atof(argv[3]);
     long n = 0;
     char c = 'x';
-    while (now() < end) {
+    double t0 = start;
+    while (t0 < end && n < MAXN) {
         int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (s < 0 || connect(s, (struct sockaddr *)&a, sizeof a) < 0 || write(s, &c, 1) != 1 ||
-            read(s, &c, 1) != 1) {
+        if (s < 0 || connect(s, (struct sockaddr *)&a, sizeof a) < 0) {
+            perror("conn client");
+            return 1;
+        }
+        double t1 = now();
+        if (write(s, &c, 1) != 1 || read(s, &c, 1) != 1) {
             perror("conn client");
             return 1;
         }
         close(s);
+        double t2 = now();
+        con[n] = (float)((t1 - t0) * 1e6);
+        cyc[n] = (float)((t2 - t0) * 1e6);
+        t0 = t2;
         n++;
     }
-    printf("{\"conn_per_s\": %.1f}\n", n / (now() - start));
+    double rate = n / (now() - start);
+    printf("{\"conn_per_s\": %.1f, \"cycle_p50_us\": %.2f, \"connect_p50_us\": %.2f}\n",
+           rate, p50(cyc, n), p50(con, n));
     return 0;
 }
 """
@@ -150,6 +177,10 @@ def main() -> int:
     runner = Runner(USER)
     cands = [c for c in args.candidates.split(",") if c]
     metrics = [m for m in METRICS if m in args.metrics.split(",")]
+    if "conn_per_s" in metrics and args.conn_client == "c" and "conn_per_s_p50" not in metrics:
+        metrics.append("conn_per_s_p50")
+    if args.conn_client != "c" and "conn_per_s_p50" in metrics:
+        metrics.remove("conn_per_s_p50")
     workdir = tempfile.mkdtemp(prefix="nsnet-bypass-bench.", dir="/tmp")
     conn_client = [NS_PYTHON, "-c", CONN_CLIENT]
     if args.conn_client == "c":
@@ -185,7 +216,10 @@ def main() -> int:
                     out = run_client(runner, cand, args.mtu, lambda h: [
                         *conn_client, h, str(acceptor.port), str(args.time)],
                         timeout=args.time + 60)
-                    s["conn_per_s"].append(json.loads(out.strip().splitlines()[-1])["conn_per_s"])
+                    res = json.loads(out.strip().splitlines()[-1])
+                    s["conn_per_s"].append(res["conn_per_s"])
+                    if "cycle_p50_us" in res:  # the C client: 1 / its median connection
+                        s["conn_per_s_p50"].append(1e6 / res["cycle_p50_us"])
                 print(f"round {rnd + 1} {cand:13s} " + " ".join(
                     f"{m}={s[m][-1]:.2f}" for m in metrics), file=sys.stderr, flush=True)
     finally:
@@ -205,7 +239,8 @@ def main() -> int:
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     units = {"tput_ns2host": "ns->host Gbit/s", "tput_host2ns": "host->ns Gbit/s",
-             "latency_p50_us": "RR latency p50 us", "conn_per_s": "conn/s"}
+             "latency_p50_us": "RR latency p50 us", "conn_per_s": "conn/s",
+             "conn_per_s_p50": "conn/s of the p50 connection"}
 
     def cell(v: list[float], fmt: str) -> str:
         if not v:
@@ -213,7 +248,9 @@ def main() -> int:
         return f"{statistics.median(v):{fmt}} ({min(v):{fmt}}-{max(v):{fmt}})"
 
     for m in metrics:
-        fmt = ".0f" if m == "conn_per_s" else ".2f"
+        if m == "conn_per_s_p50" and not any(samples[c][m] for c in cands):
+            continue
+        fmt = ".0f" if m.startswith("conn_per_s") else ".2f"
         row = [units[m], *(cell(samples[c][m], fmt) for c in cands),
                *(cell(r[m], ".2f") for r in ratios.values())]
         print("| " + " | ".join(row) + " |")
