@@ -173,6 +173,9 @@ def main() -> int:
                     help="the connection-rate client (the same for every candidate)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.time < 1 and {"tput_ns2host", "tput_host2ns"} & set(args.metrics.split(",")):
+        ap.error("--time: iperf3 takes whole seconds (and 0 is forever); give 1 or more, "
+                 "or leave the throughput out with --metrics")
     isolate()
     runner = Runner(USER)
     cands = [c for c in args.candidates.split(",") if c]

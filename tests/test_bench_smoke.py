@@ -42,3 +42,34 @@ def test_bench_smoke(tmp_path):
     assert result["ratio_to_slirp4netns"]["nsnet"]["tput_ns2host_1500"] > 0
     assert {t["metric"] for t in result["targets"]} >= {"start_ms", "rss_idle_mb"}
     assert "| nsnet / slirp4netns |" in cp.stdout
+
+
+BYPASS_BENCH = os.path.join(os.path.dirname(BENCH), "bypass_bench.py")
+
+
+def test_bypass_bench_smoke(tmp_path):
+    """bench/bypass_bench.py (issue 13's rows): one short round of every
+    metric for the loopback, `nsnet run --bypass` and pasta, with the C
+    connection client; every sample and ratio exists."""
+    if os.geteuid() != 0:
+        pytest.skip("the benchmark makes its own network namespace: needs root")
+    python = f"{VENV}/bin/python"
+    if not os.access(python, os.X_OK):
+        python = sys.executable
+    out = tmp_path / "bypass.json"
+    cp = subprocess.run([python, BYPASS_BENCH, "--rounds", "1", "--time", "1", "--rr", "300",
+                         "--candidates", "loopback,nsnet-bypass,pasta", "--conn-client", "c",
+                         "--out", str(out)],
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, NSNET_VENV=VENV))
+    assert cp.returncode == 0, cp.stdout[-3000:] + cp.stderr[-3000:]
+    result = json.loads(out.read_text())
+    metrics = ("tput_ns2host", "tput_host2ns", "latency_p50_us", "conn_per_s", "conn_per_s_p50")
+    for cand in ("loopback", "nsnet-bypass", "pasta"):
+        for m in metrics:
+            assert len(result["samples"][cand][m]) == 1 and result["samples"][cand][m][0] > 0, \
+                (cand, m)
+    for ratio in ("nsnet-bypass / loopback", "nsnet-bypass / pasta"):
+        for m in metrics:
+            assert result["ratios"][ratio][m][0] > 0, (ratio, m)
+    assert "| conn/s of the p50 connection |" in cp.stdout
