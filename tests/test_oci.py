@@ -251,13 +251,20 @@ def test_handler_restart_keeps_the_container_bypassed(nsnet_impl, ns, attach, wo
     assert c.p.wait(timeout=20) == 0, c.stop()
 
 
-@pytest.mark.parametrize("user", ["root", "unpriv"], indirect=True)
-@pytest.mark.parametrize("flags", [(), ("--bypass-bytes=at-close",)], ids=["default", "at-close"])
+AT_CLOSE = "--bypass-bytes=at-close"
+
+
+@pytest.mark.parametrize("user, flags", [
+    ("root", ()), ("unpriv", ()), ("root", (AT_CLOSE,)), ("unpriv", (AT_CLOSE,)),
+    ("root", (AT_CLOSE, "--enable-sandbox", "--enable-seccomp"))], indirect=["user"],
+    ids=["root-default", "unpriv-default", "root-at-close", "unpriv-at-close",
+         "root-sandbox-at-close"])
 def test_bypass_bytes_subscription(nsnet_impl, ns, attach, workdir, bundle, run_container,
                                    host_server, flags):
     """--bypass-bytes reaches the containers' handlers: by default none
     subscribes to the kernel's TCP destroy notifications (/proc/net/netlink
-    of the namespace nsnet runs in); with at-close, the handler does."""
+    of the namespace nsnet runs in); with at-close, the handler does (the
+    supervisor subscribes it: confined too)."""
     tcp, udp = host_server("echo"), host_server("echo", "udp")
     net, listener = start_nsnet(attach, nsnet_impl, ns, workdir, *flags)
     c = run_container(bundle(ns.net_path, listener,
