@@ -44,6 +44,7 @@ struct nsb_config {
     int32_t nr_connect, nr_getsockname, nr_getpeername;
     int32_t audit_fd;
     uint32_t audit_arch;
+    int32_t diag_fd;
 };
 struct nsb_audit {
     int64_t time_ms;
@@ -83,6 +84,7 @@ struct nsb_shared {
 int nsb_probe(int listener);
 int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh);
 int nsb_sample(struct nsb_shared *sh, uint64_t *out);
+int nsb_diag_subscribe(void);
 """
 
 ffibuilder = FFI()

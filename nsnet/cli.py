@@ -128,6 +128,9 @@ def parse(argv: list[str]):
         raise BadOption('--netns-type must be either "pid" or "path"')
     if mac is not None and not configure:
         raise BadOption("--macaddr cannot be specified when --configure or -c is not specified")
+    if v["bypass_bytes"] is not None and not v["bypass_listener"]:
+        raise BadOption("--bypass-bytes needs --bypass-listener (it says how the bytes of "
+                        "bypassed connections are counted)")
     if len(args) != 2:
         if len(args) > 2:
             raise BadOption("too many arguments")
@@ -220,6 +223,7 @@ def parse(argv: list[str]):
         pcap=v["pcap"],
         pcap_max_bytes=v["pcap_max_bytes"],
         bypass_listener=v["bypass_listener"],
+        bypass_bytes=v["bypass_bytes"] or O.BYPASS_BYTES_DEFAULT,
     )
     opts.name = v["name"]  # nsnet ps, nsnet ctl --instance (the registry: cli.main)
     return opts

@@ -201,6 +201,10 @@ class Opt:
 PCAP_MAX_BYTES = 1 << 30
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# --bypass-bytes (docs/bypass.md, "Bytes"): absent is the default (the
+# option needs --bypass or --bypass-listener, so "given" must show)
+BYPASS_BYTES = ("sampled", "at-close")
+BYPASS_BYTES_DEFAULT = "sampled"
 LOG_FORMATS = ("text", "json")
 
 # Help order: slirp4netns's --help order first (its section of `nsnet
@@ -242,6 +246,18 @@ TABLE: list[Opt] = [
              "(linux.seccomp.listenerPath=PATH in config.json):\n"
              "their TCP connects get the socket bypass of\n"
              "`nsnet run --bypass` (docs/bypass.md, \"OCI\")"),
+    Opt("bypass-bytes", arg="MODE", conv=choice("--bypass-bytes", *BYPASS_BYTES),
+        default=None, api="bypass_bytes",
+        help="how get_stats counts the bytes of bypassed\n"
+             "connections (with --bypass-listener): sampled\n"
+             "(default: every 1 s; a closed one counts to its last\n"
+             "sample) or at-close (exact; the kernel then builds a\n"
+             "notification for every TCP socket the host frees)",
+        run_help="how get_stats counts the bytes of bypassed\n"
+                 "connections (with --bypass): sampled (default:\n"
+                 "every 1 s; a closed one counts to its last sample)\n"
+                 "or at-close (exact; the kernel then builds a\n"
+                 "notification for every TCP socket the host frees)"),
     Opt("share-pid", fronts=(RUN,), api="share_pid",
         help="keep the caller's PID namespace (default: COMMAND\n"
              "gets its own, behind a small init of nsnet's, so it\n"

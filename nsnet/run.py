@@ -150,6 +150,7 @@ class RunOptions:
     name: str | None = None
     registry_socket: bool = False
     bypass: bool = False
+    bypass_bytes: str = "sampled"  # --bypass-bytes
     share_pid: bool = False
 
 
@@ -233,6 +234,10 @@ def parse_args(argv: list[str]) -> RunOptions | None:
     ro.pcap = v["pcap"]
     ro.pcap_max_bytes = v["pcap_max_bytes"]
     ro.bypass = v["bypass"]
+    if v["bypass_bytes"] is not None and not ro.bypass:
+        raise UsageError("--bypass-bytes needs --bypass (it says how the bytes of bypassed "
+                         "connections are counted)")
+    ro.bypass_bytes = v["bypass_bytes"] or O.BYPASS_BYTES_DEFAULT
     ro.share_pid = v["share_pid"]
     if v["dns"] is True and v["disable_dns"]:
         raise UsageError("--dns names the built-in DNS, which --disable-dns turns off: "
@@ -951,6 +956,7 @@ class Runner:
             check_access(self.cmd)
             h = Handler(self.bypass_listener, self.opts.net, unpack_facts(self.bypass_facts),
                         sup.default_guest_addr6, policy=self.opts.policy,
+                        bytes_mode=self.opts.bypass_bytes,
                         on_give_up=lambda why: sup._finish(EXIT_SETUP, why))
         except BypassError as e:
             raise RunError(str(e)) from None

@@ -12,6 +12,7 @@ when the pytest process's nsnet, NSNET_VENV and NSNET_BIN disagree.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -754,6 +755,34 @@ class HostServer:
         self.sock.close()
         for t in self._threads:
             t.join(timeout=5)
+
+
+def destroy_subscribers() -> set[int]:
+    """The inodes of the sock_diag sockets (NETLINK_SOCK_DIAG, protocol 4)
+    of this network namespace (the sealed test namespace, where nsnet's
+    supervisor and bypass handlers run) that are members of a multicast
+    group: those that get the kernel's TCP destroy notifications
+    (SKNLGRP_INET_TCP_DESTROY 1, SKNLGRP_INET6_TCP_DESTROY 3), which the
+    kernel builds for every TCP socket it frees while one exists."""
+    out = set()
+    with open("/proc/net/netlink") as f:
+        next(f)  # sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
+        for line in f:
+            cols = line.split()
+            if int(cols[1]) == 4 and int(cols[3], 16) != 0:
+                out.add(int(cols[9]))
+    return out
+
+
+def sock_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets process pid holds."""
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                out.add(int(link[8:-1]))
+    return out
 
 
 def wake_listener(sock: socket.socket) -> None:

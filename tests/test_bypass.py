@@ -396,6 +396,36 @@ def test_python_api(user, base_dir, host_server):
     assert srv.connections == 1
 
 
+API_BYTES = """
+import subprocess, sys
+import nsnet
+py, port, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+cmd = ("import socket, sys; s = socket.create_connection(('10.0.2.2', %s)); "
+       "print(s.getpeername()[0], flush=True); sys.stdin.readline()" % port)
+kw = {} if mode == "default" else {"bypass_bytes": mode}
+with nsnet.Popen([py, "-c", cmd], bypass=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                 text=True, **kw) as p:
+    print(p.stdout.readline().strip(), p.stats()["bypass"]["bytes_counted"], flush=True)
+    p.stdin.close()
+    print(p.wait(60))
+"""
+
+
+@pytest.mark.parametrize("mode,counted", [("default", "sampled"), ("at-close", "at close")])
+def test_python_api_bypass_bytes(user, base_dir, host_server, mode, counted):
+    """nsnet.Popen(..., bypass=True, bypass_bytes=...): the option table's
+    keyword reaches the handler."""
+    srv = host_server("echo")
+    script = f"{base_dir}/api_bytes.py"
+    with open(script, "w") as f:
+        f.write(API_BYTES)
+    os.chmod(script, 0o644)
+    venv_python = os.path.join(os.path.dirname(harness.nsnet_bin()), "python")
+    cp = user.run([venv_python, script, NS_PYTHON, str(srv.port), mode], timeout=90,
+                  capture_output=True, text=True)
+    assert cp.stdout.split() == ["10.0.2.2", *counted.split(), "0"], (cp.stdout, cp.stderr)
+
+
 @pytest.mark.parametrize("mode,what", [
     ("addfd", "--bypass needs SECCOMP_ADDFD_FLAG_SEND (Linux 5.14 or later)"),
     ("cookie", "--bypass needs SO_NETNS_COOKIE (Linux 5.14 or later)"),
@@ -766,7 +796,8 @@ def test_audit_stream_protocol_break_replaces_handler(user, workdir, host_server
 # cookie, csrc/bypassdiag.c): live ones at get_stats, closed ones at close
 # --------------------------------------------------------------------------
 
-BYTES = """
+# one connection open with 100,000 bytes each way; then what a test adds
+OPEN_100K = """
 import socket, sys
 host, port = sys.argv[1], int(sys.argv[2])
 
@@ -782,6 +813,8 @@ a = socket.create_connection((host, port), timeout=10)
 echo(a, 100000)
 print("OPEN", flush=True)
 sys.stdin.readline()
+"""
+BYTES = OPEN_100K + """
 a.close()
 for _ in range(20):  # short connections: closed long before any sample
     with socket.create_connection((host, port), timeout=10) as b:
@@ -793,17 +826,22 @@ sys.stdin.readline()
 
 @pytest.mark.parametrize("dest", ["gateway", "egress"])
 def test_stats_count_bypassed_bytes(user, workdir, host_server, request, dest):
-    """The gateway's sockets (bound to lo) and an outside address's."""
+    """--bypass-bytes=at-close: exact final counts from the kernel's TCP
+    destroy notifications, to which the handler subscribes.  The gateway's
+    sockets (bound to lo) and an outside address's."""
     host = "10.0.2.2"
     if dest == "egress":
         request.getfixturevalue("outside")
         host = "198.51.100.1"
     srv = host_server("echo", addr="127.0.0.1" if dest == "gateway" else host)
     sock = f"{workdir}/api.sock"
-    with bypass_run(user, sock, BYTES, [host, srv.port]) as p:
+    with bypass_run(user, sock, BYTES, [host, srv.port], flags=["--bypass-bytes=at-close"]) as p:
         assert read_line(p.stdout, 30).startswith(b"OPEN")
         st = stats(sock)
         assert st["bytes_counted"] == "at close" and "bytes_error" not in st
+        # the handler, and only it, listens to the destroy notifications
+        subs = harness.destroy_subscribers()
+        assert len(subs) == 1 and subs <= harness.sock_inodes(st["handler_pid"]), subs
         # open: what the peer acknowledged and what came in order, no FIN yet
         assert st["bytes_live"] == 1 and st["bypassed"] == 1
         assert st["bytes_sent"] == 100000 and st["bytes_received"] == 100000
@@ -837,25 +875,70 @@ sys.stdin.readline()
 """
 
 
+SHORT_AFTER = OPEN_100K + """
+with socket.create_connection((host, port), timeout=10) as b:  # between two samples
+    echo(b, 1000)
+print("SHORT", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _sampled_open(p, sock, k):
+    """The script printed OPEN, its connection open with 100,000 bytes each
+    way: get_stats counts them exactly, sampled; then k samples of the
+    handler's.  The stats of then."""
+    assert read_line(p.stdout, 30).startswith(b"OPEN")
+    st = stats(sock)
+    assert st["bytes_counted"] == "sampled" and "bytes_error" not in st
+    assert st["bytes_sent"] == st["bytes_received"] == 100000 and st["bytes_live"] == 1
+    n = st["bytes_samples"]
+    harness.wait_until(lambda: stats(sock)["bytes_samples"] >= n + k, 30,
+                       what=f"{k} samples of the handler's")
+    return st
+
+
+def test_stats_bytes_sampled_by_default(user, workdir, host_server):
+    """Without --bypass-bytes nothing subscribes to the kernel's TCP
+    destroy notifications (/proc/net/netlink of the namespace the handler
+    runs in: no sock_diag socket in a multicast group, where at-close has
+    one, test_stats_count_bypassed_bytes): get_stats says "sampled", an
+    open connection's bytes are exact (read at get_stats), a short one
+    closed between two of the handler's samples is settled by the next
+    one with its last sample (at most its bytes) and counted in
+    bytes_inexact."""
+    srv = host_server("echo")
+    sock = f"{workdir}/api.sock"
+    with bypass_run(user, sock, SHORT_AFTER, ["10.0.2.2", srv.port]) as p:
+        st = _sampled_open(p, sock, 1)
+        assert st["bytes_inexact"] == 0
+        assert harness.destroy_subscribers() == set()
+        assert harness.sock_inodes(st["handler_pid"])  # the handler is there to hold one
+        say(p)
+        assert read_line(p.stdout, 30).startswith(b"SHORT")
+        harness.wait_until(lambda: stats(sock)["bytes_inexact"] == 1, 30,
+                           what="the short connection settled by a sample")
+        st = stats(sock)
+        assert st["bytes_live"] == 1 and st["bypassed"] == 2
+        # the open one exact; the short one's last sample: 0 to its 1000 (+1 FIN)
+        assert 100000 <= st["bytes_sent"] <= 101001 and 100000 <= st["bytes_received"] <= 101001
+        assert harness.destroy_subscribers() == set()
+        finish(p)
+
+
 def test_stats_bytes_sampled_without_destroy_events(user, workdir, base_dir, host_server):
-    """Where the kernel's TCP destroy notifications are refused (the
-    subscription fails EPERM under tests/oldkernel.py), get_stats says the
-    bytes are sampled: a closed connection counts with its last sample and
-    is counted in bytes_inexact."""
+    """--bypass-bytes=at-close where the kernel's TCP destroy notifications
+    are refused (the subscription fails EPERM under tests/oldkernel.py):
+    one warning says so, get_stats says the bytes are sampled: a closed
+    connection counts with its last sample and is counted in
+    bytes_inexact."""
     wrapper = f"{base_dir}/oldkernel.py"
     shutil.copy(f"{HERE}/oldkernel.py", wrapper)
     os.chmod(wrapper, 0o644)
     srv = host_server("echo")
     sock = f"{workdir}/api.sock"
-    with bypass_run(user, sock, LONG, ["10.0.2.2", srv.port],
+    with bypass_run(user, sock, LONG, ["10.0.2.2", srv.port], flags=["--bypass-bytes=at-close"],
                     wrap=[NS_PYTHON, wrapper, "nodestroy"]) as p:
-        assert read_line(p.stdout, 30).startswith(b"OPEN")
-        st = stats(sock)
-        assert st["bytes_counted"] == "sampled"
-        assert st["bytes_sent"] == st["bytes_received"] == 100000 and st["bytes_live"] == 1
-        n = st["bytes_samples"]  # a whole sample of the handler's after the transfer
-        harness.wait_until(lambda: stats(sock)["bytes_samples"] >= n + 2, 30,
-                           what="two samples of the handler")
+        _sampled_open(p, sock, 2)  # a whole sample of the handler's after the transfer
         say(p)
         assert read_line(p.stdout, 30).startswith(b"CLOSED")
         harness.wait_until(lambda: stats(sock)["bytes_live"] == 0, 30,
@@ -863,16 +946,20 @@ def test_stats_bytes_sampled_without_destroy_events(user, workdir, base_dir, hos
         st = stats(sock)
         assert st["bytes_sent"] == st["bytes_received"] == 100000
         assert st["bytes_inexact"] == 1
-        finish(p)
+        err = finish(p)
+    assert err.count("--bypass-bytes=at-close: the kernel refused the TCP destroy "
+                     "notifications (sock_diag: Operation not permitted (EPERM)); the bytes of "
+                     "bypassed connections are sampled instead") == 1, err
 
 
 def test_stats_bytes_across_handler_restart(user, workdir, host_server):
-    """The handler is killed while a bypassed connection is open: its
-    replacement takes over the table (the connection is still there) and
-    sees its end: exact counts."""
+    """--bypass-bytes=at-close: the handler is killed while a bypassed
+    connection is open: its replacement (subscribed anew) takes over the
+    table (the connection is still there) and sees its end: exact counts."""
     srv = host_server("echo")
     sock = f"{workdir}/api.sock"
-    with bypass_run(user, sock, LONG, ["10.0.2.2", srv.port]) as p:
+    with bypass_run(user, sock, LONG, ["10.0.2.2", srv.port],
+                    flags=["--bypass-bytes=at-close"]) as p:
         assert read_line(p.stdout, 30).startswith(b"OPEN")
         os.kill(stats(sock)["handler_pid"], signal.SIGKILL)
         harness.wait_until(lambda: stats(sock)["restarts"] == 1, 15, what="a new handler")
@@ -888,4 +975,6 @@ def test_stats_bytes_across_handler_restart(user, workdir, host_server):
         st = stats(sock)
         assert 100000 <= st["bytes_sent"] <= 100001 and 100000 <= st["bytes_received"] <= 100001
         assert st["bytes_inexact"] == 0
+        subs = harness.destroy_subscribers()  # the new handler's; the dead one's went with it
+        assert len(subs) == 1 and subs <= harness.sock_inodes(st["handler_pid"]), subs
         finish(p)

@@ -94,6 +94,16 @@ def test_bad_outbound_addr(impl):
     assert_fails(run(impl, ["--outbound-addr=bogus", "1", "tap0"]), "outbound")
 
 
+@nsnet_only
+@pytest.mark.parametrize("args,pattern", [
+    (["--bypass-bytes=at-close"], "--bypass-bytes needs --bypass-listener"),
+    (["--bypass-listener=/nonexistent/x.sock", "--bypass-bytes=exact"],
+     "--bypass-bytes must be sampled or at-close"),
+])
+def test_bypass_bytes_refused(impl, args, pattern):
+    assert_fails(run(impl, [*args, "1", "tap0"]), pattern)
+
+
 # ---- bad arguments that only show with a live target ----------------------
 
 @unpriv_only

@@ -251,6 +251,37 @@ def test_handler_restart_keeps_the_container_bypassed(nsnet_impl, ns, attach, wo
     assert c.p.wait(timeout=20) == 0, c.stop()
 
 
+AT_CLOSE = "--bypass-bytes=at-close"
+
+
+@pytest.mark.parametrize("user, flags", [
+    ("root", ()), ("unpriv", ()), ("root", (AT_CLOSE,)), ("unpriv", (AT_CLOSE,)),
+    ("root", (AT_CLOSE, "--enable-sandbox", "--enable-seccomp"))], indirect=["user"],
+    ids=["root-default", "unpriv-default", "root-at-close", "unpriv-at-close",
+         "root-sandbox-at-close"])
+def test_bypass_bytes_subscription(nsnet_impl, ns, attach, workdir, bundle, run_container,
+                                   host_server, flags):
+    """--bypass-bytes reaches the containers' handlers: by default none
+    subscribes to the kernel's TCP destroy notifications (/proc/net/netlink
+    of the namespace nsnet runs in); with at-close, the handler does (the
+    supervisor subscribes it: confined too)."""
+    tcp, udp = host_server("echo"), host_server("echo", "udp")
+    net, listener = start_nsnet(attach, nsnet_impl, ns, workdir, *flags)
+    c = run_container(bundle(ns.net_path, listener,
+                             ["python3", "/t/probe.py", str(tcp.port), str(udp.port), "again"]))
+    assert c.line()["peer"] == "10.0.2.2"
+    subs = harness.destroy_subscribers()
+    if flags:
+        handler = stats(net)["containers"][0]["handler_pid"]
+        assert len(subs) == 1 and subs <= harness.sock_inodes(handler), subs
+    else:
+        assert subs == set()
+    c.p.stdin.write(b"go\n")
+    c.p.stdin.flush()
+    assert c.line()["peer"] == "10.0.2.2"
+    assert c.p.wait(timeout=20) == 0, c.stop()
+
+
 # -- the attacker's side: what reaches the listener socket ----------------------
 
 def _send(path: str, data: bytes, fds=()) -> None:

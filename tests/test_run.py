@@ -556,6 +556,8 @@ def test_api_socket_and_ready_fd(user, workdir, procs):
     (["--publish-mode", "nope"], "--publish-mode must be one of splice, slirp"),
     (["--bogus"], "unrecognized option '--bogus'"),
     (["--ready-fd", "999"], "not open"),
+    (["--bypass-bytes=at-close"], "nsnet run: --bypass-bytes needs --bypass "),
+    (["--bypass", "--bypass-bytes=exact"], "--bypass-bytes must be sampled or at-close"),
 ])
 def test_bad_options(user, args, pattern):
     cp = nsnet_run(user, [*args, "--", "true"], text=True)

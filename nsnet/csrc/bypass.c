@@ -966,7 +966,7 @@ int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh)
     if (!h.host_cookie)
         return -ENOPROTOOPT;
     answer_leftovers(&h);
-    nsb_diag_start(sh);
+    nsb_diag_start(sh, cfg->diag_fd);
     /* The command waits while we work: the kernel may as well wake this
      * process on the command's CPU for the notification, and the command
      * on ours for the reply, instead of waking an idle CPU (an IPI, and on

@@ -13,7 +13,8 @@
 /* nsb_shared.bytes_mode: how the bytes of bypassed connections are known
  * (csrc/bypassdiag.c); 0: they are not counted */
 #define NSB_BYTES_AT_CLOSE 1 /* final counts from the kernel's destroy notifications */
-#define NSB_BYTES_SAMPLED 2  /* no notifications: each one's last sample (1 s) */
+#define NSB_BYTES_SAMPLED 2  /* no notifications: each one's last sample (1 s);
+                              * the default (--bypass-bytes=sampled) */
 
 /* nsb_config.flags */
 #define NSB_GATEWAY 1 /* gateway alias -> host loopback (bound to lo) */
@@ -63,6 +64,9 @@ struct nsb_config {
     uint32_t audit_arch; /* AUDIT_ARCH_* of those numbers: notifications of
                           * another ABI (an OCI profile may list several)
                           * are let through */
+    int32_t diag_fd;     /* --bypass-bytes=at-close: a socket subscribed to the
+                          * TCP destroy notifications (nsb_diag_subscribe), the
+                          * handler's; -1: sampled, nothing subscribed */
 };
 
 /* A tracked bypassed connection (nsb_shared.conns): its socket cookie (0:
@@ -107,10 +111,13 @@ int nsb_probe(int listener);
  * returns 0, or -errno on a fatal error. */
 int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh);
 
-/* csrc/bypassdiag.c.  In the handler: start tracking (a thread); track
- * one installed host socket.  In the supervisor: the bytes now (out[0]
- * sent, out[1] received, out[2] live tracked connections); 0 or -errno. */
-void nsb_diag_start(struct nsb_shared *sh);
+/* csrc/bypassdiag.c.  In the handler: start tracking (a thread; nl: its
+ * nsb_config.diag_fd); track one installed host socket.  In the
+ * supervisor: subscribe a socket to the TCP destroy notifications for a
+ * handler (the fd, or -errno); the bytes now (out[0] sent, out[1]
+ * received, out[2] live tracked connections); 0 or -errno. */
+int nsb_diag_subscribe(void);
+void nsb_diag_start(struct nsb_shared *sh, int nl);
 void nsb_diag_track(int sock);
 int nsb_sample(struct nsb_shared *sh, uint64_t *out);
 

@@ -5,15 +5,18 @@
  * it (a copy would keep the connection open after the command closes it).
  * What the kernel counts for it is read through sock_diag, by socket
  * cookie (SO_COOKIE, taken when the handler installs the socket):
- *   - the handler's tracking thread is subscribed to the kernel's TCP
- *     destroy notifications (SKNLGRP_INET{,6}_TCP_DESTROY), which carry the
- *     socket's tcp_info when it is freed: a tracked connection's final
- *     counts go to nsb_shared.bytes_sent/bytes_received then;
+ *   - with --bypass-bytes=at-close, the handler's tracking thread reads
+ *     the kernel's TCP destroy notifications (SKNLGRP_INET{,6}_TCP_DESTROY,
+ *     a socket the supervisor subscribed: nsb_diag_subscribe), which carry
+ *     the socket's tcp_info when it is freed: a tracked connection's final
+ *     counts go to nsb_shared.bytes_sent/bytes_received then.  Not by
+ *     default (sampled): while anyone subscribes, the kernel builds a
+ *     notification for every TCP socket of the namespace it frees;
  *   - get_stats (the supervisor, nsb_sample) dumps the host's TCP sockets
  *     with their tcp_info (inet_diag, INET_DIAG_INFO) and adds the live
  *     tracked ones;
  *   - the thread also dumps every SAMPLE_MS while connections are tracked
- *     (every FALLBACK_MS when it could not subscribe), keeping each one's
+ *     (every FALLBACK_MS without a subscription), keeping each one's
  *     last counts in the shared table: a connection whose destruction was
  *     not seen (no subscription, notifications lost to a full socket
  *     buffer, a restarted handler) is counted with those, and counted in
@@ -475,11 +478,39 @@ static void attach_filter(int nl)
     setsockopt(nl, SOL_SOCKET, SO_ATTACH_FILTER, &prog, sizeof prog); /* else: all */
 }
 
+/* --bypass-bytes=at-close, in the supervisor before it forks a handler: a
+ * sock_diag socket subscribed to the kernel's TCP destroy notifications,
+ * for nsb_config.diag_fd (the supervisor learns at once, with the errno,
+ * when the kernel refuses it).  The fd, or -errno. */
+int nsb_diag_subscribe(void)
+{
+    int nl = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    if (nl < 0)
+        return -errno;
+    int g4 = SKNLGRP_INET_TCP_DESTROY, g6 = SKNLGRP_INET6_TCP_DESTROY;
+    int big = 4 << 20;
+    if (setsockopt(nl, SOL_SOCKET, SO_RCVBUFFORCE, &big, sizeof big) < 0) /* root */
+        setsockopt(nl, SOL_SOCKET, SO_RCVBUF, &big, sizeof big); /* else rmem_max */
+    attach_filter(nl);
+    /* bound (a port id of its own): the kernel's broadcasts skip port 0 */
+    struct sockaddr_nl sa = {.nl_family = AF_NETLINK};
+    if (bind(nl, (struct sockaddr *)&sa, sizeof sa) < 0 ||
+        setsockopt(nl, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &g4, sizeof g4) < 0 ||
+        setsockopt(nl, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &g6, sizeof g6) < 0) {
+        int err = errno;
+        close(nl);
+        return -err;
+    }
+    return nl;
+}
+
 /* Start tracking in the handler: the table a previous handler left (its
  * connections' destructions were not seen: settled by a first dump), the
- * subscription, the thread.  Failures leave bytes uncounted (bytes_mode 0),
- * never the handler down. */
-void nsb_diag_start(struct nsb_shared *sh)
+ * thread.  nl: a socket of nsb_diag_subscribe() (--bypass-bytes=at-close:
+ * final counts at close), or -1 (sampled: nothing subscribed, the kernel
+ * builds no destroy notification for us).  Failures leave bytes uncounted
+ * (bytes_mode 0), never the handler down. */
+void nsb_diag_start(struct nsb_shared *sh, int nl)
 {
     T.sh = sh;
     T.nfree = 0;
@@ -495,23 +526,7 @@ void nsb_diag_start(struct nsb_shared *sh)
         T.hash[i] = s + 1;
         T.resync = 1;
     }
-    int nl = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
-    if (nl >= 0) {
-        int g4 = SKNLGRP_INET_TCP_DESTROY, g6 = SKNLGRP_INET6_TCP_DESTROY;
-        int big = 4 << 20;
-        if (setsockopt(nl, SOL_SOCKET, SO_RCVBUFFORCE, &big, sizeof big) < 0) /* root */
-            setsockopt(nl, SOL_SOCKET, SO_RCVBUF, &big, sizeof big); /* else rmem_max */
-        attach_filter(nl);
-        /* bound (a port id of its own): the kernel's broadcasts skip port 0 */
-        struct sockaddr_nl sa = {.nl_family = AF_NETLINK};
-        if (bind(nl, (struct sockaddr *)&sa, sizeof sa) == 0 &&
-            setsockopt(nl, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &g4, sizeof g4) == 0 &&
-            setsockopt(nl, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &g6, sizeof g6) == 0) {
-            T.nl = nl;
-        } else {
-            close(nl);
-        }
-    }
+    T.nl = nl;
     /* the thread takes no signal: the handler's are the main thread's */
     sigset_t all, old;
     sigfillset(&all);

@@ -169,7 +169,7 @@ class Handler:
     supervisor: start(), watch() for the poll loop, stats(), stop()."""
 
     def __init__(self, listener: int, net: "NetConfig", facts: tuple[int, int, int],
-                 guest6: str | None, policy: Any = None,
+                 guest6: str | None, policy: Any = None, bytes_mode: str = "sampled",
                  on_give_up: Callable[[str], None] | None = None) -> None:
         from ..bypassfilter import syscall_numbers
 
@@ -180,6 +180,11 @@ class Handler:
         self.cfg = self.ffi.new("struct nsb_config *")
         _fill_config(self.cfg, net, facts, guest6, self.scope, syscall_numbers())
         self.cfg.audit_fd = -1
+        self.cfg.diag_fd = -1
+        # --bypass-bytes: "sampled" (nothing subscribed), or "at-close" (a
+        # socket subscribed to the TCP destroy notifications per handler)
+        self.bytes_mode = bytes_mode
+        self.bytes_warned = False
         size = self.ffi.sizeof("struct nsb_shared")
         self.shm = mmap.mmap(-1, (size + 4095) // 4096 * 4096,
                              mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
@@ -216,22 +221,47 @@ class Handler:
         self.close_audit()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.cfg.audit_fd = theirs.fileno()
-        pid = os.fork()
-        if pid == 0:  # the handler: the listener, the shared page, its audit socket
-            code = 70
-            try:
-                mine.close()
-                self._child(theirs.detach())
-                code = 0
-            except BaseException:
-                pass
-            os._exit(code)
+        self.cfg.diag_fd = self._subscribe() if self.bytes_mode == "at-close" else -1
+        try:
+            pid = os.fork()
+            if pid == 0:  # the handler: the listener, the shared page, its audit socket
+                code = 70
+                try:
+                    mine.close()
+                    self._child(theirs.detach())
+                    code = 0
+                except BaseException:
+                    pass
+                os._exit(code)
+        finally:
+            if self.cfg.diag_fd >= 0:  # the handler's now
+                os.close(self.cfg.diag_fd)
+                self.cfg.diag_fd = -1
         theirs.close()
         mine.setblocking(False)
         self.audit_sock = mine
         self.audit_rest = b""
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)
+
+    def _subscribe(self) -> int:
+        """--bypass-bytes=at-close: a socket subscribed to the kernel's TCP
+        destroy notifications for the next handler, or -1 where the kernel
+        refuses it: the bytes are then sampled, and a warning says so
+        (once)."""
+        fd = self.lib.nsb_diag_subscribe()
+        if fd >= 0:
+            return fd
+        if not self.bytes_warned:
+            from .. import log
+            from ..diag import why
+
+            self.bytes_warned = True
+            log.get().warning(
+                "--bypass-bytes=at-close: the kernel refused the TCP destroy notifications "
+                f"(sock_diag: {why(OSError(-fd, os.strerror(-fd)))}); the bytes of bypassed "
+                "connections are sampled instead (get_stats: \"bytes_counted\": \"sampled\")")
+        return -1
 
     def read_audit(self, _revents: int = 0) -> None:
         """The audit socket is readable: check and hand on what came (at most
@@ -296,13 +326,15 @@ class Handler:
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(s, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        keep = sorted((self.listener, audit_fd))
+        keep = sorted({self.listener, audit_fd, self.cfg.diag_fd} - {-1})
         from ..children import detach_stdio
 
         detach_stdio()  # /dev/null; stderr never the terminal (the log pipe)
-        os.closerange(3, keep[0])
-        os.closerange(keep[0] + 1, keep[1])
-        os.closerange(keep[1] + 1, 1 << 20)
+        lo = 3
+        for fd in keep:
+            os.closerange(lo, fd)
+            lo = fd + 1
+        os.closerange(lo, 1 << 20)
         rc = self.lib.nsb_run(self.listener, self.cfg, self.shared)
         if rc < 0:
             os.write(2, f"nsnet: bypass handler: {os.strerror(-rc)}\n".encode())

@@ -104,6 +104,7 @@ class Options:
         pcap: str | None = None,
         pcap_max_bytes: int = 0,
         bypass_listener: str | None = None,
+        bypass_bytes: str = "sampled",
     ) -> None:
         self.target = target
         self.tapname = tapname
@@ -130,6 +131,7 @@ class Options:
         self.pcap_max_bytes = pcap_max_bytes
         # --bypass-listener: the socket OCI runtimes send seccomp listeners to
         self.bypass_listener = bypass_listener
+        self.bypass_bytes = bypass_bytes  # --bypass-bytes: sampled or at-close
 
 
 
@@ -276,7 +278,7 @@ class Supervisor(ForwarderControl, ApiServer):
             raise SetupError(f"--bypass-listener: {e}") from None
         oci = OciListener(path, self.nsfds.net, self.opts.net, facts,
                           lambda: self.default_guest_addr6,
-                          lambda: self.policy)
+                          lambda: self.policy, bytes_mode=self.opts.bypass_bytes)
         self.io_sources.append(oci)
         self.stats_sources["bypass"] = oci.stats
         self.policy_listeners.append(oci.policy_changed)

@@ -55,6 +55,9 @@ def test_cli_outbound_addresses():
     (["--outbound-addr6=127.0.0.1"], "outbound-addr6 has to be valid ipv6 address"),
     (["--macaddress=02:00:00:00:00:01"], "--macaddr cannot be specified"),
     (["--mtu=65522"], "MTU must be a positive integer"),
+    (["--bypass-bytes=at-close"], "--bypass-bytes needs --bypass-listener"),
+    (["--bypass-listener=/tmp/x.sock", "--bypass-bytes=exact"],
+     "--bypass-bytes must be sampled or at-close"),
 ])
 def test_cli_bad_options(argv, msg):
     with pytest.raises(cli.BadOption, match=msg):
@@ -115,7 +118,22 @@ def test_run_options():
     (["--log-level", "loud", "true"], "log-level must be debug, info, warning or error"),
     (["-p", "80-82:80", "true"], "--publish"),
     (["--dns", "--disable-dns", "true"], "--dns names the built-in DNS"),
+    (["--bypass-bytes=at-close", "true"], "--bypass-bytes needs --bypass "),
+    (["--bypass-bytes=sampled", "true"], "--bypass-bytes needs --bypass "),
+    (["--bypass", "--bypass-bytes=exact", "true"], "--bypass-bytes must be sampled or at-close"),
+    (["--bypass", "--bypass-bytes=", "true"], "--bypass-bytes must be sampled or at-close"),
 ])
 def test_run_bad_options(argv, msg):
     with pytest.raises(run.UsageError, match=msg):
         run.parse_args(argv)
+
+
+@pytest.mark.parametrize("flags,mode", [
+    ([], "sampled"),  # nothing subscribes to the kernel's TCP destroy notifications
+    (["--bypass-bytes=sampled"], "sampled"),
+    (["--bypass-bytes", "at-close"], "at-close"),
+])
+def test_bypass_bytes(flags, mode):
+    """--bypass-bytes reaches what starts the handlers, in both front ends."""
+    assert run.parse_args(["--bypass", *flags, "true"]).bypass_bytes == mode
+    assert cli.parse(["--bypass-listener=/tmp/x.sock", *flags, *TARGET]).bypass_bytes == mode
