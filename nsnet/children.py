@@ -150,10 +150,14 @@ def fork_child(name: str, main: Callable[[], int], keep: Iterable[int] = ()) -> 
         linux.set_pdeathsig(signal.SIGKILL)
         if os.getppid() != parent:  # the supervisor died before the prctl
             os._exit(1)
-        linux.set_process_name(name)
         _reset_signals()
         detach_stdio()
         _close_fds_except(keep)
+        # Named only now: until its fds are closed the child still holds
+        # the supervisor's (the target's namespace files among them), and a
+        # watcher of /proc must never see a host-side child, by its name,
+        # holding them.
+        linux.set_process_name(name)
         code = main()
     except BrokenPipeError:
         pass  # the supervisor gave up on this child first; it says why

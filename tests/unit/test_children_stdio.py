@@ -64,3 +64,31 @@ def test_detach_stdio_in_a_child():
     _, status = os.waitpid(pid, 0)
     os.close(master)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_child_named_only_after_its_fds_are_closed(monkeypatch):
+    """fork_child names the child (what a /proc watcher tells host-side
+    children apart by) only once it holds nothing but `keep` and stdio: a
+    forwarder must never be seen holding the supervisor's fds, such as the
+    target's namespace files (seen in CI: test_ns_attack's HostWatch caught
+    a just-forked 'nsnet-forwarder' with them)."""
+    r, w = os.pipe()
+    secret = os.open(os.devnull, os.O_RDONLY)  # stands for the namespace files
+
+    def record_fds(name: str) -> None:  # runs in the child, at naming time
+        os.write(w, (" ".join(sorted(os.listdir("/proc/self/fd"))) + "\n").encode())
+
+    monkeypatch.setattr(children.linux, "set_process_name", record_fds)
+    try:
+        pid = children.fork_child("nsnet-test", lambda: 0, keep=[w])
+        _, status = os.waitpid(pid, 0)
+        os.close(w)
+        w = -1
+        seen = os.read(r, 4096).decode().split()
+    finally:
+        for fd in (r, w, secret):
+            if fd >= 0:
+                os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert seen, "the child was never named"
+    assert str(secret) not in seen, seen
