@@ -291,3 +291,54 @@ def test_python_api_default(user, stub, host_conf, client):
     cp = nsnet.run(["cat", "/etc/resolv.conf"], dns=False, capture_output=True, text=True,
                    command=[*prefix, harness.nsnet_bin()], timeout=60, env=user.env())
     assert cp.returncode == 0 and cp.stdout == f"nameserver {STUB}\n", cp.stderr
+
+
+# --------------------------------------------------------------------------
+# Attach mode: the namespace's resolv.conf is its owner's; nsnet only says
+# when its DNS (10.0.2.3) cannot answer
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["no-nameserver", "ipv6-only", "no-egress", "policy",
+                                  "reachable", "disable-dns"])
+def test_attach_mode_warns_when_its_dns_cannot_answer(user, ns, workdir, nsnet_impl,
+                                                      host_conf, request, case):
+    """`nsnet PID TAP` warns once at start (JSON: event dns_unreachable,
+    resolv_conf null) when nsnet's DNS will not answer: the host's file names
+    no usable nameserver, --no-egress, a policy that allows no name; not
+    when the host has one, nor with --disable-dns (no DNS to warn about)."""
+    text, flags, reason = {
+        "no-nameserver": ("search example.test\n", [], "no-nameserver"),
+        "ipv6-only": ("nameserver ::1\n", [], "no-nameserver"),
+        "no-egress": (f"nameserver {STUB}\n", ["--no-egress"], "no-egress"),
+        "policy": (f"nameserver {STUB}\n", ["--egress=deny", "--allow=tcp:10.0.2.2:80"],
+                   "policy"),
+        "reachable": (f"nameserver {STUB}\n", [], None),
+        "disable-dns": ("search example.test\n", ["--disable-dns"], None),
+    }[case]
+    fwd = harness.start_forwarder(nsnet_impl, User.root(),
+                                  ["--log-format=json", *flags, ns.pid, "tap0"], workdir,
+                                  prefix=with_resolv_conf(host_conf(text), user))
+    request.node._forwarders = [fwd]
+    fwd.stop()
+    events = [json.loads(ln) for ln in fwd.log().splitlines() if ln.startswith("{")]
+    assert any(e.get("event") == "start" for e in events), fwd.log()
+    found = [e for e in events if e.get("event") == "dns_unreachable"]
+    if reason is None:
+        assert found == [], fwd.log()
+        return
+    [w] = found
+    assert (w["level"], w["reason"], w["resolv_conf"]) == ("warning", reason, None), w
+    assert w["msg"].startswith(WARNING) and "COMMAND" not in w["msg"], w
+    assert ("--disable-dns" in w["msg"]) == (case in ("no-nameserver", "ipv6-only")), w
+
+
+def test_attach_mode_warning_text(user, ns, workdir, nsnet_impl, host_conf, request):
+    """The text form, on stderr after the start line."""
+    fwd = harness.start_forwarder(nsnet_impl, User.root(), [ns.pid, "tap0"], workdir,
+                                  prefix=with_resolv_conf(host_conf("# nothing\n"), user))
+    request.node._forwarders = [fwd]
+    fwd.stop()
+    assert warnings(fwd.log()) == [
+        "nsnet: warning: names will not resolve: nsnet's DNS (10.0.2.3) forwards queries to "
+        "the host's resolver, but /etc/resolv.conf names no nameserver; fix the host's "
+        "resolver configuration, or give --disable-dns"], fwd.log()
