@@ -77,6 +77,7 @@ struct nsb_shared {
     uint64_t bytes_untracked;
     uint64_t bytes_mode;
     uint64_t bytes_samples;
+    uint64_t bytes_dumps;
     uint64_t sync_wakeup;
     uint64_t inflight[...];
     struct nsb_conn conns[...];

@@ -978,3 +978,60 @@ def test_stats_bytes_across_handler_restart(user, workdir, host_server):
         subs = harness.destroy_subscribers()  # the new handler's; the dead one's went with it
         assert len(subs) == 1 and subs <= harness.sock_inodes(st["handler_pid"]), subs
         finish(p)
+
+
+MANY_OPEN = """
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+conns = []
+for _ in range(n):
+    a = socket.create_connection((host, port), timeout=10)
+    a.sendall(b"x" * 1000)
+    got = 0
+    while got < 1000:
+        got += len(a.recv(65536))
+    conns.append(a)
+print("OPEN", flush=True)
+sys.stdin.readline()
+for a in conns:
+    a.close()
+print("CLOSED", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("dest,n", [("gateway", 1), ("gateway6", 1), ("egress", 1),
+                                    ("gateway", 65)])
+def test_stats_bytes_sampled_by_lookup(user, workdir, host_server, request, dest, n):
+    """The default (sampled) samples up to 64 open connections by looking
+    each one up by its addresses and cookie: no walk of the host's TCP
+    sockets (bytes_dumps stays 0), for the gateway's sockets (bound to lo),
+    IPv6 ones and an outside address's (unbound); 65 open: a walk.  Either
+    way every connection's last sample holds its bytes: closed, each
+    counts them (+1 for the FINs at most), in bytes_inexact."""
+    host, addr, flags = "10.0.2.2", "127.0.0.1", []
+    if dest == "gateway6":
+        host, addr, flags = "fd00::2", "::1", ["-6"]
+    elif dest == "egress":
+        request.getfixturevalue("outside")
+        host = addr = "198.51.100.1"
+    srv = host_server("echo", addr=addr)
+    sock = f"{workdir}/api.sock"
+    with bypass_run(user, sock, MANY_OPEN, [host, srv.port, n], flags=flags) as p:
+        assert read_line(p.stdout, 60).startswith(b"OPEN")
+        st = stats(sock)
+        assert st["bytes_counted"] == "sampled" and st["bytes_live"] == n, st
+        k = st["bytes_samples"]
+        harness.wait_until(lambda: stats(sock)["bytes_samples"] >= k + 2, 30,
+                           what="two samples of the handler's")
+        st = stats(sock)
+        assert (st["bytes_dumps"] > 0) == (n > 64), st
+        say(p)
+        assert read_line(p.stdout, 30).startswith(b"CLOSED")
+        harness.wait_until(lambda: stats(sock)["bytes_live"] == 0, 30,
+                           what="the closed connections settled by a sample")
+        st = stats(sock)
+        assert 1000 * n <= st["bytes_sent"] <= 1001 * n, st
+        assert 1000 * n <= st["bytes_received"] <= 1001 * n, st
+        assert st["bytes_inexact"] == n, st
+        finish(p)

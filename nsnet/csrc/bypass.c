@@ -568,9 +568,10 @@ static int replaceable(int s, int family)
 }
 
 /* Install `sock` as the command's `fd` and answer `err` (0, EINPROGRESS).
- * Takes `sock`.  Returns 0 when installed. */
+ * Takes `sock`; dst: where it connects (NULL: connected, it knows).
+ * Returns 0 when installed. */
 static int install(struct handler *h, uint64_t id, int fd, int sock, int cloexec,
-                   int nonblock, int err, int family)
+                   int nonblock, int err, int family, const struct sockaddr_storage *dst)
 {
     if (!nonblock) /* ours: O_NONBLOCK is the only status flag it has */
         fcntl(sock, F_SETFL, 0);
@@ -585,7 +586,7 @@ static int install(struct handler *h, uint64_t id, int fd, int sock, int cloexec
         close(sock);
         return -1; /* interrupted (ESRCH/ENOENT): the syscall restarts or is gone */
     }
-    nsb_diag_track(sock); /* its bytes, for get_stats (bypassdiag.c) */
+    nsb_diag_track(sock, dst); /* its bytes, for get_stats (bypassdiag.c) */
     later(h, sock);
     /* counted before the reply: what the command does next may read them */
     h->sh->bypassed++;
@@ -712,7 +713,7 @@ static void bypass_connect(struct handler *h, const struct seccomp_notif *n, int
         if (rc == 0 || nonblock) {
             /* a non-blocking connect says EINPROGRESS, as the kernel does
              * on loopback; the socket completes (or fails) on its own */
-            install(h, n->id, fd, s, cloexec, nonblock, nonblock ? EINPROGRESS : 0, family);
+            install(h, n->id, fd, s, cloexec, nonblock, nonblock ? EINPROGRESS : 0, family, dst);
             return;
         }
         add_pending(h, n, slot, fd, s, cloexec, orig, family);
@@ -732,7 +733,7 @@ static void finish_pending(struct handler *h, size_t i, int timed_out)
     h->sh->pending = h->npend;
     if (timed_out) {
         /* SO_SNDTIMEO ran out: connect says EINPROGRESS, the socket goes on */
-        install(h, p.id, p.fd, p.sock, p.cloexec, 0, EINPROGRESS, p.family);
+        install(h, p.id, p.fd, p.sock, p.cloexec, 0, EINPROGRESS, p.family, NULL);
     } else {
         int err = sock_error(p.sock);
         if (err) {
@@ -740,7 +741,7 @@ static void finish_pending(struct handler *h, size_t i, int timed_out)
             later(h, p.sock);
             reply(h, p.id, 0, err, 0);
         } else {
-            install(h, p.id, p.fd, p.sock, p.cloexec, 0, 0, p.family);
+            install(h, p.id, p.fd, p.sock, p.cloexec, 0, 0, p.family, NULL);
         }
     }
     slot_free(h, p.slot);

@@ -99,6 +99,7 @@ struct nsb_shared {
     uint64_t bytes_untracked; /* bypassed connections not tracked (table full) */
     uint64_t bytes_mode;    /* NSB_BYTES_*, set by the handler */
     uint64_t bytes_samples; /* the handler's samples of the live connections */
+    uint64_t bytes_dumps;   /* of them, dumps of the host's TCP sockets (not lookups) */
     uint64_t sync_wakeup;   /* 1: the listener has SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP */
     uint64_t inflight[NSB_SLOTS];
     struct nsb_conn conns[NSB_CONNS]; /* written by the handler only */
@@ -118,7 +119,8 @@ int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh);
  * received, out[2] live tracked connections); 0 or -errno. */
 int nsb_diag_subscribe(void);
 void nsb_diag_start(struct nsb_shared *sh, int nl);
-void nsb_diag_track(int sock);
+struct sockaddr_storage;
+void nsb_diag_track(int sock, const struct sockaddr_storage *peer);
 int nsb_sample(struct nsb_shared *sh, uint64_t *out);
 
 #endif

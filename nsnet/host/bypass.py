@@ -32,7 +32,7 @@ MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 COUNTERS = ("notifications", "bypassed", "bypassed6", "failed", "fallback", "translated",
             "aborted", "errors", "pending", "audit_lost", "bytes_inexact", "bytes_untracked",
-            "bytes_samples")
+            "bytes_samples", "bytes_dumps")
 # get_stats' byte counts (Handler.byte_counts): sums over handlers too
 BYTE_COUNTS = ("bytes_sent", "bytes_received", "bytes_live")
 
