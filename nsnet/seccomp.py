@@ -200,9 +200,9 @@ BYPASS_RESTRICTED: dict[str, list[list[tuple]]] = {
     # the four notification ioctls only (no FIONBIO, TIOCSTI, SET_FLAGS...)
     "ioctl": [[(1, "eq", v)] for v in NOTIF_IOCTLS.values()],
     "fcntl": [[(1, "eq", _F_GETFL)], [(1, "eq", _F_SETFL)]],
-    "openat": [[(2, "masked_eq", OPEN_WRITE_FLAGS, 0)]],
+    "openat": [[(2, "masked_eq", OPEN_WRITE_FLAGS, 0)]],  # /proc files, read-only
     "mmap": [[(2, "masked_eq", _PROT_EXEC, 0)]],
-    "mprotect": [[(2, "masked_eq", _PROT_EXEC, 0)]],
+    "mprotect": [[(2, "masked_eq", _PROT_EXEC, 0)]],  # the thread's arena grows
 }
 
 _PROCESS_NAMES = {"forwarder": "nsnet-forwarder", "relay": "nsnet-relay",
