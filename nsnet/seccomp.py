@@ -1,5 +1,6 @@
 """--enable-seccomp: the forwarder's syscall ALLOWLIST (libseccomp), and
-the fast path's relay's and connector's own lists (PROFILES).
+the fast path's relay's and connector's and the bypass handler's own lists
+(PROFILES).
 
 slirp4netns 1.2.0 installs a blocklist (a few dangerous calls return an
 error, everything else is allowed).  nsnet does the opposite: the filter
@@ -23,8 +24,9 @@ the list.
 Check it by hand (a forked child enters the same sandbox and filter as
 the forwarder, then makes one syscall):
 
-    python -m nsnet.seccomp [--profile=forwarder|relay|connector] list
+    python -m nsnet.seccomp [--profile=forwarder|relay|connector|bypass] list
     python -m nsnet.seccomp [--profile=...] check [--no-sandbox] SYSCALL[:ARG0,ARG1,...]...
+        (bypass: no sandbox; the handler's own loader, nsb_load_filter)
         (an argument s:TEXT is a pointer to the string TEXT, e.g. a path)
     python -m nsnet.seccomp derive STRACE_FILES...   (strace -ff output)
 """
@@ -358,7 +360,8 @@ def _raw_syscall(nr: int, args=()) -> tuple[int, int]:
 
 def check(syscall_name: str, sandbox: bool = True, args=(), profile: str = "forwarder") -> dict:
     """Fork a child that enters the sandbox (unless sandbox=False) and the
-    seccomp filter of `profile` (forwarder, relay, connector), then makes
+    seccomp filter of `profile` (forwarder, relay, connector; bypass: no
+    sandbox, loaded as the handler does), then makes
     `syscall_name` with
     `args` (integers, or str for a pointer to that C string; missing ones are 0).  Returns how the child ended: {"outcome": "refused",
     "signal": "SIGSYS"} or {"outcome": "allowed", "rc": N, "errno": E}."""
@@ -491,7 +494,7 @@ def derive(paths: list[str], profile: str = "forwarder") -> dict:
 def main(argv: list[str]) -> int:
     import json
 
-    # --profile=forwarder|relay|connector, anywhere (default: forwarder)
+    # --profile=forwarder|relay|connector|bypass, anywhere (default: forwarder)
     profile = "forwarder"
     for a in [a for a in argv if a.startswith("--profile=")]:
         profile = a.split("=", 1)[1]

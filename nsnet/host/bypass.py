@@ -8,7 +8,10 @@ loop is C (csrc/bypass.c).  If the handler dies, the supervisor starts
 another on the same listener: the notifications the dead one had taken
 are answered ECONNABORTED (their ids are in the shared page), those that
 came meanwhile wait in the kernel and are handled.  After MAX_RESTARTS
-deaths in RESTART_WINDOW seconds the run ends (exit 125).
+deaths in RESTART_WINDOW seconds the run ends (exit 125).  With
+--enable-seccomp the handler loads its own allowlist (nsnet/seccomp.py,
+profile "bypass") after its set-up, before the first notification; a call
+outside it kills the handler (SIGSYS), which is replaced as above.
 
 What is bypassed, and what falls back, is decided by scope() (which
 classes of destination) and decide() in bypass.c (each connect).
