@@ -6,7 +6,9 @@ side by side in one run (run mode: each candidate starts the client command).
         [--candidates C,C] [--metrics M,M] [--conn-client python|c]
 
 Candidates (each client command runs in namespaces the candidate makes; any
-nsnet one as NAME@VENV runs that venv's nsnet, for A/B runs of two builds):
+nsnet one as NAME@VENV runs that venv's nsnet, for A/B runs of two builds,
+and as NAME+seccomp with --enable-seccomp, e.g. nsnet-bypass+seccomp: the
+bypass handler under its allowlist):
   loopback      the client on the host's own loopback (127.0.0.1): the limit
   nsnet-bypass  nsnet run --bypass -- CLIENT, to 10.0.2.2
   nsnet-run     nsnet run -- CLIENT, to 10.0.2.2 (libslirp's path)
@@ -76,6 +78,7 @@ def wrap(cand: str, mtu: int, argv: list[str]) -> tuple[list[str], str]:
     `nsnet-bypass@VENV` / `nsnet-run@VENV`: the nsnet of another venv (A/B
     comparisons of two builds in one run)."""
     cand, _, venv = cand.partition("@")
+    cand, _, extra = cand.partition("+")
     nsnet = f"{venv}/bin/nsnet" if venv else NSNET
     if cand == "loopback":
         return argv, "127.0.0.1"
@@ -85,6 +88,8 @@ def wrap(cand: str, mtu: int, argv: list[str]) -> tuple[list[str], str]:
         return [PASTA, "--config-net", "-f", "-q", "-4", "--mtu", str(mtu), "-t", "none",
                 "-u", "none", "-T", "none", "-U", "none", "--", *argv], PASTA_GW
     flags = ["--bypass"] if cand == "nsnet-bypass" else []
+    if extra == "seccomp":
+        flags.append("--enable-seccomp")
     return [nsnet, "run", f"--mtu={mtu}", *flags, "--", *argv], "10.0.2.2"
 
 
@@ -195,18 +200,24 @@ def main() -> int:
     if args.time < 1 and {"tput_ns2host", "tput_host2ns"} & set(args.metrics.split(",")):
         ap.error("--time: iperf3 takes whole seconds (and 0 is forever); give 1 or more, "
                  "or leave the throughput out with --metrics")
+    cands = [c for c in args.candidates.split(",") if c]
     isolate()
     runner = Runner(USER)
-    cands = [c for c in args.candidates.split(",") if c]
     metrics = [m for m in METRICS if m in args.metrics.split(",")]
     if "conn_per_s" in metrics and args.conn_client == "c" and "conn_per_s_p50" not in metrics:
         metrics.append("conn_per_s_p50")
     if args.conn_client != "c" and "conn_per_s_p50" in metrics:
         metrics.remove("conn_per_s_p50")
-    unknown = [c for c in cands if c.partition("@")[0] not in (*CANDIDATES, *FLOORS)]
+    def known(c: str) -> bool:
+        name, _, extra = c.partition("@")[0].partition("+")
+        return name in (*CANDIDATES, *FLOORS) and (
+            not extra or (extra == "seccomp" and name.startswith("nsnet")))
+
+    unknown = [c for c in cands if not known(c)]
     if unknown:
         ap.error(f"--candidates: unknown {', '.join(unknown)} (known: "
-                 f"{', '.join((*CANDIDATES, *FLOORS))}, nsnet ones also as NAME@VENV)")
+                 f"{', '.join((*CANDIDATES, *FLOORS))}, nsnet ones also as NAME@VENV "
+                 "and NAME+seccomp)")
     workdir = tempfile.mkdtemp(prefix="nsnet-bypass-bench.", dir="/tmp")
     global floor_exe
     if set(cands) & set(FLOORS):
@@ -259,7 +270,7 @@ def main() -> int:
     med = {c: {m: statistics.median(v) for m, v in samples[c].items() if v} for c in cands}
     ratios = {(b, o): {m: [x / y for x, y in zip(samples[b][m], samples[o][m]) if y]
                        for m in metrics}
-              for b in cands if b.partition("@")[0] in ("nsnet-bypass", *FLOORS)
+              for b in cands if b.partition("@")[0].partition("+")[0] in ("nsnet-bypass", *FLOORS)
               for o in ("loopback", "pasta") if o in cands}
     cols = ["metric", *cands, *(f"{b} / {o}" for b, o in ratios)]
     print(f"\nmedians (range) of {args.rounds} rounds, MTU {args.mtu}, conn client "

@@ -26,6 +26,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -35,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -937,6 +939,19 @@ int nsb_probe(int listener)
     return errno == ENOENT ? 0 : errno;
 }
 
+int nsb_load_filter(const void *prog, uint32_t n)
+{
+    if (n == 0 || n > 0xffff)
+        return -EINVAL;
+    struct sock_fprog fp = {(unsigned short)n, (struct sock_filter *)prog};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        return -errno;
+    long rc = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &fp);
+    if (rc < 0)
+        return -errno;
+    return rc == 0 ? 0 : -ESRCH; /* rc > 0: the id of a thread that could not */
+}
+
 static void answer_leftovers(struct handler *h)
 {
     for (int i = 0; i < NSB_SLOTS; i++) {
@@ -987,6 +1002,16 @@ int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh)
     size_t cappfd = 0;
     if (!n)
         return -ENOMEM;
+    /* --enable-seccomp: from here on (both threads: the byte-tracking one
+     * has started, see nsb_diag_start), only the calls the loop needs;
+     * nothing the command sent has been read yet. */
+    if (cfg->filter) {
+        int e = nsb_load_filter(cfg->filter, cfg->filter_len);
+        if (e < 0) {
+            free(n);
+            return e;
+        }
+    }
     for (;;) {
         if (cappfd < h.npend + 1) {
             cappfd = (h.npend + 1) * 2;

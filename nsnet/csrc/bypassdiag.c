@@ -41,6 +41,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
+#include <semaphore.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -273,6 +274,7 @@ static struct {
     int resync;                  /* notifications lost: the next dump settles */
     int on;
     struct key keys[NSB_CONNS]; /* by slot: the handler's own, not shared */
+    sem_t started;               /* posted once the thread is past its start-up */
 } T = {.mu = PTHREAD_MUTEX_INITIALIZER, .nl = -1};
 
 static uint32_t hpos(uint64_t cookie)
@@ -531,6 +533,9 @@ static void *diag_thread(void *arg)
 {
     (void)arg;
     char *buf = malloc(BATCH * MSGMAX);
+    /* started (its own set-up calls made, its malloc arena there): the
+     * handler may load its seccomp filter now */
+    sem_post(&T.started);
     if (!buf)
         return NULL;
     int64_t next = 0;
@@ -681,9 +686,13 @@ void nsb_diag_start(struct nsb_shared *sh, int nl)
     pthread_attr_init(&at);
     pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
     pthread_attr_setstacksize(&at, 64 << 10);
+    sem_init(&T.started, 0, 0);
     int rc = pthread_create(&t, &at, diag_thread, NULL);
     pthread_attr_destroy(&at);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc == 0) /* its start-up before the handler's filter (nsb_run) */
+        while (sem_wait(&T.started) < 0 && errno == EINTR)
+            ;
     if (rc != 0) {
         if (T.nl >= 0)
             close(T.nl);
