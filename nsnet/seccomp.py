@@ -34,6 +34,7 @@ the forwarder, then makes one syscall):
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 
@@ -70,7 +71,7 @@ ALLOWLIST: tuple[str, ...] = (
 # alternatives; each alternative is a list of (arg index, "eq", value) or
 # (arg index, "masked_eq", mask, value).
 _AF_INET, _AF_INET6 = 2, 10
-_FIONREAD, _FIONBIO = 0x541B, 0x5421
+_FIONREAD, _FIONBIO, _TCGETS = 0x541B, 0x5421, 0x5401
 _F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL = 1, 2, 3, 4
 _PROT_EXEC = 4
 # openat's flags that write or create: the access mode (O_WRONLY, O_RDWR),
@@ -81,8 +82,11 @@ OPEN_WRITE_FLAGS = _O_ACCMODE | _O_CREAT | _O_TRUNC | _O_TMPFILE_BIT
 RESTRICTED: dict[str, list[list[tuple]]] = {
     # IPv4/IPv6 only: no netlink, packet, unix, vsock... sockets
     "socket": [[(0, "eq", _AF_INET)], [(0, "eq", _AF_INET6)]],
-    # FIONREAD and FIONBIO only (no TIOCSTI on an inherited terminal...)
-    "ioctl": [[(1, "eq", _FIONREAD)], [(1, "eq", _FIONBIO)]],
+    # FIONREAD and FIONBIO, and TCGETS: glib's logger asks isatty(2)
+    # before it prints libslirp's g_warning/g_critical (a guest's ICMPv6
+    # echo to an outside address: "external icmpv6 not supported yet"),
+    # which killed the forwarder.  Read-only; no TIOCSTI, no TUN ioctls.
+    "ioctl": [[(1, "eq", _FIONREAD)], [(1, "eq", _FIONBIO)], [(1, "eq", _TCGETS)]],
     "fcntl": [[(1, "eq", c)] for c in (_F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL)],
     # no executable memory (mprotect is not allowed at all)
     "mmap": [[(2, "masked_eq", _PROT_EXEC, 0)]],
@@ -95,9 +99,10 @@ RESTRICTED: dict[str, list[list[tuple]]] = {
 
 # -- the fast path's relay (nsnet/host/relay.py, csrc/relay.c) ----------------
 # Derived the same way (`derive --profile relay` over strace -ff of the
-# relay while tests/test_fastpath.py and tests/test_confine.py ran): only
-# what moving bytes between connected TCP sockets and keeping listeners
-# needs.  No openat at all: it reads no file.
+# relay while tests/test_fastpath.py and tests/test_confine.py ran; again,
+# with the connector's and the forwarder's, over eleven e2e files:
+# docs/HARDENING.md): only what moving bytes between connected TCP sockets
+# and keeping listeners needs.  No openat at all: it reads no file.
 _SOCK_TYPE_MASK, _SOCK_STREAM = 0xF, 1
 _F_SETPIPE_SZ, _F_GETPIPE_SZ = 1031, 1032
 _TCP_ONLY = [[(0, "eq", _AF_INET), (1, "masked_eq", _SOCK_TYPE_MASK, _SOCK_STREAM)],
@@ -419,16 +424,100 @@ def check(syscall_name: str, sandbox: bool = True, args=(), profile: str = "forw
     return result
 
 
+# strace's names for the argument values the profiles filter on (x86_64
+# values; derive() compares the traces' arguments with RESTRICTED).
+_STRACE_NAMES: dict[str, int] = {
+    "AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16, "AF_PACKET": 17,
+    "SOCK_STREAM": 1, "SOCK_DGRAM": 2, "SOCK_RAW": 3, "SOCK_SEQPACKET": 5,
+    "SOCK_NONBLOCK": 0o4000, "SOCK_CLOEXEC": 0o2000000,
+    "IPPROTO_IP": 0, "IPPROTO_ICMP": 1, "IPPROTO_TCP": 6, "IPPROTO_UDP": 17,
+    "IPPROTO_ICMPV6": 58, "NETLINK_ROUTE": 0, "NETLINK_SOCK_DIAG": 4,
+    "FIONREAD": _FIONREAD, "FIONBIO": _FIONBIO, "TCGETS": _TCGETS, "TIOCGWINSZ": 0x5413,
+    "TIOCSTI": 0x5412, "FIOCLEX": 0x5451, "FIONCLEX": 0x5450,
+    **{f"SECCOMP_IOCTL_NOTIF_{k.upper()}": v for k, v in NOTIF_IOCTLS.items()},
+    "F_DUPFD": 0, "F_GETFD": _F_GETFD, "F_SETFD": _F_SETFD, "F_GETFL": _F_GETFL,
+    "F_SETFL": _F_SETFL, "F_GETLK": 5, "F_SETLK": 6, "F_SETLKW": 7, "F_SETOWN": 8,
+    "F_GETOWN": 9, "F_DUPFD_CLOEXEC": 1030, "F_SETPIPE_SZ": _F_SETPIPE_SZ,
+    "F_GETPIPE_SZ": _F_GETPIPE_SZ, "F_ADD_SEALS": 1033, "F_GET_SEALS": 1034,
+    "PROT_NONE": 0, "PROT_READ": 1, "PROT_WRITE": 2, "PROT_EXEC": _PROT_EXEC,
+    "O_RDONLY": 0, "O_WRONLY": 1, "O_RDWR": 2, "O_CREAT": _O_CREAT, "O_EXCL": 0o200,
+    "O_NOCTTY": 0o400, "O_TRUNC": _O_TRUNC, "O_APPEND": 0o2000, "O_NONBLOCK": 0o4000,
+    "O_DSYNC": 0o10000, "O_ASYNC": 0o20000, "O_DIRECT": 0o40000, "O_LARGEFILE": 0o100000,
+    "O_DIRECTORY": 0o200000, "O_NOFOLLOW": 0o400000, "O_NOATIME": 0o1000000,
+    "O_CLOEXEC": 0o2000000, "O_SYNC": 0o4010000, "O_PATH": 0o10000000,
+    "O_TMPFILE": 0o20200000,
+}
+
+
+def _split_args(text: str) -> list[str]:
+    """The top-level, comma-separated arguments of one strace call line
+    (after the opening parenthesis); strings and nested brackets kept whole."""
+    out, cur, depth, quoted, esc = [], [], 0, False, False
+    for ch in text:
+        if quoted:
+            cur.append(ch)
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                quoted = False
+            continue
+        if ch == '"':
+            quoted = True
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            if depth == 0:  # the call's closing parenthesis
+                break
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+            continue
+        cur.append(ch)
+    out.append("".join(cur).strip())
+    return out
+
+
+def _arg_value(text: str) -> int | None:
+    """An argument as strace prints it (NAME|NAME|0x10, a number) as a
+    number; None when it is not one (a structure, an unknown name)."""
+    value = 0
+    for part in text.split("|"):
+        part = part.strip()
+        if part in _STRACE_NAMES:
+            value |= _STRACE_NAMES[part]
+            continue
+        try:
+            value |= int(part, 0) if not re.fullmatch(r"0[0-7]+", part) else int(part, 8)
+        except ValueError:
+            return None
+    return value
+
+
+def _args_allowed(alternatives: list[list[tuple]], values: dict[int, int]) -> bool:
+    for alt in alternatives:
+        if all((values[c[0]] == c[2]) if c[1] == "eq" else
+               ((values[c[0]] & c[2]) == c[3]) for c in alt):
+            return True
+    return False
+
+
 def derive(paths: list[str], profile: str = "forwarder") -> dict:
     """Read `strace -ff -o PREFIX` output files; in each trace of a
     process that entered the sandbox or loaded a filter, count the
     syscalls made after that point (compared with `profile`'s list).  Returns {"traces": N, "calls": {name: count},
-    "missing": [names not on ALLOWLIST], "unused": [listed, never seen]}."""
-    import re
-
+    "missing": [names not on ALLOWLIST], "unused": [listed, never seen],
+    "args": {filtered call: {its filtered arguments as strace printed them:
+    count}}, "refused_args": the same for the calls whose arguments the
+    profile's filter refuses (or that could not be read)}."""
     line_re = re.compile(r"^(?:\d+\s+)?([a-z_0-9]+)\(")
     resumed_re = re.compile(r"<\.\.\. ([a-z_0-9]+) resumed>")
     calls: dict[str, int] = {}
+    restricted = _profile(profile)[1]
+    args: dict[str, dict[str, int]] = {}
+    refused_args: dict[str, dict[str, int]] = {}
     killed = 0
     traces = 0
     threads: set[str] = set()  # traces of the bypass handler's threads
@@ -440,12 +529,13 @@ def derive(paths: list[str], profile: str = "forwarder") -> dict:
                 lines = f.readlines()
         except OSError:
             continue
-        # a trace of another nsnet process (PR_SET_NAME names each one)
+        # only the profile's own process (PR_SET_NAME names each one), or
+        # the bypass handler's thread: not the supervisor (its own capset),
+        # helpers, nsnet run's command (its own filter), other processes
         names = [ln for ln in lines if ln.startswith("prctl(PR_SET_NAME")]
-        if names and not any(f'"{_PROCESS_NAMES[profile]}"' in ln for ln in names):
+        if path not in threads and \
+                not any(f'"{_PROCESS_NAMES[profile]}"' in ln for ln in names):
             continue
-        if profile == "bypass" and not names and path not in threads:
-            continue  # the command (its own filter) or another process
         start = None
         # the connector (no sandbox of its own here): from its last setns;
         # the bypass handler: from its last set-up call (the filter goes in
@@ -455,7 +545,9 @@ def derive(paths: list[str], profile: str = "forwarder") -> dict:
             ("setns(",) if profile == "connector" else ()) + (
             ("seccomp(SECCOMP_GET_NOTIF_SIZES",) if profile == "bypass" else ())
         for i, line in enumerate(lines):
-            if line.startswith(markers):
+            if line.startswith(markers) or (
+                    start == i and line.startswith("prctl(PR_SET_DUMPABLE")):
+                # (the sandbox's last step follows its capset: dumpable 0)
                 start = i + 1
             elif profile == "bypass" and names and line.startswith(("clone3(", "clone(")):
                 tid = line.rsplit("= ", 1)[-1].strip()
@@ -483,12 +575,35 @@ def derive(paths: list[str], profile: str = "forwarder") -> dict:
                 continue
             m = line_re.match(line)
             if m:
-                calls[m.group(1)] = calls.get(m.group(1), 0) + 1
+                name = m.group(1)
+                calls[name] = calls.get(name, 0) + 1
+                if name in restricted:
+                    _count_args(line[m.end():], restricted[name],
+                                args.setdefault(name, {}), refused_args, name)
     listed = set(_profile(profile)[0])
     return {"traces": traces, "killed_by_sigsys": killed,
             "calls": dict(sorted(calls.items(), key=lambda kv: -kv[1])),
             "missing": sorted(set(calls) - listed),
-            "unused": sorted(listed - set(calls))}
+            "unused": sorted(listed - set(calls)),
+            "args": {k: dict(sorted(v.items(), key=lambda kv: -kv[1]))
+                     for k, v in args.items()},
+            "refused_args": refused_args}
+
+
+def _count_args(rest: str, alternatives: list[list[tuple]], seen: dict[str, int],
+                refused: dict[str, dict[str, int]], name: str) -> None:
+    """Count one filtered call by the arguments its filter looks at, and
+    under `refused` when the filter would not allow them."""
+    rest = rest.split(" <unfinished", 1)[0]
+    argv = _split_args(rest)
+    idx = sorted({c[0] for alt in alternatives for c in alt})
+    shown = ", ".join(argv[i] if i < len(argv) else "?" for i in idx)
+    seen[shown] = seen.get(shown, 0) + 1
+    values = {i: _arg_value(argv[i]) if i < len(argv) else None for i in idx}
+    if any(v is None for v in values.values()) or \
+            not _args_allowed(alternatives, values):  # type: ignore[arg-type]
+        per = refused.setdefault(name, {})
+        per[shown] = per.get(shown, 0) + 1
 
 
 def main(argv: list[str]) -> int:

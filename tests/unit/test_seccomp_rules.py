@@ -10,7 +10,7 @@ import pytest
 from nsnet import seccomp
 
 AF_INET, AF_INET6, AF_UNIX, AF_NETLINK, AF_PACKET = 2, 10, 1, 16, 17
-TIOCSTI, FIONREAD, FIONBIO = 0x5412, 0x541B, 0x5421
+TIOCSTI, FIONREAD, FIONBIO, TCGETS = 0x5412, 0x541B, 0x5421, 0x5401
 PROT_READ, PROT_EXEC = 1, 4
 MAP_PRIVATE_ANON = 0x22
 
@@ -65,6 +65,7 @@ def test_refused_calls_kill_with_sigsys(name, args):
     ("socket", (AF_INET, 2, 0)),
     ("socket", (AF_INET6, 2, 0)),
     ("ioctl", (0, FIONREAD, 0)),
+    ("ioctl", (2, TCGETS, 0)),  # glib's isatty(2) before a libslirp warning
     ("mmap", (0, 4096, PROT_READ, MAP_PRIVATE_ANON, -1, 0)),
 ])
 def test_argument_filtered_calls_allowed_with_good_arguments(name, args):
@@ -155,6 +156,68 @@ def test_derive_per_profile(tmp_path):
     conn = seccomp.derive(paths, "connector")
     assert conn["traces"] == 1 and conn["missing"] == ["bind"]
     assert seccomp.derive(paths)["calls"] == {"writev": 1}
+
+
+def test_derive_only_the_profiles_process_after_its_sandbox(tmp_path):
+    """A trace with no name of the profile's (the supervisor, which has a
+    capset of its own; a helper) is not read; the sandbox's last step,
+    PR_SET_DUMPABLE right after its capset, is not counted."""
+    (tmp_path / "t.1").write_text(  # the supervisor: confine_supervisor's capset
+        "capset({version=_LINUX_CAPABILITY_VERSION_3, pid=0}, {}) = 0\n"
+        "wait4(-1, NULL, WNOHANG, NULL)          = 0\n")
+    (tmp_path / "t.2").write_text(
+        'prctl(PR_SET_NAME, "nsnet-relay")       = 0\n'
+        "capset({version=_LINUX_CAPABILITY_VERSION_3, pid=0}, {}) = 0\n"
+        "prctl(PR_SET_DUMPABLE, SUID_DUMP_DISABLE) = 0\n"
+        "epoll_wait(3, [], 128, 1000)            = 0\n"
+        "prctl(PR_SET_DUMPABLE, SUID_DUMP_DISABLE) = 0\n")
+    res = seccomp.derive([str(p) for p in sorted(tmp_path.iterdir())], "relay")
+    assert res["traces"] == 1
+    assert res["calls"] == {"epoll_wait": 1, "prctl": 1} and res["missing"] == ["prctl"]
+
+
+def test_derive_reports_arguments_the_filter_refuses(tmp_path):
+    """derive compares each argument-filtered call with the profile's
+    filter: a listed call with arguments outside it is reported (it would
+    be killed as surely as an unlisted one); allowed ones are counted by
+    their arguments."""
+    (tmp_path / "t.5").write_text(
+        'prctl(PR_SET_NAME, "nsnet-forwarder")   = 0\n'
+        "capset({version=_LINUX_CAPABILITY_VERSION_3, pid=0}, {}) = 0\n"
+        "ioctl(5, FIONBIO, [1])                  = 0\n"
+        "ioctl(2, TCGETS, 0x7ffd)                = -1 ENOTTY\n"
+        "ioctl(0, TIOCSTI, \"x\")                 = 0\n"
+        "ioctl(7, _IOC(_IOC_READ, 0x54, 0xd2, 0x4), 0x1) = -1 EINVAL\n"
+        "socket(AF_INET6, SOCK_DGRAM, IPPROTO_IP) = 6\n"
+        "socket(AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC, 0) = 7\n"
+        'openat(AT_FDCWD, "/etc/a,b", O_RDONLY|O_CLOEXEC) = 8\n'
+        'openat(AT_FDCWD, "/tmp/x", O_WRONLY|O_CREAT|O_TRUNC, 0666) = 9\n'
+        "fcntl(3, F_DUPFD_CLOEXEC, 0)            = 10\n"
+        "mmap(NULL, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, 3, 0) = 0x7f00\n"
+        "mmap(NULL, 4096, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0"
+        " <unfinished ...>\n")
+    res = seccomp.derive([str(tmp_path / "t.5")])
+    assert res["missing"] == []
+    assert res["refused_args"] == {
+        "ioctl": {"TIOCSTI": 1, "_IOC(_IOC_READ, 0x54, 0xd2, 0x4)": 1},
+        "socket": {"AF_UNIX": 1},
+        "openat": {"O_WRONLY|O_CREAT|O_TRUNC": 1},
+        "fcntl": {"F_DUPFD_CLOEXEC": 1},
+        "mmap": {"PROT_READ|PROT_EXEC": 1}}
+    assert res["args"]["ioctl"] == {"FIONBIO": 1, "TCGETS": 1, "TIOCSTI": 1,
+                                    "_IOC(_IOC_READ, 0x54, 0xd2, 0x4)": 1}
+    assert res["args"]["openat"] == {"O_RDONLY|O_CLOEXEC": 1, "O_WRONLY|O_CREAT|O_TRUNC": 1}
+    assert res["args"]["mmap"] == {"PROT_READ|PROT_EXEC": 1, "PROT_READ|PROT_WRITE": 1}
+    # the relay's filter is stricter: TCP only, FIONBIO only
+    (tmp_path / "t.5").write_text(
+        'prctl(PR_SET_NAME, "nsnet-relay")       = 0\n'
+        "capset({version=_LINUX_CAPABILITY_VERSION_3, pid=0}, {}) = 0\n"
+        "socket(AF_INET, SOCK_DGRAM|SOCK_CLOEXEC, IPPROTO_IP) = 6\n"
+        "socket(AF_INET6, SOCK_STREAM|SOCK_NONBLOCK, IPPROTO_IP) = 6\n"
+        "ioctl(2, TCGETS, 0x7ffd)                = -1 ENOTTY\n")
+    res = seccomp.derive([str(tmp_path / "t.5")], "relay")
+    assert res["refused_args"] == {"socket": {"AF_INET, SOCK_DGRAM|SOCK_CLOEXEC": 1},
+                                   "ioctl": {"TCGETS": 1}}
 
 
 # -- the bypass handler's profile (loaded by csrc/bypass.c itself) -------------
