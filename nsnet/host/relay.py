@@ -274,8 +274,10 @@ class Relay:
                 break
             try:
                 # The connector lives in the namespace: its word is checked.
-                reply = proto.parse_connect_reply(data, 1 if truncated else len(fds),
-                                                  self.pending)
+                if truncated:  # checked as sent: with its one fd
+                    reply = proto.parse_connect_reply(data, 1, self.pending)
+                else:
+                    reply = proto.parse_connect_reply(data, len(fds), self.pending)
             except ProtocolError as e:
                 self.log.warning(f"relay: the connector broke its protocol ({str(e)[:200]}); "
                                  "dropping it")
