@@ -12,7 +12,9 @@ children, by PID, as its own user may).
   running, forwarding, and stops cleanly on SIGTERM.
 - Idle API clients never take the supervisor's reserve: a forwarder
   restart works while they hold every other fd; a client that cannot be
-  served gets an error at once.
+  served gets an error at once.  Out of fds all the same (the limit
+  lowered from outside), a forwarder restart waits for fds instead of
+  giving up.
 - A forward's accept at EMFILE (the forwarder's C loop, the fast path's
   relay): that connection is refused at once, nothing spins, a warning;
   connections work again once fds are free.
@@ -179,6 +181,58 @@ def test_api_clients_leave_the_reserve(user, ns, attach, nsnet_impl):
         for s in idle:
             s.close()
     assert "cannot start a forwarder" not in net.fwd.log()
+
+
+def pidfd_number(holder: int, pid: int) -> int:
+    """The fd number of `holder`'s pidfd on `pid`."""
+    for name in os.listdir(f"/proc/{holder}/fdinfo"):
+        try:
+            with open(f"/proc/{holder}/fdinfo/{name}") as f:
+                if f"Pid:\t{pid}\n" in f.read():
+                    return int(name)
+        except OSError:
+            pass
+    raise AssertionError(f"no pidfd on {pid} in {holder}")
+
+
+@unpriv_only
+def test_forwarder_restart_waits_for_fds(user, ns, attach, nsnet_impl):
+    """The hard limit lowered, while API clients hold fds, below even the
+    fds of the forwarder, which is then killed: no socket can be had for
+    a new one.  nsnet neither gives up (5 quick failures would end it in
+    1.5 s) nor loses anything: it tries again every 0.5 s, and still
+    exits cleanly with its target.  (A child forked at the limit:
+    tests/unit/test_children_stdio.py.)"""
+    net = attach(nsnet_impl, ns, prefix=("prlimit", "--nofile=64:64"))
+    pid = net.fwd.proc.pid
+    add_forward(net, free_port(), 8080)
+    fwd_pid = info(net)["forwarder_pid"]
+    base = open_fds(pid)
+    idle = []
+    try:
+        for _ in range(20):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            idle.append(s)
+            s.connect(net.api)
+        wait_until(lambda: open_fds(pid) >= base + 18, 10, what="the clients accepted")
+        # Below its control socket and pidfd: their numbers are no room.
+        limit = min(lowest_free_fd(pid), pidfd_number(pid, fwd_pid) - 1)
+        user.run(["prlimit", f"--pid={pid}", f"--nofile={limit}:{limit}"], check=True,
+                 timeout=10)
+        os.kill(fwd_pid, signal.SIGKILL)
+        wait_until(lambda: "cannot start a forwarder" in net.fwd.log(), 10, what="the warning")
+        time.sleep(2.0)
+        assert net.fwd.alive(), net.fwd.log()
+    finally:
+        for s in idle:
+            s.close()
+    log = net.fwd.log()
+    assert "Too many open files (EMFILE" in log and "trying again every 0.5 s" in log, log
+    assert "giving up" not in log, log
+    target = ns.pid
+    ns.close()
+    assert net.fwd.proc.wait(timeout=15) == 0, net.fwd.log()
+    assert f"exiting: target PID {target} exited (exit 0)" in net.fwd.log()
 
 
 @unpriv_only
