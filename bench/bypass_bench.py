@@ -6,12 +6,21 @@ side by side in one run (run mode: each candidate starts the client command).
         [--candidates C,C] [--metrics M,M] [--conn-client python|c]
 
 Candidates (each client command runs in namespaces the candidate makes; any
-nsnet one as NAME@VENV runs that venv's nsnet, for A/B runs of two builds):
+nsnet one as NAME@VENV runs that venv's nsnet, for A/B runs of two builds,
+and as NAME+seccomp with --enable-seccomp, e.g. nsnet-bypass+seccomp: the
+bypass handler under its allowlist):
   loopback      the client on the host's own loopback (127.0.0.1): the limit
   nsnet-bypass  nsnet run --bypass -- CLIENT, to 10.0.2.2
   nsnet-run     nsnet run -- CLIENT, to 10.0.2.2 (libslirp's path)
   pasta         pasta --config-net -- CLIENT, to pasta's gateway (which it
                 maps to the host's loopback)
+Not in the default set: the floor of any connect() bypass built on seccomp
+user notification, with none of nsnet's checks (bench/notify_floor.c, built
+here with gcc; the client on the host's loopback, as `loopback`):
+  floor-continue  every connect() of CLIENT is notified and answered at once
+                  with CONTINUE: the notification's wake-ups alone
+  floor-addfd     ... answered as a bypass must at least: read the sockaddr,
+                  socket+connect of its own, ADDFD over the client's fd, reply
 Measures, per round, candidates rotated: iperf3 throughput namespace->host
 and host->namespace (-R), 1-byte round-trip latency p50, and connections
 per second (connect, 1 byte each way, close; --conn-client c: a C client
@@ -53,6 +62,9 @@ VENV = os.environ.get("NSNET_VENV", "/opt/nsnet/venv")
 NSNET = os.environ.get("NSNET_BIN") or f"{VENV}/bin/nsnet"
 PASTA = os.environ.get("PASTA_BIN", "/usr/bin/pasta")
 CANDIDATES = ("loopback", "nsnet-bypass", "nsnet-run", "pasta")
+FLOORS = ("floor-continue", "floor-addfd")
+FLOOR_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "notify_floor.c")
+floor_exe = ""  # built by main() when a floor candidate is asked for
 METRICS = ("tput_ns2host", "tput_host2ns", "latency_p50_us", "conn_per_s", "conn_per_s_p50")
 
 
@@ -66,13 +78,18 @@ def wrap(cand: str, mtu: int, argv: list[str]) -> tuple[list[str], str]:
     `nsnet-bypass@VENV` / `nsnet-run@VENV`: the nsnet of another venv (A/B
     comparisons of two builds in one run)."""
     cand, _, venv = cand.partition("@")
+    cand, _, extra = cand.partition("+")
     nsnet = f"{venv}/bin/nsnet" if venv else NSNET
     if cand == "loopback":
         return argv, "127.0.0.1"
+    if cand in FLOORS:
+        return [floor_exe, cand.split("-", 1)[1], "--", *argv], "127.0.0.1"
     if cand == "pasta":
         return [PASTA, "--config-net", "-f", "-q", "-4", "--mtu", str(mtu), "-t", "none",
                 "-u", "none", "-T", "none", "-U", "none", "--", *argv], PASTA_GW
     flags = ["--bypass"] if cand == "nsnet-bypass" else []
+    if extra == "seccomp":
+        flags.append("--enable-seccomp")
     return [nsnet, "run", f"--mtu={mtu}", *flags, "--", *argv], "10.0.2.2"
 
 
@@ -138,6 +155,13 @@ int main(int argc, char **argv)
 """
 
 
+def build_floor(workdir: str) -> str:
+    exe = f"{workdir}/notify_floor"
+    subprocess.run(["gcc", "-O2", "-o", exe, FLOOR_SRC], check=True)
+    os.chmod(workdir, 0o755)
+    return exe
+
+
 def build_c_client(workdir: str) -> str:
     src, exe = f"{workdir}/conn_client.c", f"{workdir}/conn_client"
     with open(src, "w") as f:
@@ -176,15 +200,28 @@ def main() -> int:
     if args.time < 1 and {"tput_ns2host", "tput_host2ns"} & set(args.metrics.split(",")):
         ap.error("--time: iperf3 takes whole seconds (and 0 is forever); give 1 or more, "
                  "or leave the throughput out with --metrics")
+    cands = [c for c in args.candidates.split(",") if c]
     isolate()
     runner = Runner(USER)
-    cands = [c for c in args.candidates.split(",") if c]
     metrics = [m for m in METRICS if m in args.metrics.split(",")]
     if "conn_per_s" in metrics and args.conn_client == "c" and "conn_per_s_p50" not in metrics:
         metrics.append("conn_per_s_p50")
     if args.conn_client != "c" and "conn_per_s_p50" in metrics:
         metrics.remove("conn_per_s_p50")
+    def known(c: str) -> bool:
+        name, _, extra = c.partition("@")[0].partition("+")
+        return name in (*CANDIDATES, *FLOORS) and (
+            not extra or (extra == "seccomp" and name.startswith("nsnet")))
+
+    unknown = [c for c in cands if not known(c)]
+    if unknown:
+        ap.error(f"--candidates: unknown {', '.join(unknown)} (known: "
+                 f"{', '.join((*CANDIDATES, *FLOORS))}, nsnet ones also as NAME@VENV "
+                 "and NAME+seccomp)")
     workdir = tempfile.mkdtemp(prefix="nsnet-bypass-bench.", dir="/tmp")
+    global floor_exe
+    if set(cands) & set(FLOORS):
+        floor_exe = build_floor(workdir)
     conn_client = [NS_PYTHON, "-c", CONN_CLIENT]
     if args.conn_client == "c":
         conn_client = [build_c_client(workdir)]
@@ -233,7 +270,7 @@ def main() -> int:
     med = {c: {m: statistics.median(v) for m, v in samples[c].items() if v} for c in cands}
     ratios = {(b, o): {m: [x / y for x, y in zip(samples[b][m], samples[o][m]) if y]
                        for m in metrics}
-              for b in cands if b.partition("@")[0] == "nsnet-bypass"
+              for b in cands if b.partition("@")[0].partition("+")[0] in ("nsnet-bypass", *FLOORS)
               for o in ("loopback", "pasta") if o in cands}
     cols = ["metric", *cands, *(f"{b} / {o}" for b, o in ratios)]
     print(f"\nmedians (range) of {args.rounds} rounds, MTU {args.mtu}, conn client "

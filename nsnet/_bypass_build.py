@@ -45,6 +45,8 @@ struct nsb_config {
     int32_t audit_fd;
     uint32_t audit_arch;
     int32_t diag_fd;
+    const void *filter;
+    uint32_t filter_len;
 };
 struct nsb_audit {
     int64_t time_ms;
@@ -77,12 +79,14 @@ struct nsb_shared {
     uint64_t bytes_untracked;
     uint64_t bytes_mode;
     uint64_t bytes_samples;
+    uint64_t bytes_dumps;
     uint64_t sync_wakeup;
     uint64_t inflight[...];
     struct nsb_conn conns[...];
 };
 int nsb_probe(int listener);
 int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh);
+int nsb_load_filter(const void *prog, uint32_t n);
 int nsb_sample(struct nsb_shared *sh, uint64_t *out);
 int nsb_diag_subscribe(void);
 """

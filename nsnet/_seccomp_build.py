@@ -43,6 +43,7 @@ int seccomp_syscall_resolve_name(const char *name);
 char *seccomp_syscall_resolve_num_arch(uint32_t arch_token, int num);
 int seccomp_load(const scmp_filter_ctx ctx);
 int seccomp_export_pfc(const scmp_filter_ctx ctx, int fd);
+int seccomp_export_bpf(const scmp_filter_ctx ctx, int fd);
 
 /* seccomp_rule_add(ctx, SCMP_ACT_ALLOW, syscall, 0), without cffi
  * calling a variadic function. */

@@ -285,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
                                    tapname=opts.tapname, api_socket=opts.api_socket,
                                    pcap=opts.pcap, pcap_max_bytes=opts.pcap_max_bytes)
     logger.info(line, extra={"fields": fields})
+    if not opts.net.disable_dns:
+        warn = diag.dns_warning(opts.net, rewrite=True, policy=opts.policy, attach=True)
+        if warn is not None:
+            logger.warning(warn[0], extra={"fields": warn[1]})
 
     def ready(sup) -> None:
         ms = (time.monotonic() - t0) * 1000

@@ -170,8 +170,12 @@ def nameservers(path: str = RESOLV_CONF) -> list[str]:
 
 
 def dns_warning(net, *, rewrite: bool, why_not: str = "", policy=None,
-                path: str = RESOLV_CONF) -> tuple[str, dict] | None:
+                path: str = RESOLV_CONF, attach: bool = False) -> tuple[str, dict] | None:
     """nsnet run: why COMMAND's names will not resolve, or None.
+
+    attach: attach mode (`nsnet PID TAP`), which leaves the namespace's
+    resolv.conf to its owner: why nsnet's DNS, if the namespace uses it,
+    will not answer (rewrite must be True; --disable-dns: no warning).
 
     rewrite: COMMAND's /etc/resolv.conf names nsnet's DNS (CIDR+3, and
     the IPv6 one with -6), which forwards to the nameservers of the host's
@@ -190,29 +194,36 @@ def dns_warning(net, *, rewrite: bool, why_not: str = "", policy=None,
         none = f"no nameserver (it cannot be read: {why(e)})"
     fields = {"event": "dns_unreachable", "resolv_conf": "nsnet" if rewrite else "host",
               "nameservers": servers}
+    if attach:
+        fields["resolv_conf"] = None  # the namespace's own: nsnet does not know it
+    who = "the namespace" if attach else "COMMAND"
+    off = "--disable-dns" if attach else "--no-dns"
     if rewrite:
         at = str(net.dns) + (f" and {net.dns6}" if net.ipv6 else "")
         v4 = [s for s in servers if ":" not in s]
         v6 = [s for s in servers if ":" in s]
         if net.restricted:
             reason = "no-egress"
-            msg = (f"COMMAND's resolv.conf names nsnet's DNS ({at}), and --no-egress drops "
-                   "every query to it (libslirp's restricted mode); use addresses, or "
-                   "--no-dns for a resolver of COMMAND's own")
+            msg = ((f"nsnet's DNS ({at}) answers nothing: --no-egress drops every query to it "
+                    "(libslirp's restricted mode); use addresses, or a resolver of the "
+                    "namespace's own") if attach else
+                   (f"COMMAND's resolv.conf names nsnet's DNS ({at}), and --no-egress drops "
+                    "every query to it (libslirp's restricted mode); use addresses, or "
+                    "--no-dns for a resolver of COMMAND's own"))
         elif not v4 and not (net.ipv6 and v6):
             reason = "no-nameserver"
             if v6:
                 what = (f"only IPv6 nameservers ({', '.join(v6)}), which nsnet's DNS "
-                        "reaches only with -6; give -6, or --no-dns")
+                        f"reaches only with -6; give -6, or {off}")
             else:
-                what = f"{none}; fix the host's resolver configuration, or give --no-dns"
+                what = f"{none}; fix the host's resolver configuration, or give {off}"
             msg = (f"nsnet's DNS ({at}) forwards queries to the host's resolver, but {path} "
                    f"names {what}")
         elif policy is not None and policy.refuses_every_name():
             reason = "policy"
             msg = ("the egress policy allows no DNS name (default deny, no --allow rule "
                    f"for a name), so nsnet's DNS ({at}) answers every query REFUSED; allow "
-                   "the names COMMAND needs (--allow='NAME[:PORTS]', --allow='*.SUFFIX')")
+                   f"the names {who} needs (--allow='NAME[:PORTS]', --allow='*.SUFFIX')")
         else:
             return None
     else:

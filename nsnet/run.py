@@ -960,7 +960,8 @@ class Runner:
             h = Handler(self.bypass_listener, self.opts.net, unpack_facts(self.bypass_facts),
                         sup.default_guest_addr6, policy=self.opts.policy,
                         bytes_mode=self.opts.bypass_bytes,
-                        on_give_up=lambda why: sup._finish(EXIT_SETUP, why))
+                        on_give_up=lambda why: sup._finish(EXIT_SETUP, why),
+                        seccomp=self.opts.seccomp)
         except BypassError as e:
             raise RunError(str(e)) from None
         self.bypass_listener = -1

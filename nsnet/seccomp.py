@@ -1,5 +1,6 @@
 """--enable-seccomp: the forwarder's syscall ALLOWLIST (libseccomp), and
-the fast path's relay's and connector's own lists (PROFILES).
+the fast path's relay's and connector's and the bypass handler's own lists
+(PROFILES).
 
 slirp4netns 1.2.0 installs a blocklist (a few dangerous calls return an
 error, everything else is allowed).  nsnet does the opposite: the filter
@@ -23,8 +24,9 @@ the list.
 Check it by hand (a forked child enters the same sandbox and filter as
 the forwarder, then makes one syscall):
 
-    python -m nsnet.seccomp [--profile=forwarder|relay|connector] list
+    python -m nsnet.seccomp [--profile=forwarder|relay|connector|bypass] list
     python -m nsnet.seccomp [--profile=...] check [--no-sandbox] SYSCALL[:ARG0,ARG1,...]...
+        (bypass: no sandbox; the handler's own loader, nsb_load_filter)
         (an argument s:TEXT is a pointer to the string TEXT, e.g. a path)
     python -m nsnet.seccomp derive STRACE_FILES...   (strace -ff output)
 """
@@ -143,14 +145,77 @@ CONNECTOR_RESTRICTED: dict[str, list[list[tuple]]] = {
     "mmap": [[(2, "masked_eq", _PROT_EXEC, 0)]],
 }
 
+# -- the socket bypass's notification handler (nsnet/host/bypass.py,
+# csrc/bypass.c, csrc/bypassdiag.c) -------------------------------------------
+# It reads what the command's memory says (sockaddrs, through
+# process_vm_readv) and answers notifications on the command's listener.
+# Derived with `derive --profile bypass` over strace -ff of `nsnet run
+# --bypass` while tests/bypassprobe.py ran every case (blocking and
+# non-blocking connects, refusals, IPv6, --bypass-bytes sampled and
+# at-close, --audit=all, many short connections, the handler's exit): every
+# call from the point where csrc/bypass.c loads the filter (after its
+# set-up: the host cookie, the leftover ids, the byte-tracking thread, the
+# SYNC_WAKE_UP flag, the notification sizes) on both threads.  Loaded by
+# the C handler itself (nsb_run, SECCOMP_FILTER_FLAG_TSYNC: the thread too),
+# from the BPF this module builds (export_bpf), before the first
+# SECCOMP_IOCTL_NOTIF_RECV.  No execve, ptrace, no opening for writing, no
+# executable memory, no socket but TCP and sock_diag.
+_AF_NETLINK, _NETLINK_SOCK_DIAG, _SOCK_RAW = 16, 4, 3
+# SECCOMP_IOCTL_NOTIF_*: RECV _IOWR('!', 0, struct seccomp_notif), SEND
+# _IOWR('!', 1, struct seccomp_notif_resp), ID_VALID _IOW('!', 2, __u64),
+# ADDFD _IOW('!', 3, struct seccomp_notif_addfd) (SET_FLAGS is used before
+# the filter: not allowed)
+NOTIF_IOCTLS = {"recv": 0xC0502100, "send": 0xC0182101, "id_valid": 0x40082102,
+                "addfd": 0x40182103}
+BYPASS_ALLOWLIST: tuple[str, ...] = (
+    # the notification loop: the listener, the connects waiting, the answers
+    "poll", "ppoll", "ioctl",
+    # the command's memory (the sockaddr in, getsockname's answer out) and fds
+    "process_vm_readv", "process_vm_writev", "pidfd_open", "pidfd_getfd",
+    # /proc/TID/fdinfo/FD and /proc/TID/status (read-only, see below)
+    "openat", "read", "pread64", "close", "fcntl",
+    # the host sockets it connects (TCP), their options, the gateway's
+    # SO_BINDTODEVICE, --outbound-addr's bind; sock_diag (bypassdiag.c)
+    "socket", "connect", "bind", "getsockopt", "setsockopt", "getsockname",
+    "getpeername",
+    # audit records out (send: sendto), sock_diag dumps (send, recv) and
+    # the destroy notifications (recvmmsg) on the byte-tracking thread
+    "sendto", "recvfrom", "recvmmsg",
+    # the thread's wait between batches (nanosleep); the mutex between the
+    # threads
+    "clock_nanosleep", "futex",
+    # time (when the vDSO cannot answer), memory (malloc; the thread's arena
+    # grows by mprotect: never executable), SIGSTOP/SIGCONT.  No
+    # rt_sigreturn: the handler has no signal handler (all default).
+    "clock_gettime", "brk", "mmap", "munmap", "mremap", "madvise", "mprotect",
+    "restart_syscall",
+    # the fatal-error line on stderr, the exit
+    "write", "exit", "exit_group",
+)
+BYPASS_RESTRICTED: dict[str, list[list[tuple]]] = {
+    # TCP over IPv4/IPv6 (the sockets it connects and installs), and a
+    # NETLINK_SOCK_DIAG socket (the byte counts): no unix, packet, other
+    # netlink sockets
+    "socket": _TCP_ONLY + [[(0, "eq", _AF_NETLINK),
+                             (1, "masked_eq", _SOCK_TYPE_MASK, _SOCK_RAW),
+                             (2, "eq", _NETLINK_SOCK_DIAG)]],
+    # the four notification ioctls only (no FIONBIO, TIOCSTI, SET_FLAGS...)
+    "ioctl": [[(1, "eq", v)] for v in NOTIF_IOCTLS.values()],
+    "fcntl": [[(1, "eq", _F_GETFL)], [(1, "eq", _F_SETFL)]],
+    "openat": [[(2, "masked_eq", OPEN_WRITE_FLAGS, 0)]],  # /proc files, read-only
+    "mmap": [[(2, "masked_eq", _PROT_EXEC, 0)]],
+    "mprotect": [[(2, "masked_eq", _PROT_EXEC, 0)]],  # the thread's arena grows
+}
+
 _PROCESS_NAMES = {"forwarder": "nsnet-forwarder", "relay": "nsnet-relay",
-                   "connector": "nsnet-connect"}
+                   "connector": "nsnet-connect", "bypass": "nsnet-bypass"}
 
 # profile -> (allowlist, argument filters)
 PROFILES: dict[str, tuple[tuple[str, ...], dict[str, list[list[tuple]]]]] = {
     "forwarder": (ALLOWLIST, RESTRICTED),
     "relay": (RELAY_ALLOWLIST, RELAY_RESTRICTED),
     "connector": (CONNECTOR_ALLOWLIST, CONNECTOR_RESTRICTED),
+    "bypass": (BYPASS_ALLOWLIST, BYPASS_RESTRICTED),
 }
 
 
@@ -256,6 +321,26 @@ def export_bpf_text(profile: str = "forwarder") -> str:
         lib.seccomp_release(ctx)
 
 
+def export_bpf(profile: str = "bypass") -> bytes:
+    """The filter as the kernel's BPF program (struct sock_filter[]), for a
+    process that loads it itself: the bypass handler (csrc/bypass.c loads
+    it after its set-up, on both its threads)."""
+    _, lib = _lib()
+    ctx = _build(profile)
+    try:
+        fd = os.memfd_create("nsnet-seccomp", os.MFD_CLOEXEC)
+        try:
+            rc = lib.seccomp_export_bpf(ctx, fd)
+            if rc < 0:
+                raise SeccompError(f"seccomp_export_bpf: {os.strerror(-rc)}")
+            size = os.lseek(fd, 0, os.SEEK_END)
+            return os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+    finally:
+        lib.seccomp_release(ctx)
+
+
 # -- self-check: `python -m nsnet.seccomp check SYSCALL` ---------------------
 
 def _raw_syscall(nr: int, args=()) -> tuple[int, int]:
@@ -275,7 +360,8 @@ def _raw_syscall(nr: int, args=()) -> tuple[int, int]:
 
 def check(syscall_name: str, sandbox: bool = True, args=(), profile: str = "forwarder") -> dict:
     """Fork a child that enters the sandbox (unless sandbox=False) and the
-    seccomp filter of `profile` (forwarder, relay, connector), then makes
+    seccomp filter of `profile` (forwarder, relay, connector; bypass: no
+    sandbox, loaded as the handler does), then makes
     `syscall_name` with
     `args` (integers, or str for a pointer to that C string; missing ones are 0).  Returns how the child ended: {"outcome": "refused",
     "signal": "SIGSYS"} or {"outcome": "allowed", "rc": N, "errno": E}."""
@@ -293,7 +379,12 @@ def check(syscall_name: str, sandbox: bool = True, args=(), profile: str = "forw
         code = 1
         try:
             os.close(r)
-            sandbox_mod.enter(sandbox=sandbox, seccomp=True, forwards=[], profile=profile)
+            if profile == "bypass":  # no sandbox; the handler's own loader
+                from .host.bypass import load_filter
+
+                load_filter(export_bpf("bypass"))
+            else:
+                sandbox_mod.enter(sandbox=sandbox, seccomp=True, forwards=[], profile=profile)
             rc, err = _raw_syscall(nr, args)
             os.write(w, f"{rc} {err}".encode())
             code = 0
@@ -340,6 +431,9 @@ def derive(paths: list[str], profile: str = "forwarder") -> dict:
     calls: dict[str, int] = {}
     killed = 0
     traces = 0
+    threads: set[str] = set()  # traces of the bypass handler's threads
+    # a handler's trace before its threads' (their ids are larger)
+    paths = sorted(paths, key=lambda p: (len(p), p))
     for path in paths:
         try:
             with open(path, errors="replace") as f:
@@ -350,13 +444,35 @@ def derive(paths: list[str], profile: str = "forwarder") -> dict:
         names = [ln for ln in lines if ln.startswith("prctl(PR_SET_NAME")]
         if names and not any(f'"{_PROCESS_NAMES[profile]}"' in ln for ln in names):
             continue
+        if profile == "bypass" and not names and path not in threads:
+            continue  # the command (its own filter) or another process
         start = None
-        # the connector (no sandbox of its own here): from its last setns
+        # the connector (no sandbox of its own here): from its last setns;
+        # the bypass handler: from its last set-up call (the filter goes in
+        # right after); its byte-tracking thread (a trace of its own, by
+        # the clone's result): the whole of it
         markers = ("capset(", "seccomp(SECCOMP_SET_MODE_FILTER") + (
-            ("setns(",) if profile == "connector" else ())
+            ("setns(",) if profile == "connector" else ()) + (
+            ("seccomp(SECCOMP_GET_NOTIF_SIZES",) if profile == "bypass" else ())
         for i, line in enumerate(lines):
             if line.startswith(markers):
                 start = i + 1
+            elif profile == "bypass" and names and line.startswith(("clone3(", "clone(")):
+                tid = line.rsplit("= ", 1)[-1].strip()
+                if tid.isdigit():
+                    threads.add(f"{path.rsplit('.', 1)[0]}.{tid}")
+        if path in threads:
+            # its start-up (rseq, set_robust_list, the signal mask, its
+            # malloc arena) ends with the wake-up of the handler waiting
+            # for it (nsb_diag_start), before the filter: from there on
+            # when that shows, else the whole of it
+            start = 0
+            for i, line in enumerate(lines):
+                if line.startswith("futex(") and "FUTEX_WAKE" in line:
+                    start = i + 1
+                    break
+                if line.startswith(("poll(", "ppoll(")):
+                    break
         if start is None:
             continue
         traces += 1
@@ -378,7 +494,7 @@ def derive(paths: list[str], profile: str = "forwarder") -> dict:
 def main(argv: list[str]) -> int:
     import json
 
-    # --profile=forwarder|relay|connector, anywhere (default: forwarder)
+    # --profile=forwarder|relay|connector|bypass, anywhere (default: forwarder)
     profile = "forwarder"
     for a in [a for a in argv if a.startswith("--profile=")]:
         profile = a.split("=", 1)[1]

@@ -287,6 +287,9 @@ def main() -> int:
     t0 = time.monotonic()
     say(f"copying the tree to {build.tree}; installing into {opts.venv} (log {build.log})")
     build.copy_tree()
+    # bench/ is not installed: the tests that run it (tests/test_bench_smoke.py)
+    # read it from here, where its mutants are applied
+    os.environ["NSNET_BENCH_DIR"] = str(build.tree / "bench")
     build.install(full=True)
     say(f"installed in {time.monotonic() - t0:.0f}s")
 

@@ -774,6 +774,16 @@ def destroy_subscribers() -> set[int]:
     return out
 
 
+def thread_seccomp(pid: int) -> list[str]:
+    """The Seccomp: mode of each thread of process pid (2: a filter)."""
+    out = []
+    for tid in sorted(os.listdir(f"/proc/{pid}/task")):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            st = dict(ln.split(":", 1) for ln in f.read().splitlines() if ":" in ln)
+        out.append(st["Seccomp"].strip())
+    return out
+
+
 def sock_inodes(pid: int) -> set[int]:
     """The inodes of the sockets process pid holds."""
     out = set()

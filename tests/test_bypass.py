@@ -41,9 +41,12 @@ def run_probe(user, workdir, probe, args, flags=(), timeout=120, prefix=()):
     p = user.popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         line = read_line(p.stdout, timeout)
-        stats = None
+        stats = filters = None
         if line:
             stats = json.loads(api_call(sock, {"execute": "get_stats"}, timeout=10))
+            pid = stats.get("return", {}).get("bypass", {}).get("handler_pid")
+            if pid:
+                filters = harness.thread_seccomp(pid)
         p.stdin.close()
         rc = p.wait(timeout=30)
         err = p.stderr.read().decode(errors="replace")
@@ -54,13 +57,26 @@ def run_probe(user, workdir, probe, args, flags=(), timeout=120, prefix=()):
     assert rc == 0, (rc, line, err)
     r = json.loads(line.strip().splitlines()[0])
     assert r["ok"], r
+    r["handler_filters"] = filters
     r["stats"] = stats["return"].get("bypass")
+    if "--enable-seccomp" in flags:
+        # every thread of the handler (the loop, the byte-tracking one)
+        # under its allowlist, and none of them killed by it
+        assert r["handler_filters"] == ["2"] * 2, r["handler_filters"]
+        assert r["stats"]["restarts"] == 0 and "status -31" not in err, err
     return r
 
 
-def test_blocking_connect(user, workdir, probe, host_server):
+# The cases below that take `sec` run twice: as they are, and with the
+# handler under its --enable-seccomp allowlist (run_probe then checks that
+# each of its threads has the filter and that none was killed).
+SECCOMP = pytest.mark.parametrize("sec", [(), ("--enable-seccomp",)], ids=["", "seccomp"])
+
+
+@SECCOMP
+def test_blocking_connect(user, workdir, probe, host_server, sec):
     srv = host_server("echo")
-    r = run_probe(user, workdir, probe, ["blocking", "10.0.2.2", srv.port])
+    r = run_probe(user, workdir, probe, ["blocking", "10.0.2.2", srv.port], flags=sec)
     assert r["rc"] == 0 and r["echo"] and r["nodelay"] and r["cloexec"]
     # the namespace's view: the gateway alias and the command's own address
     assert r["peer"] == ["10.0.2.2", srv.port]
@@ -71,12 +87,13 @@ def test_blocking_connect(user, workdir, probe, host_server):
     assert r["stats"]["sync_wakeup"] is (KERNEL >= (6, 6))
 
 
-def test_fd_flags_kept(user, workdir, probe, host_server):
+@SECCOMP
+def test_fd_flags_kept(user, workdir, probe, host_server, sec):
     """close-on-exec and O_NONBLOCK of the command's fd, both ways, on one fd
     number reused with other flags and on two fds the handler's fdinfo
     cache files in one place: each bypassed socket has its own fd's."""
     srv = host_server("echo")
-    r = run_probe(user, workdir, probe, ["flags", "10.0.2.2", srv.port])
+    r = run_probe(user, workdir, probe, ["flags", "10.0.2.2", srv.port], flags=sec)
     assert r["same_fd"] and r["bad"] == [], r
     assert r["stats"]["bypassed"] == r["n"] == 8
 
@@ -96,18 +113,20 @@ def test_no_sync_wakeup_kernel(user, workdir, base_dir, probe, host_server):
     assert r["stats"]["sync_wakeup"] is False
 
 
-def test_nonblocking_connect(user, workdir, probe, host_server):
+@SECCOMP
+def test_nonblocking_connect(user, workdir, probe, host_server, sec):
     srv = host_server("echo")
-    r = run_probe(user, workdir, probe, ["nonblocking", "10.0.2.2", srv.port])
+    r = run_probe(user, workdir, probe, ["nonblocking", "10.0.2.2", srv.port], flags=sec)
     assert r["rc"] == errno.EINPROGRESS and r["writable"] and r["so_error"] == 0
     assert r["again"] == errno.EISCONN  # a second connect, as the kernel answers it
     assert r["peer"] == ["10.0.2.2", srv.port] and r["echo"]
     assert r["stats"]["bypassed"] == 1
 
 
-def test_refused(user, workdir, probe):
+@SECCOMP
+def test_refused(user, workdir, probe, sec):
     port = harness.free_port()
-    r = run_probe(user, workdir, probe, ["refused", "10.0.2.2", port])
+    r = run_probe(user, workdir, probe, ["refused", "10.0.2.2", port], flags=sec)
     assert r["blocking"] == errno.ECONNREFUSED
     assert r["nonblocking"] == errno.ECONNREFUSED
     assert r["stats"]["failed"] == 2 and r["stats"]["bypassed"] == 0
@@ -136,21 +155,23 @@ def full_listener():
         lst.close()
 
 
-def test_connect_timeouts(user, workdir, probe):
+@SECCOMP
+def test_connect_timeouts(user, workdir, probe, sec):
     """A host listener whose accept queue is full drops SYNs: Python's
     timeout fires, and a blocking connect with SO_SNDTIMEO says EINPROGRESS."""
     with full_listener() as port:
-        r = run_probe(user, workdir, probe, ["timeout", "10.0.2.2", port])
+        r = run_probe(user, workdir, probe, ["timeout", "10.0.2.2", port], flags=sec)
     assert r["py_timeout"] == "timeout"
     assert r["sndtimeo"] == "EINPROGRESS"
     assert r["seconds"] < 30
 
 
-def test_blocking_connect_interrupted(user, workdir, probe):
+@SECCOMP
+def test_blocking_connect_interrupted(user, workdir, probe, sec):
     """SIGALRM interrupts a blocking connect waiting in the handler: the
     command gets it back at once, and the handler drops the wait."""
     with full_listener() as port:
-        r = run_probe(user, workdir, probe, ["interrupted", "10.0.2.2", port])
+        r = run_probe(user, workdir, probe, ["interrupted", "10.0.2.2", port], flags=sec)
     assert r["what"] == "interrupted" and r["seconds"] < 5
     assert r["stats"]["pending"] == 0 and r["stats"]["bypassed"] == 0
 
@@ -161,9 +182,10 @@ def test_asyncio(user, workdir, probe, host_server):
     assert r["good"] == r["n"] == 20 and r["stats"]["bypassed"] == 20
 
 
-def test_threads(user, workdir, probe, host_server):
+@SECCOMP
+def test_threads(user, workdir, probe, host_server, sec):
     srv = host_server("echo")
-    r = run_probe(user, workdir, probe, ["threads", "10.0.2.2", srv.port, 8, 25])
+    r = run_probe(user, workdir, probe, ["threads", "10.0.2.2", srv.port, 8, 25], flags=sec)
     assert r["errors"] == [] and r["good"] == r["n"] == 200
     assert r["stats"]["bypassed"] == 200
 
@@ -175,9 +197,10 @@ def test_fork_exec_after_connect(user, workdir, probe, host_server):
     assert r["echoed"] == "from-child" and r["fork_ok"]
 
 
-def test_many_short_connections_fds_stable(user, workdir, probe, host_server):
+@SECCOMP
+def test_many_short_connections_fds_stable(user, workdir, probe, host_server, sec):
     srv = host_server("echo")
-    r = run_probe(user, workdir, probe, ["many", "10.0.2.2", srv.port, 500])
+    r = run_probe(user, workdir, probe, ["many", "10.0.2.2", srv.port, 500], flags=sec)
     assert r["good"] == r["n"] == 500 and r["fds_after"] == r["fds_before"]
     assert r["stats"]["bypassed"] == 500 and r["stats"]["pending"] == 0
 
@@ -208,9 +231,10 @@ def test_transfer_1gb(user, workdir, probe, host_server):
     _transfer(user, workdir, probe, host_server, 1 << 30, timeout=900)
 
 
-def test_ipv6(user, workdir, probe, host_server):
+@SECCOMP
+def test_ipv6(user, workdir, probe, host_server, sec):
     srv = host_server("echo", addr="::1")
-    r = run_probe(user, workdir, probe, ["blocking", "fd00::2", srv.port], flags=["-6"])
+    r = run_probe(user, workdir, probe, ["blocking", "fd00::2", srv.port], flags=["-6", *sec])
     assert r["rc"] == 0 and r["echo"]
     assert r["peer"] == ["fd00::2", srv.port]
     assert r["local"][0].startswith("fd00::") and r["local"][0] != "::1"
@@ -269,14 +293,17 @@ sys.stdin.readline()  # stay (and nsnet run with it) until the test has read the
 """
 
 
-@pytest.mark.parametrize("what", ["handler", "forwarder", "stop-supervisor"])
+@pytest.mark.parametrize("what", ["handler", "handler-seccomp", "forwarder", "stop-supervisor"])
 def test_failures(user, workdir, host_server, what):
     """SIGKILL the handler or the forwarder, or SIGSTOP the supervisor: the
     bypassed connection keeps working and new connects are bypassed (a new
-    handler is started; the forwarder and the supervisor are not involved)."""
+    handler is started, under its allowlist again with --enable-seccomp;
+    the forwarder and the supervisor are not involved)."""
     srv = host_server("echo")
     sock = f"{workdir}/api.sock"
-    p = user.popen([harness.nsnet_bin(), "run", "--bypass", f"--api-socket={sock}", "--",
+    sec = ["--enable-seccomp"] if what.endswith("-seccomp") else []
+    what = what.removesuffix("-seccomp")
+    p = user.popen([harness.nsnet_bin(), "run", "--bypass", f"--api-socket={sock}", *sec, "--",
                     NS_PYTHON, "-c", HOLDER, "10.0.2.2", str(srv.port)],
                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stopped = False
@@ -308,6 +335,8 @@ def test_failures(user, workdir, host_server, what):
         st = stats(sock)
         assert st["bypassed"] == 6
         assert st["restarts"] == (1 if what == "handler" else 0)
+        if sec:
+            assert harness.thread_seccomp(st["handler_pid"]) == ["2"] * 2
         p.stdin.write(b"bye\n")
         p.stdin.flush()
         assert p.wait(timeout=30) == 0, p.stderr.read()
@@ -364,6 +393,7 @@ class PeerServer:
 
 
 @pytest.mark.parametrize("flags", [[], ["--outbound-addr=198.51.100.2"],
+                                   ["--outbound-addr=198.51.100.2", "--enable-seccomp"],
                                    ["--disable-host-loopback"]])
 def test_egress(user, workdir, probe, outside, flags):
     """Destinations outside the namespace go out as libslirp would send them
@@ -397,24 +427,35 @@ def test_python_api(user, base_dir, host_server):
 
 
 API_BYTES = """
-import subprocess, sys
+import os, subprocess, sys
 import nsnet
 py, port, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 cmd = ("import socket, sys; s = socket.create_connection(('10.0.2.2', %s)); "
        "print(s.getpeername()[0], flush=True); sys.stdin.readline()" % port)
+mode, _, sec = mode.partition("+")
 kw = {} if mode == "default" else {"bypass_bytes": mode}
+if sec:
+    kw["enable_seccomp"] = True
 with nsnet.Popen([py, "-c", cmd], bypass=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                  text=True, **kw) as p:
-    print(p.stdout.readline().strip(), p.stats()["bypass"]["bytes_counted"], flush=True)
+    peer = p.stdout.readline().strip()
+    bp = p.stats()["bypass"]
+    print(peer, bp["bytes_counted"], flush=True)
+    if sec:  # Seccomp: of the handler's threads
+        for tid in sorted(os.listdir("/proc/%d/task" % bp["handler_pid"])):
+            with open("/proc/%d/task/%s/status" % (bp["handler_pid"], tid)) as f:
+                print([ln.split()[1] for ln in f if ln.startswith("Seccomp:")][0])
     p.stdin.close()
     print(p.wait(60))
 """
 
 
-@pytest.mark.parametrize("mode,counted", [("default", "sampled"), ("at-close", "at close")])
+@pytest.mark.parametrize("mode,counted", [("default", "sampled"), ("at-close", "at close"),
+                                          ("at-close+seccomp", "at close 2 2")])
 def test_python_api_bypass_bytes(user, base_dir, host_server, mode, counted):
     """nsnet.Popen(..., bypass=True, bypass_bytes=...): the option table's
-    keyword reaches the handler."""
+    keyword reaches the handler; enable_seccomp=True puts both its threads
+    under its allowlist."""
     srv = host_server("echo")
     script = f"{base_dir}/api_bytes.py"
     with open(script, "w") as f:
@@ -502,12 +543,13 @@ def _reconnect(user, workdir, probe, flags=()):
     return r, target
 
 
-def test_attack_reconnect_bypassed_socket(user, workdir, probe, outside):
+@SECCOMP
+def test_attack_reconnect_bypassed_socket(user, workdir, probe, outside, sec):
     """Attacker's side: the command disconnects its bypassed host socket
     (AF_UNSPEC) and connects it to an outside address the policy denies.
     The handler decides that connect on its own copy (never CONTINUE for a
     host socket): refused, and the socket is bound to lo anyway."""
-    r, target = _reconnect(user, workdir, probe)
+    r, target = _reconnect(user, workdir, probe, sec)
     assert r["stats"]["bypassed"] == 1 and r["bound"] == "lo"
     assert r["unspec"] == 0
     assert r["reconnect"] != 0 and target.peers == []
@@ -665,12 +707,14 @@ def _bypass_records(path):
     return [r for r in recs if r.get("bypass")]
 
 
-@pytest.mark.parametrize("case", ["no-policy", "policy", "ipv6"])
+@pytest.mark.parametrize("case", ["no-policy", "policy", "policy-seccomp", "ipv6"])
 def test_audit_log_records_bypassed_connects(user, workdir, probe, host_server, case):
     log = f"{workdir}/audit.jsonl"
     flags = ["--audit=all", f"--audit-log={log}"]
     host, addr = "10.0.2.2", "127.0.0.1"
-    if case == "policy":
+    if case.endswith("-seccomp"):  # the handler's audit records under its allowlist
+        flags.append("--enable-seccomp")
+    if case.startswith("policy"):
         flags += ["--egress=deny", "--allow=tcp:10.0.2.2"]
     elif case == "ipv6":
         flags += ["-6"]
@@ -685,7 +729,7 @@ def test_audit_log_records_bypassed_connects(user, workdir, probe, host_server, 
     want = {"action": "allow", "proto": "tcp", "src": r["local"][0], "sport": r["local"][1],
             "dst": host, "dport": srv.port, "bypass": True, "rule": None,
             "rule_text": "default allow"}
-    if case == "policy":
+    if case.startswith("policy"):
         want.update(rule=0, rule_text="allow tcp:10.0.2.2")
     assert rec == want
     assert r["stats"]["audit_lost"] == 0
@@ -706,12 +750,13 @@ def test_audit_log_every_bypassed_connect(user, workdir, probe, host_server):
         ("allow", "10.0.2.2", srv.port)}
 
 
-def test_audit_log_records_refused_reconnect(user, workdir, probe, outside):
+@SECCOMP
+def test_audit_log_records_refused_reconnect(user, workdir, probe, outside, sec):
     """The handler's own refusal (a host socket reconnected to an address
     the policy denies) is a deny record; the allowed, bypassed connect
     before it is not recorded without --audit=all."""
     log = f"{workdir}/audit.jsonl"
-    r, target = _reconnect(user, workdir, probe, [f"--audit-log={log}"])
+    r, target = _reconnect(user, workdir, probe, [f"--audit-log={log}", *sec])
     assert r["stats"]["bypassed"] == 1 and r["reconnect"] != 0
     recs = _bypass_records(log)
     assert len(recs) == 1, recs
@@ -824,7 +869,7 @@ sys.stdin.readline()
 """
 
 
-@pytest.mark.parametrize("dest", ["gateway", "egress"])
+@pytest.mark.parametrize("dest", ["gateway", "egress", "gateway-seccomp"])
 def test_stats_count_bypassed_bytes(user, workdir, host_server, request, dest):
     """--bypass-bytes=at-close: exact final counts from the kernel's TCP
     destroy notifications, to which the handler subscribes.  The gateway's
@@ -833,12 +878,17 @@ def test_stats_count_bypassed_bytes(user, workdir, host_server, request, dest):
     if dest == "egress":
         request.getfixturevalue("outside")
         host = "198.51.100.1"
-    srv = host_server("echo", addr="127.0.0.1" if dest == "gateway" else host)
+    srv = host_server("echo", addr="127.0.0.1" if dest != "egress" else host)
     sock = f"{workdir}/api.sock"
-    with bypass_run(user, sock, BYTES, [host, srv.port], flags=["--bypass-bytes=at-close"]) as p:
+    flags = ["--bypass-bytes=at-close"]
+    if dest.endswith("-seccomp"):  # the thread's recvmmsg and dumps under the allowlist
+        flags.append("--enable-seccomp")
+    with bypass_run(user, sock, BYTES, [host, srv.port], flags=flags) as p:
         assert read_line(p.stdout, 30).startswith(b"OPEN")
         st = stats(sock)
         assert st["bytes_counted"] == "at close" and "bytes_error" not in st
+        if dest.endswith("-seccomp"):
+            assert harness.thread_seccomp(st["handler_pid"]) == ["2"] * 2
         # the handler, and only it, listens to the destroy notifications
         subs = harness.destroy_subscribers()
         assert len(subs) == 1 and subs <= harness.sock_inodes(st["handler_pid"]), subs
@@ -855,7 +905,7 @@ def test_stats_count_bypassed_bytes(user, workdir, host_server, request, dest):
         assert want <= st["bytes_sent"] <= want + 21, st
         assert want <= st["bytes_received"] <= want + 21, st
         assert st["bytes_inexact"] == 0 and st["bytes_untracked"] == 0
-        assert st["bypassed"] == 21
+        assert st["bypassed"] == 21 and st["restarts"] == 0
         finish(p)
 
 
@@ -897,7 +947,8 @@ def _sampled_open(p, sock, k):
     return st
 
 
-def test_stats_bytes_sampled_by_default(user, workdir, host_server):
+@SECCOMP
+def test_stats_bytes_sampled_by_default(user, workdir, host_server, sec):
     """Without --bypass-bytes nothing subscribes to the kernel's TCP
     destroy notifications (/proc/net/netlink of the namespace the handler
     runs in: no sock_diag socket in a multicast group, where at-close has
@@ -908,7 +959,7 @@ def test_stats_bytes_sampled_by_default(user, workdir, host_server):
     bytes_inexact."""
     srv = host_server("echo")
     sock = f"{workdir}/api.sock"
-    with bypass_run(user, sock, SHORT_AFTER, ["10.0.2.2", srv.port]) as p:
+    with bypass_run(user, sock, SHORT_AFTER, ["10.0.2.2", srv.port], flags=sec) as p:
         st = _sampled_open(p, sock, 1)
         assert st["bytes_inexact"] == 0
         assert harness.destroy_subscribers() == set()
@@ -922,6 +973,9 @@ def test_stats_bytes_sampled_by_default(user, workdir, host_server):
         # the open one exact; the short one's last sample: 0 to its 1000 (+1 FIN)
         assert 100000 <= st["bytes_sent"] <= 101001 and 100000 <= st["bytes_received"] <= 101001
         assert harness.destroy_subscribers() == set()
+        if sec:  # the thread's sock_diag dumps under the allowlist, nobody killed
+            assert harness.thread_seccomp(st["handler_pid"]) == ["2"] * 2
+            assert st["restarts"] == 0
         finish(p)
 
 
@@ -977,4 +1031,173 @@ def test_stats_bytes_across_handler_restart(user, workdir, host_server):
         assert st["bytes_inexact"] == 0
         subs = harness.destroy_subscribers()  # the new handler's; the dead one's went with it
         assert len(subs) == 1 and subs <= harness.sock_inodes(st["handler_pid"]), subs
+        finish(p)
+
+
+# --------------------------------------------------------------------------
+# --enable-seccomp: the handler under its own allowlist (nsnet/seccomp.py,
+# profile "bypass"), from the attacker's side
+# --------------------------------------------------------------------------
+
+# Stands for a handler that a hostile sockaddr has taken over (the handler
+# reads sockaddrs from the command's memory): preloaded into nsnet, it
+# wraps process_vm_readv, and when the sockaddr just read asks for port 9
+# it does what an attacker in the handler would, create a file of the
+# user's.  Nothing else changes.
+HIJACK_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+static ssize_t (*real)(pid_t, const struct iovec *, unsigned long, const struct iovec *,
+                       unsigned long, unsigned long);
+static const char *victim;
+
+__attribute__((constructor)) static void init(void)
+{
+    real = (ssize_t (*)(pid_t, const struct iovec *, unsigned long, const struct iovec *,
+                        unsigned long, unsigned long))dlsym(RTLD_NEXT, "process_vm_readv");
+    victim = getenv("NSNET_TEST_HIJACK");
+}
+
+ssize_t process_vm_readv(pid_t pid, const struct iovec *l, unsigned long ln,
+                         const struct iovec *r, unsigned long rn, unsigned long flags)
+{
+    ssize_t n = real(pid, l, ln, r, rn, flags);
+    const struct sockaddr_in *a = l[0].iov_base;
+    if (victim && n >= 4 && a->sin_family == AF_INET && ntohs(a->sin_port) == 9) {
+        int fd = open(victim, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        if (fd >= 0) {
+            (void)write(fd, "hijacked\n", 9);
+            close(fd);
+        }
+    }
+    return n;
+}
+"""
+
+HIJACK = """
+import json, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+out = {}
+try:
+    socket.create_connection((host, 9), timeout=10).close()
+    out["hijack"] = 0
+except OSError as e:
+    out["hijack"] = e.errno
+with socket.create_connection((host, port), timeout=10) as s:
+    s.sendall(b"after")
+    out["after"] = s.recv(5).decode()
+print(json.dumps(out), flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.fixture(scope="module")
+def hijack_shim(base_dir):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler for the test's preloaded library")
+    src, lib = f"{base_dir}/hijack.c", f"{base_dir}/hijack.so"
+    with open(src, "w") as f:
+        f.write(HIJACK_SHIM)
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", lib, src, "-ldl"], check=True,
+                   timeout=120, capture_output=True)
+    os.chmod(lib, 0o755)
+    return lib
+
+
+def test_attack_hijacked_handler_killed(user, workdir, host_server, hijack_shim):
+    """Attacker's side: a taken-over handler (HIJACK_SHIM) opens a file of
+    the user's for writing.  With --enable-seccomp that openat is outside
+    its allowlist: the handler is killed by SIGSYS before the file exists;
+    the supervisor starts another, as for any dead handler, which answers
+    the connect the dead one held ECONNABORTED, runs under the filter again
+    and bypasses the next connect.  (Without the filter the file is
+    written and the handler goes on.)"""
+    srv = host_server("echo")
+    sock = f"{workdir}/api.sock"
+    victim = f"{workdir}/hijacked"
+    env = user.env(LD_PRELOAD=hijack_shim, NSNET_TEST_HIJACK=victim)
+    p = user.popen([harness.nsnet_bin(), "run", "--bypass", f"--api-socket={sock}",
+                    "--enable-seccomp", "--", NS_PYTHON, "-c", HIJACK, "10.0.2.2", str(srv.port)],
+                   env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        r = json.loads(read_line(p.stdout, 60))
+        assert not os.path.exists(victim)
+        st = stats(sock)
+        assert r == {"hijack": errno.ECONNABORTED, "after": "after"}, (r, st)
+        assert st["restarts"] == 1 and st["aborted"] == 1 and st["bypassed"] == 1, st
+        assert harness.thread_seccomp(st["handler_pid"]) == ["2"] * 2
+        err = finish(p)
+        assert f"the bypass handler exited (status -{int(signal.SIGSYS)})" in err, err
+    finally:
+        harness.kill_and_reap(p)
+        for f in (p.stdin, p.stdout, p.stderr):
+            f.close()
+    assert not os.path.exists(victim)
+
+
+MANY_OPEN = """
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+conns = []
+for _ in range(n):
+    a = socket.create_connection((host, port), timeout=10)
+    a.sendall(b"x" * 1000)
+    got = 0
+    while got < 1000:
+        got += len(a.recv(65536))
+    conns.append(a)
+print("OPEN", flush=True)
+sys.stdin.readline()
+for a in conns:
+    a.close()
+print("CLOSED", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("dest,n,seccomp", [
+    ("gateway", 1, False), ("gateway6", 1, False), ("egress", 1, False), ("gateway", 65, False),
+    ("gateway", 1, True), ("gateway", 65, True)])
+def test_stats_bytes_sampled_by_lookup(user, workdir, host_server, request, dest, n, seccomp):
+    """The default (sampled) samples up to 64 open connections by looking
+    each one up by its addresses and cookie: no walk of the host's TCP
+    sockets (bytes_dumps stays 0), for the gateway's sockets (bound to lo),
+    IPv6 ones and an outside address's (unbound); 65 open: a walk.  Either
+    way every connection's last sample holds its bytes: closed, each
+    counts them (+1 for the FINs at most), in bytes_inexact.  Both also
+    under --enable-seccomp (the handler's allowlist): never a restart."""
+    host, addr, flags = "10.0.2.2", "127.0.0.1", []
+    if dest == "gateway6":
+        host, addr, flags = "fd00::2", "::1", ["-6"]
+    elif dest == "egress":
+        request.getfixturevalue("outside")
+        host = addr = "198.51.100.1"
+    if seccomp:
+        flags.append("--enable-seccomp")
+    srv = host_server("echo", addr=addr)
+    sock = f"{workdir}/api.sock"
+    with bypass_run(user, sock, MANY_OPEN, [host, srv.port, n], flags=flags) as p:
+        assert read_line(p.stdout, 60).startswith(b"OPEN")
+        st = stats(sock)
+        assert st["bytes_counted"] == "sampled" and st["bytes_live"] == n, st
+        k = st["bytes_samples"]
+        harness.wait_until(lambda: stats(sock)["bytes_samples"] >= k + 2, 30,
+                           what="two samples of the handler's")
+        st = stats(sock)
+        assert (st["bytes_dumps"] > 0) == (n > 64), st
+        say(p)
+        assert read_line(p.stdout, 30).startswith(b"CLOSED")
+        harness.wait_until(lambda: stats(sock)["bytes_live"] == 0, 30,
+                           what="the closed connections settled by a sample")
+        st = stats(sock)
+        assert 1000 * n <= st["bytes_sent"] <= 1001 * n, st
+        assert 1000 * n <= st["bytes_received"] <= 1001 * n, st
+        assert st["bytes_inexact"] == n and st["restarts"] == 0, st
         finish(p)

@@ -276,6 +276,9 @@ def test_bypass_bytes_subscription(nsnet_impl, ns, attach, workdir, bundle, run_
         assert len(subs) == 1 and subs <= harness.sock_inodes(handler), subs
     else:
         assert subs == set()
+    if "--enable-seccomp" in flags:  # each container's handler under its own allowlist
+        handler = stats(net)["containers"][0]["handler_pid"]
+        assert harness.thread_seccomp(handler) == ["2"] * 2
     c.p.stdin.write(b"go\n")
     c.p.stdin.flush()
     assert c.line()["peer"] == "10.0.2.2"

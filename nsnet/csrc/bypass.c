@@ -26,6 +26,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -35,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -568,9 +570,10 @@ static int replaceable(int s, int family)
 }
 
 /* Install `sock` as the command's `fd` and answer `err` (0, EINPROGRESS).
- * Takes `sock`.  Returns 0 when installed. */
+ * Takes `sock`; dst: where it connects (NULL: connected, it knows).
+ * Returns 0 when installed. */
 static int install(struct handler *h, uint64_t id, int fd, int sock, int cloexec,
-                   int nonblock, int err, int family)
+                   int nonblock, int err, int family, const struct sockaddr_storage *dst)
 {
     if (!nonblock) /* ours: O_NONBLOCK is the only status flag it has */
         fcntl(sock, F_SETFL, 0);
@@ -585,7 +588,7 @@ static int install(struct handler *h, uint64_t id, int fd, int sock, int cloexec
         close(sock);
         return -1; /* interrupted (ESRCH/ENOENT): the syscall restarts or is gone */
     }
-    nsb_diag_track(sock); /* its bytes, for get_stats (bypassdiag.c) */
+    nsb_diag_track(sock, dst); /* its bytes, for get_stats (bypassdiag.c) */
     later(h, sock);
     /* counted before the reply: what the command does next may read them */
     h->sh->bypassed++;
@@ -712,7 +715,7 @@ static void bypass_connect(struct handler *h, const struct seccomp_notif *n, int
         if (rc == 0 || nonblock) {
             /* a non-blocking connect says EINPROGRESS, as the kernel does
              * on loopback; the socket completes (or fails) on its own */
-            install(h, n->id, fd, s, cloexec, nonblock, nonblock ? EINPROGRESS : 0, family);
+            install(h, n->id, fd, s, cloexec, nonblock, nonblock ? EINPROGRESS : 0, family, dst);
             return;
         }
         add_pending(h, n, slot, fd, s, cloexec, orig, family);
@@ -732,7 +735,7 @@ static void finish_pending(struct handler *h, size_t i, int timed_out)
     h->sh->pending = h->npend;
     if (timed_out) {
         /* SO_SNDTIMEO ran out: connect says EINPROGRESS, the socket goes on */
-        install(h, p.id, p.fd, p.sock, p.cloexec, 0, EINPROGRESS, p.family);
+        install(h, p.id, p.fd, p.sock, p.cloexec, 0, EINPROGRESS, p.family, NULL);
     } else {
         int err = sock_error(p.sock);
         if (err) {
@@ -740,7 +743,7 @@ static void finish_pending(struct handler *h, size_t i, int timed_out)
             later(h, p.sock);
             reply(h, p.id, 0, err, 0);
         } else {
-            install(h, p.id, p.fd, p.sock, p.cloexec, 0, 0, p.family);
+            install(h, p.id, p.fd, p.sock, p.cloexec, 0, 0, p.family, NULL);
         }
     }
     slot_free(h, p.slot);
@@ -936,6 +939,19 @@ int nsb_probe(int listener)
     return errno == ENOENT ? 0 : errno;
 }
 
+int nsb_load_filter(const void *prog, uint32_t n)
+{
+    if (n == 0 || n > 0xffff)
+        return -EINVAL;
+    struct sock_fprog fp = {(unsigned short)n, (struct sock_filter *)prog};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        return -errno;
+    long rc = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &fp);
+    if (rc < 0)
+        return -errno;
+    return rc == 0 ? 0 : -ESRCH; /* rc > 0: the id of a thread that could not */
+}
+
 static void answer_leftovers(struct handler *h)
 {
     for (int i = 0; i < NSB_SLOTS; i++) {
@@ -986,6 +1002,16 @@ int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh)
     size_t cappfd = 0;
     if (!n)
         return -ENOMEM;
+    /* --enable-seccomp: from here on (both threads: the byte-tracking one
+     * has started, see nsb_diag_start), only the calls the loop needs;
+     * nothing the command sent has been read yet. */
+    if (cfg->filter) {
+        int e = nsb_load_filter(cfg->filter, cfg->filter_len);
+        if (e < 0) {
+            free(n);
+            return e;
+        }
+    }
     for (;;) {
         if (cappfd < h.npend + 1) {
             cappfd = (h.npend + 1) * 2;

@@ -67,6 +67,11 @@ struct nsb_config {
     int32_t diag_fd;     /* --bypass-bytes=at-close: a socket subscribed to the
                           * TCP destroy notifications (nsb_diag_subscribe), the
                           * handler's; -1: sampled, nothing subscribed */
+    const void *filter;  /* --enable-seccomp: the handler's allowlist, a BPF
+                          * program (struct sock_filter[filter_len], built by
+                          * nsnet/seccomp.py, profile "bypass"), loaded by
+                          * nsb_run after its set-up; NULL: none */
+    uint32_t filter_len;
 };
 
 /* A tracked bypassed connection (nsb_shared.conns): its socket cookie (0:
@@ -99,6 +104,7 @@ struct nsb_shared {
     uint64_t bytes_untracked; /* bypassed connections not tracked (table full) */
     uint64_t bytes_mode;    /* NSB_BYTES_*, set by the handler */
     uint64_t bytes_samples; /* the handler's samples of the live connections */
+    uint64_t bytes_dumps;   /* of them, dumps of the host's TCP sockets (not lookups) */
     uint64_t sync_wakeup;   /* 1: the listener has SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP */
     uint64_t inflight[NSB_SLOTS];
     struct nsb_conn conns[NSB_CONNS]; /* written by the handler only */
@@ -110,6 +116,10 @@ int nsb_probe(int listener);
 /* Runs until the listener hangs up (every task of the command is gone):
  * returns 0, or -errno on a fatal error. */
 int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh);
+/* Load a seccomp filter (BPF, n instructions) on every thread of this
+ * process (SECCOMP_FILTER_FLAG_TSYNC), with PR_SET_NO_NEW_PRIVS: 0 or
+ * -errno (-ESRCH: a thread could not take it). */
+int nsb_load_filter(const void *prog, uint32_t n);
 
 /* csrc/bypassdiag.c.  In the handler: start tracking (a thread; nl: its
  * nsb_config.diag_fd); track one installed host socket.  In the
@@ -118,7 +128,8 @@ int nsb_run(int listener, const struct nsb_config *cfg, struct nsb_shared *sh);
  * received, out[2] live tracked connections); 0 or -errno. */
 int nsb_diag_subscribe(void);
 void nsb_diag_start(struct nsb_shared *sh, int nl);
-void nsb_diag_track(int sock);
+struct sockaddr_storage;
+void nsb_diag_track(int sock, const struct sockaddr_storage *peer);
 int nsb_sample(struct nsb_shared *sh, uint64_t *out);
 
 #endif

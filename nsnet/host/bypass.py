@@ -8,7 +8,10 @@ loop is C (csrc/bypass.c).  If the handler dies, the supervisor starts
 another on the same listener: the notifications the dead one had taken
 are answered ECONNABORTED (their ids are in the shared page), those that
 came meanwhile wait in the kernel and are handled.  After MAX_RESTARTS
-deaths in RESTART_WINDOW seconds the run ends (exit 125).
+deaths in RESTART_WINDOW seconds the run ends (exit 125).  With
+--enable-seccomp the handler loads its own allowlist (nsnet/seccomp.py,
+profile "bypass") after its set-up, before the first notification; a call
+outside it kills the handler (SIGSYS), which is replaced as above.
 
 What is bypassed, and what falls back, is decided by scope() (which
 classes of destination) and decide() in bypass.c (each connect).
@@ -32,7 +35,7 @@ MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 COUNTERS = ("notifications", "bypassed", "bypassed6", "failed", "fallback", "translated",
             "aborted", "errors", "pending", "audit_lost", "bytes_inexact", "bytes_untracked",
-            "bytes_samples")
+            "bytes_samples", "bytes_dumps")
 # get_stats' byte counts (Handler.byte_counts): sums over handlers too
 BYTE_COUNTS = ("bytes_sent", "bytes_received", "bytes_live")
 
@@ -128,6 +131,28 @@ def check_access(pid: int) -> None:
         os.close(pidfd)
 
 
+def load_filter(bpf: bytes) -> None:
+    """Load a BPF seccomp program (nsnet.seccomp.export_bpf) on every thread
+    of this process, as the handler does after its set-up (nsb_run); for
+    `python -m nsnet.seccomp --profile=bypass check`."""
+    mod = _lib()
+    buf = mod.ffi.from_buffer(bpf)
+    rc = mod.lib.nsb_load_filter(buf, len(bpf) // 8)
+    if rc < 0:
+        raise OSError(-rc, f"seccomp filter: {os.strerror(-rc)}")
+
+
+def filter_program() -> bytes:
+    """--enable-seccomp: the handler's allowlist (profile "bypass") as BPF;
+    BypassError if libseccomp cannot build it."""
+    from .. import seccomp
+
+    try:
+        return seccomp.export_bpf("bypass")
+    except (seccomp.SeccompError, OSError) as e:
+        raise BypassError(f"--enable-seccomp: the bypass handler's filter: {e}") from None
+
+
 def _scope_bits(sc: dict[str, bool]) -> int:
     lib = _lib().lib
     return (lib.NSB_GATEWAY if sc["gateway"] else 0) | (lib.NSB_EGRESS if sc["egress"] else 0)
@@ -170,7 +195,8 @@ class Handler:
 
     def __init__(self, listener: int, net: "NetConfig", facts: tuple[int, int, int],
                  guest6: str | None, policy: Any = None, bytes_mode: str = "sampled",
-                 on_give_up: Callable[[str], None] | None = None) -> None:
+                 on_give_up: Callable[[str], None] | None = None,
+                 seccomp: bool = False) -> None:
         from ..bypassfilter import syscall_numbers
 
         mod = _lib()
@@ -181,6 +207,14 @@ class Handler:
         _fill_config(self.cfg, net, facts, guest6, self.scope, syscall_numbers())
         self.cfg.audit_fd = -1
         self.cfg.diag_fd = -1
+        # --enable-seccomp: the handler loads this allowlist itself, after
+        # its set-up and before the first notification (csrc/bypass.c)
+        self.seccomp = seccomp
+        if seccomp:
+            bpf = filter_program()
+            self._filter = self.ffi.new("char[]", bpf)
+            self.cfg.filter = self._filter
+            self.cfg.filter_len = len(bpf) // 8
         # --bypass-bytes: "sampled" (nothing subscribed), or "at-close" (a
         # socket subscribed to the TCP destroy notifications per handler)
         self.bytes_mode = bytes_mode

@@ -279,7 +279,8 @@ class Supervisor(ForwarderControl, ApiServer):
             raise SetupError(f"--bypass-listener: {e}") from None
         oci = OciListener(path, self.nsfds.net, self.opts.net, facts,
                           lambda: self.default_guest_addr6,
-                          lambda: self.policy, bytes_mode=self.opts.bypass_bytes)
+                          lambda: self.policy, bytes_mode=self.opts.bypass_bytes,
+                          seccomp=self.opts.seccomp)
         self.io_sources.append(oci)
         self.stats_sources["bypass"] = oci.stats
         self.policy_listeners.append(oci.policy_changed)

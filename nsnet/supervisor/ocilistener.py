@@ -100,7 +100,7 @@ class OciListener:
 
     def __init__(self, path: str, netns_fd: int, net: NetConfig, facts: tuple[int, int, int],
                  guest6: Callable[[], str | None], policy_control: Callable[[], Any],
-                 bytes_mode: str = "sampled") -> None:
+                 bytes_mode: str = "sampled", seccomp: bool = False) -> None:
         from .apiserver import bind_unix_socket
 
         self.log = log.get("nsnet.supervisor")
@@ -110,6 +110,7 @@ class OciListener:
         self.guest6 = guest6
         self.policy_control = policy_control  # the supervisor's PolicyControl, or None
         self.bytes_mode = bytes_mode  # --bypass-bytes
+        self.seccomp = seccomp  # --enable-seccomp: each handler under its allowlist
         self.netns = _ns_ident(netns_fd)
         self.sock, self.ino = bind_unix_socket(path, "--bypass-listener socket")
         self.conns: dict[int, _Conn] = {}
@@ -338,11 +339,14 @@ class OciListener:
         except BypassError as e:
             raise Refused(str(e)) from None
         cid = msg["state"]["id"]
-        h = Handler(listener, self.net, self.facts, self.guest6(), policy=self.policy(),
-                    bytes_mode=self.bytes_mode,
-                    on_give_up=lambda why: self.log.error(
-                        f"--bypass-listener: container {cid[:64]!r}: {why}; its listener is "
-                        "closed (its connects fail with ENOSYS from now on)"))
+        try:
+            h = Handler(listener, self.net, self.facts, self.guest6(), policy=self.policy(),
+                        bytes_mode=self.bytes_mode, seccomp=self.seccomp,
+                        on_give_up=lambda why: self.log.error(
+                            f"--bypass-listener: container {cid[:64]!r}: {why}; its listener "
+                            "is closed (its connects fail with ENOSYS from now on)"))
+        except BypassError as e:
+            raise Refused(str(e)) from None
         self._audit_settings(h)
         h.on_audit = self._on_audit
         try:

@@ -155,3 +155,142 @@ def test_derive_per_profile(tmp_path):
     conn = seccomp.derive(paths, "connector")
     assert conn["traces"] == 1 and conn["missing"] == ["bind"]
     assert seccomp.derive(paths)["calls"] == {"writev": 1}
+
+
+# -- the bypass handler's profile (loaded by csrc/bypass.c itself) -------------
+
+NOTIF_RECV, NOTIF_SET_FLAGS = 0xC0502100, 0x40082104
+SOCK_STREAM, SOCK_DGRAM, SOCK_RAW = 1, 2, 3
+SOCK_NONBLOCK_CLOEXEC = 0o4000 | 0o2000000
+NETLINK_ROUTE, NETLINK_SOCK_DIAG = 0, 4
+PR_SET_DUMPABLE = 4
+
+
+def brun(name, *args):
+    """A forked child loads the handler's BPF the handler's way
+    (nsb_load_filter), then makes one call."""
+    return seccomp.check(name, args=args, profile="bypass")
+
+
+def test_bypass_profile_kills_by_default():
+    pfc = seccomp.export_bpf_text("bypass")
+    assert pfc.split("# default action", 1)[1].split(";")[0].strip() == "action KILL_PROCESS"
+    names = set(seccomp.resolve(profile="bypass"))
+    assert not names & {"execve", "execveat", "ptrace", "mount", "setns", "unshare", "kill",
+                        "tgkill", "prctl", "seccomp", "clone", "clone3", "fork", "open",
+                        "openat2", "bpf", "memfd_create", "sendmsg", "accept4", "listen"}
+
+
+@pytest.mark.parametrize("name,args", [
+    ("execve", ()),
+    ("ptrace", ()),
+    ("kill", (1, 0)),
+    ("prctl", (PR_SET_DUMPABLE, 1)),
+    ("clone3", ()),
+    ("socket", (AF_UNIX, SOCK_STREAM, 0)),
+    ("socket", (AF_INET, SOCK_DGRAM, 0)),
+    ("socket", (AF_PACKET, SOCK_RAW, 0)),
+    ("socket", (AF_NETLINK, SOCK_RAW, NETLINK_ROUTE)),
+    ("ioctl", (0, TIOCSTI, 0)),
+    ("ioctl", (0, FIONBIO, 0)),
+    ("ioctl", (0, NOTIF_SET_FLAGS, 0)),  # set-up only: before the filter
+    ("mmap", (0, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE_ANON, -1, 0)),
+    ("mprotect", (0, 4096, PROT_READ | PROT_EXEC)),
+    ("fcntl", (0, 0, 10)),  # F_DUPFD
+])
+def test_bypass_refused_calls_kill_with_sigsys(name, args):
+    res = brun(name, *args)
+    assert res["outcome"] == "refused" and res["signal"] == "SIGSYS", res
+
+
+@pytest.mark.parametrize("name,args", [
+    ("socket", (AF_INET, SOCK_STREAM | SOCK_NONBLOCK_CLOEXEC, 6)),
+    ("socket", (AF_INET6, SOCK_STREAM, 0)),
+    ("socket", (AF_NETLINK, SOCK_RAW | SOCK_NONBLOCK_CLOEXEC, NETLINK_SOCK_DIAG)),
+    ("ioctl", (0, NOTIF_RECV, 0)),
+    ("mprotect", (0, 4096, PROT_READ)),
+    ("process_vm_readv", ()),
+    ("pidfd_getfd", (-1, 0, 0)),
+])
+def test_bypass_argument_filtered_calls_allowed(name, args):
+    res = brun(name, *args)
+    assert res["outcome"] == "allowed", res
+
+
+def test_bypass_openat_for_writing_kills(tmp_path):
+    """The handler reads /proc files; a taken-over one cannot create or
+    truncate the user's."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"data\n")
+    res = brun("openat", AT_FDCWD, str(victim), O_WRONLY | O_TRUNC, 0)
+    assert res["outcome"] == "refused", res
+    assert victim.read_bytes() == b"data\n"
+    res = brun("openat", AT_FDCWD, str(tmp_path / "new"), O_WRONLY | O_CREAT, 0o600)
+    assert res["outcome"] == "refused" and not (tmp_path / "new").exists(), res
+    res = brun("openat", AT_FDCWD, str(victim), O_RDONLY | O_CLOEXEC, 0)
+    assert res["outcome"] == "allowed" and res["rc"] >= 0, res
+
+
+def test_bypass_filter_covers_every_thread():
+    """The handler loads its filter after its byte-tracking thread has
+    started: that thread is under it too (SECCOMP_FILTER_FLAG_TSYNC).  A
+    child starts a thread, loads the filter, then the thread makes a call
+    off the list: the whole process is killed, the thread never reports."""
+    import os
+    import signal
+    import threading
+
+    from nsnet.host.bypass import load_filter
+
+    bpf = seccomp.export_bpf("bypass")
+    go_r, go_w = os.pipe()
+    res_r, res_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            def thread():
+                os.read(go_r, 1)
+                os.getppid()  # not on the list
+                os.write(res_w, b"thread survived")
+
+            t = threading.Thread(target=thread)
+            t.start()
+            load_filter(bpf)
+            os.write(go_w, b"x")
+            t.join()
+            code = 0
+        finally:
+            os._exit(code)
+    for fd in (go_r, go_w, res_w):
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    got = os.read(res_r, 100)
+    os.close(res_r)
+    assert got == b""
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS, status
+
+
+def test_derive_bypass_handler_and_its_thread(tmp_path):
+    """derive --profile=bypass: the handler's trace from its last set-up
+    call (the filter goes in right after), and its thread's whole trace
+    (found by the clone's result); the command's trace (its own filter,
+    no name) is not the handler's."""
+    (tmp_path / "t.10").write_text(
+        'prctl(PR_SET_NAME, "nsnet-bypass")      = 0\n'
+        "socket(AF_INET, SOCK_STREAM|SOCK_CLOEXEC, 0) = 5\n"
+        "clone3({flags=CLONE_VM|CLONE_THREAD}, 88) = 12\n"
+        "seccomp(SECCOMP_GET_NOTIF_SIZES, 0, {}) = 0\n"
+        "ioctl(3, SECCOMP_IOCTL_NOTIF_RECV, 0x1) = 0\n"
+        "process_vm_readv(7, [], 1, [], 1, 0)   = 16\n")
+    (tmp_path / "t.12").write_text(
+        "poll([{fd=4, events=POLLIN}], 1, -1)  = 1\n"
+        "recvmmsg(4, [], 32, MSG_DONTWAIT, NULL) = 1\n")
+    (tmp_path / "t.11").write_text(
+        "seccomp(SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, {}) = 3\n"
+        'execve("/usr/bin/python3", [], []) = 0\n')
+    paths = [str(p) for p in sorted(tmp_path.iterdir())]
+    res = seccomp.derive(paths, "bypass")
+    assert res["traces"] == 2
+    assert res["calls"] == {"ioctl": 1, "process_vm_readv": 1, "poll": 1, "recvmmsg": 1}
+    assert res["missing"] == []
