@@ -74,11 +74,15 @@ def restore_soft(soft: int) -> None:
         pass
 
 
-def exhausted(e: OSError) -> str:
-    """What an EMFILE/ENFILE means, and what to do."""
+def exhausted(e: OSError, limits: bool = True) -> str:
+    """What an EMFILE/ENFILE means, and what to do.  limits=False in a
+    process under seccomp: getrlimit (prlimit64) is not in its allowlist."""
     if e.errno == errno.ENFILE:
         return (f"out of file descriptors: {e.strerror} (ENFILE): the system's file table "
                 f"is full (sysctl fs.file-max, or what holds so many files)")
+    if not limits:
+        return (f"out of file descriptors: {e.strerror} ({errno_name(e)}; pid {os.getpid()}): "
+                f"{HINT}, or, if it was lowered from outside, `prlimit --pid={os.getpid()}`")
     try:
         soft, hard = linux.nofile_limits()
     except OSError:

@@ -288,14 +288,18 @@ def _relay_pid(sup: int) -> int:
 
 
 @unpriv_only
-@pytest.mark.parametrize("mode", ["slirp", "splice", "splice_one_fd"])
+@pytest.mark.parametrize("mode", ["slirp", "splice", "splice_one_fd", "slirp_confined",
+                                  "splice_confined"])
 def test_forward_accept_at_the_limit(user, ns, attach, nsnet_impl, mode):
     """The forwarder (libslirp's forward) or the relay (splice) at EMFILE:
     each connection refused at once, no spin, one warning; served again
     once the limit allows.  splice_one_fd: the relay can accept, but not
     receive the connector's socket (MSG_CTRUNC): that client is refused,
-    the connector is not blamed."""
-    net = attach(nsnet_impl, ns)
+    the connector is not blamed.  _confined: with --enable-sandbox and
+    --enable-seccomp (the refusal's syscalls are in the allowlists)."""
+    confined = mode.endswith("_confined")
+    mode = mode.removesuffix("_confined")
+    net = attach(nsnet_impl, ns, *(("--enable-sandbox", "--enable-seccomp") if confined else ()))
     port = free_port()
     add_forward(net, port, 8080, None if mode == "slirp" else "splice")
     pid = info(net)["forwarder_pid"] if mode == "slirp" else _relay_pid(net.fwd.proc.pid)

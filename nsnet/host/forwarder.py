@@ -271,7 +271,7 @@ class Forwarder:
             return
         log.get("nsnet.forwarder").warning(
             f"forwarder: refused {n - self.fd_refused_logged} connection(s) to port forwards: "
-            f"{fdlimit.exhausted(OSError(errno.EMFILE, os.strerror(errno.EMFILE)))}")
+            f"{fdlimit.exhausted(OSError(errno.EMFILE, os.strerror(errno.EMFILE)), False)}")
         self.fd_refused_logged = n
         self.fd_refused_at = now
 

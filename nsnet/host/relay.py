@@ -244,7 +244,7 @@ class Relay:
     def _fd_refused(self, what: str) -> None:
         self.fd_refused += 1
         emfile = OSError(errno.EMFILE, os.strerror(errno.EMFILE))
-        self._warn_fds(f"relay: refused {what}: {fdlimit.exhausted(emfile)}")
+        self._warn_fds(f"relay: refused {what}: {fdlimit.exhausted(emfile, False)}")
 
     def _warn_fds(self, msg: str) -> None:
         """At most one line about the fd limit every FD_LOG_WINDOW seconds."""
