@@ -28,7 +28,7 @@ import time
 import pytest
 
 import harness
-from harness import api_call, free_port, unpriv_only, wait_until
+from harness import api_call, free_port, idle_clients, unpriv_only, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -158,16 +158,8 @@ def test_api_clients_leave_the_reserve(user, ns, attach, nsnet_impl):
     net = attach(nsnet_impl, ns, prefix=("prlimit", "--nofile=64:64"))
     pid = net.fwd.proc.pid
     fwd_pid = info(net)["forwarder_pid"]
-    idle = []
+    idle = idle_clients(net.api, 100)
     try:
-        for _ in range(100):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.setblocking(False)
-            idle.append(s)
-            try:
-                s.connect(net.api)
-            except BlockingIOError:
-                pass
         wait_until(lambda: open_fds(pid) >= 64 - 17, 10, what="the clients accepted")
         t0 = time.monotonic()
         assert info(net)["supervisor_pid"] == pid
@@ -208,12 +200,8 @@ def test_forwarder_restart_waits_for_fds(user, ns, attach, nsnet_impl):
     add_forward(net, free_port(), 8080)
     fwd_pid = info(net)["forwarder_pid"]
     base = open_fds(pid)
-    idle = []
+    idle = idle_clients(net.api, 20)
     try:
-        for _ in range(20):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            idle.append(s)
-            s.connect(net.api)
         wait_until(lambda: open_fds(pid) >= base + 18, 10, what="the clients accepted")
         # Below its control socket and pidfd: their numbers are no room.
         limit = min(lowest_free_fd(pid), pidfd_number(pid, fwd_pid) - 1)
