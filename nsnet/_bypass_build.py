@@ -56,9 +56,16 @@ struct nsb_audit {
     uint8_t pad[2];
     uint8_t src[16], dst[16];
 };
+struct nsb_key {
+    uint32_t src[4], dst[4];
+    uint16_t sport, dport;
+    uint8_t family;
+    uint8_t pad[3];
+};
 struct nsb_conn {
     uint64_t cookie;
     uint64_t sent, received;
+    struct nsb_key key;
 };
 struct nsb_shared {
     uint64_t notifications;

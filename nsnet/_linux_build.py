@@ -13,6 +13,8 @@ int nsnet_setns(int fd, int nstype);
 int nsnet_prctl(int option, unsigned long arg2);
 int nsnet_set_name(const char *name);
 int nsnet_raise_nofile(void);
+int nsnet_nofile(unsigned long long *soft, unsigned long long *hard);
+int nsnet_set_nofile_soft(unsigned long long soft);
 int nsnet_drop_caps(void);
 int nsnet_empty_root(const char *base, const char **step);
 """
@@ -51,6 +53,29 @@ static int nsnet_raise_nofile(void)
     if (r.rlim_cur == r.rlim_max)
         return 0;
     r.rlim_cur = r.rlim_max;
+    return setrlimit(RLIMIT_NOFILE, &r);
+}
+
+/* The RLIMIT_NOFILE soft and hard limits (RLIM_INFINITY: ~0ULL). */
+static int nsnet_nofile(unsigned long long *soft, unsigned long long *hard)
+{
+    struct rlimit r;
+
+    if (getrlimit(RLIMIT_NOFILE, &r) != 0)
+        return -1;
+    *soft = r.rlim_cur;
+    *hard = r.rlim_max;
+    return 0;
+}
+
+/* The soft RLIMIT_NOFILE set to `soft` (at most the hard limit). */
+static int nsnet_set_nofile_soft(unsigned long long soft)
+{
+    struct rlimit r;
+
+    if (getrlimit(RLIMIT_NOFILE, &r) != 0)
+        return -1;
+    r.rlim_cur = soft < r.rlim_max ? soft : r.rlim_max;
     return setrlimit(RLIMIT_NOFILE, &r);
 }
 

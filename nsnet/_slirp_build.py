@@ -147,6 +147,7 @@ struct nsnet_stats {
     uint64_t tx_mss_raised;
     uint64_t pcap_frames;
     uint64_t pcap_dropped;
+    uint64_t fd_refused;
 };
 struct nsnet_dp;
 struct nsnet_dp *nsnet_dp_new(const SlirpConfig *cfg, int tap_fd, int ctl_fd,
@@ -160,6 +161,7 @@ int nsnet_dp_tap_errno(struct nsnet_dp *dp);
 void nsnet_dp_get_stats(struct nsnet_dp *dp, struct nsnet_stats *out);
 const char *nsnet_dp_last_guest_error(struct nsnet_dp *dp);
 void nsnet_dp_free(struct nsnet_dp *dp);
+void nsnet_dp_set_listener(struct nsnet_dp *dp, int fd, int on);
 int nsnet_frame_check(const uint8_t *frame, size_t len);
 #define NSNET_FRAME_QUEUED ...
 #define NSNET_FRAME_REASSEMBLED ...

@@ -21,6 +21,7 @@ replaced (copy_log), so that no escape sequence of a child's reaches it.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -115,7 +116,15 @@ def detach_stdio() -> None:
     """In a child: stdin and stdout on /dev/null; stderr on the log pipe
     when the supervisor has one, /dev/null if it is a terminal anyway,
     left alone otherwise.  Call it before closing the other fds."""
-    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno != errno.EMFILE:
+            raise
+        # Forked at the fd limit (lowered from outside): stdin, replaced
+        # by /dev/null anyway, makes room; the open gets fd 0.
+        os.close(0)
+        null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
     if _log_w >= 0:

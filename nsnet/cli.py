@@ -262,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     if isinstance(opts, int):
         return opts
+    from . import fdlimit
+
+    try:
+        fdlimit.raise_at_start()
+    except fdlimit.FdLimitError as e:
+        log.fail(PROG, str(e))
+        return EXIT_FAILURE
     import time
 
     from . import diag, registry

@@ -120,5 +120,18 @@ def raise_fd_limit() -> None:
     lib.nsnet_raise_nofile()
 
 
+def nofile_limits() -> tuple[int, int]:
+    """The soft and hard RLIMIT_NOFILE (unlimited: a very large number)."""
+    soft = ffi.new("unsigned long long *")
+    hard = ffi.new("unsigned long long *")
+    _check(lib.nsnet_nofile(soft, hard), "getrlimit(RLIMIT_NOFILE)")
+    return int(soft[0]), int(hard[0])
+
+
+def set_nofile_soft(soft: int) -> None:
+    """Set the soft RLIMIT_NOFILE (at most the hard limit)."""
+    _check(lib.nsnet_set_nofile_soft(soft), "setrlimit(RLIMIT_NOFILE)")
+
+
 def pidfd_open(pid: int) -> int:
     return os.pidfd_open(pid)

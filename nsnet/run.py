@@ -48,6 +48,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from . import fdlimit
 from .proto import run as handshake  # the parent <-> child handshake's bytes
 
 if TYPE_CHECKING:
@@ -667,6 +668,7 @@ class _Child:
         for s in (*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(s, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, r.saved_mask)
+        fdlimit.restore_soft(r.nofile_soft)  # nsnet raised its own (fdlimit.py)
         argv = r.opts.argv
         try:
             os.execvp(argv[0], argv)
@@ -732,8 +734,9 @@ def publish(sup: "Supervisor", specs: list["PortSpec"], mode: str) -> None:
 
 
 class Runner:
-    def __init__(self, opts: RunOptions) -> None:
+    def __init__(self, opts: RunOptions, nofile_soft: int) -> None:
         self.opts = opts
+        self.nofile_soft = nofile_soft  # COMMAND's soft RLIMIT_NOFILE
         self.libc = _Libc()
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -1179,7 +1182,12 @@ def main(argv: list[str]) -> int:
         _fail(str(e))
         return e.code
     try:
-        return Runner(opts).run()
+        nofile_soft = fdlimit.raise_at_start()
+    except fdlimit.FdLimitError as e:
+        _fail(str(e))
+        return EXIT_SETUP
+    try:
+        return Runner(opts, nofile_soft).run()
     except RunError as e:
         _fail(str(e))
         return EXIT_SETUP

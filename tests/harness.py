@@ -608,6 +608,26 @@ def api_call(path: str, request: bytes | str | dict, timeout: float = 5,
         return recv_to_eof(s, reset_ends=True)
 
 
+def idle_clients(path: str, n: int) -> list[socket.socket]:
+    """n connections to the Unix socket at path that send nothing (those
+    the backlog cannot hold wait there); the caller closes them."""
+    out = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            out.append(s)
+            s.setblocking(False)
+            try:
+                s.connect(path)
+            except BlockingIOError:
+                pass  # the backlog is full: the connection waits
+    except BaseException:
+        for s in out:
+            s.close()
+        raise
+    return out
+
+
 def recv_to_eof(s: socket.socket, reset_ends: bool = False) -> bytes:
     """Everything s receives up to EOF.  reset_ends: an ECONNRESET after
     some data ends the reply (a server that closes with part of an

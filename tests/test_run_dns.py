@@ -192,17 +192,22 @@ def test_dns_and_disable_dns_conflict(user, host_conf):
 # Warnings: the host's resolver cannot be reached through 10.0.2.3
 # --------------------------------------------------------------------------
 
+# case: (the host's resolv.conf, nsnet's flags, the warning's reason or None)
+WARN_CASES = {
+    "no-nameserver": ("search example.test\n", [], "no-nameserver"),
+    "ipv6-only": ("nameserver ::1\n", [], "no-nameserver"),
+    "no-egress": (f"nameserver {STUB}\n", ["--no-egress"], "no-egress"),
+    "policy": (f"nameserver {STUB}\n", ["--egress=deny", "--allow=tcp:10.0.2.2:80"], "policy"),
+    "reachable": (f"nameserver {STUB}\n", [], None),
+    "disable-dns": ("search example.test\n", ["--disable-dns"], None),
+}
+
+
 @pytest.mark.parametrize("case", ["no-nameserver", "ipv6-only", "no-egress", "policy"])
 def test_warning_when_names_cannot_resolve(user, stub, host_conf, client, case):
     """One warning line (JSON: event dns_unreachable, its reason), and the
     query indeed gets no answer (or nsnet's REFUSED)."""
-    text, flags, reason = {
-        "no-nameserver": ("search example.test\n", [], "no-nameserver"),
-        "ipv6-only": ("nameserver ::1\n", [], "no-nameserver"),
-        "no-egress": (f"nameserver {STUB}\n", ["--no-egress"], "no-egress"),
-        "policy": (f"nameserver {STUB}\n", ["--egress=deny", "--allow=tcp:10.0.2.2:80"],
-                   "policy"),
-    }[case]
+    text, flags, reason = WARN_CASES[case]
     r, err = resolve(user, host_conf(text), ["--log-format=json", *flags], client,
                      wait=1.5)
     events = [json.loads(ln) for ln in err.splitlines() if ln.startswith("{")]
@@ -301,23 +306,14 @@ def test_python_api_default(user, stub, host_conf, client):
 # when its DNS (10.0.2.3) cannot answer
 # --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["no-nameserver", "ipv6-only", "no-egress", "policy",
-                                  "reachable", "disable-dns"])
+@pytest.mark.parametrize("case", list(WARN_CASES))
 def test_attach_mode_warns_when_its_dns_cannot_answer(user, ns, workdir, nsnet_impl,
                                                       host_conf, request, case):
     """`nsnet PID TAP` warns once at start (JSON: event dns_unreachable,
     resolv_conf null) when nsnet's DNS will not answer: the host's file names
     no usable nameserver, --no-egress, a policy that allows no name; not
     when the host has one, nor with --disable-dns (no DNS to warn about)."""
-    text, flags, reason = {
-        "no-nameserver": ("search example.test\n", [], "no-nameserver"),
-        "ipv6-only": ("nameserver ::1\n", [], "no-nameserver"),
-        "no-egress": (f"nameserver {STUB}\n", ["--no-egress"], "no-egress"),
-        "policy": (f"nameserver {STUB}\n", ["--egress=deny", "--allow=tcp:10.0.2.2:80"],
-                   "policy"),
-        "reachable": (f"nameserver {STUB}\n", [], None),
-        "disable-dns": ("search example.test\n", ["--disable-dns"], None),
-    }[case]
+    text, flags, reason = WARN_CASES[case]
     fwd = harness.start_forwarder(nsnet_impl, User.root(),
                                   ["--log-format=json", *flags, ns.pid, "tap0"], workdir,
                                   prefix=with_resolv_conf(host_conf(text), user))

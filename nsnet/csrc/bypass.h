@@ -76,9 +76,19 @@ struct nsb_config {
 
 /* A tracked bypassed connection (nsb_shared.conns): its socket cookie (0:
  * a free slot) and its counts at the last sample. */
+/* A tracked connection's addresses, for a sock_diag lookup (network
+ * order); family 0: not known. */
+struct nsb_key {
+    uint32_t src[4], dst[4];
+    uint16_t sport, dport;
+    uint8_t family;
+    uint8_t pad[3];
+};
+
 struct nsb_conn {
     uint64_t cookie;
     uint64_t sent, received;
+    struct nsb_key key; /* written before the cookie is published */
 };
 
 /* Shared with the supervisor (MAP_SHARED): plain counters, written by the
@@ -125,7 +135,8 @@ int nsb_load_filter(const void *prog, uint32_t n);
  * nsb_config.diag_fd); track one installed host socket.  In the
  * supervisor: subscribe a socket to the TCP destroy notifications for a
  * handler (the fd, or -errno); the bytes now (out[0] sent, out[1]
- * received, out[2] live tracked connections); 0 or -errno. */
+ * received, out[2] live tracked connections, out[3] 1 if it walked all the
+ * host's TCP sockets); 0 or -errno. */
 int nsb_diag_subscribe(void);
 void nsb_diag_start(struct nsb_shared *sh, int nl);
 struct sockaddr_storage;

@@ -12,16 +12,17 @@
  *     counts go to nsb_shared.bytes_sent/bytes_received then.  Not by
  *     default (sampled): while anyone subscribes, the kernel builds a
  *     notification for every TCP socket of the namespace it frees;
- *   - get_stats (the supervisor, nsb_sample) dumps the host's TCP sockets
- *     with their tcp_info (inet_diag, INET_DIAG_INFO) and adds the live
- *     tracked ones;
+ *   - get_stats (the supervisor, nsb_sample) reads the live tracked
+ *     connections' tcp_info (inet_diag, INET_DIAG_INFO) and adds them;
  *   - the thread also samples every SAMPLE_MS while connections are
  *     tracked (every FALLBACK_MS without a subscription), keeping each
  *     one's last counts in the shared table: a connection whose
  *     destruction was not seen (no subscription, notifications lost to a
  *     full socket buffer, a restarted handler) is counted with those, and
- *     counted in bytes_inexact.  Up to LOOKUP_MAX connections a sample
- *     looks each one up by its addresses and cookie; more, a dump.
+ *     counted in bytes_inexact.
+ * Both read up to LOOKUP_MAX live connections by looking each one up by
+ * its addresses and cookie (kept in the shared table beside the cookie);
+ * more, by a dump of all the host's TCP sockets.
  * Sent: tcpi_bytes_acked less 1 for the SYN (data the peer acknowledged,
  * plus 1 once it acknowledged our FIN); received: tcpi_bytes_received
  * (data received in order, plus 1 for the peer's FIN).  Nothing here is
@@ -71,7 +72,8 @@
  * socket in the namespace, 64 ms with 18,000, on the 2-core test VM: 0.7%
  * of a CPU for one idle bypassed connection, sampled every second), a
  * lookup is one hash probe (4 us).  More connections, or one whose
- * addresses are not known (a previous handler's), and a sample dumps. */
+ * addresses are not known (installed still connecting after SO_SNDTIMEO
+ * ran out), and a sample dumps. */
 #define LOOKUP_MAX 64
 /* LOOPBACK_IFINDEX: a lookup for this interface finds a socket bound to lo
  * (the gateway's) as well as an unbound one (an outside address's) */
@@ -173,18 +175,11 @@ static int diag_dump(diag_fn fn, void *ctx)
     return rc;
 }
 
-/* A tracked connection's addresses, for a lookup (network order). */
-struct key {
-    uint32_t src[4], dst[4];
-    uint16_t sport, dport;
-    uint8_t family; /* 0: not known */
-};
-
 /* One request per live connection in one message batch, the answers read
  * back (a diag message, or an error: ENOENT, ESTALE when the cookie is
  * another socket's now): fn(cookie, counts) for each found with counts
  * (not TIME_WAIT, which has none: gone).  0, or -errno. */
-static int diag_lookup(const struct key *keys, const uint64_t *cookies, uint32_t n,
+static int diag_lookup(const struct nsb_key *keys, const uint64_t *cookies, uint32_t n,
                        diag_fn fn, void *ctx)
 {
     struct req {
@@ -273,7 +268,6 @@ static struct {
     int nl;                      /* subscribed to destroy notifications, or -1 */
     int resync;                  /* notifications lost: the next dump settles */
     int on;
-    struct key keys[NSB_CONNS]; /* by slot: the handler's own, not shared */
     sem_t started;               /* posted once the thread is past its start-up */
 } T = {.mu = PTHREAD_MUTEX_INITIALIZER, .nl = -1};
 
@@ -318,7 +312,7 @@ static void hdel(uint32_t i)
     }
 }
 
-static void add_slot(uint64_t cookie, const struct key *key)
+static void add_slot(uint64_t cookie, const struct nsb_key *key)
 {
     if (!T.nfree) {
         __atomic_fetch_add(&T.sh->bytes_untracked, 1, __ATOMIC_RELAXED);
@@ -327,7 +321,7 @@ static void add_slot(uint64_t cookie, const struct key *key)
     uint32_t slot = T.freelist[--T.nfree];
     struct nsb_conn *c = &T.sh->conns[slot];
     uint64_t sent = 0, received = 0;
-    T.keys[slot] = *key; /* before the cookie is published: the thread's samples read it */
+    c->key = *key; /* before the cookie is published: samples read it */
     __atomic_store_n(&c->sent, sent, __ATOMIC_RELAXED);
     __atomic_store_n(&c->received, received, __ATOMIC_RELAXED);
     __atomic_store_n(&c->cookie, cookie, __ATOMIC_RELEASE);
@@ -365,7 +359,7 @@ void nsb_diag_track(int sock, const struct sockaddr_storage *peer)
         __atomic_fetch_add(&T.sh->bytes_untracked, 1, __ATOMIC_RELAXED);
         return;
     }
-    struct key key;
+    struct nsb_key key;
     memset(&key, 0, sizeof key);
     struct sockaddr_storage me, them;
     socklen_t lm = sizeof me, lt = sizeof them;
@@ -411,7 +405,7 @@ static void on_destroyed(void *ctx, uint64_t cookie, uint64_t sent, uint64_t rec
 
 struct live {
     uint64_t *cookie, *sent, *received;
-    uint32_t *slot;
+    struct nsb_key *key;
     uint8_t *seen;
     uint32_t *hash; /* index + 1 */
     uint32_t n;
@@ -433,7 +427,7 @@ static void live_free(struct live *l)
     free(l->received);
     free(l->seen);
     free(l->hash);
-    free(l->slot);
+    free(l->key);
 }
 
 /* 0, or -ENOMEM */
@@ -445,8 +439,8 @@ static int live_collect(struct nsb_shared *sh, struct live *l)
     l->received = malloc(NSB_CONNS * sizeof(uint64_t));
     l->seen = calloc(NSB_CONNS, 1);
     l->hash = calloc(HSIZE, sizeof(uint32_t));
-    l->slot = malloc(NSB_CONNS * sizeof(uint32_t));
-    if (!l->cookie || !l->sent || !l->received || !l->seen || !l->hash || !l->slot) {
+    l->key = malloc(NSB_CONNS * sizeof(struct nsb_key));
+    if (!l->cookie || !l->sent || !l->received || !l->seen || !l->hash || !l->key) {
         live_free(l);
         return -ENOMEM;
     }
@@ -456,7 +450,7 @@ static int live_collect(struct nsb_shared *sh, struct live *l)
             continue;
         uint32_t k = l->n++;
         l->cookie[k] = cookie;
-        l->slot[k] = s;
+        l->key[k] = sh->conns[s].key;
         l->sent[k] = __atomic_load_n(&sh->conns[s].sent, __ATOMIC_RELAXED);
         l->received[k] = __atomic_load_n(&sh->conns[s].received, __ATOMIC_RELAXED);
         uint32_t i = hpos(cookie);
@@ -481,6 +475,25 @@ static void on_live(void *ctx, uint64_t cookie, uint64_t sent, uint64_t received
 }
 
 
+/* The live connections' counts now: looked up one by one (up to
+ * LOOKUP_MAX, their addresses known), else by a dump (*dumped set).
+ * 0, or -errno. */
+static int live_update(struct live *l, int *dumped)
+{
+    *dumped = 0;
+    if (!l->n)
+        return 0;
+    if (l->n <= LOOKUP_MAX) {
+        uint32_t k = 0;
+        while (k < l->n && l->key[k].family)
+            k++;
+        if (k == l->n && diag_lookup(l->key, l->cookie, l->n, on_live, l) == 0)
+            return 0;
+    }
+    *dumped = 1;
+    return diag_dump(on_live, l);
+}
+
 /* A sample: every tracked connection's counts now, kept as its last; with
  * `settle`, the ones the dump did not find (gone unseen) are retired with
  * their last counts.  The dump runs without the lock: the connect path
@@ -490,19 +503,10 @@ static void sample(int settle)
     struct live l;
     if (live_collect(T.sh, &l) < 0)
         return;
-    int rc = l.n ? -EAGAIN : 0;
-    if (l.n && l.n <= LOOKUP_MAX) {
-        struct key keys[LOOKUP_MAX];
-        uint32_t k = 0;
-        for (; k < l.n && T.keys[l.slot[k]].family; k++)
-            keys[k] = T.keys[l.slot[k]];
-        if (k == l.n)
-            rc = diag_lookup(keys, l.cookie, l.n, on_live, &l);
-    }
-    if (rc < 0) {
-        rc = diag_dump(on_live, &l);
+    int dumped = 0;
+    int rc = live_update(&l, &dumped);
+    if (dumped)
         __atomic_fetch_add(&T.sh->bytes_dumps, 1, __ATOMIC_RELAXED);
-    }
     pthread_mutex_lock(&T.mu);
     for (uint32_t k = 0; k < l.n && rc == 0; k++) {
         uint32_t pos = hfind(l.cookie[k]);
@@ -708,18 +712,22 @@ void nsb_diag_start(struct nsb_shared *sh, int nl)
  * (the connections that are gone, then the live ones now: the totals are
  * read first, and the handler clears a slot before it adds to them, so a
  * connection that ends meanwhile is counted short, never twice); out[2]
- * the live connections.  0, or -errno (then out holds what is known). */
+ * the live connections; out[3] 1 if it walked all the host's TCP sockets
+ * (more than LOOKUP_MAX live), 0 if it looked them up.  0, or -errno
+ * (then out holds what is known). */
 int nsb_sample(struct nsb_shared *sh, uint64_t *out)
 {
     out[0] = __atomic_load_n(&sh->bytes_sent, __ATOMIC_ACQUIRE);
     out[1] = __atomic_load_n(&sh->bytes_received, __ATOMIC_ACQUIRE);
     out[2] = 0;
+    out[3] = 0;
     struct live l;
     int rc = live_collect(sh, &l);
     if (rc < 0)
         return rc;
-    if (l.n)
-        rc = diag_dump(on_live, &l);
+    int dumped;
+    rc = live_update(&l, &dumped);
+    out[3] = (uint64_t)dumped;
     for (uint32_t k = 0; k < l.n; k++) {
         out[0] += l.sent[k];
         out[1] += l.received[k];

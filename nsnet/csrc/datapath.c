@@ -10,7 +10,9 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
+#include <netinet/in.h>
 
 /* A frame is at most 64 KiB of IP plus its Ethernet header; with TAP
  * offloads the kernel hands over TSO super-frames of that size even at
@@ -54,6 +56,11 @@ struct nsnet_dp {
     int pcap_full;               /* 1: the cap was reached, 2: a write failed */
     uint64_t pcap_size;          /* bytes in the capture file */
     uint64_t pcap_max;           /* 0: no cap */
+    uint8_t *listener;           /* fd -> 1: a TCP port forward's listener */
+    int nlistener;               /* entries in listener */
+    int *lidx;                   /* this turn: pfd indexes of listeners */
+    int nlidx, caplidx;
+    int reserve_fd;              /* held to make room for accept() at the fd limit */
 };
 
 static int64_t now_ms(void)
@@ -362,7 +369,64 @@ static int pfd_add(struct nsnet_dp *dp, int fd, short events)
 static int cb_add_poll(int fd, int events, void *opaque)
 {
     struct nsnet_dp *dp = opaque;
-    return pfd_add(dp, fd, slirp_to_poll(events));
+    int idx = pfd_add(dp, fd, slirp_to_poll(events));
+    if (fd >= 0 && fd < dp->nlistener && dp->listener[fd]) {
+        if (dp->nlidx == dp->caplidx) {
+            int cap = dp->caplidx ? dp->caplidx * 2 : 16;
+            int *l = realloc(dp->lidx, cap * sizeof(*l));
+            if (!l)
+                return idx;
+            dp->lidx = l;
+            dp->caplidx = cap;
+        }
+        dp->lidx[dp->nlidx++] = idx;
+    }
+    return idx;
+}
+
+/* ---- at the fd limit (nsnet/fdlimit.py) ---- */
+
+void nsnet_dp_set_listener(struct nsnet_dp *dp, int fd, int on)
+{
+    if (fd < 0)
+        return;
+    if (fd >= dp->nlistener) {
+        int n = fd + 64;
+        uint8_t *m = realloc(dp->listener, n);
+        if (!m)
+            return;
+        memset(m + dp->nlistener, 0, n - dp->nlistener);
+        dp->listener = m;
+        dp->nlistener = n;
+    }
+    dp->listener[fd] = on ? 1 : 0;
+}
+
+/* A connection waits on a port forward's listener: if this process is at
+ * its fd limit, libslirp's accept() fails with EMFILE, leaves it queued
+ * and the listener readable, and the loop spins.  Refuse it instead: the
+ * reserve fd makes room for accept(), the connection is closed (the
+ * client sees its end at once).  1 when the listener's event must be
+ * hidden from libslirp. */
+static int refuse_at_limit(struct nsnet_dp *dp, int fd)
+{
+    int probe = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    int s;
+    if (probe >= 0) {
+        close(probe);
+        return 0;  /* room for libslirp's accept() */
+    }
+    if (errno != EMFILE && errno != ENFILE)
+        return 0;
+    if (dp->reserve_fd >= 0)
+        close(dp->reserve_fd);
+    s = accept(fd, NULL, NULL);
+    if (s >= 0) {
+        close(s);
+        dp->st.fd_refused++;
+    }
+    dp->reserve_fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    return 1;
 }
 
 static int cb_get_revents(int idx, void *opaque)
@@ -510,10 +574,11 @@ int nsnet_dp_run(struct nsnet_dp *dp, int budget_ms)
     for (;;) {
         uint32_t slirp_timeout = UINT32_MAX;
         int64_t now, wait, t;
-        int n;
+        int n, i;
         short tap_rev;
 
         dp->npfd = 0;
+        dp->nlidx = 0;
         pfd_add(dp, dp->tap_fd, POLLIN);
         pfd_add(dp, dp->ctl_fd, POLLIN);
         slirp_pollfds_fill(dp->slirp, &slirp_timeout, cb_add_poll, dp);
@@ -534,7 +599,6 @@ int nsnet_dp_run(struct nsnet_dp *dp, int budget_ms)
 
         n = poll(dp->pfd, dp->npfd, (int)wait);
         if (n < 0) {
-            int i;
             if (errno != EINTR)
                 return NSNET_DP_POLL_ERROR;
             for (i = 0; i < dp->npfd; i++)
@@ -570,6 +634,12 @@ int nsnet_dp_run(struct nsnet_dp *dp, int budget_ms)
                 dp->tap_errno = EBADFD;
                 return NSNET_DP_TAP_ERROR;
             }
+        }
+
+        for (i = 0; n > 0 && i < dp->nlidx; i++) {
+            struct pollfd *p = &dp->pfd[dp->lidx[i]];
+            if ((p->revents & POLLIN) && refuse_at_limit(dp, p->fd))
+                p->revents &= ~POLLIN;
         }
 
         /* Every turn, timeouts included: TCP's timers run in here. */
@@ -623,6 +693,7 @@ struct nsnet_dp *nsnet_dp_new(const SlirpConfig *cfg, int tap_fd, int ctl_fd,
     dp->tap_mtu = tap_mtu;
     dp->slirp_mtu = (int)cfg->if_mtu;
     dp->pcap_fd = -1;
+    dp->reserve_fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     dp->cb.send_packet = cb_send_packet;
     dp->cb.guest_error = cb_guest_error;
     dp->cb.clock_get_ns = cb_clock_get_ns;
@@ -691,6 +762,10 @@ void nsnet_dp_free(struct nsnet_dp *dp)
         next = t->next;
         free(t);
     }
+    if (dp->reserve_fd >= 0)
+        close(dp->reserve_fd);
+    free(dp->listener);
+    free(dp->lidx);
     free(dp->pfd);
     free(dp->rbuf);
     free(dp);

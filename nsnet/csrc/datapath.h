@@ -44,6 +44,7 @@ struct nsnet_stats {
     uint64_t tx_mss_raised;      /* libslirp's SYN MSS options raised (see offload.c) */
     uint64_t pcap_frames;        /* frames written to the capture (--pcap) */
     uint64_t pcap_dropped;       /* frames not captured: cap reached or write failed */
+    uint64_t fd_refused;         /* forwarded connections refused at the fd limit */
 };
 
 struct nsnet_dp;
@@ -76,6 +77,7 @@ void nsnet_dp_get_stats(struct nsnet_dp *dp, struct nsnet_stats *out);
 /* Last message libslirp passed to guest_error(), "" if none. */
 const char *nsnet_dp_last_guest_error(struct nsnet_dp *dp);
 void nsnet_dp_free(struct nsnet_dp *dp);
+void nsnet_dp_set_listener(struct nsnet_dp *dp, int fd, int on);
 /* The egress-policy filter (policy.h), created on first use; NULL when
  * memory is short.  Frames from the namespace pass it after
  * nsnet_frame_check and before libslirp. */

@@ -238,6 +238,7 @@ class Handler:
         self.on_audit: Callable[[list[dict[str, Any]]], None] | None = None
         self.protocol_errors = 0
         self._bytes = (0, 0)
+        self.stats_dumps = 0  # get_stats' walks of the host's TCP sockets (byte_counts)
 
     def set_audit(self, deny: bool, allow: bool) -> None:
         """Which decisions the handler reports from now on: the connects it
@@ -424,6 +425,7 @@ class Handler:
         out: dict[str, Any] = {k: int(getattr(self.shared, k)) for k in COUNTERS}
         out["audit_lost"] += audit_capped
         out.update(self.byte_counts())
+        out["bytes_dumps"] += self.stats_dumps  # the handler's walks, and get_stats' own
         out.update(handler_pid=self.pid if self.pid > 0 else None, restarts=self.restarts,
                    scope=dict(self.scope), protocol_errors=self.protocol_errors,
                    sync_wakeup=bool(self.shared.sync_wakeup))
@@ -435,8 +437,9 @@ class Handler:
         Never less than the last answer (a connection that ends while this
         reads is counted short once, not twice)."""
         lib = self.lib
-        buf = self.ffi.new("uint64_t[3]")
+        buf = self.ffi.new("uint64_t[4]")
         rc = lib.nsb_sample(self.shared, buf)
+        self.stats_dumps += int(buf[3])
         sent = max(self._bytes[0], int(buf[0]))
         received = max(self._bytes[1], int(buf[1]))
         self._bytes = (sent, received)

@@ -21,16 +21,18 @@ start timeout kills it).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import select
 import socket
+import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Any
 
-from .. import linux, log
+from .. import fdlimit, linux, log
 from ..forwards import Forward
 from ..proto import forwarder as proto
 from ..proto.wire import MAX_MSG, ProtocolError, encode
@@ -49,6 +51,8 @@ FAULT_START_ENV = "NSNET_FAULT_FORWARDER_START"
 # How long one C-loop turn may run before Python gets control back even
 # when nothing happens on the control socket.
 TURN_BUDGET_MS = 1000
+# At most one line about connections refused at the fd limit this often.
+FD_LOG_WINDOW = 10.0
 # Sockets listed in a stats reply (a hostile namespace can open thousands).
 STATS_MAX_CONNECTIONS = 512
 # Egress-policy audit records per control message (one SEQPACKET message).
@@ -80,7 +84,8 @@ def _lowest_free_fd() -> int:
         fd += 1
 
 
-def _raise_backlog(first: int, port: int) -> None:
+def _raise_backlog(first: int, port: int) -> int | None:
+    """The listener's fd, its backlog raised (None: not found)."""
     for fd in range(first, first + 8):
         try:
             s = socket.socket(fileno=fd)
@@ -91,11 +96,12 @@ def _raise_backlog(first: int, port: int) -> None:
                     and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
                     and s.getsockname()[1] == port):
                 s.listen(FORWARD_BACKLOG)
-                return
+                return fd
         except OSError:
             pass
         finally:
             s.detach()
+    return None
 
 
 class Forwarder:
@@ -103,6 +109,9 @@ class Forwarder:
         self.net = net
         self.ctl = ctl
         self.slirp = Slirp(net, tap_fd, ctl.fileno())
+        self.listeners: dict[tuple[str, int], int] = {}  # TCP forwards' listening fds
+        self.fd_refused_logged = 0  # connections refused at the fd limit, logged
+        self.fd_refused_at = float("-inf")
         self.policy: Any = None  # policy.Policy in force
         self._policy_parts: list[str] = []
         self.pcap_on = False
@@ -191,7 +200,10 @@ class Forwarder:
         self.slirp.add_hostfwd(fwd.is_udp, fwd.host_addr, fwd.host_port,
                                fwd.guest_addr, fwd.guest_port)
         if not fwd.is_udp:
-            _raise_backlog(lowest, fwd.host_port)
+            fd = _raise_backlog(lowest, fwd.host_port)
+            if fd is not None:  # refused, not spun on, at the fd limit
+                self.slirp.set_listener(fd, True)
+                self.listeners[(fwd.host_addr, fwd.host_port)] = fd
 
     def handle(self, req: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
         """One request; fds: what came with it (a "pcap" request's file;
@@ -211,6 +223,9 @@ class Forwarder:
                 return {"ok": True}
             if op == "remove":
                 f = Forward(**req["forward"])
+                fd = None if f.is_udp else self.listeners.pop((f.host_addr, f.host_port), None)
+                if fd is not None:
+                    self.slirp.set_listener(fd, False)
                 self.slirp.remove_hostfwd(f.is_udp, f.host_addr, f.host_port)
                 if f.is_udp:
                     self.slirp.set_udp_forward(f.guest_port, False)
@@ -247,11 +262,25 @@ class Forwarder:
             return {"ok": False, "error": str(e)}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
+    def check_fd_refused(self) -> None:
+        """A warning when the C loop refused forwarded connections at the fd
+        limit: at most one every FD_LOG_WINDOW seconds, with the count."""
+        n = self.slirp.fd_refused()
+        now = time.monotonic()
+        if n == self.fd_refused_logged or now - self.fd_refused_at < FD_LOG_WINDOW:
+            return
+        log.get("nsnet.forwarder").warning(
+            f"forwarder: refused {n - self.fd_refused_logged} connection(s) to port forwards: "
+            f"{fdlimit.exhausted(OSError(errno.EMFILE, os.strerror(errno.EMFILE)), False)}")
+        self.fd_refused_logged = n
+        self.fd_refused_at = now
+
     def serve(self) -> int:
         """Run until the supervisor hangs up or the TAP fails."""
         self.ctl.setblocking(False)
         while True:
             rc = self.slirp.run(TURN_BUDGET_MS)
+            self.check_fd_refused()
             if self.pcap_on and not self.pcap_logged:
                 self.check_pcap()
             if self.policy is not None:

@@ -15,7 +15,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Any
 
-from .. import linux, log
+from .. import fdlimit, linux, log
 from ..forwards import Forward
 from ..proto import fastpath as proto
 from ..proto.fastpath import NO_SUCH_FORWARD, family, send_json
@@ -25,6 +25,7 @@ RELAY_TURN_MS = 1000      # the C loop returns to Python at least this often
 PIPE_SIZE = 256 * 1024    # per direction and connection (falls back to 64 KiB)
 MAX_PENDING = 128         # connections waiting for the connector
 REFUSED_LOG_PER_SECOND = 10  # debug lines for connections the guest refused
+FD_LOG_WINDOW = 10.0      # at most one line about the fd limit this often
 
 
 def _reset_close(sock: socket.socket) -> None:
@@ -82,6 +83,9 @@ class Relay:
         # debug lines for them: at most REFUSED_LOG_PER_SECOND a second
         self.clock = time.monotonic
         self.refused_log = log.Throttle(REFUSED_LOG_PER_SECOND, 1.0)
+        self.fd_refused = 0  # connections refused at the fd limit (get_stats)
+        self.fd_log = log.Throttle(1, FD_LOG_WINDOW)
+        self.reserve: socket.socket | None = _reserve()  # room to refuse at the fd limit
         ctl.setblocking(False)
         self._watch(ctl.fileno())
 
@@ -137,7 +141,8 @@ class Relay:
                 "active": st.active, "total": st.total, "closed": st.closed,
                 "reset": st.reset, "failed": st.failed, "bytes_in": st.bytes[0],
                 "bytes_out": st.bytes[1], "pending": len(self.pending),
-                "listeners": len(self.listeners), "refused": self.refused}}
+                "listeners": len(self.listeners), "refused": self.refused,
+                "fd_refused": self.fd_refused}}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
     def _control(self) -> bool:
@@ -195,8 +200,13 @@ class Relay:
                 client, peer = lst.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # EMFILE and friends: try again next turn
-                self.log.warning(f"accept on {lst.fwd.host_addr}:{lst.fwd.host_port}: {e.strerror}")
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    if self._refuse_one(lst):
+                        continue  # at the fd limit: that connection refused, not spun on
+                    return  # none was waiting (accept says EMFILE first)
+                self._warn_fds(f"accept on {_addr(lst.fwd.host_addr, lst.fwd.host_port)}: "
+                               f"{e.strerror}")
                 return
             if self.connector is None:
                 _reset_close(client)
@@ -213,16 +223,50 @@ class Relay:
             self.pending[tag] = (client, lst.fwd, peer)
         self._pause(True)
 
+    def _refuse_one(self, lst: _Listener) -> bool:
+        """At the fd limit: the reserve makes room to accept one connection,
+        which is reset at once (the client sees it, nothing spins); a
+        rate-limited warning.  False if there was none to refuse (or no
+        room even so: the next event retries)."""
+        if self.reserve is not None:
+            self.reserve.close()
+            self.reserve = None
+        try:
+            client, _peer = lst.sock.accept()
+        except OSError:
+            self.reserve = _reserve()
+            return False
+        _reset_close(client)
+        self.reserve = _reserve()
+        self._fd_refused(f"a connection to {_addr(lst.fwd.host_addr, lst.fwd.host_port)}")
+        return True
+
+    def _fd_refused(self, what: str) -> None:
+        self.fd_refused += 1
+        emfile = OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        self._warn_fds(f"relay: refused {what}: {fdlimit.exhausted(emfile, False)}")
+
+    def _warn_fds(self, msg: str) -> None:
+        """At most one line about the fd limit every FD_LOG_WINDOW seconds."""
+        held, secs = self.fd_log.roll(self.clock())
+        if held:
+            msg += f" ({held} more such events in {secs:.0f} s)"
+        if self.fd_log.admit():
+            self.log.warning(msg)
+
     def _connected(self) -> None:
         """Replies from the connector: start relaying, or refuse the client."""
         assert self.connector is not None
         while self.connector is not None:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.connector, MAX_MSG + 1, 1)
+                data, fds, flags, _src = socket.recv_fds(self.connector, MAX_MSG + 1, 1)
             except BlockingIOError:
                 break
             except OSError:
-                data, fds = b"", []
+                data, fds, flags = b"", [], 0
+            # At the fd limit the kernel drops the connection's fd
+            # (MSG_CTRUNC): that one client is refused, not the connector.
+            truncated = bool(flags & socket.MSG_CTRUNC) and not fds
             if not data:  # the connector died; the supervisor sends a new one
                 for fd in fds:
                     os.close(fd)
@@ -230,7 +274,10 @@ class Relay:
                 break
             try:
                 # The connector lives in the namespace: its word is checked.
-                reply = proto.parse_connect_reply(data, len(fds), self.pending)
+                if truncated:  # checked as sent: with its one fd
+                    reply = proto.parse_connect_reply(data, 1, self.pending)
+                else:
+                    reply = proto.parse_connect_reply(data, len(fds), self.pending)
             except ProtocolError as e:
                 self.log.warning(f"relay: the connector broke its protocol ({str(e)[:200]}); "
                                  "dropping it")
@@ -240,7 +287,12 @@ class Relay:
                 break
             waiting = self.pending.pop(reply["tag"], None)
             client = waiting[0] if waiting is not None else None
-            if client is not None and reply["ok"] and fds:
+            if truncated:
+                if waiting is not None:
+                    _reset_close(waiting[0])
+                    self._fd_refused(f"a connection to "
+                                     f"{_addr(waiting[1].host_addr, waiting[1].host_port)}")
+            elif client is not None and reply["ok"] and fds:
                 rc = self.lib.relay_add(self.ctx, client.detach(), fds.pop(0))
                 if rc < 0:
                     self.log.warning(f"relay: cannot relay a connection: {os.strerror(-rc)}")
@@ -312,6 +364,14 @@ class Relay:
                 return 0
             if self.refused_log.held:
                 self._refused_window(self.clock())
+
+
+def _reserve() -> socket.socket | None:
+    """An fd held to be closed when accept() fails with EMFILE (fdlimit.py)."""
+    try:
+        return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        return None
 
 
 def _addr(host: str, port: int) -> str:

@@ -57,6 +57,7 @@ STATS_FIELDS = (
     "tx_mss_raised",
     "pcap_frames",
     "pcap_dropped",
+    "fd_refused",
 )
 
 # libslirp's if_mtu with TAP offloads below linux.TSO_MTU_LIMIT: libslirp
@@ -243,6 +244,15 @@ class Slirp:
     def pcap_full(self) -> int:
         """0 while capturing, 1 once the cap is reached, 2 after a write failed."""
         return int(lib.nsnet_dp_pcap_full(self._dp))
+
+    def set_listener(self, fd: int, on: bool) -> None:
+        """fd is (on) or was a TCP port forward's listener: at the fd limit
+        the C loop refuses its connections instead of spinning."""
+        lib.nsnet_dp_set_listener(self._dp, fd, int(on))
+
+    def fd_refused(self) -> int:
+        lib.nsnet_dp_get_stats(self._dp, self._stats)
+        return int(self._stats.fd_refused)
 
     def stats(self) -> dict[str, int]:
         lib.nsnet_dp_get_stats(self._dp, self._stats)

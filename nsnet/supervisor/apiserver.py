@@ -14,6 +14,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Any, Callable, Generator
 
+from .. import fdlimit
 from ..forwards import Forward, ForwardError
 from ..log import Throttle
 from ..netconfig import slaac_address
@@ -35,6 +36,7 @@ API_ACCEPT_BATCH = API_MAX_CLIENTS // 2
 # Out of fds (EMFILE/ENFILE): the listener is not polled until a client's
 # fd is closed or this many seconds have passed (no busy loop).
 API_EMFILE_PAUSE = 0.25
+FD_LOG_WINDOW = 10.0
 REFUSAL_LOG_BURST = 10
 REFUSAL_LOG_WINDOW = 10.0
 
@@ -70,6 +72,8 @@ class _ApiClient:
 class ApiServer:
     """Supervisor methods behind the API socket (mixed into
     supervisor.core.Supervisor)."""
+
+    _fd_warned: Throttle | None = None  # lines about the fd limit (_warn_fds)
 
     def _bind_api(self, path: str) -> None:
         self.api_sock, self.api_ino = bind_unix_socket(path, "API socket")
@@ -368,10 +372,16 @@ class ApiServer:
     def _api_accept(self) -> None:
         assert self.api_sock is not None
         for _ in range(API_ACCEPT_BATCH):
+            # Clients never take the last SUPERVISOR_RESERVE fds: those are
+            # for the children (a forwarder restart).  At that budget, as
+            # at the cap, the oldest idle client makes room; with none, the
+            # new one is refused with an error.
+            room = fdlimit.free_fds()
+            at_budget = room is not None and room <= fdlimit.SUPERVISOR_RESERVE
             victim = None
-            if len(self.api_clients) >= API_MAX_CLIENTS:
+            if len(self.api_clients) >= API_MAX_CLIENTS or at_budget:
                 victim = self._api_victim()
-                if victim is None:
+                if victim is None and not at_budget:
                     return
             try:
                 conn, _ = self.api_sock.accept()
@@ -381,19 +391,42 @@ class ApiServer:
                 if e.errno in (errno.EMFILE, errno.ENFILE):
                     # The connection stays in the backlog: wait for an fd
                     # to be freed (or the pause to end), do not spin.
-                    if self.api_paused_until is None:
-                        self.log.warning(f"API: cannot accept: {e.strerror}; "
-                                         f"{len(self.api_clients)} clients open")
+                    self._warn_fds(f"API: cannot accept: {e.strerror} "
+                                   f"({fdlimit.errno_name(e)}); {len(self.api_clients)} "
+                                   f"clients open; waiting for fds")
                     self.api_paused_until = time.monotonic() + API_EMFILE_PAUSE
                 return
             if victim is not None:
                 self._api_close(victim)
+            elif at_budget:
+                n = len(self.api_clients)
+                self._warn_fds(f"API: refused a client: {room} fds left under the open-file "
+                               f"limit (RLIMIT_NOFILE), kept for nsnet's children; {n} "
+                               f"clients open" + (", each waiting for a child" if n else ""))
+                try:
+                    conn.setblocking(False)
+                    conn.send(b'{"error":{"desc":"nsnet is out of file descriptors '
+                              b'(RLIMIT_NOFILE): try again later"}}')
+                except OSError:
+                    pass
+                conn.close()
+                continue
             conn.setblocking(False)
             refused = self.peer_check.refusal(conn)
             if refused is not None:
                 self._log_refusal(*refused)
             self.api_clients[conn.fileno()] = _ApiClient(
                 conn, time.monotonic() + API_CLIENT_TIMEOUT, refused)
+
+    def _warn_fds(self, msg: str) -> None:
+        """At most one line a FD_LOG_WINDOW about the fd limit, then a count."""
+        if self._fd_warned is None:
+            self._fd_warned = Throttle(1, FD_LOG_WINDOW)
+        held, secs = self._fd_warned.roll(time.monotonic())
+        if held:
+            msg += f" ({held} more such events in {secs:.0f} s)"
+        if self._fd_warned.admit():
+            self.log.warning(msg)
 
     def _log_refusal(self, pid: int, why: str) -> None:
         """One warning per refused client, at most REFUSAL_LOG_BURST per

@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from .interface import InterfaceQuery
     from .policy import PolicyControl
 
-from .. import children, linux, log, sdnotify
+from .. import children, fdlimit, linux, log, sdnotify
 from ..forwards import Forward, ForwardError, ForwardTable
 from ..netconfig import NetConfig
 from ..ns import helper as helper_ns
@@ -204,6 +204,7 @@ class Supervisor(ForwarderControl, ApiServer):
         self.policy_listeners: list[Callable[[Any, Any, bool], None]] = []
         # Children answering requests in the loop (supervisor/interface.py)
         self.io_sources: list[InterfaceQuery] = []
+        self.poller = fdlimit.Poller(self.log)  # survives an fd limit below what it holds
 
     # -- set-up ------------------------------------------------------------
 
@@ -406,7 +407,10 @@ class Supervisor(ForwarderControl, ApiServer):
         # Restarted forwarders are forked from this process: load their
         # code now, off the path to ready, so that a restart runs the code
         # this supervisor started with even if the package is replaced.
-        from ..host import forwarder  # noqa: F401  (preloaded for restarts)
+        try:
+            from ..host import forwarder  # noqa: F401  (preloaded for restarts)
+        except OSError as e:  # out of fds (the limit lowered meanwhile): a restart loads it
+            self.log.warning(f"cannot preload the forwarder's code: {e.strerror}")
 
     def _finish(self, code: int, reason: str) -> None:
         if self.exit_code is None:
@@ -425,11 +429,11 @@ class Supervisor(ForwarderControl, ApiServer):
         watchdog = self.notify.watchdog_interval()
         next_ping = time.monotonic() if watchdog else None
         while self.exit_code is None:
-            poller = select.poll()
+            entries: list[tuple[int, int]] = []
             handlers: dict[int, Callable[[int], None]] = {}
 
             def watch(fd: int, events: int, fn: Callable[[int], None]) -> None:
-                poller.register(fd, events)
+                entries.append((fd, events))
                 handlers[fd] = fn
 
             watch(self.sigpipe_r, POLL_IN, lambda ev: self._drain_signals())
@@ -443,13 +447,15 @@ class Supervisor(ForwarderControl, ApiServer):
             if self.target_pidfd is not None and o.exit_with_target:
                 watch(self.target_pidfd, POLL_IN,
                       lambda ev: self._finish(EXIT_OK, f"target PID {o.target.pid} exited"))
+            # The children before the API clients: over the fd limit, the
+            # first fds are polled most often (fdlimit.Poller).
+            for fd, events, fn in self._child_watchers():
+                watch(fd, events, fn)
             if self.api_sock is not None and self._api_listening(time.monotonic()):
                 watch(self.api_sock.fileno(), POLL_IN, lambda ev: self._api_accept())
             for fd, client in self.api_clients.items():
                 if not client.waiting:  # one waiting for a child is not read meanwhile
                     watch(fd, POLL_IN, self._make_api_reader(fd))
-            for fd, events, fn in self._child_watchers():
-                watch(fd, events, fn)
 
             deadlines = [c.deadline for c in self.api_clients.values()]
             if self.api_paused_until is not None:
@@ -464,14 +470,21 @@ class Supervisor(ForwarderControl, ApiServer):
                 timeout_ms = max(0.0, min(deadlines) - time.monotonic()) * 1000
                 timeout_ms = min(timeout_ms, 24 * 3600 * 1000)
 
-            events = poller.poll(timeout_ms)
+            events = self.poller.poll(entries, timeout_ms)
             self._drain_signals()
             for fd, ev in events:
                 if self.exit_code is not None:
                     break
                 fn = handlers.get(fd)
                 if fn is not None:
-                    fn(ev)
+                    try:
+                        fn(ev)
+                    except OSError as e:
+                        if e.errno not in (errno.EMFILE, errno.ENFILE):
+                            raise
+                        # Out of fds: that event's work is lost (a client, a
+                        # child's request), not nsnet.
+                        self._warn_fds(f"cannot serve an event: {fdlimit.exhausted(e)}")
             if self.exit_code is not None:
                 break
             now = time.monotonic()
@@ -509,14 +522,11 @@ class Supervisor(ForwarderControl, ApiServer):
         run_task(task, lambda v, e: out.append((v, e)))
         give_up = time.monotonic() + timeout
         while not out and time.monotonic() < give_up:
-            poller = select.poll()
-            handlers = {}
-            for fd, events, fn in self._child_watchers():
-                poller.register(fd, events)
-                handlers[fd] = fn
+            handlers = {fd: fn for fd, _ev, fn in self._child_watchers()}
+            entries = [(fd, ev) for fd, ev, _fn in self._child_watchers()]
             deadlines = [give_up] + self._pending_deadlines()
             timeout_ms = max(0.0, min(deadlines) - time.monotonic()) * 1000
-            for fd, ev in poller.poll(timeout_ms):
+            for fd, ev in self.poller.poll(entries, timeout_ms):
                 if not out and fd in handlers:
                     handlers[fd](ev)
             now = time.monotonic()
@@ -623,6 +633,14 @@ def run(opts: Options) -> int:
             sup.signal_ready()
         code = sup.loop()
         reason = sup.exit_reason
+        return code
+    except OSError as e:
+        logger.debug("internal error", exc_info=True)
+        code = EXIT_FAILURE
+        if e.errno in (errno.EMFILE, errno.ENFILE):  # not a bug: the operator's to fix
+            reason = fdlimit.exhausted(e)
+        else:
+            reason = f"internal error: {e!r}"
         return code
     except Exception as e:  # a bug: still tear down, and say what happened
         logger.debug("internal error", exc_info=True)

@@ -15,7 +15,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # not at run time: typing costs ~3.5 ms on the path to ready
     from typing import Any
 
-from .. import fdpass
+from .. import fdlimit, fdpass
 from ..children import fork_child
 from ..forwards import ForwardError
 from ..ns import helper as helper_ns
@@ -37,6 +37,8 @@ CONTROL_TIMEOUT = 5.0
 STABLE_S = 1.0
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
+# Out of fds, a forwarder start is tried again this often (not a failure).
+FD_RETRY_S = 0.5
 
 
 def _describe_status(status: int) -> str:
@@ -272,6 +274,7 @@ class ForwarderControl:
         except OSError:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+            parent.close()
             raise
 
     def _start_first_forwarder(self, helper: helper_ns.TapHelper) -> None:
@@ -452,8 +455,16 @@ class ForwarderControl:
         try:
             self.fwd = self._spawn_forwarder()
         except OSError as e:
-            self._on_failure(f"cannot start a forwarder: {e.strerror or e}", True,
-                             time.monotonic())
+            now = time.monotonic()
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                # The supervisor is out of fds (its limit lowered from
+                # outside): not the forwarder's failure, and no reason to
+                # give up the forward table.  Again until fds are free.
+                self._warn_fds(f"cannot start a forwarder: {fdlimit.exhausted(e)}; "
+                               f"trying again every {FD_RETRY_S:g} s")
+                self.restart_at = now + FD_RETRY_S
+                return
+            self._on_failure(f"cannot start a forwarder: {e.strerror or e}", True, now)
 
     MAX_MESSAGES_PER_TURN = 64  # then the loop serves the others
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pty
+import resource
 
 import pytest
 
@@ -92,3 +93,29 @@ def test_child_named_only_after_its_fds_are_closed(monkeypatch):
     assert os.waitstatus_to_exitcode(status) == 0
     assert seen, "the child was never named"
     assert str(secret) not in seen, seen
+
+
+def test_fork_child_at_the_fd_limit():
+    """A child forked while the supervisor is at its fd limit (lowered
+    from outside: prlimit --pid) still gets its /dev/null stdio (stdin,
+    replaced anyway, makes room) and runs: a forwarder restart at the
+    limit does not fail in the child (tests/test_fd_limit.py)."""
+    pid = os.fork()
+    if pid == 0:  # the test's own limits stay as they are
+        code = 1
+        try:
+            _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            top = max(int(n) for n in os.listdir("/proc/self/fd"))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (top + 8, hard))
+            while True:  # every fd number below the limit taken
+                try:
+                    os.open(os.devnull, os.O_RDONLY)
+                except OSError:
+                    break
+            child = children.fork_child("nsnet-test", lambda: 0)
+            _, status = os.waitpid(child, 0)
+            code = os.waitstatus_to_exitcode(status)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
