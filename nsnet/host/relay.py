@@ -354,6 +354,22 @@ class Relay:
                 self._accept(lst)
         return True
 
+    def close(self) -> None:
+        """Close every socket it holds, on its way out.  Left to the
+        interpreter, a socket object still open is repr()'d as it is freed
+        (the unclosed-socket ResourceWarning is formatted even when it is
+        filtered out): getsockname and getpeername, and getpeername is not
+        on the relay's seccomp list: the relay that saw the supervisor hang
+        up was killed by SIGSYS instead of exiting 0."""
+        socks = [lst.sock for lst in self.listeners.values()]
+        socks += [client for client, _fwd, _peer in self.pending.values()]
+        socks += [s for s in (self.connector, self.reserve, self.ctl) if s is not None]
+        self.listeners.clear()
+        self.pending.clear()
+        self.connector = self.reserve = None
+        for s in socks:
+            s.close()
+
     def serve(self) -> int:
         while True:
             rc = self.lib.relay_run(self.ctx, RELAY_TURN_MS)
@@ -402,4 +418,7 @@ def relay_main(ctl: socket.socket, sandbox: bool = False, seccomp: bool = False)
         except sandbox_mod.SandboxError as e:
             relay.log.error(f"relay: {e}")
             return EXIT_SANDBOX_FAILED
-    return relay.serve()
+    try:
+        return relay.serve()
+    finally:
+        relay.close()

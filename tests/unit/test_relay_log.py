@@ -79,3 +79,59 @@ def test_refused_lines_rate_limited(relay, capsys):
     assert lines(capsys) == ["nsnet: fast path: 3 more connections refused by the guest were "
                              "not logged (at most 10 lines a second)"]
     assert relay.refused == 25 + 1 + 1 + 12
+
+
+def test_relay_exits_cleanly_under_its_seccomp_list():
+    """The supervisor hangs up (it died, or closed the relay's socket): the
+    relay, under its own seccomp list, exits 0 with a listener, the
+    connector's socket and its reserve still open.  Before, those sockets
+    were left to the interpreter, which repr()s them as it frees them
+    (getpeername, not on the list): killed by SIGSYS.  A forked child runs
+    relay_main (no sandbox, the "relay" filter; PR_SET_NO_NEW_PRIVS lets
+    any user load it)."""
+    import os
+    import signal
+    import time
+
+    from nsnet import fdpass
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn_mine, conn_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            ctl.close()
+            conn_mine.close()
+            code = relay_mod.relay_main(theirs, sandbox=False, seccomp=True)
+        finally:
+            os._exit(code)
+    theirs.close()
+    try:
+        fwd = Forward("tcp", "127.0.0.1", port, "10.0.2.100", 80, mode="splice").to_dict()
+        ctl.settimeout(10)
+        ctl.send(json.dumps({"op": "add", "forward": fwd, "seq": 1}).encode())
+        assert json.loads(ctl.recv(65536))["ok"] is True
+        fdpass.send_fds(ctl, {"op": "connector", "seq": 2}, [conn_theirs.fileno()])
+        assert json.loads(ctl.recv(65536))["ok"] is True
+        ctl.close()  # the supervisor hangs up
+        status = None
+        for _ in range(200):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("the relay did not exit within 10 s")
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
+            f"relay ended by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+            else f"relay exited {os.WEXITSTATUS(status)}")
+    finally:
+        conn_mine.close()
+        conn_theirs.close()
