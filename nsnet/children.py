@@ -143,10 +143,14 @@ def _reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
-def fork_child(name: str, main: Callable[[], int], keep: Iterable[int] = ()) -> int:
+def fork_child(name: str, main: Callable[[], int], keep: Iterable[int] = (),
+               rename: bool = True) -> int:
     """Fork a child that runs main() and exits with its return value; the
     child keeps only the fds in `keep` and stdio (detach_stdio). Returns the child's PID;
-    raises OSError if the fork fails."""
+    raises OSError if the fork fails.  rename=False: main() execs a program
+    that takes the name itself; until then the child keeps the
+    supervisor's (and its memory: a watcher must not see, by its name, a
+    namespace-side child with libslirp mapped)."""
     parent = os.getpid()
     keep = tuple(keep)
     sys.stdout.flush()
@@ -166,7 +170,8 @@ def fork_child(name: str, main: Callable[[], int], keep: Iterable[int] = ()) -> 
         # the supervisor's (the target's namespace files among them), and a
         # watcher of /proc must never see a host-side child, by its name,
         # holding them.
-        linux.set_process_name(name)
+        if rename:
+            linux.set_process_name(name)
         code = main()
     except BrokenPipeError:
         pass  # the supervisor gave up on this child first; it says why

@@ -277,9 +277,10 @@ def spawn(name: str, kind: str, ns: NsFds, sock: socket.socket, args: dict,
     kind's function); afterwards it execs a fresh interpreter that runs
     _EXEC_KINDS[kind](ns, sock, **args).  Returns its PID."""
     keep = [sock.fileno(), *ns.fds()]
-    if body is not None and not _libslirp_loaded():
+    execs = _libslirp_loaded()
+    if body is not None and not execs:
         run = body
-    elif not _libslirp_loaded():
+    elif not execs:
         def run() -> int:
             return _EXEC_KINDS[kind](ns, sock, **args)
     else:
@@ -295,7 +296,8 @@ def spawn(name: str, kind: str, ns: NsFds, sock: socket.socket, args: dict,
         _quiet_stdio()
         return run()
 
-    return fork_child(name, child, keep)
+    # an exec'd child names itself (_exec_main), once libslirp is unmapped
+    return fork_child(name, child, keep, rename=not execs)
 
 
 def _exec_main(argv: list[str]) -> None:
