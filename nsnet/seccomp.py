@@ -14,7 +14,7 @@ while the e2e suite, the hostile-frame fuzzer, the API abuse test and
 the load test ran (every syscall the forwarder made after the point
 where the filter is installed), then each entry was checked against
 what libslirp, glib and the Python interpreter can do in the forwarder.
-docs/SECCOMP.md has the method and the per-syscall reasons.
+docs/HARDENING.md ("--enable-seccomp: an allowlist") has the method and the per-syscall reasons.
 
 The filter is installed by sandbox.enter() after libslirp is set up and
 after the sandbox (when both are asked for): mount(2), pivot_root(2),
