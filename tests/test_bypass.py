@@ -1163,13 +1163,14 @@ sys.stdin.readline()
 
 
 @pytest.mark.parametrize("dest,n,seccomp", [
-    ("gateway", 1, False), ("gateway6", 1, False), ("egress", 1, False), ("gateway", 65, False),
-    ("gateway", 1, True), ("gateway", 65, True)])
+    ("gateway", 1, False), ("gateway6", 1, False), ("egress", 1, False), ("gateway", 100, False),
+    ("gateway", 513, False), ("gateway", 1, True), ("gateway", 513, True)])
 def test_stats_bytes_sampled_by_lookup(user, workdir, host_server, request, dest, n, seccomp):
-    """The default (sampled) samples up to 64 open connections by looking
-    each one up by its addresses and cookie: no walk of the host's TCP
-    sockets (bytes_dumps stays 0), for the gateway's sockets (bound to lo),
-    IPv6 ones and an outside address's (unbound); 65 open: a walk.  Either
+    """The default (sampled) samples up to 512 open connections by looking
+    each one up by its addresses and cookie (64 requests a send): no walk
+    of the host's TCP sockets (bytes_dumps stays 0), for the gateway's
+    sockets (bound to lo), IPv6 ones and an outside address's (unbound),
+    100 at once (two sends); 513 open: a walk.  Either
     way every connection's last sample holds its bytes: closed, each
     counts them (+1 for the FINs at most), in bytes_inexact.  Both also
     under --enable-seccomp (the handler's allowlist): never a restart."""
@@ -1191,7 +1192,7 @@ def test_stats_bytes_sampled_by_lookup(user, workdir, host_server, request, dest
         harness.wait_until(lambda: stats(sock)["bytes_samples"] >= k + 2, 30,
                            what="two samples of the handler's")
         st = stats(sock)
-        assert (st["bytes_dumps"] > 0) == (n > 64), st
+        assert (st["bytes_dumps"] > 0) == (n > 512), st
         say(p)
         assert read_line(p.stdout, 30).startswith(b"CLOSED")
         harness.wait_until(lambda: stats(sock)["bytes_live"] == 0, 30,

@@ -74,7 +74,8 @@
  * lookup is one hash probe (4 us).  More connections, or one whose
  * addresses are not known (installed still connecting after SO_SNDTIMEO
  * ran out), and a sample dumps. */
-#define LOOKUP_MAX 64
+#define LOOKUP_MAX 512
+#define LOOKUP_BATCH 64
 /* LOOPBACK_IFINDEX: a lookup for this interface finds a socket bound to lo
  * (the gateway's) as well as an unbound one (an outside address's) */
 #define LO_IFINDEX 1
@@ -179,6 +180,8 @@ static int diag_dump(diag_fn fn, void *ctx)
  * back (a diag message, or an error: ENOENT, ESTALE when the cookie is
  * another socket's now): fn(cookie, counts) for each found with counts
  * (not TIME_WAIT, which has none: gone).  0, or -errno. */
+static int read_answers(int s, char *buf, uint32_t n, diag_fn fn, void *ctx);
+
 static int diag_lookup(const struct nsb_key *keys, const uint64_t *cookies, uint32_t n,
                        diag_fn fn, void *ctx)
 {
@@ -216,10 +219,27 @@ static int diag_lookup(const struct nsb_key *keys, const uint64_t *cookies, uint
         q->r.id.idiag_cookie[0] = (uint32_t)cookies[k];
         q->r.id.idiag_cookie[1] = (uint32_t)(cookies[k] >> 32);
     }
-    if (send(s, reqs, n * sizeof *reqs, 0) < 0) {
-        rc = -errno;
-        goto out;
+    /* LOOKUP_BATCH requests a send: their answers (~250 bytes each) fit
+     * the socket's receive buffer, none is dropped */
+    for (uint32_t first = 0; first < n && rc == 0; first += LOOKUP_BATCH) {
+        uint32_t m = n - first < LOOKUP_BATCH ? n - first : LOOKUP_BATCH;
+        if (send(s, reqs + first, m * sizeof *reqs, 0) < 0) {
+            rc = -errno;
+            break;
+        }
+        rc = read_answers(s, buf, m, fn, ctx);
     }
+out:
+    free(reqs);
+    free(buf);
+    close(s);
+    return rc;
+}
+
+/* The answers to n lookups: fn() for each found; 0, or -errno. */
+static int read_answers(int s, char *buf, uint32_t n, diag_fn fn, void *ctx)
+{
+    int rc = 0;
     for (uint32_t answers = 0; answers < n && rc == 0;) {
         ssize_t got = recv(s, buf, 32768, 0);
         if (got < 0) {
@@ -247,10 +267,6 @@ static int diag_lookup(const struct nsb_key *keys, const uint64_t *cookies, uint
             diag_msg(nh, fn, ctx);
         }
     }
-out:
-    free(reqs);
-    free(buf);
-    close(s);
     return rc;
 }
 
