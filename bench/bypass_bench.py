@@ -155,20 +155,23 @@ int main(int argc, char **argv)
 """
 
 
-def build_floor(workdir: str) -> str:
-    exe = f"{workdir}/notify_floor"
-    subprocess.run(["gcc", "-O2", "-o", exe, FLOOR_SRC], check=True)
-    os.chmod(workdir, 0o755)
-    return exe
-
-
-def build_c_client(workdir: str) -> str:
-    src, exe = f"{workdir}/conn_client.c", f"{workdir}/conn_client"
-    with open(src, "w") as f:
-        f.write(CONN_CLIENT_C)
+def compile_c(src: str, workdir: str, name: str) -> str:
+    """gcc -O2 src into workdir/name, which the unprivileged runner can run."""
+    exe = f"{workdir}/{name}"
     subprocess.run(["gcc", "-O2", "-o", exe, src], check=True)
     os.chmod(workdir, 0o755)
     return exe
+
+
+def build_floor(workdir: str) -> str:
+    return compile_c(FLOOR_SRC, workdir, "notify_floor")
+
+
+def build_c_client(workdir: str) -> str:
+    src = f"{workdir}/conn_client.c"
+    with open(src, "w") as f:
+        f.write(CONN_CLIENT_C)
+    return compile_c(src, workdir, "conn_client")
 
 
 def run_client(runner: Runner, cand: str, mtu: int, make_argv, timeout: float) -> str:

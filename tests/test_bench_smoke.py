@@ -81,7 +81,7 @@ def test_bypass_bench_smoke(tmp_path):
 
 FLOOR_SRC = os.path.join(os.path.dirname(BENCH), "notify_floor.c")
 FLOOR_PROBE = r"""
-import errno, os, socket
+import os, socket
 srv = socket.socket()
 srv.bind(("127.0.0.1", 0))
 srv.listen(4)

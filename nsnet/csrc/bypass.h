@@ -74,8 +74,6 @@ struct nsb_config {
     uint32_t filter_len;
 };
 
-/* A tracked bypassed connection (nsb_shared.conns): its socket cookie (0:
- * a free slot) and its counts at the last sample. */
 /* A tracked connection's addresses, for a sock_diag lookup (network
  * order); family 0: not known. */
 struct nsb_key {
@@ -85,6 +83,8 @@ struct nsb_key {
     uint8_t pad[3];
 };
 
+/* A tracked bypassed connection (nsb_shared.conns): its socket cookie (0:
+ * a free slot), its counts at the last sample, its addresses. */
 struct nsb_conn {
     uint64_t cookie;
     uint64_t sent, received;

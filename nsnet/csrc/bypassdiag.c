@@ -67,7 +67,7 @@
 #define MSGMAX 2048  /* room for one (a destroy notification is ~400 bytes) */
 #define HSIZE (2 * NSB_CONNS) /* open addressing, at most half full */
 /* Up to this many tracked connections, a sample looks each one up (one
- * request each, all sent at once): a dump walks the machine's whole TCP
+ * request each, LOOKUP_BATCH to a send): a dump walks the machine's whole TCP
  * hash table whatever the namespace holds (3-13 ms per dump with no other
  * socket in the namespace, 64 ms with 18,000, on the 2-core test VM: 0.7%
  * of a CPU for one idle bypassed connection, sampled every second), a
@@ -336,10 +336,9 @@ static void add_slot(uint64_t cookie, const struct nsb_key *key)
     }
     uint32_t slot = T.freelist[--T.nfree];
     struct nsb_conn *c = &T.sh->conns[slot];
-    uint64_t sent = 0, received = 0;
     c->key = *key; /* before the cookie is published: samples read it */
-    __atomic_store_n(&c->sent, sent, __ATOMIC_RELAXED);
-    __atomic_store_n(&c->received, received, __ATOMIC_RELAXED);
+    __atomic_store_n(&c->sent, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&c->received, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&c->cookie, cookie, __ATOMIC_RELEASE);
     uint32_t i = hpos(cookie);
     while (T.hash[i])
@@ -363,6 +362,25 @@ static void retire(uint32_t pos, uint64_t sent, uint64_t received, int exact)
     T.freelist[T.nfree++] = slot;
 }
 
+/* The address (into addr[4]) and port of an AF_INET/AF_INET6 sockaddr,
+ * in network order: 1, or 0 for another family. */
+static int addr_of(const struct sockaddr_storage *a, uint32_t *addr, uint16_t *port)
+{
+    if (a->ss_family == AF_INET) {
+        const struct sockaddr_in *v4 = (const struct sockaddr_in *)a;
+        memcpy(addr, &v4->sin_addr, 4);
+        *port = v4->sin_port;
+        return 1;
+    }
+    if (a->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *v6 = (const struct sockaddr_in6 *)a;
+        memcpy(addr, &v6->sin6_addr, 16);
+        *port = v6->sin6_port;
+        return 1;
+    }
+    return 0;
+}
+
 /* Called by install(): the host socket now is the command's; peer: where
  * it connects (NULL: ask the socket, connected by now). */
 void nsb_diag_track(int sock, const struct sockaddr_storage *peer)
@@ -382,25 +400,9 @@ void nsb_diag_track(int sock, const struct sockaddr_storage *peer)
     if (!peer && getpeername(sock, (struct sockaddr *)&them, &lt) == 0)
         peer = &them;
     if (peer && getsockname(sock, (struct sockaddr *)&me, &lm) == 0 &&
-        me.ss_family == peer->ss_family) {
-        if (me.ss_family == AF_INET) {
-            const struct sockaddr_in *a = (const struct sockaddr_in *)&me;
-            const struct sockaddr_in *b = (const struct sockaddr_in *)peer;
-            key.family = AF_INET;
-            key.sport = a->sin_port;
-            key.dport = b->sin_port;
-            memcpy(key.src, &a->sin_addr, 4);
-            memcpy(key.dst, &b->sin_addr, 4);
-        } else if (me.ss_family == AF_INET6) {
-            const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&me;
-            const struct sockaddr_in6 *b = (const struct sockaddr_in6 *)peer;
-            key.family = AF_INET6;
-            key.sport = a->sin6_port;
-            key.dport = b->sin6_port;
-            memcpy(key.src, &a->sin6_addr, 16);
-            memcpy(key.dst, &b->sin6_addr, 16);
-        }
-    }
+        me.ss_family == peer->ss_family &&
+        addr_of(&me, key.src, &key.sport) && addr_of(peer, key.dst, &key.dport))
+        key.family = (uint8_t)me.ss_family;
     pthread_mutex_lock(&T.mu);
     add_slot(cookie, &key);
     pthread_mutex_unlock(&T.mu);
